@@ -1,0 +1,128 @@
+"""The XoError tree: the only place transport failures and XO/XAPI error codes are translated.
+
+Tree (each leaf also inherits the domain error that the edges map to a code)::
+
+    XoError (BackendFailure)            any XO answer we do not classify further; keeps code/xapi_code
+    ├── XoUnavailable (BackendUnavailable)   connect/sign-in/call timeout, socket closed, XO code 9
+    ├── XoAuthError (BackendUnavailable)     XO codes 2, 3, 8: the credentials are wrong or lack rights
+    ├── XoNotFound                            XO code 1 (no such object), XAPI HANDLE_INVALID / UUID_INVALID
+    ├── XoBusy (OperationPending)             XAPI OTHER_OPERATION_IN_PROGRESS, TOO_MANY_STORAGE_MIGRATES
+    ├── XoVdiInUse (PreconditionFailed)       XO code 17 (XAPI VDI_IN_USE)
+    ├── XoInvalidParameters                   XO code 10: a bug on our side, never user input
+    ├── XoNoSpace (CapacityExhausted)         XAPI SR_BACKEND_FAILURE_44 (insufficient space)
+    └── XoMethodNotFound                      JSON-RPC -32601: this XO is too old for a method
+
+No websockets or ssl exception type escapes shared/xo/. Messages never contain call parameters,
+so a token or password cannot leak through an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.errors import (
+    BackendFailure,
+    BackendUnavailable,
+    CapacityExhausted,
+    OperationPending,
+    PreconditionFailed,
+)
+
+
+class XoError(BackendFailure):
+    """An error answered by XO (or XAPI through XO). ``code`` is XO's JSON-RPC code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        xapi_code: str | None = None,
+        method: str | None = None,
+        data: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.xapi_code = xapi_code
+        self.method = method
+        self.data = data
+
+
+class XoUnavailable(XoError, BackendUnavailable):
+    """XO cannot be reached: connect or call timed out, or the socket closed."""
+
+    retryable = True
+
+
+class XoAuthError(XoError, BackendUnavailable):
+    """XO refused the credentials (codes 2, 3, 8). Fix XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD."""
+
+    retryable = True
+
+
+class XoNotFound(XoError):
+    """The object does not exist (code 1)."""
+
+
+class XoBusy(XoError, OperationPending):
+    """XAPI is busy with another operation on the object; retry later."""
+
+    retryable = True
+
+
+class XoVdiInUse(XoError, PreconditionFailed):
+    """The VDI is attached (code 17)."""
+
+
+class XoInvalidParameters(XoError):
+    """XO rejected the parameters (code 10)."""
+
+
+class XoNoSpace(XoError, CapacityExhausted):
+    """The SR has not enough free space."""
+
+
+class XoMethodNotFound(XoError):
+    """XO does not know the method (-32601)."""
+
+
+_BY_XO_CODE: dict[int, type[XoError]] = {
+    1: XoNotFound,
+    2: XoAuthError,
+    3: XoAuthError,
+    8: XoAuthError,
+    9: XoUnavailable,
+    10: XoInvalidParameters,
+    17: XoVdiInUse,
+    -32601: XoMethodNotFound,
+}
+_BY_XAPI_CODE: dict[str, type[XoError]] = {
+    "OTHER_OPERATION_IN_PROGRESS": XoBusy,
+    "TOO_MANY_STORAGE_MIGRATES": XoBusy,
+    "HANDLE_INVALID": XoNotFound,
+    "UUID_INVALID": XoNotFound,
+    "VDI_IN_USE": XoVdiInUse,
+    "SR_BACKEND_FAILURE_44": XoNoSpace,
+}
+
+
+def xapi_code_of(message: str, data: Any) -> str | None:
+    """The XAPI code of an error: ``data.code`` when present, else the message prefix before ``(``."""
+    if isinstance(data, dict) and isinstance(data.get("code"), str) and data["code"]:
+        return str(data["code"])
+    head, sep, _ = message.partition("(")
+    if sep and head and head.replace("_", "").isalnum() and head.upper() == head:
+        return head
+    return None
+
+
+def from_rpc_error(error: Any, method: str) -> XoError:
+    """Build the XoError for a JSON-RPC ``error`` member returned by ``method``."""
+    if not isinstance(error, dict):
+        return XoError(f"XO answered {method} with a malformed error", method=method)
+    code = error.get("code") if isinstance(error.get("code"), int) else None
+    message = str(error.get("message") or "unknown error")[:500]
+    data = error.get("data")
+    xapi_code = xapi_code_of(message, data)
+    cls = _BY_XAPI_CODE.get(xapi_code or "") or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError)
+    return cls(f"XO {method} failed: {message}", code=code, xapi_code=xapi_code, method=method, data=data)

@@ -1,0 +1,321 @@
+"""JSON-RPC 2.0 over one long-lived WebSocket to XO's ``/api/``: connect, sign in, multiplex, reconnect.
+
+The only module that touches the socket library. A ``Connector`` opens ``Link``s; tests plug an
+in-memory connector in (the transport seam) instead of patching internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from shared.logging import get_logger
+from shared.xo.errors import XoAuthError, XoError, XoUnavailable, from_rpc_error
+
+log = get_logger(__name__)
+
+NotificationHandler = Callable[[str, Any], None]
+
+
+class LinkClosed(Exception):
+    """Raised by a Link when the peer closed the connection."""
+
+
+class Link(Protocol):
+    """One open message connection."""
+
+    async def send(self, text: str) -> None: ...
+    async def recv(self) -> str: ...
+    async def close(self) -> None: ...
+
+
+class Connector(Protocol):
+    """Opens a new Link; raises OSError/TimeoutError/LinkClosed when it cannot."""
+
+    async def connect(self) -> Link: ...
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Token, or email and password. ``repr`` never shows the secret."""
+
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Credentials(token={'set' if self.token else None}, username={self.username!r})"
+
+    def sign_in_params(self) -> dict[str, str]:
+        if self.token:
+            return {"token": self.token}
+        if self.username and self.password is not None:
+            return {"email": self.username, "password": self.password}
+        raise XoAuthError("no XO credentials: set XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD")
+
+
+def api_url(base_url: str) -> str:
+    """``https://xo`` -> ``wss://xo/api/``; ws(s) URLs are kept; the path becomes ``/api/``."""
+    parts = urlsplit(base_url if "://" in base_url else f"https://{base_url}")
+    scheme = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"XOA_URL {base_url!r} must look like https://xo.example.org")
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/api") else f"{path}/api"
+    return urlunsplit((scheme, parts.netloc, f"{path}/", "", ""))
+
+
+def tls_context(ca_file: Path | None, insecure: bool) -> ssl.SSLContext:
+    """TLS context for wss: system CAs, or ``ca_file``; ``insecure`` turns verification off explicitly."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _WsLink:
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._conn.send(text)
+        except websockets.ConnectionClosed as exc:
+            raise LinkClosed(str(exc)) from exc
+
+    async def recv(self) -> str:
+        try:
+            message = await self._conn.recv()
+        except websockets.ConnectionClosed as exc:
+            raise LinkClosed(str(exc)) from exc
+        return message if isinstance(message, str) else message.decode()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+class WebSocketConnector:
+    """Opens WebSockets to ``url`` (already the ``/api/`` URL)."""
+
+    def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None, max_message_bytes: int) -> None:
+        self._url = url
+        self._ssl = ssl_context if url.startswith("wss:") else None
+        self._max = max_message_bytes
+
+    async def connect(self) -> Link:
+        try:
+            conn = await websockets.connect(
+                self._url, ssl=self._ssl, max_size=self._max, open_timeout=None, ping_interval=20, compression=None
+            )
+        except websockets.InvalidHandshake as exc:
+            raise LinkClosed(f"WebSocket handshake refused: {exc}") from exc
+        except websockets.InvalidURI as exc:
+            raise LinkClosed(f"invalid XO URL: {exc}") from exc
+        return _WsLink(conn)
+
+
+class RpcSession:
+    """JSON-RPC calls multiplexed by id over one signed-in Link, reconnecting on demand.
+
+    ``call`` is bounded by ``timeout_s``; connect plus sign-in by ``connect_timeout_s``. When the socket
+    closes (XO closes it silently when a token expires), pending calls fail with XoUnavailable and the
+    next call reconnects and signs in again. A call flagged ``idempotent`` is retried once on a fresh
+    connection when the socket closed under it. Notifications (no id) go to ``subscribe``d handlers.
+    """
+
+    def __init__(
+        self,
+        connector: Connector,
+        credentials: Credentials,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self._connector = connector
+        self._credentials = credentials
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._link: Link | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._handlers: list[NotificationHandler] = []
+        self._on_connect: list[Callable[[], Awaitable[None]]] = []
+        self.connections_opened = 0
+
+    def subscribe(self, handler: NotificationHandler) -> Callable[[], None]:
+        """Call ``handler(method, params)`` for each notification; returns an unsubscribe function."""
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` after each successful sign-in (e.g. to resynchronise a cache)."""
+        self._on_connect.append(callback)
+
+    async def call(self, method: str, params: dict[str, Any], *, timeout_s: float | None = None,
+                   idempotent: bool = False) -> Any:
+        """Call ``method`` and return its result; raises the XoError subclass for XO's answer."""
+        attempts = 2 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                return await self._call_once(method, params, timeout_s or self._timeout_s)
+            except _ConnectionLost as exc:
+                if attempt + 1 == attempts:
+                    raise XoUnavailable(f"XO closed the connection during {method}: {exc}", method=method) from exc
+                log.debug("xo_call_retried", method=method, reason=str(exc))
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Close the socket and fail pending calls. Safe to call twice."""
+        link, reader = self._link, self._reader
+        self._link, self._reader = None, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if link is not None:
+            await _quiet_close(link)
+        self._fail_pending(_ConnectionLost("client closed"))
+
+    async def _call_once(self, method: str, params: dict[str, Any], timeout_s: float) -> Any:
+        link = await self._ensure_link()
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            payload = json.dumps({"jsonrpc": "2.0", "id": call_id, "method": method, "params": params})
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await link.send(payload)
+                    answer = await future
+            except LinkClosed as exc:
+                self._drop_link(link)
+                raise _ConnectionLost(str(exc)) from exc
+            except TimeoutError as exc:
+                raise XoUnavailable(f"XO did not answer {method} within {timeout_s:g}s", method=method) from exc
+        finally:
+            self._pending.pop(call_id, None)
+        if "error" in answer:
+            raise from_rpc_error(answer["error"], method)
+        return answer.get("result")
+
+    async def _ensure_link(self) -> Link:
+        if self._link is not None:
+            return self._link
+        async with self._connecting:
+            if self._link is not None:
+                return self._link
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    link = await self._connector.connect()
+                    await self._sign_in(link)
+            except TimeoutError as exc:
+                raise XoUnavailable(f"connecting to XO timed out after {self._connect_timeout_s:g}s") from exc
+            except (OSError, LinkClosed) as exc:
+                raise XoUnavailable(f"cannot connect to XO: {_describe(exc)}") from exc
+            self._link = link
+            self._reader = asyncio.create_task(self._read_loop(link), name="xo-rpc-reader")
+            self.connections_opened += 1
+            log.debug("xo_connected", connections=self.connections_opened)
+        for callback in self._on_connect:
+            await callback()
+        return link
+
+    async def _sign_in(self, link: Link) -> None:
+        # Sign-in runs before the reader task exists, so it reads its own answer (skipping notifications).
+        params = self._credentials.sign_in_params()
+        await link.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "session.signIn", "params": params}))
+        while True:
+            message = _parse(await link.recv())
+            if message is not None and message.get("id") == 0:
+                break
+        if "error" in message:
+            await _quiet_close(link)
+            error = from_rpc_error(message["error"], "session.signIn")
+            raise XoAuthError(
+                f"XO refused the sign-in ({error.message.removeprefix('XO session.signIn failed: ')}); "
+                "check XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD",
+                code=error.code,
+                method="session.signIn",
+            )
+
+    async def _read_loop(self, link: Link) -> None:
+        try:
+            while True:
+                message = _parse(await link.recv())
+                if message is not None:
+                    self._dispatch(message)
+        except LinkClosed as exc:
+            log.info("xo_connection_closed", reason=str(exc) or "closed by XO")
+            self._drop_link(link)
+            self._fail_pending(_ConnectionLost(str(exc) or "closed by XO"))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        call_id = message.get("id")
+        if call_id is None:
+            method = message.get("method")
+            for handler in list(self._handlers):
+                handler(str(method), message.get("params"))
+            return
+        future = self._pending.get(call_id) if isinstance(call_id, int) else None
+        if future is None or future.done():
+            return
+        future.set_result(message)
+
+    def _drop_link(self, link: Link) -> None:
+        if self._link is link:
+            self._link = None
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+class _ConnectionLost(Exception):
+    """Internal: the socket closed while a call was in flight."""
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        log.warning("xo_message_unparsable", size=len(text))
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _quiet_close(link: Link) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await link.close()
+    except (TimeoutError, OSError, LinkClosed):
+        pass
+
+
+__all__ = [
+    "Connector",
+    "Credentials",
+    "Link",
+    "LinkClosed",
+    "RpcSession",
+    "WebSocketConnector",
+    "XoError",
+    "api_url",
+    "tls_context",
+]

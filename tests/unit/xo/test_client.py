@@ -1,0 +1,338 @@
+"""XoClient and RpcSession over the in-memory transport seam."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from shared.config import XoSettings
+from shared.errors import BackendUnavailable, CapacityExhausted, OperationPending, PreconditionFailed
+from shared.xo.client import XoClient
+from shared.xo.errors import (
+    XoAuthError,
+    XoBusy,
+    XoError,
+    XoInvalidParameters,
+    XoNoSpace,
+    XoNotFound,
+    XoUnavailable,
+    XoVdiInUse,
+    from_rpc_error,
+)
+from shared.xo.transport import Credentials, RpcSession, api_url
+from tests.unit.xo.memory_peer import DropSocket, MemoryPeer, RpcFault
+
+VDI = {"id": "v1", "uuid": "v1", "type": "VDI", "$SR": "sr1", "$pool": "p", "name_label": "csi-a", "size": 1024}
+
+
+def make_client(peer: MemoryPeer, *, token: str = "good-token", timeout_s: float = 2.0) -> XoClient:
+    session = RpcSession(peer, Credentials(token=token), timeout_s=timeout_s, connect_timeout_s=2.0)
+    return XoClient(session)
+
+
+@pytest.fixture
+async def objects() -> AsyncIterator[dict[str, dict[str, Any]]]:
+    yield {"v1": dict(VDI)}
+
+
+async def test_token_sign_in_then_call(objects: dict[str, Any]) -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        assert method == "xo.getAllObjects"
+        return objects
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    vdis = await client.find_vdis(name_label="csi-a")
+    assert [v.id for v in vdis] == ["v1"] and vdis[0].sr_id == "sr1"
+    assert peer.received[0] == {
+        "jsonrpc": "2.0", "id": 0, "method": "session.signIn", "params": {"token": "good-token"}
+    }
+    assert peer.received[1]["params"] == {"filter": {"type": "VDI", "name_label": "csi-a"}}
+    await client.close()
+    await peer.aclose()
+
+
+async def test_password_sign_in_sends_email_and_password() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {}
+
+    peer = MemoryPeer(handler)
+    session = RpcSession(peer, Credentials(username="admin@example.org", password="pw"), timeout_s=1,
+                         connect_timeout_s=1)
+    await XoClient(session).ping()
+    assert peer.received[0]["params"] == {"email": "admin@example.org", "password": "pw"}
+    await session.close()
+    await peer.aclose()
+
+
+async def test_bad_token_is_auth_error_without_the_token() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        raise AssertionError("no call may pass before sign-in")
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer, token="s3cr3t-value")
+    with pytest.raises(XoAuthError) as info:
+        await client.ping()
+    assert "s3cr3t-value" not in str(info.value)
+    assert "XOA_TOKEN" in str(info.value)
+    assert isinstance(info.value, BackendUnavailable)
+    await client.close()
+    await peer.aclose()
+
+
+async def test_concurrent_calls_are_multiplexed_and_answered_out_of_order() -> None:
+    release = asyncio.Event()
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        n = params["filter"]["n"]
+        if n == 0:
+            await release.wait()  # the first call answers last
+        elif n == 49:
+            release.set()
+        return {str(n): {"id": str(n), "type": "pool"}}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    results = await asyncio.gather(*(client.get_objects({"type": "pool", "n": n}) for n in range(50)))
+    assert [r[0]["id"] for r in results] == [str(n) for n in range(50)]
+    assert peer.connects == 1
+    await client.close()
+    await peer.aclose()
+
+
+async def test_notifications_reach_subscribers_and_not_callers() -> None:
+    peer_ref: list[MemoryPeer] = []
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        peer_ref[0].notify({"x": {"id": "x", "type": "VBD"}})
+        return {}
+
+    peer = MemoryPeer(handler)
+    peer_ref.append(peer)
+    client = make_client(peer)
+    seen: list[tuple[str, Any]] = []
+    got = asyncio.Event()
+    client.session.subscribe(lambda m, p: (seen.append((m, p)), got.set()))
+    assert await client.get_objects({"type": "VBD"}) == []
+    await asyncio.wait_for(got.wait(), 2)
+    assert seen[0][0] == "all" and seen[0][1]["items"]["x"]["type"] == "VBD"
+    await client.close()
+    await peer.aclose()
+
+
+async def test_reconnects_and_signs_in_again_after_the_socket_closes() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    await client.ping()
+    peer.links[0].drop()  # like XO closing the socket of an expired token
+    await client.ping()
+    assert peer.connects == 2
+    assert [m["method"] for m in peer.received].count("session.signIn") == 2
+    await client.close()
+    await peer.aclose()
+
+
+async def test_idempotent_call_is_retried_once_when_the_socket_drops_under_it() -> None:
+    calls = {"n": 0}
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise DropSocket()
+        return {"v1": VDI}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    assert (await client.get_vdi("v1")) is not None
+    assert peer.connects == 2
+    await client.close()
+    await peer.aclose()
+
+
+async def test_non_idempotent_call_is_not_retried_when_the_socket_drops() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        raise DropSocket()
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    with pytest.raises(XoUnavailable, match="closed the connection during disk.create"):
+        await client.create_disk("csi-x", 1024, "sr1")
+    assert [m["method"] for m in peer.received].count("disk.create") == 1
+    await client.close()
+    await peer.aclose()
+
+
+async def test_call_timeout_is_unavailable() -> None:
+    never = asyncio.Event()
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        await never.wait()
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer, timeout_s=0.05)
+    with pytest.raises(XoUnavailable, match="did not answer xo.getAllObjects within 0.05s"):
+        await client.ping()
+    await client.close()
+    await peer.aclose()
+
+
+async def test_connect_timeout_is_unavailable() -> None:
+    class Hanging:
+        async def connect(self) -> Any:
+            await asyncio.Event().wait()
+
+    session = RpcSession(Hanging(), Credentials(token="t"), timeout_s=1, connect_timeout_s=0.05)
+    with pytest.raises(XoUnavailable, match="timed out"):
+        await XoClient(session).ping()
+
+
+async def test_connect_refused_is_unavailable() -> None:
+    class Refusing:
+        async def connect(self) -> Any:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    session = RpcSession(Refusing(), Credentials(token="t"), timeout_s=1, connect_timeout_s=1)
+    with pytest.raises(XoUnavailable, match="cannot connect to XO"):
+        await XoClient(session).ping()
+
+
+@pytest.mark.parametrize(
+    ("error", "cls", "domain"),
+    [
+        ({"code": 1, "message": "no such VDI x", "data": {"id": "x", "type": "VDI"}}, XoNotFound, None),
+        ({"code": 2, "message": "not enough permissions"}, XoAuthError, BackendUnavailable),
+        ({"code": 10, "message": "invalid parameters", "data": {"errors": []}}, XoInvalidParameters, None),
+        ({"code": 17, "message": "VDI in use", "data": {"objectId": "x"}}, XoVdiInUse, PreconditionFailed),
+        (
+            {"code": -32000, "message": "OTHER_OPERATION_IN_PROGRESS(VDI, OpaqueRef:1)",
+             "data": {"code": "OTHER_OPERATION_IN_PROGRESS", "params": ["VDI", "OpaqueRef:1"]}},
+            XoBusy,
+            OperationPending,
+        ),
+        ({"code": -32000, "message": "TOO_MANY_STORAGE_MIGRATES(3)"}, XoBusy, OperationPending),
+        ({"code": -32000, "message": "SR_BACKEND_FAILURE_44(, There is insufficient space, )"}, XoNoSpace,
+         CapacityExhausted),
+        ({"code": -32000, "message": "unknown error from the peer"}, XoError, None),
+    ],
+)
+def test_error_translation(error: dict[str, Any], cls: type[XoError], domain: type[Exception] | None) -> None:
+    translated = from_rpc_error(error, "vdi.migrate")
+    assert type(translated) is cls
+    if domain is not None:
+        assert isinstance(translated, domain)
+    assert translated.code == error["code"]
+
+
+def test_xapi_code_from_data_wins_over_message() -> None:
+    err = from_rpc_error({"code": -32000, "message": "weird", "data": {"code": "VDI_IN_USE"}}, "vdi.delete")
+    assert isinstance(err, XoVdiInUse) and err.xapi_code == "VDI_IN_USE"
+
+
+async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
+    state = {"answer": "new-uuid"}
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "vdi.migrate":
+            return state["answer"]
+        if params["filter"].get("id") == "v1":
+            return {"v1": VDI}
+        assert params["filter"] == {"type": "VDI", "name_label": "csi-a", "$SR": "sr2"}
+        return {"v2": {**VDI, "id": "v2", "uuid": "v2", "$SR": "sr2"}}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    assert await client.migrate_vdi("v1", "sr2", timeout_s=5) == "new-uuid"
+    state["answer"] = True  # type: ignore[assignment]
+    assert await client.migrate_vdi("v1", "sr2", timeout_s=5) == "v2"
+    await client.close()
+    await peer.aclose()
+
+
+async def test_delete_of_a_missing_vdi_is_success() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        raise RpcFault(1, "no such object v9", {"id": "v9", "type": "VDI"})
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    await client.delete_vdi("v9")
+    await client.delete_vbd("b9")
+    await client.close()
+    await peer.aclose()
+
+
+async def test_a_malformed_object_is_an_error_naming_the_field() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {"v1": {"id": "v1", "type": "VDI", "size": "big"}}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    with pytest.raises(XoError, match=r"Vdi object we cannot read \(fields: .*(size|\$SR)"):
+        await client.get_vdi("v1")
+    await client.close()
+    await peer.aclose()
+
+
+async def test_wait_until_wakes_on_a_notification() -> None:
+    state = {"device": None}
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {"b": {"id": "b", "type": "VBD", "VM": "vm", "VDI": "v1", "device": state["device"]}}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+
+    async def check() -> str | None:
+        vbds = await client.find_vbds(vm_id="vm")
+        return vbds[0].device
+
+    async def plug_later() -> None:
+        await client.ping()
+        state["device"] = "xvdb"  # type: ignore[assignment]
+        peer.notify({"b": {"id": "b", "type": "VBD"}})
+
+    waiter = asyncio.create_task(client.wait_until(check, timeout_s=30, max_interval_s=30))
+    await plug_later()
+    assert await waiter == "xvdb"
+    assert await client.wait_until(lambda: asyncio.sleep(0, None), timeout_s=0.02) is None
+    await client.close()
+    await peer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("https://xo.example.org", "wss://xo.example.org/api/"),
+        ("http://10.0.0.1:8080/", "ws://10.0.0.1:8080/api/"),
+        ("ws://127.0.0.1:9000/api/", "ws://127.0.0.1:9000/api/"),
+        ("xo.example.org", "wss://xo.example.org/api/"),
+    ],
+)
+def test_api_url(given: str, expected: str) -> None:
+    assert api_url(given) == expected
+
+
+def test_api_url_rejects_other_schemes() -> None:
+    with pytest.raises(ValueError, match="XOA_URL"):
+        api_url("ftp://xo")
+
+
+def test_secrets_never_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XOA_URL", "https://xo")
+    monkeypatch.setenv("XOA_TOKEN", "tok-123456")
+    monkeypatch.setenv("XOA_PASSWORD", "pw-654321")
+    settings = XoSettings()
+    assert "tok-123456" not in repr(settings) and "pw-654321" not in repr(settings)
+    assert "tok-123456" not in repr(Credentials(token="tok-123456"))
+
+
+def test_settings_name_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XOA_TOKEN", raising=False)
+    monkeypatch.setenv("XOA_URL", "https://xo")
+    with pytest.raises(ValueError, match="XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD"):
+        XoSettings().require_credentials()
