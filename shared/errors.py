@@ -4,6 +4,7 @@ Tree::
 
     DomainError                     retryable=False
     ├── InvalidRequest              bad or missing input; the message names the field and the fix
+    ├── OutOfRange                  a capacity the driver cannot serve (CSI OUT_OF_RANGE)
     ├── VolumeNotFound              the volume (VDI) does not exist
     ├── NodeNotFound                the node (VM) does not exist
     ├── AlreadyExistsIncompatible   same name, incompatible parameters (e.g. other size)
@@ -34,6 +35,10 @@ class DomainError(Exception):
 
 class InvalidRequest(DomainError):
     """The request is malformed; the message says which field and how to fix it."""
+
+
+class OutOfRange(DomainError):
+    """The requested capacity cannot be served (e.g. limit below required, or a shrink)."""
 
 
 class VolumeNotFound(DomainError):

@@ -48,13 +48,13 @@ class XoError(BackendFailure):
         self.data = data
 
 
-class XoUnavailable(XoError, BackendUnavailable):
+class XoUnavailable(BackendUnavailable, XoError):
     """XO cannot be reached: connect or call timed out, or the socket closed."""
 
     retryable = True
 
 
-class XoAuthError(XoError, BackendUnavailable):
+class XoAuthError(BackendUnavailable, XoError):
     """XO refused the credentials (codes 2, 3, 8). Fix XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD."""
 
     retryable = True
@@ -64,13 +64,13 @@ class XoNotFound(XoError):
     """The object does not exist (code 1)."""
 
 
-class XoBusy(XoError, OperationPending):
+class XoBusy(OperationPending, XoError):
     """XAPI is busy with another operation on the object; retry later."""
 
     retryable = True
 
 
-class XoVdiInUse(XoError, PreconditionFailed):
+class XoVdiInUse(PreconditionFailed, XoError):
     """The VDI is attached (code 17)."""
 
 
@@ -78,7 +78,7 @@ class XoInvalidParameters(XoError):
     """XO rejected the parameters (code 10)."""
 
 
-class XoNoSpace(XoError, CapacityExhausted):
+class XoNoSpace(CapacityExhausted, XoError):
     """The SR has not enough free space."""
 
 

@@ -1,0 +1,177 @@
+"""The CSI Controller service: request checks and proto conversion; the work is in provisioning.py
+and attach.py. RPC names are kept verbatim; errors are raised, never aborted here.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from services.csi_frontend import validation as check
+from services.csi_frontend.attach import Attacher
+from services.csi_frontend.disks import DiskLocator
+from services.csi_frontend.provisioning import Provisioner
+from shared import storage_class
+from shared import volume_id as vid
+from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.errors import InvalidRequest, OperationPending
+from shared.xo.inventory import Inventory
+
+_Cap = csi_pb2.ControllerServiceCapability.RPC
+CAPABILITIES = (
+    _Cap.CREATE_DELETE_VOLUME,
+    _Cap.PUBLISH_UNPUBLISH_VOLUME,
+    _Cap.LIST_VOLUMES,
+    _Cap.LIST_VOLUMES_PUBLISHED_NODES,
+    _Cap.GET_CAPACITY,
+    _Cap.EXPAND_VOLUME,
+    _Cap.GET_VOLUME,
+    _Cap.VOLUME_CONDITION,
+    _Cap.PUBLISH_READONLY,
+)
+DEFAULT_DEADLINE_S = 120.0
+
+
+class ControllerServicer(csi_pb2_grpc.ControllerServicer):
+    """CSI Controller over XO."""
+
+    def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory) -> None:
+        self._provisioner = provisioner
+        self._attacher = attacher
+        self._disks = disks
+        self._inventory = inventory
+
+    async def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
+                           ) -> csi_pb2.CreateVolumeResponse:
+        vid.validate_volume_name(request.name, "name")
+        check.check_capabilities(request.volume_capabilities)
+        check.check_map(request.parameters, "parameters")
+        if request.HasField("volume_content_source"):
+            raise InvalidRequest("volume_content_source is not supported: this driver has no snapshots or clones")
+        params = storage_class.parse(request.parameters)
+        size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
+        reqs = request.accessibility_requirements
+        created = await self._provisioner.create(
+            request.name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
+        )
+        return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
+            volume_id=str(created.volume_id),
+            capacity_bytes=created.size_bytes,
+            volume_context=created.context,
+            accessible_topology=[csi_pb2.Topology(segments=s) for s in created.topology],
+        ))
+
+    async def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
+                           ) -> csi_pb2.DeleteVolumeResponse:
+        check.require(request.volume_id, "volume_id")
+        try:
+            volume = vid.parse(request.volume_id)
+        except InvalidRequest:
+            return csi_pb2.DeleteVolumeResponse()  # an id this driver never made names no volume: deleted
+        await self._provisioner.delete(volume)
+        return csi_pb2.DeleteVolumeResponse()
+
+    async def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
+                                      context: grpc.aio.ServicerContext) -> csi_pb2.ControllerPublishVolumeResponse:
+        volume = vid.parse(request.volume_id)
+        node_id = check.require(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise InvalidRequest("volume_capability is required")
+        check.check_capability(request.volume_capability)
+        read_only = request.readonly or request.volume_capability.access_mode.mode in check.READ_ONLY_MODES
+        remaining = context.time_remaining()
+        deadline_s = DEFAULT_DEADLINE_S if remaining is None else remaining
+        publish_context = await self._attacher.publish(volume, node_id, read_only, deadline_s)
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
+
+    async def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
+                                        context: grpc.aio.ServicerContext
+                                        ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        volume = vid.parse(request.volume_id)
+        if request.node_id:
+            await self._attacher.unpublish(volume, request.node_id)
+        else:
+            for entry in await self._provisioner.list_volumes():
+                if str(entry.volume_id) == str(volume):
+                    for vm in entry.published_vms:
+                        await self._attacher.unpublish(volume, vm)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    async def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        volume = vid.parse(request.volume_id)
+        if not request.volume_capabilities:
+            raise InvalidRequest("volume_capabilities is required")
+        await self._disks.get(volume)
+        problems = [p for p in map(check.capability_problem, request.volume_capabilities) if p]
+        if problems:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    async def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
+                          ) -> csi_pb2.ListVolumesResponse:
+        if request.max_entries < 0:
+            raise InvalidRequest("max_entries must not be negative")
+        entries = await self._provisioner.list_volumes()
+        start = 0
+        if request.starting_token:
+            keys = [str(e.volume_id) for e in entries]
+            if request.starting_token not in keys:
+                raise OperationPending(f"starting_token {request.starting_token!r} is not valid (any more); "
+                                       "restart the listing")
+            start = keys.index(request.starting_token)
+        end = len(entries) if request.max_entries == 0 else start + request.max_entries
+        page = entries[start:end]
+        response = csi_pb2.ListVolumesResponse(next_token=str(entries[end].volume_id) if end < len(entries) else "")
+        for entry in page:
+            item = response.entries.add()
+            item.volume.volume_id = str(entry.volume_id)
+            item.volume.capacity_bytes = entry.vdi.size
+            item.status.published_node_ids.extend(entry.published_vms)
+        return response
+
+    async def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
+                          ) -> csi_pb2.GetCapacityResponse:
+        if request.volume_capabilities:
+            check.check_capabilities(request.volume_capabilities)
+        if not request.parameters:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        params = storage_class.parse(request.parameters)
+        available, largest = await self._provisioner.capacity(params, dict(request.accessible_topology.segments))
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=available, maximum_volume_size=wrappers_pb2.Int64Value(value=largest)
+        )
+
+    async def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
+                                  context: grpc.aio.ServicerContext) -> csi_pb2.ControllerGetVolumeResponse:
+        volume = vid.parse(request.volume_id)
+        state = await self._provisioner.describe(volume)
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=csi_pb2.Volume(volume_id=str(volume), capacity_bytes=state.size_bytes),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                published_node_ids=state.published_vms,
+                volume_condition=csi_pb2.VolumeCondition(abnormal=state.abnormal, message=state.message),
+            ),
+        )
+
+    async def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
+                                     context: grpc.aio.ServicerContext) -> csi_pb2.ControllerExpandVolumeResponse:
+        volume = vid.parse(request.volume_id)
+        size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None,
+                                required=True)
+        is_block = request.HasField("volume_capability") and request.volume_capability.HasField("block")
+        new_size = await self._provisioner.expand(volume, size)
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=new_size, node_expansion_required=not is_block)
+
+    async def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
+                                        context: grpc.aio.ServicerContext
+                                        ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in CAPABILITIES
+        ])

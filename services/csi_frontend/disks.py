@@ -1,0 +1,88 @@
+"""Finding a volume's VDI in XO from its volume id, and what its description says.
+
+The one place that resolves ``name:``/``uuid:`` ids to VDIs and decides what two VDIs with one
+name mean (a migration copy in progress, or a stray duplicate an operator must remove).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared import vdi_metadata
+from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
+from shared.vdi_metadata import StorageInfo
+from shared.volume_id import VolumeId
+from shared.xo.client import XoClient
+from shared.xo.models import Vdi
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A volume's VDI with its parsed ``csi:info`` description."""
+
+    volume_id: VolumeId
+    vdi: Vdi
+    info: StorageInfo | None
+
+    @property
+    def is_migrating_volume(self) -> bool:
+        return self.info is not None and self.info.migrating
+
+    @property
+    def tag(self) -> str | None:
+        return self.info.srs_with_tag if self.info else None
+
+
+class DiskLocator:
+    """Resolves volume ids against XO (never cached: VDIs change UUID when they migrate)."""
+
+    def __init__(self, xo: XoClient, disk_prefix: str) -> None:
+        self._xo = xo
+        self.prefix = disk_prefix
+
+    def disk_name(self, volume_id: VolumeId) -> str:
+        return volume_id.disk_name(self.prefix)
+
+    async def candidates(self, volume_id: VolumeId) -> list[Vdi]:
+        """Every VDI that answers to the id (two while a migration copy runs)."""
+        if volume_id.kind == "uuid":
+            vdi = await self._xo.get_vdi(volume_id.value)
+            return [vdi] if vdi is not None else []
+        return await self._xo.find_vdis(name_label=self.disk_name(volume_id))
+
+    async def find(self, volume_id: VolumeId) -> Disk | None:
+        """The volume's single VDI, or None when it does not exist.
+
+        Two VDIs with the name: OperationPending while one of them carries a migration mark or an XAPI
+        operation (a copy runs), else PreconditionFailed naming both so an operator can remove the stray.
+        """
+        vdis = await self.candidates(volume_id)
+        if not vdis:
+            return None
+        if len(vdis) == 1:
+            return Disk(volume_id, vdis[0], vdi_metadata.parse(vdis[0].name_description))
+        raise duplicate_error(self.disk_name(volume_id), vdis)
+
+    async def get(self, volume_id: VolumeId) -> Disk:
+        """Like ``find`` but VolumeNotFound when there is no VDI."""
+        disk = await self.find(volume_id)
+        if disk is None:
+            raise VolumeNotFound(f"volume {volume_id} does not exist: no VDI {self._what(volume_id)} in XO")
+        return disk
+
+    def _what(self, volume_id: VolumeId) -> str:
+        return f"with UUID {volume_id.value}" if volume_id.kind == "uuid" else f"named {self.disk_name(volume_id)}"
+
+
+def duplicate_error(name: str, vdis: list[Vdi]) -> OperationPending | PreconditionFailed:
+    """The error for several VDIs carrying one disk name."""
+    ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
+    copying = any(v.current_operations for v in vdis) or any(
+        (info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr for v in vdis
+    )
+    if copying:
+        return OperationPending(f"disk {name} is being migrated (copy in progress: {ids}); retry shortly")
+    return PreconditionFailed(
+        f"{len(vdis)} VDIs are named {name} ({ids}) and none is migrating; disk names must be unique: "
+        "remove or rename the stray copy in XO"
+    )

@@ -1,0 +1,274 @@
+"""Creating, deleting, growing, listing and measuring volumes in XO (the controller's volume logic).
+
+Talks to XO only through XoClient/Inventory and decides placement only through shared/placement.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.csi_frontend.disks import Disk, DiskLocator, duplicate_error
+from shared import placement, vdi_metadata
+from shared import volume_id as vid
+from shared.errors import (
+    AlreadyExistsIncompatible,
+    InvalidRequest,
+    OperationPending,
+    OutOfRange,
+    PreconditionFailed,
+    VolumeNotFound,
+)
+from shared.logging import get_logger
+from shared.storage_class import StorageParams
+from shared.units import format_size
+from shared.vdi_metadata import StorageInfo
+from shared.xo.client import XoClient
+from shared.xo.inventory import Inventory
+from shared.xo.models import Sr, Vdi
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class CreatedVolume:
+    volume_id: vid.VolumeId
+    size_bytes: int
+    context: dict[str, str]
+    topology: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class VolumeEntry:
+    volume_id: vid.VolumeId
+    vdi: Vdi
+    published_vms: list[str]
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    size_bytes: int
+    published_vms: list[str]
+    abnormal: bool
+    message: str
+
+
+class Provisioner:
+    """CreateVolume / DeleteVolume / expansion / listing / capacity against XO."""
+
+    def __init__(self, xo: XoClient, inventory: Inventory, disks: DiskLocator, *, host_topology: bool) -> None:
+        self._xo = xo
+        self._inventory = inventory
+        self._disks = disks
+        self._host_topology = host_topology
+        self._busy: set[str] = set()
+
+    # -- create ----------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        size: tuple[int, int],
+        params: StorageParams,
+        requisite: Sequence[Mapping[str, str]],
+        preferred: Sequence[Mapping[str, str]],
+    ) -> CreatedVolume:
+        """Idempotent by name: an existing disk of a compatible size is returned as is.
+
+        The disk is created under ``<prefix>temp-<name>`` and renamed once described, so a crash
+        leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
+        """
+        async with self._exclusive(name):
+            srs = await self._class_srs(params)
+            disk_name = vid.disk_name(self._disks.prefix, name)
+            existing = await self._xo.find_vdis(name_label=disk_name)
+            if len(existing) > 1:
+                raise duplicate_error(disk_name, existing)
+            vdi = existing[0] if existing else None
+            if vdi is not None:
+                _check_size(vdi, size, disk_name)
+            else:
+                vdi = await self._create_disk(name, size[0], params, srs, requisite, preferred)
+            return self._created(name, vdi, params, srs)
+
+    async def _create_disk(
+        self,
+        name: str,
+        size_bytes: int,
+        params: StorageParams,
+        srs: list[placement.SrView],
+        requisite: Sequence[Mapping[str, str]],
+        preferred: Sequence[Mapping[str, str]],
+    ) -> Vdi:
+        temp_name = vid.temp_disk_name(self._disks.prefix, name)
+        leftovers = await self._xo.find_vdis(name_label=temp_name)
+        for extra in leftovers[1:]:
+            await self._xo.delete_vdi(extra.id)
+        if leftovers and leftovers[0].size >= size_bytes:
+            vdi_id = leftovers[0].id
+        else:
+            if leftovers:
+                await self._xo.delete_vdi(leftovers[0].id)
+            target = placement.choose_for_create(srs, size_bytes, requisite, preferred)
+            vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
+            self._inventory.invalidate()
+            log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
+        info = StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating)
+        await self._xo.set_vdi(vdi_id, name_description=info.to_description())
+        await self._xo.set_vdi(vdi_id, name_label=vid.disk_name(self._disks.prefix, name))
+        vdi = await self._xo.get_vdi(vdi_id)
+        if vdi is None:
+            raise OperationPending(f"disk {vdi_id} vanished right after its creation; retry")
+        return vdi
+
+    def _created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView]) -> CreatedVolume:
+        volume_id = vid.by_name(name) if params.migrating else vid.by_uuid(vdi.id)
+        if params.migrating:
+            reachable = srs
+        else:
+            reachable = [sr for sr in srs if sr.id == vdi.sr_id]
+        context = {**params.context(), "diskName": vid.disk_name(self._disks.prefix, name)}
+        if params.fs_type:
+            context["fsType"] = params.fs_type
+        return CreatedVolume(volume_id, vdi.size, context,
+                             placement.accessible_segments(reachable, self._host_topology))
+
+    async def _class_srs(self, params: StorageParams) -> list[placement.SrView]:
+        if params.sr_uuid:
+            sr = await self._inventory.sr(params.sr_uuid)
+            if sr is None:
+                raise InvalidRequest(f"parameter srUUID={params.sr_uuid}: XO has no such SR; check the StorageClass")
+            return [placement.view(sr)]
+        assert params.srs_with_tag is not None
+        tagged = await self._inventory.srs(tag=params.srs_with_tag)
+        if not tagged:
+            raise InvalidRequest(
+                f"parameter srsWithTag={params.srs_with_tag}: no SR in XO carries this tag; tag the SRs in XO"
+            )
+        _check_homogeneous(tagged, params.srs_with_tag)
+        return [placement.view(sr) for sr in tagged if sr.content_type in ("user", "")]
+
+    # -- delete / expand -------------------------------------------------------------------------
+
+    async def delete(self, volume_id: vid.VolumeId) -> None:
+        """Idempotent: a missing disk is success. Attached -> PreconditionFailed naming the VM."""
+        async with self._exclusive(str(volume_id)):
+            disk = await self._disks.find(volume_id)
+            if disk is None:
+                return
+            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            if attached:
+                raise PreconditionFailed(
+                    f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
+                )
+            await self._xo.delete_vdi(disk.vdi.id)
+            self._inventory.invalidate()
+            log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
+
+    async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int]) -> int:
+        """Grow the VDI online to at least ``size[0]``; returns the new size. Never shrinks."""
+        async with self._exclusive(str(volume_id)):
+            disk = await self._disks.get(volume_id)
+            _refuse_while_migrating(disk)
+            required, limit = size
+            if disk.vdi.size >= required:
+                return disk.vdi.size
+            if limit and disk.vdi.size > limit:
+                raise OutOfRange(f"volume is already {disk.vdi.size} bytes, above limit_bytes {limit}")
+            await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
+            self._inventory.invalidate()
+            return required
+
+    # -- list / capacity -------------------------------------------------------------------------
+
+    async def list_volumes(self) -> list[VolumeEntry]:
+        """Every driver disk (temporary ones excluded), sorted by volume id, with the VMs it is attached to."""
+        vdis, vbds = await asyncio.gather(self._xo.get_objects({"type": "VDI"}), self._xo.find_vbds())
+        attached: dict[str, list[str]] = {}
+        for vbd in vbds:
+            if vbd.attached and vbd.vdi_id:
+                attached.setdefault(vbd.vdi_id, []).append(vbd.vm_id)
+        entries: dict[str, VolumeEntry] = {}
+        for raw in vdis:
+            vdi = Vdi.model_validate(raw)
+            volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
+            info = vdi_metadata.parse(vdi.name_description)
+            if volume_name is None or info is None:
+                continue
+            volume = vid.by_name(volume_name) if info.migrating else vid.by_uuid(vdi.id)
+            previous = entries.get(str(volume))
+            vms = sorted(set(attached.get(vdi.id, [])) | set(previous.published_vms if previous else []))
+            entries[str(volume)] = VolumeEntry(volume, vdi, vms)
+        return [entries[key] for key in sorted(entries)]
+
+    async def describe(self, volume_id: vid.VolumeId) -> VolumeState:
+        """Size, attached nodes and condition (abnormal: missing on its SR, or a stray same-named copy)."""
+        vdis = await self._disks.candidates(volume_id)
+        if not vdis:
+            raise VolumeNotFound(f"volume {volume_id} does not exist")
+        vbds = await asyncio.gather(*(self._xo.find_vbds(vdi_id=v.id) for v in vdis))
+        nodes = sorted({vbd.vm_id for found in vbds for vbd in found if vbd.attached})
+        abnormal, message = _condition(vdis)
+        return VolumeState(max(v.size for v in vdis), nodes, abnormal, message)
+
+    async def capacity(self, params: StorageParams, term: Mapping[str, str]) -> tuple[int, int]:
+        """(available bytes, largest volume that fits) for the class within the topology segment."""
+        return placement.capacity(await self._class_srs(params), term)
+
+    def topology_of(self, disk: Disk, srs: Sequence[Sr]) -> list[dict[str, str]]:
+        """Where a volume is accessible: every tagged SR's segment for migrating volumes, else its SR's."""
+        views = [placement.view(sr) for sr in srs]
+        if not disk.is_migrating_volume:
+            views = [v for v in views if v.id == disk.vdi.sr_id]
+        return placement.accessible_segments(views, self._host_topology)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str) -> AsyncIterator[None]:
+        # The provisioner and resizer are leader-elected, so one controller acts at a time; this guards
+        # against the sidecar's own retries overlapping a still-running call for the same volume.
+        if key in self._busy:
+            raise OperationPending(f"an operation on volume {key} is already in progress; retry")
+        self._busy.add(key)
+        try:
+            yield
+        finally:
+            self._busy.discard(key)
+
+
+def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:
+    required, limit = size
+    if vdi.size < required or (limit and vdi.size > limit):
+        wanted = format_size(required) + (f" (limit {format_size(limit)})" if limit else "")
+        raise AlreadyExistsIncompatible(
+            f"volume {disk_name} already exists with {format_size(vdi.size)}, not {wanted}; "
+            "use another name or the existing size"
+        )
+
+
+def _check_homogeneous(srs: list[Sr], tag: str) -> None:
+    views = [placement.view(sr) for sr in srs]
+    if len({v.is_shared for v in views}) > 1:
+        shared = ", ".join(v.name for v in views if v.is_shared)
+        local = ", ".join(v.name for v in views if not v.is_shared)
+        raise InvalidRequest(
+            f"SRs tagged {tag} mix shared ({shared}) and local ({local}) SRs; all must be shared or all local"
+        )
+
+
+def _refuse_while_migrating(disk: Disk) -> None:
+    if disk.info is not None and disk.info.in_progress_to_sr and disk.info.in_progress_to_sr != disk.vdi.sr_id:
+        raise OperationPending(
+            f"volume {disk.volume_id} is being migrated to SR {disk.info.in_progress_to_sr}; retry after it finishes"
+        )
+
+
+def _condition(vdis: list[Vdi]) -> tuple[bool, str]:
+    if len(vdis) > 1:
+        if any(v.current_operations for v in vdis):
+            return False, "a migration copy is in progress"
+        return True, f"{len(vdis)} VDIs carry this volume's name; remove the stray copy in XO"
+    if vdis[0].missing:
+        return True, f"XO marks VDI {vdis[0].id} as missing from its SR"
+    return False, "volume is healthy"

@@ -1,0 +1,64 @@
+"""FrontendSettings: every setting of xo-csi-frontend, from CSI_* environment variables and flags.
+
+Names and defaults follow the Go driver m4rCsi where it has one (driver name, --disk-name-prefix,
+--host-topology, --temp-cleanup, --xoa-timeout). XO credentials come from XOA_* (shared/config.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DRIVER_NAME = "csi.xen-orchestra.marcsi.ch"
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration_s(value: str | float) -> float:
+    """``300s``, ``5m``, ``1.5h``, ``250ms`` or a number of seconds -> seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"duration {value!r} must look like 300s, 5m, 250ms or a number of seconds")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+class FrontendSettings(BaseSettings):
+    """Settings of the CSI frontend (env prefix ``CSI_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CSI_", extra="ignore")
+
+    endpoint: str = Field(default="unix:///csi/csi.sock", description="unix:///path or tcp://host:port")
+    mode: Literal["controller", "node", "all"] = "all"
+    driver_name: str = DEFAULT_DRIVER_NAME
+    node_id: str | None = Field(default=None, description="VM UUID of this node (default: read from DMI)")
+    dmi_uuid_path: Path = Path("/sys/class/dmi/id/product_uuid")
+    disk_name_prefix: str = "csi-"
+    host_topology: bool = False
+    temp_cleanup: bool = False
+    temp_cleanup_interval_s: float = 120.0
+    temp_cleanup_delete_after_s: float = 1800.0
+    device_dir: Path = Path("/dev")
+    device_wait_s: float = Field(default=10.0, gt=0)
+    max_volumes_per_node: int = Field(default=239, ge=1)
+    grace_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("disk_name_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (e.g. csi-)")
+        return value
+
+    @property
+    def serves_controller(self) -> bool:
+        return self.mode in ("controller", "all")
+
+    @property
+    def serves_node(self) -> bool:
+        return self.mode in ("node", "all")

@@ -1,0 +1,130 @@
+"""PURE placement rules: which SR a volume goes to, which SRs a VM can use, and volume topology.
+
+No async, no I/O, no logging. The controller (CreateVolume, GetCapacity, publish checks) and the
+migrator (target SR of a migration) both call these functions, so both decide the same way.
+Topology segments: ``pool`` (pool UUID) and, with host topology, ``host`` (host UUID).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from shared.errors import CapacityExhausted, PlacementImpossible
+from shared.units import format_size
+from shared.xo.models import Sr
+
+POOL_KEY = "pool"
+HOST_KEY = "host"
+
+
+@dataclass(frozen=True)
+class SrView:
+    """What placement needs to know about an SR."""
+
+    id: str
+    name: str
+    pool_id: str
+    host_id: str | None  # None for a shared SR
+    free_bytes: int
+
+    @property
+    def is_shared(self) -> bool:
+        return self.host_id is None
+
+
+def view(sr: Sr) -> SrView:
+    """SrView of an XO SR: ``$container`` is the host of a local SR and the pool of a shared one."""
+    is_local = not sr.shared and sr.container != sr.pool_id
+    return SrView(sr.id, sr.name_label, sr.pool_id, sr.container if is_local else None, sr.free_bytes)
+
+
+def usable_from(sr: SrView, host_id: str, pool_id: str) -> bool:
+    """Can a VM resident on ``host_id`` in ``pool_id`` attach a disk of this SR?"""
+    return sr.pool_id == pool_id if sr.is_shared else sr.host_id == host_id
+
+
+def segment(sr: SrView, host_topology: bool) -> dict[str, str]:
+    """The topology segment from which the SR is reachable."""
+    if sr.is_shared or not host_topology:
+        return {POOL_KEY: sr.pool_id}
+    return {POOL_KEY: sr.pool_id, HOST_KEY: sr.host_id or ""}
+
+
+def matches(sr: SrView, term: Mapping[str, str]) -> bool:
+    """Does a topology term (node segments) reach the SR? Unknown keys never match."""
+    if any(key not in (POOL_KEY, HOST_KEY) for key in term):
+        return False
+    if POOL_KEY in term and term[POOL_KEY] != sr.pool_id:
+        return False
+    if HOST_KEY in term and not sr.is_shared:
+        return term[HOST_KEY] == sr.host_id
+    return True
+
+
+def accessible_segments(srs: Iterable[SrView], host_topology: bool) -> list[dict[str, str]]:
+    """Distinct segments of ``srs``, sorted, for Volume.accessible_topology."""
+    unique = {tuple(sorted(segment(sr, host_topology).items())) for sr in srs}
+    return [dict(items) for items in sorted(unique)]
+
+
+def choose_for_create(
+    srs: Sequence[SrView],
+    size_bytes: int,
+    requisite: Sequence[Mapping[str, str]] = (),
+    preferred: Sequence[Mapping[str, str]] = (),
+) -> SrView:
+    """The SR a new volume goes to.
+
+    Preferred terms are tried in order (the first is the selected node under WaitForFirstConsumer),
+    then any requisite term, then, without requirements, every SR. Within a step the SR with the
+    most free space wins. Raises PlacementImpossible when no SR is in the allowed topology and
+    CapacityExhausted when none of those has ``size_bytes`` free.
+    """
+    allowed = [sr for sr in srs if not requisite or any(matches(sr, term) for term in requisite)]
+    if not allowed:
+        raise PlacementImpossible(
+            f"no SR of the StorageClass is reachable from the requested topology {_terms(requisite)}"
+        )
+    for term in preferred:
+        chosen = _roomiest([sr for sr in allowed if matches(sr, term)], size_bytes)
+        if chosen is not None:
+            return chosen
+    chosen = _roomiest(allowed, size_bytes)
+    if chosen is None:
+        best = max(allowed, key=lambda sr: sr.free_bytes)
+        raise CapacityExhausted(
+            f"no SR has {format_size(size_bytes)} free in the accessible topology "
+            f"(most free: {best.name} with {format_size(best.free_bytes)})"
+        )
+    return chosen
+
+
+def choose_for_host(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_id: str) -> SrView:
+    """The SR a disk moves to so that a VM on ``host_id`` can attach it (the roomiest usable one)."""
+    usable = [sr for sr in srs if usable_from(sr, host_id, pool_id)]
+    if not usable:
+        raise PlacementImpossible(f"no SR of the tag is usable from host {host_id} in pool {pool_id}")
+    chosen = _roomiest(usable, size_bytes)
+    if chosen is None:
+        best = max(usable, key=lambda sr: sr.free_bytes)
+        raise CapacityExhausted(
+            f"no SR usable from host {host_id} has {format_size(size_bytes)} free "
+            f"(most free: {best.name} with {format_size(best.free_bytes)})"
+        )
+    return chosen
+
+
+def capacity(srs: Iterable[SrView], term: Mapping[str, str]) -> tuple[int, int]:
+    """(total free bytes, largest single free) over the SRs that ``term`` reaches."""
+    free = [sr.free_bytes for sr in srs if matches(sr, term)]
+    return sum(free), max(free, default=0)
+
+
+def _roomiest(srs: Sequence[SrView], size_bytes: int) -> SrView | None:
+    fitting = [sr for sr in srs if sr.free_bytes >= size_bytes]
+    return max(fitting, key=lambda sr: (sr.free_bytes, sr.id)) if fitting else None
+
+
+def _terms(terms: Sequence[Mapping[str, str]]) -> str:
+    return "; ".join(",".join(f"{k}={v}" for k, v in sorted(t.items())) for t in terms) or "(any)"

@@ -1,0 +1,95 @@
+"""Volume ids and disk names, compatible with the Go driver m4rCsi (pure; no I/O).
+
+- ``name:<volume name>``: volumes identified by disk name (migrating volumes: the VDI UUID changes
+  on every migration, the name does not). The disk (VDI name_label) is ``<prefix><volume name>``.
+- ``uuid:<vdi uuid>``: volumes on a fixed SR; a bare VDI UUID is accepted too (static volumes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.errors import InvalidRequest
+
+MAX_ID_BYTES = 128
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class VolumeId:
+    """A parsed volume id: by disk name or by VDI UUID."""
+
+    kind: Literal["name", "uuid"]
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+    def disk_name(self, prefix: str) -> str:
+        if self.kind != "name":
+            raise ValueError("only name-based volume ids have a disk name")
+        return disk_name(prefix, self.value)
+
+
+def by_name(volume_name: str) -> VolumeId:
+    return VolumeId("name", volume_name)
+
+
+def by_uuid(vdi_uuid: str) -> VolumeId:
+    return VolumeId("uuid", vdi_uuid.lower())
+
+
+def is_uuid(value: str) -> bool:
+    return bool(_UUID_RE.match(value))
+
+
+def parse(volume_id: str, field: str = "volume_id") -> VolumeId:
+    """Parse a volume id; InvalidRequest naming ``field`` when it is empty or malformed."""
+    if not volume_id:
+        raise InvalidRequest(f"{field} is required")
+    if len(volume_id.encode()) > MAX_ID_BYTES:
+        raise InvalidRequest(f"{field} is longer than {MAX_ID_BYTES} bytes")
+    kind, sep, value = volume_id.partition(":")
+    if sep and kind == "name":
+        validate_volume_name(value, field)
+        return by_name(value)
+    if sep and kind == "uuid" and is_uuid(value):
+        return by_uuid(value)
+    if not sep and is_uuid(volume_id):
+        return by_uuid(volume_id)
+    raise InvalidRequest(
+        f"{field} {volume_id!r} is not a volume id of this driver: expected 'name:<volume name>', "
+        "'uuid:<VDI UUID>' or a bare VDI UUID"
+    )
+
+
+def validate_volume_name(name: str, field: str = "name") -> None:
+    """Names become VDI name labels: letters, digits, '.', '_' and '-', at most 128 bytes."""
+    if not name:
+        raise InvalidRequest(f"{field} is required")
+    if len(name.encode()) > MAX_ID_BYTES:
+        raise InvalidRequest(f"{field} is longer than {MAX_ID_BYTES} bytes")
+    if not _NAME_RE.match(name):
+        raise InvalidRequest(
+            f"{field} {name!r} may only hold letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+
+
+def disk_name(prefix: str, volume_name: str) -> str:
+    """The VDI name_label of a volume: ``csi-pvc-...``."""
+    return f"{prefix}{volume_name}"
+
+
+def temp_disk_name(prefix: str, volume_name: str) -> str:
+    """The name a disk carries while CreateVolume runs (m4rCsi: ``csi-temp-<volume name>``)."""
+    return f"{prefix}temp-{volume_name}"
+
+
+def volume_name_of_disk(prefix: str, name_label: str) -> str | None:
+    """The volume name of a driver-made disk, or None for foreign and temporary disks."""
+    if not name_label.startswith(prefix) or name_label.startswith(f"{prefix}temp-"):
+        return None
+    return name_label[len(prefix):] or None

@@ -1,0 +1,101 @@
+"""A cache of XO's slowly changing objects (SRs, VMs, hosts, pools), kept current by XO's ``all``
+notifications and reloaded when it is older than ``max_age_s`` or after a reconnect.
+
+VDIs and VBDs are never cached: every decision about a disk re-reads XO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared.xo.client import XoClient
+from shared.xo.models import Host, Pool, Sr, Vm, XoObject
+
+_MODELS: dict[str, type[XoObject]] = {"SR": Sr, "VM": Vm, "host": Host, "pool": Pool}
+
+
+class Inventory:
+    """Read-through cache; ``sr()``/``vm()`` fall back to XO on a miss."""
+
+    def __init__(self, client: XoClient, *, max_age_s: float = 30.0) -> None:
+        self._client = client
+        self._max_age_s = max_age_s
+        self._objects: dict[str, dict[str, XoObject]] = {kind: {} for kind in _MODELS}
+        self._loaded_at = float("-inf")
+        self._lock = asyncio.Lock()
+        client.session.subscribe(self._on_notification)
+        client.session.on_reconnect(self._invalidate)
+
+    async def srs(self, *, tag: str | None = None) -> list[Sr]:
+        await self._fresh()
+        found = [obj for obj in self._objects["SR"].values() if isinstance(obj, Sr)]
+        return [sr for sr in found if tag is None or tag in sr.tags]
+
+    async def sr(self, sr_id: str) -> Sr | None:
+        await self._fresh()
+        cached = self._objects["SR"].get(sr_id)
+        if isinstance(cached, Sr):
+            return cached
+        sr = await self._client.get_sr(sr_id)
+        if sr is not None:
+            self._objects["SR"][sr.id] = sr
+        return sr
+
+    async def vm(self, vm_id: str) -> Vm | None:
+        await self._fresh()
+        cached = self._objects["VM"].get(vm_id)
+        if isinstance(cached, Vm):
+            return cached
+        vm = await self._client.get_vm(vm_id)
+        if vm is not None:
+            self._objects["VM"][vm.id] = vm
+        return vm
+
+    async def host(self, host_id: str) -> Host | None:
+        await self._fresh()
+        cached = self._objects["host"].get(host_id)
+        return cached if isinstance(cached, Host) else await self._client.get_host(host_id)
+
+    def invalidate(self) -> None:
+        """Force a reload on the next read (e.g. after an SR's usage changed by our own call)."""
+        self._loaded_at = float("-inf")
+
+    async def _invalidate(self) -> None:
+        self.invalidate()
+
+    async def _fresh(self) -> None:
+        if time.monotonic() - self._loaded_at < self._max_age_s:
+            return
+        async with self._lock:
+            if time.monotonic() - self._loaded_at < self._max_age_s:
+                return
+            started = time.monotonic()
+            kinds = list(_MODELS)
+            results = await asyncio.gather(*(self._client.get_objects({"type": kind}) for kind in kinds))
+            for kind, objs in zip(kinds, results, strict=True):
+                self._objects[kind] = {m.id: m for m in (_parse(kind, obj) for obj in objs) if m is not None}
+            self._loaded_at = started
+
+    def _on_notification(self, method: str, params: Any) -> None:
+        if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
+            return
+        leaving = params.get("type") == "exit"
+        for obj_id, obj in params["items"].items():
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            if kind not in self._objects:
+                continue
+            if leaving:
+                self._objects[kind].pop(obj_id, None)
+            elif (model := _parse(kind, obj)) is not None:
+                self._objects[kind][obj_id] = model
+
+
+def _parse(kind: str, obj: dict[str, Any]) -> XoObject | None:
+    try:
+        return _MODELS[kind].model_validate(obj)
+    except ValidationError:
+        return None

@@ -1,0 +1,74 @@
+"""StorageClass parameters, volume ids and VDI description metadata (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import storage_class, vdi_metadata
+from shared import volume_id as vid
+from shared.errors import InvalidRequest
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"srUUID": "a", "srsWithTag": "t"}, "mutually exclusive"),
+        ({"srUUID": "a", "migrating": "true"}, "migrating needs srsWithTag"),
+        ({}, "set parameter srUUID"),
+        ({"srsWithTag": "t", "migrating": "maybe"}, 'must be "true" or "false"'),
+        ({"srsWithTag": "t", "csi.storage.k8s.io/fstype": "btrfs"}, "not supported: use one of ext4, ext3, xfs"),
+        ({"srsWithTag": "t", "srsWithTags": "typo"}, "unknown StorageClass parameter(s) srsWithTags"),
+    ],
+)
+def test_bad_parameters_name_the_field(params: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        storage_class.parse(params)
+    assert message in str(info.value)
+
+
+def test_good_parameters() -> None:
+    parsed = storage_class.parse({"srsWithTag": "k8s", "migrating": "TRUE", "csi.storage.k8s.io/fstype": "xfs",
+                                  "csi.storage.k8s.io/pvc/name": "data"})
+    assert parsed == storage_class.StorageParams(None, "k8s", True, "xfs")
+    assert parsed.context() == {"migrating": "true", "srsWithTag": "k8s"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name:pvc-1", vid.VolumeId("name", "pvc-1")),
+        ("uuid:0B7E7F52-0A53-4C8F-9F3B-0A4E8B0E6D1A", vid.VolumeId("uuid", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a")),
+        ("0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a", vid.VolumeId("uuid", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a")),
+    ],
+)
+def test_volume_id_round_trip(text: str, expected: vid.VolumeId) -> None:
+    parsed = vid.parse(text)
+    assert parsed == expected
+    assert vid.parse(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize("bad", ["", "name:", "name:../etc", "uuid:nope", "x" * 129, "nfs:thing", "name:a/b"])
+def test_bad_volume_ids_are_invalid_requests(bad: str) -> None:
+    with pytest.raises(InvalidRequest, match="volume_id"):
+        vid.parse(bad)
+
+
+def test_disk_names() -> None:
+    assert vid.disk_name("csi-", "pvc-1") == "csi-pvc-1"
+    assert vid.temp_disk_name("csi-", "pvc-1") == "csi-temp-pvc-1"
+    assert vid.volume_name_of_disk("csi-", "csi-pvc-1") == "pvc-1"
+    assert vid.volume_name_of_disk("csi-", "csi-temp-pvc-1") is None
+    assert vid.volume_name_of_disk("csi-", "other") is None
+
+
+def test_metadata_is_m4rcsi_compatible() -> None:
+    info = vdi_metadata.StorageInfo(srs_with_tag="k8s", migrating=True)
+    assert info.to_description() == 'csi:info: {"migrating":{},"srsWithTag":"k8s"}'
+    marked = info.marked("sr-2")
+    assert vdi_metadata.parse(marked.to_description()) == marked
+    # an m4rCsi build that wrote toSRUUID
+    old = vdi_metadata.parse('csi:info: {"migrating":{"toSRUUID":"sr-9"},"srsWithTag":"k8s"}')
+    assert old is not None and old.in_progress_to_sr == "sr-9" and old.migrating
+    assert vdi_metadata.parse("csi:info: {not json") is None
+    assert vdi_metadata.parse("a user's description") is None
+    assert vdi_metadata.parse('csi:info: {"srsWithTag":"k8s"}') == vdi_metadata.StorageInfo("k8s", None, False)

@@ -1,0 +1,81 @@
+"""Placement rules, table-driven (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import placement
+from shared.errors import CapacityExhausted, PlacementImpossible
+from shared.placement import SrView
+from shared.xo.models import Sr
+
+GiB = 1024**3
+A1 = SrView("sr-a1", "Local A1", "pool-a", "host-a1", 10 * GiB)
+A2 = SrView("sr-a2", "Local A2", "pool-a", "host-a2", 50 * GiB)
+B1 = SrView("sr-b1", "Local B1", "pool-b", "host-b1", 30 * GiB)
+NFS_A = SrView("nfs-a", "NFS A", "pool-a", None, 100 * GiB)
+NFS_B = SrView("nfs-b", "NFS B", "pool-b", None, 5 * GiB)
+
+
+def test_view_tells_local_from_shared() -> None:
+    local = Sr.model_validate({"id": "s", "type": "SR", "$pool": "p", "$container": "h", "shared": False,
+                               "size": 10, "usage": 4})
+    shared = Sr.model_validate({"id": "t", "type": "SR", "$pool": "p", "$container": "p", "shared": True})
+    assert placement.view(local) == SrView("s", "", "p", "h", 6)
+    assert placement.view(shared).is_shared
+
+
+@pytest.mark.parametrize(
+    ("srs", "size", "requisite", "preferred", "expected"),
+    [
+        ([A1, A2, B1], GiB, [], [], "sr-a2"),  # roomiest without requirements
+        ([A1, A2, B1], GiB, [{"pool": "pool-b"}], [], "sr-b1"),
+        ([A1, A2, B1], GiB, [{"pool": "pool-a"}], [{"pool": "pool-a", "host": "host-a1"}], "sr-a1"),
+        ([A1, A2, B1], 20 * GiB, [{"pool": "pool-a"}], [{"pool": "pool-a", "host": "host-a1"}], "sr-a2"),
+        ([A1, A2, B1], GiB, [], [{"pool": "pool-b", "host": "host-b1"}, {"pool": "pool-a"}], "sr-b1"),
+        ([NFS_A, NFS_B], GiB, [{"pool": "pool-b", "host": "host-b1"}], [], "nfs-b"),
+        ([NFS_A, NFS_B], GiB, [], [{"pool": "pool-a", "host": "any-host"}], "nfs-a"),
+    ],
+)
+def test_choose_for_create(srs: list[SrView], size: int, requisite: list[dict[str, str]],
+                           preferred: list[dict[str, str]], expected: str) -> None:
+    assert placement.choose_for_create(srs, size, requisite, preferred).id == expected
+
+
+def test_no_sr_in_topology_is_placement_impossible() -> None:
+    with pytest.raises(PlacementImpossible, match="pool=pool-z"):
+        placement.choose_for_create([A1, A2], GiB, [{"pool": "pool-z"}])
+
+
+def test_no_room_is_capacity_exhausted_naming_the_best_sr() -> None:
+    with pytest.raises(CapacityExhausted, match="most free: Local A2 with 50 GiB"):
+        placement.choose_for_create([A1, A2], 60 * GiB, [{"pool": "pool-a"}])
+
+
+def test_unknown_topology_key_never_matches() -> None:
+    assert not placement.matches(A1, {"zone": "x"})
+
+
+@pytest.mark.parametrize(
+    ("sr", "host", "pool", "usable"),
+    [(A1, "host-a1", "pool-a", True), (A1, "host-a2", "pool-a", False), (NFS_A, "host-a2", "pool-a", True),
+     (NFS_A, "host-b1", "pool-b", False)],
+)
+def test_usable_from(sr: SrView, host: str, pool: str, usable: bool) -> None:
+    assert placement.usable_from(sr, host, pool) is usable
+
+
+def test_choose_for_host_picks_a_usable_sr_with_room() -> None:
+    assert placement.choose_for_host([A1, A2, B1], GiB, "host-a1", "pool-a").id == "sr-a1"
+    with pytest.raises(CapacityExhausted):
+        placement.choose_for_host([A1, A2, B1], 11 * GiB, "host-a1", "pool-a")
+    with pytest.raises(PlacementImpossible):
+        placement.choose_for_host([A1, A2], GiB, "host-b1", "pool-b")
+
+
+def test_segments_and_capacity() -> None:
+    assert placement.accessible_segments([A1, A2, B1], host_topology=False) == [{"pool": "pool-a"},
+                                                                                 {"pool": "pool-b"}]
+    assert placement.accessible_segments([A1], host_topology=True) == [{"host": "host-a1", "pool": "pool-a"}]
+    assert placement.capacity([A1, A2, B1], {"pool": "pool-a"}) == (60 * GiB, 50 * GiB)
+    assert placement.capacity([A1, A2, B1], {"pool": "nope"}) == (0, 0)
