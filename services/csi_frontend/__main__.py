@@ -18,6 +18,7 @@ from services.csi_frontend.node_identity import resolve_node, topology
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings, parse_duration_s
+from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
 from shared.config import LogSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
@@ -93,7 +94,15 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
                               csi_pb2_grpc.add_ControllerServicer_to_server))
         if settings.serves_node:
             servicers.append((await _node_servicer(settings, inventory, xo), csi_pb2_grpc.add_NodeServicer_to_server))
-        await serve(servicers, settings.endpoint, grace_s=settings.grace_s)
+        async with asyncio.TaskGroup() as tasks:
+            cleanup = None
+            if settings.serves_controller and settings.temp_cleanup:
+                cleanup = tasks.create_task(temp_cleanup_forever(
+                    xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
+                    delete_after_s=settings.temp_cleanup_delete_after_s))
+            await serve(servicers, settings.endpoint, grace_s=settings.grace_s)
+            if cleanup is not None:
+                cleanup.cancel()
     finally:
         await xo.close()
 
