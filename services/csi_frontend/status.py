@@ -31,5 +31,5 @@ def code_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC code of ``error``: the nearest class in its MRO that the table names, else INTERNAL."""
     for cls in type(error).__mro__:
         if cls in TABLE:
-            return TABLE[cls]  # type: ignore[index]
+            return TABLE[cls]
     return grpc.StatusCode.INTERNAL
