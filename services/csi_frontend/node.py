@@ -1,0 +1,554 @@
+"""CSI Node service: stage, publish, expand and report XO disks attached to this VM (e.g. /dev/xvdb).
+
+The node never talks to XO: ControllerPublishVolume names the device in publish_context["device"].
+Request validation for the Node RPCs lives at the top of this module; OS work lives in mounter.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from services.csi_frontend import mounter, validation
+from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.errors import (
+    AlreadyExistsIncompatible,
+    BackendUnavailable,
+    InvalidRequest,
+    OperationPending,
+    OutOfRange,
+    PreconditionFailed,
+    VolumeNotFound,
+)
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_MAX_ID_BYTES = 128
+_DEVICE_POLL_FIRST_MS = 10
+_DEVICE_POLL_MAX_MS = 200
+_Rpc = csi_pb2.NodeServiceCapability.RPC
+_CAPABILITIES = (_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION)
+_HEALTHY = "volume is healthy"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What the node service needs to know about this VM; built once in __main__ from settings and XO."""
+
+    node_id: str
+    topology: Mapping[str, str] = field(default_factory=dict)
+    device_dir: Path = Path("/dev")
+    max_volumes_per_node: int = 239
+    device_wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("NodeConfig.node_id must not be empty")
+        if self.max_volumes_per_node < 0 or self.device_wait_s < 0:
+            raise ValueError("NodeConfig.max_volumes_per_node and device_wait_s must not be negative")
+
+
+class RpcContext(Protocol):
+    """The part of grpc.aio.ServicerContext a node handler may read; the interceptor enforces the deadline."""
+
+    def time_remaining(self) -> float | None: ...
+
+
+# --- validation: proto request -> frozen command, or InvalidRequest (pure) ---------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """How the CO wants to use the volume (the parsed VolumeCapability)."""
+
+    is_block: bool
+    fs_type: str | None  # None: not requested; the existing filesystem, or ext4 on a blank disk
+    mount_flags: tuple[str, ...]
+    is_reader_only: bool
+
+    def stage_options(self) -> tuple[str, ...]:
+        """Mount options for the staging mount; reader-only modes mount read-only."""
+        return self.mount_flags + (("ro",) if self.is_reader_only and "ro" not in self.mount_flags else ())
+
+    @property
+    def is_stage_readonly(self) -> bool:
+        return "ro" in self.stage_options()
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    volume_id: str
+    staging_path: Path
+    device_name: str
+    access: Access
+
+
+@dataclass(frozen=True)
+class PublishCommand:
+    volume_id: str
+    staging_path: Path
+    target_path: Path
+    device_name: str  # "" for mount access, which publishes the staged filesystem instead
+    access: Access
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class PathCommand:
+    """Unstage, unpublish, stats: a volume id and the one path the call is about."""
+
+    volume_id: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ExpandCommand:
+    volume_id: str
+    path: Path
+    access: Access | None
+    required_bytes: int
+    limit_bytes: int  # 0: no limit
+
+
+def parse_volume_id(value: str) -> str:
+    """Require a non-empty volume_id of at most 128 bytes ("name:<disk name>" or a VDI UUID)."""
+    if not value:
+        raise InvalidRequest("volume_id is required; pass the id CreateVolume returned (name:<disk> or a VDI UUID)")
+    if len(value.encode()) > _MAX_ID_BYTES:
+        raise InvalidRequest(f"volume_id is longer than {_MAX_ID_BYTES} bytes; pass the id CreateVolume returned")
+    return value
+
+
+def parse_path(value: str, field_name: str) -> Path:
+    """Require an absolute path without '..' components for field_name."""
+    if not value:
+        raise InvalidRequest(f"{field_name} is required; pass an absolute path on this node")
+    if not value.startswith("/"):
+        raise InvalidRequest(f"{field_name} {value!r} must be an absolute path on this node")
+    if ".." in PurePosixPath(value).parts:
+        raise InvalidRequest(f"{field_name} {value!r} must not contain '..'; pass the normalised absolute path")
+    return Path(value)
+
+
+def parse_access(cap: csi_pb2.VolumeCapability | None) -> Access:
+    """Parse a VolumeCapability with the controller's rules (validation.check_capability)."""
+    if cap is None:
+        raise InvalidRequest("volume_capability is required; set access_type (block or mount) and access_mode")
+    validation.check_capability(cap, "volume_capability")
+    reader_only = cap.access_mode.mode in validation.READ_ONLY_MODES
+    if cap.HasField("block"):
+        return Access(is_block=True, fs_type=None, mount_flags=(), is_reader_only=reader_only)
+    flags = tuple(flag for flag in cap.mount.mount_flags if flag)
+    return Access(is_block=False, fs_type=cap.mount.fs_type or None, mount_flags=flags, is_reader_only=reader_only)
+
+
+def parse_device_name(publish_context: Mapping[str, str]) -> str:
+    """Return publish_context["device"] (e.g. "xvdb"), a bare name inside the device directory."""
+    name = publish_context.get("device", "")
+    if not name:
+        raise InvalidRequest(
+            "publish_context['device'] is missing: the volume was not published to this node by "
+            "ControllerPublishVolume; check the VolumeAttachment for this volume and node"
+        )
+    if "/" in name or name in (".", "..") or "\x00" in name:
+        raise InvalidRequest(f"publish_context['device'] {name!r} must be a bare device name such as 'xvdb'")
+    return name
+
+
+_WithCapability = csi_pb2.NodeStageVolumeRequest | csi_pb2.NodePublishVolumeRequest | csi_pb2.NodeExpandVolumeRequest
+
+
+def _capability(request: _WithCapability) -> csi_pb2.VolumeCapability | None:
+    return request.volume_capability if request.HasField("volume_capability") else None
+
+
+def parse_stage(request: csi_pb2.NodeStageVolumeRequest) -> StageCommand:
+    volume_id = parse_volume_id(request.volume_id)
+    staging = parse_path(request.staging_target_path, "staging_target_path")
+    access = parse_access(_capability(request))
+    return StageCommand(volume_id, staging, parse_device_name(request.publish_context), access)
+
+
+def parse_publish(request: csi_pb2.NodePublishVolumeRequest) -> PublishCommand:
+    """Validate NodePublishVolume; a missing staging_target_path is FAILED_PRECONDITION per the spec table."""
+    volume_id = parse_volume_id(request.volume_id)
+    target = parse_path(request.target_path, "target_path")
+    access = parse_access(_capability(request))
+    if not request.staging_target_path:
+        raise PreconditionFailed("staging_target_path is not set; call NodeStageVolume first and pass its path")
+    staging = parse_path(request.staging_target_path, "staging_target_path")
+    device = parse_device_name(request.publish_context) if access.is_block else ""
+    readonly = request.readonly or access.is_reader_only
+    return PublishCommand(volume_id, staging, target, device, access, readonly)
+
+
+def parse_volume_path(volume_id: str, value: str) -> PathCommand:
+    """Validate (volume_id, volume_path) of stats/expand; a relative path cannot hold a volume: NOT_FOUND.
+
+    csi-sanity sends "some/path" and expects NOT_FOUND, so relative paths are not INVALID_ARGUMENT here.
+    """
+    volume_id = parse_volume_id(volume_id)
+    if value and not value.startswith("/"):
+        raise VolumeNotFound(f"volume {volume_id} is not at volume_path {value!r}: it must be an absolute path")
+    return PathCommand(volume_id, parse_path(value, "volume_path"))
+
+
+def parse_expand(request: csi_pb2.NodeExpandVolumeRequest) -> ExpandCommand:
+    """Validate NodeExpandVolume; a negative or inverted capacity_range is OUT_OF_RANGE."""
+    where = parse_volume_path(request.volume_id, request.volume_path)
+    cap = _capability(request)
+    access = parse_access(cap) if cap is not None else None
+    need, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+    if need < 0 or limit < 0 or (limit and need > limit):
+        raise OutOfRange(f"capacity_range (required_bytes {need}, limit_bytes {limit}) is negative or inverted")
+    return ExpandCommand(where.volume_id, where.path, access, need, limit)
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+class VolumeLocks:
+    """Volume ids with a call in flight in this process.
+
+    A second call on a busy volume fails at once with OperationPending (ABORTED, the spec's "operation
+    pending for volume"); the CO retries with back-off. An id is dropped as soon as its call ends, so
+    nothing accumulates. This is in-process only: the CO serialises calls per volume across the cluster.
+    """
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, volume_id: str) -> AsyncIterator[None]:
+        if volume_id in self._busy:
+            raise OperationPending(f"another operation on volume {volume_id} is in progress on this node; retry")
+        self._busy.add(volume_id)
+        try:
+            yield
+        finally:
+            self._busy.discard(volume_id)
+
+
+# --- the servicer --------------------------------------------------------------------------------------
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    """CSI Node service. Every mutating RPC is idempotent and serialised per volume (else ABORTED); handlers
+    raise only shared.errors types, and the interceptor maps them and bounds each call by its deadline."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self._config = config
+        self._locks = VolumeLocks()
+
+    async def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: RpcContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        """Wait for the device, format it if blank, mount it at staging_target_path (mount access only).
+
+        NOT_FOUND: the device did not appear. ALREADY_EXISTS: the path holds another device, fs type or
+        ro-ness. FAILED_PRECONDITION: the device holds another filesystem than requested (never reformatted).
+        """
+        cmd = parse_stage(request)
+        async with self._locks.hold(cmd.volume_id):
+            device = await self._wait_for_device(cmd.device_name)
+            if cmd.access.is_block:
+                await _check_nothing_staged(cmd.staging_path)
+            else:
+                await _stage_filesystem(cmd, device)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    async def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: RpcContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        """Unmount staging_target_path. Not staged, or the path missing, is success (spec: idempotent)."""
+        cmd = PathCommand(
+            parse_volume_id(request.volume_id), parse_path(request.staging_target_path, "staging_target_path")
+        )
+        async with self._locks.hold(cmd.volume_id):
+            await mounter.unmount(cmd.path)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    async def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: RpcContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        """Bind the staged filesystem (or the device node, block access) onto target_path, ro if asked.
+
+        Same source and ro-ness already there: success. ALREADY_EXISTS: target holds something else or
+        the other ro-ness. FAILED_PRECONDITION: not staged. NOT_FOUND: block device gone.
+        """
+        cmd = parse_publish(request)
+        async with self._locks.hold(cmd.volume_id):
+            if cmd.access.is_block:
+                await self._publish_block(cmd)
+            else:
+                await _publish_filesystem(cmd)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    async def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: RpcContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        """Unmount target_path and delete the directory or file there; already gone is success.
+
+        A non-empty unmounted directory is never deleted (it would be user data): INTERNAL.
+        """
+        cmd = PathCommand(parse_volume_id(request.volume_id), parse_path(request.target_path, "target_path"))
+        async with self._locks.hold(cmd.volume_id):
+            await mounter.unmount(cmd.path)
+            await mounter.remove_path(cmd.path)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    async def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: RpcContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Usage in BYTES and INODES (filesystem) or BYTES total (block) plus a volume condition.
+
+        Read-only, so it takes no volume lock. NOT_FOUND: nothing at volume_path. A path that is no
+        longer mounted, or whose device vanished, is reported as abnormal rather than as an error.
+        """
+        return await _volume_stats(parse_volume_path(request.volume_id, request.volume_path))
+
+    async def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: RpcContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grow the filesystem mounted at volume_path online to fill its device; return the device size.
+
+        Idempotent: a filesystem already filling its device stays as is. Block volumes need no work.
+        NOT_FOUND: nothing (mounted) at volume_path. INVALID_ARGUMENT: fs_type differs from the mounted one.
+        OUT_OF_RANGE: bad capacity_range, or the device exceeds limit_bytes. UNAVAILABLE: the device is
+        still smaller than capacity_range.required_bytes (the XO resize has not reached this VM yet).
+        """
+        cmd = parse_expand(request)
+        async with self._locks.hold(cmd.volume_id):
+            capacity_bytes = await _expand(cmd)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity_bytes)
+
+    async def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: RpcContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        """STAGE_UNSTAGE_VOLUME, EXPAND_VOLUME, GET_VOLUME_STATS and VOLUME_CONDITION."""
+        caps = [csi_pb2.NodeServiceCapability(rpc=_Rpc(type=kind)) for kind in _CAPABILITIES]
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
+
+    async def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: RpcContext
+    ) -> csi_pb2.NodeGetInfoResponse:
+        """This VM's node id, its free device slots, and its topology segments (omitted when empty)."""
+        response = csi_pb2.NodeGetInfoResponse(
+            node_id=self._config.node_id, max_volumes_per_node=self._config.max_volumes_per_node
+        )
+        if self._config.topology:
+            response.accessible_topology.segments.update(self._config.topology)
+        return response
+
+    async def _wait_for_device(self, name: str) -> mounter.PathInfo:
+        """Poll device_dir/name with capped, jittered back-off until it exists or device_wait_s runs out."""
+        path = self._config.device_dir / name
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._config.device_wait_s
+        delay_ms = _DEVICE_POLL_FIRST_MS
+        while (info := await mounter.path_info(path)) is None:
+            left_s = give_up_at - loop.time()
+            if left_s <= 0:
+                raise VolumeNotFound(
+                    f"device {name} did not appear in {self._config.device_dir} after "
+                    f"{self._config.device_wait_s:g}s; is the volume attached to this node?"
+                )
+            await asyncio.sleep(min(delay_ms / 1000 * random.uniform(0.5, 1.0), left_s))
+            delay_ms = min(delay_ms * 2, _DEVICE_POLL_MAX_MS)
+        return _require_block_device(path, info)
+
+    async def _publish_block(self, cmd: PublishCommand) -> None:
+        """Bind the device node onto a file at target_path.
+
+        A read-only bind marks the mount "ro" but the kernel still lets a device node be opened for
+        writing; read-only raw block access is enforced by the container runtime's device rules.
+        """
+        path = self._config.device_dir / cmd.device_name
+        device = await mounter.path_info(path)
+        if device is None:
+            raise VolumeNotFound(f"device {path} of volume {cmd.volume_id} is gone; is it still attached?")
+        device = _require_block_device(path, device)
+        existing = await mounter.mount_info(cmd.target_path)
+        if existing is not None:
+            current = await mounter.path_info(cmd.target_path)
+            same = current is not None and current.is_block_device and current.rdev == device.rdev
+            _check_republish(cmd, existing, is_same_source=same)
+            return
+        await mounter.make_file(cmd.target_path)
+        await mounter.bind_mount(device.resolved, cmd.target_path, readonly=cmd.readonly)
+        log.debug("block_published", volume_id=cmd.volume_id, target=str(cmd.target_path))
+
+
+def _require_block_device(path: Path, info: mounter.PathInfo) -> mounter.PathInfo:
+    if not info.is_block_device:
+        raise PreconditionFailed(f"{path} resolves to {info.resolved}, which is not a block device")
+    return info
+
+
+async def _check_nothing_staged(staging_path: Path) -> None:
+    """Block access stages nothing; a filesystem mounted there means an incompatible earlier stage."""
+    if await mounter.mount_info(staging_path) is not None:
+        raise AlreadyExistsIncompatible(
+            f"staging_target_path {staging_path} holds a mounted filesystem (staged with mount access), "
+            "but block access was requested; call NodeUnstageVolume first"
+        )
+
+
+async def _stage_filesystem(cmd: StageCommand, device: mounter.PathInfo) -> None:
+    existing = await mounter.mount_info(cmd.staging_path)
+    if existing is not None:
+        _check_restage(cmd, device, existing)
+        return
+    fs_type = await _ensure_filesystem(device.resolved, cmd.access)
+    await mounter.make_dir(cmd.staging_path)
+    await mounter.mount(device.resolved, cmd.staging_path, fs_type, cmd.access.stage_options())
+    log.debug("volume_staged", volume_id=cmd.volume_id, device=str(device.resolved), fs_type=fs_type)
+
+
+def _check_restage(cmd: StageCommand, device: mounter.PathInfo, existing: mounter.MountInfo) -> None:
+    """A repeated NodeStageVolume is OK only for the same device, fs type and ro-ness (else ALREADY_EXISTS)."""
+    where = f"staging_target_path {cmd.staging_path}"
+    if existing.device_number != device.rdev:
+        raise AlreadyExistsIncompatible(f"{where} already has {existing.source} mounted, not {device.resolved}")
+    if cmd.access.fs_type is not None and existing.fstype != cmd.access.fs_type:
+        raise AlreadyExistsIncompatible(f"{where} is staged as {existing.fstype}, not {cmd.access.fs_type}")
+    if existing.is_readonly != cmd.access.is_stage_readonly:
+        state = "read-only" if existing.is_readonly else "read-write"
+        raise AlreadyExistsIncompatible(f"{where} is staged {state}; unstage it to change mount_flags")
+
+
+async def _ensure_filesystem(device: Path, access: Access) -> str:
+    """Return the fs type to mount, formatting a blank device; never formats over existing data."""
+    found = await mounter.probe_fstype(device)
+    if found is None:
+        if access.is_reader_only:
+            raise PreconditionFailed(f"{device} holds no filesystem and the access mode is read-only")
+        fs_type = access.fs_type or mounter.DEFAULT_FS_TYPE
+        await mounter.format_device(device, fs_type)
+        return fs_type
+    if found == access.fs_type or (access.fs_type is None and found in mounter.SUPPORTED_FS_TYPES):
+        return found
+    wanted = access.fs_type or f"one of {', '.join(mounter.SUPPORTED_FS_TYPES)}"
+    raise PreconditionFailed(f"{device} already holds {found}, not {wanted}; refusing to format over existing data")
+
+
+async def _publish_filesystem(cmd: PublishCommand) -> None:
+    staged = await mounter.mount_info(cmd.staging_path)
+    if staged is None:
+        raise PreconditionFailed(f"volume is not staged at {cmd.staging_path}; call NodeStageVolume first")
+    if cmd.access.fs_type is not None and staged.fstype != cmd.access.fs_type:
+        raise PreconditionFailed(f"volume is staged as {staged.fstype} but publish asks for {cmd.access.fs_type}")
+    existing = await mounter.mount_info(cmd.target_path)
+    if existing is not None:
+        same = (existing.device_number, existing.root) == (staged.device_number, staged.root)
+        _check_republish(cmd, existing, is_same_source=same)
+        return
+    await mounter.make_dir(cmd.target_path)
+    await mounter.bind_mount(cmd.staging_path, cmd.target_path, readonly=cmd.readonly)
+    log.debug("volume_published", volume_id=cmd.volume_id, target=str(cmd.target_path), readonly=cmd.readonly)
+
+
+def _check_republish(cmd: PublishCommand, existing: mounter.MountInfo, *, is_same_source: bool) -> None:
+    """A repeated NodePublishVolume is OK only for the same source and ro-ness (else ALREADY_EXISTS)."""
+    if not is_same_source:
+        raise AlreadyExistsIncompatible(f"target_path {cmd.target_path} already has another volume mounted")
+    if existing.is_readonly != cmd.readonly:
+        state = "read-only" if existing.is_readonly else "read-write"
+        raise AlreadyExistsIncompatible(f"target_path {cmd.target_path} is already published {state}")
+
+
+async def _volume_stats(cmd: PathCommand) -> csi_pb2.NodeGetVolumeStatsResponse:
+    info = await mounter.path_info(cmd.path)
+    if info is None:
+        raise VolumeNotFound(f"volume {cmd.volume_id} is not at volume_path {cmd.path}: nothing is there")
+    if info.is_block_device:
+        return await _block_stats(cmd.path)
+    mounted = await mounter.mount_info(cmd.path)
+    if mounted is None:
+        return _stats_response([], f"{cmd.path} is no longer a mountpoint; the volume was unmounted")
+    if not await _is_source_present(mounted):
+        return _stats_response([], f"device {mounted.source} behind {cmd.path} is gone; is the disk detached?")
+    try:
+        stats = await mounter.fs_stats(cmd.path)
+    except mounter.MountError as exc:
+        return _stats_response([], f"filesystem at {cmd.path} cannot be read: {exc.message}")
+    usage = [
+        csi_pb2.VolumeUsage(
+            unit=csi_pb2.VolumeUsage.BYTES,
+            total=stats.total_bytes,
+            used=stats.used_bytes,
+            available=stats.available_bytes,
+        ),
+        csi_pb2.VolumeUsage(
+            unit=csi_pb2.VolumeUsage.INODES,
+            total=stats.total_inodes,
+            used=stats.used_inodes,
+            available=stats.free_inodes,
+        ),
+    ]
+    return _stats_response(usage, None)
+
+
+async def _block_stats(path: Path) -> csi_pb2.NodeGetVolumeStatsResponse:
+    try:
+        size_bytes = await mounter.device_size_bytes(path)
+    except mounter.MountError as exc:
+        return _stats_response([], f"block device at {path} cannot be read: {exc.message}")
+    return _stats_response([csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=size_bytes)], None)
+
+
+def _stats_response(usage: Sequence[csi_pb2.VolumeUsage], problem: str | None) -> csi_pb2.NodeGetVolumeStatsResponse:
+    condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or _HEALTHY)
+    return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+
+async def _is_source_present(mounted: mounter.MountInfo) -> bool:
+    """True when the mount's source is still the block device the filesystem lives on."""
+    if not mounted.source.startswith("/"):
+        return False
+    source = await mounter.path_info(Path(mounted.source))
+    return source is not None and source.is_block_device and source.rdev == mounted.device_number
+
+
+async def _expand(cmd: ExpandCommand) -> int:
+    """Grow the filesystem at cmd.path to its device; return the device size (0 when unknown, block)."""
+    info = await mounter.path_info(cmd.path)
+    if info is None:
+        raise VolumeNotFound(f"volume {cmd.volume_id} is not at volume_path {cmd.path}: nothing is there")
+    if info.is_block_device:
+        return await mounter.device_size_bytes(cmd.path)
+    mounted = await mounter.mount_info(cmd.path)
+    if mounted is None:
+        if cmd.access is not None and cmd.access.is_block:
+            return 0  # a block volume has no filesystem to grow; the CO reads the size elsewhere
+        raise VolumeNotFound(f"volume {cmd.volume_id} is not mounted at volume_path {cmd.path}")
+    _check_expandable(cmd, mounted)
+    device = Path(mounted.source)
+    size_bytes = await mounter.device_size_bytes(device)
+    if cmd.limit_bytes and size_bytes > cmd.limit_bytes:
+        raise OutOfRange(
+            f"{device} is {size_bytes} bytes, above capacity_range.limit_bytes {cmd.limit_bytes}; "
+            "the filesystem always grows to the whole device"
+        )
+    if size_bytes < cmd.required_bytes:
+        raise BackendUnavailable(
+            f"{device} is {size_bytes} bytes, less than the required {cmd.required_bytes}; the disk resize "
+            "has not reached this node yet, retry later"
+        )
+    await mounter.resize_fs(device, cmd.path, mounted.fstype)
+    return size_bytes
+
+
+def _check_expandable(cmd: ExpandCommand, mounted: mounter.MountInfo) -> None:
+    if cmd.access is not None and cmd.access.is_block:
+        raise InvalidRequest(f"volume_capability asks for block access but {cmd.path} is a mounted filesystem")
+    if cmd.access is not None and cmd.access.fs_type not in (None, mounted.fstype):
+        raise InvalidRequest(f"volume_capability fs_type {cmd.access.fs_type} differs from mounted {mounted.fstype}")
+    if mounted.fstype not in mounter.SUPPORTED_FS_TYPES:
+        raise PreconditionFailed(f"{cmd.path} holds {mounted.fstype}, which cannot be grown online")
