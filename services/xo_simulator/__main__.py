@@ -1,0 +1,115 @@
+"""``xo-sim`` CLI: parse flags, configure logging, start the simulator, print its URL, run until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from shared.logging import configure_logging, get_logger
+from shared.units import parse_size
+
+from .faults import FaultRule, Faults, Latency
+from .server import DEFAULT_MIGRATION_RATE_BPS, start_simulator
+
+log = get_logger(__name__)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _latency(value: str) -> Latency:
+    try:
+        return Latency.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _fault(value: str) -> list[FaultRule]:
+    try:
+        return Faults.parse(json.loads(value))
+    except (ValueError, ValidationError) as exc:
+        raise argparse.ArgumentTypeError(f"bad --fault {value!r}: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The xo-sim argument parser."""
+    parser = argparse.ArgumentParser(prog="xo-sim", description="Xen Orchestra JSON-RPC simulator")
+    parser.add_argument("--topology", default="two-hosts",
+                        help="topology YAML file, or a bundled name: two-hosts, shared-pool, two-pools")
+    parser.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                        help="address to listen on; port 0 picks a free port (default 127.0.0.1:8080)")
+    parser.add_argument("--admin", action="store_true", help="enable the /_sim/ admin HTTP API")
+    parser.add_argument("--migration-rate", type=_size, default=DEFAULT_MIGRATION_RATE_BPS, metavar="BYTES_PER_S",
+                        help="migration copy rate in bytes/s, units allowed (200MiB); 0 = instant (default 1GiB)")
+    parser.add_argument("--max-storage-migrations", type=int, default=3, metavar="N",
+                        help="concurrent storage migrations per pool before TOO_MANY_STORAGE_MIGRATES (default 3)")
+    parser.add_argument("--plug-delay-ms", type=float, default=0, metavar="MS",
+                        help="0: plugs complete before the call answers; >0: they complete later, reported by event")
+    parser.add_argument("--latency-ms", type=_latency, default=Latency({}), metavar="SPEC",
+                        help="added latency: '5' for every method or 'vdi.migrate=50,*=2'")
+    parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="JSON",
+                        help='fault rule(s), repeatable: {"method":"vdi.migrate","xapi":"SR_BACKEND_FAILURE_44",'
+                             '"count":1} or {"kind":"drop_socket","method":"vbd.connect"}')
+    parser.add_argument("--fault-seed", type=int, default=None, help="seed for fault 'rate' draws")
+    parser.add_argument("--backing-dir", type=Path, help="real data mode: folder for sparse VDI files (root)")
+    parser.add_argument("--device-root", type=Path, help="real data mode: folder for <vm>/<device> symlinks (root)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (loop devices detached)."""
+    host, port = args.listen
+    handle = await start_simulator(
+        args.topology, host=host, port=port, admin=args.admin, migration_rate_bps=args.migration_rate,
+        max_storage_migrations=args.max_storage_migrations, plug_delay_ms=args.plug_delay_ms,
+        latency=args.latency_ms, faults=[rule for rules in args.fault for rule in rules],
+        fault_seed=args.fault_seed, backing_dir=args.backing_dir, device_root=args.device_root,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        print(f"xo-sim listening on {handle.url}", flush=True)
+        await stop.wait()
+        log.info("simulator_stopping")
+    finally:
+        await handle.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.backing_dir is None) != (args.device_root is None):
+        parser.error("--backing-dir and --device-root go together")
+    configure_logging(args.log_level, service="xo-sim")
+    try:
+        asyncio.run(serve(args))
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"xo-sim: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Latency and fault injection: per-method delays, injected errors, dropped sockets, expired sessions.
+
+Rules are checked before a method runs; ``expire_sessions`` is not a rule but an immediate action the
+server performs when it is added. Random draws come from a seedable generator for reproducible runs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import SimError, XapiError, XoApiError
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Delay per method in ms; ``*`` is the default. Parsed from ``"20"`` or ``"vdi.migrate=50,*=2"``."""
+
+    per_method_ms: Mapping[str, float]
+
+    @classmethod
+    def parse(cls, spec: str | float | int | None) -> Latency:
+        """Parse a latency spec; ValueError on a malformed one."""
+        if spec is None or spec == "":
+            return cls({})
+        if isinstance(spec, int | float):
+            return cls({"*": float(spec)})
+        table: dict[str, float] = {}
+        for item in spec.split(","):
+            name, sep, value = item.strip().rpartition("=")
+            key = name.strip() if sep else "*"
+            try:
+                delay_ms = float(value)
+            except ValueError as exc:
+                raise ValueError(f"latency {item!r} is not a number of ms or method=ms") from exc
+            if delay_ms < 0:
+                raise ValueError(f"latency {item!r} is negative")
+            table[key] = delay_ms
+        return cls(table)
+
+    def for_method_s(self, method: str) -> float:
+        """Delay to apply to a call of ``method``, in seconds."""
+        return self.per_method_ms.get(method, self.per_method_ms.get("*", 0.0)) / 1000
+
+
+class ErrorSpec(BaseModel):
+    """The XO error to send: ``{code, message, data?}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    code: int
+    message: str
+    data: Any = None
+
+
+class FaultRule(BaseModel):
+    """One rule: ``{method, error|xapi, count?, rate?}``, ``{kind: drop_socket, ...}`` or ``{kind: expire_sessions}``.
+
+    ``method`` None or ``"*"`` matches every method; ``count`` None means unlimited.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["error", "drop_socket", "expire_sessions"] = "error"
+    method: str | None = None
+    error: ErrorSpec | None = None
+    xapi: str | None = None
+    xapi_params: list[str] = []
+    count: int | None = Field(default=None, ge=0)
+    rate: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> FaultRule:
+        if self.kind == "error":
+            if (self.error is None) == (self.xapi is None):
+                raise ValueError("an error rule needs exactly one of 'error' or 'xapi'")
+            if self.method is None:
+                raise ValueError("an error rule needs a 'method' (use '*' for every method)")
+        elif self.error is not None or self.xapi is not None:
+            raise ValueError(f"a {self.kind} rule takes no 'error' or 'xapi'")
+        return self
+
+    def matches(self, method: str) -> bool:
+        """Whether this rule applies to a call of ``method`` (ignoring count and rate)."""
+        return self.method in (None, "*", method) and self.count != 0
+
+    def to_error(self, method: str) -> SimError:
+        """The error this rule injects."""
+        if self.xapi is not None:
+            return XapiError(self.xapi, self.xapi_params, method=method)
+        assert self.error is not None
+        return XoApiError(self.error.code, self.error.message, self.error.data)
+
+
+class Faults:
+    """The live rule set plus the latency table."""
+
+    def __init__(self, latency: Latency | None = None, seed: int | None = None) -> None:
+        self.latency = latency or Latency({})
+        self._rules: list[FaultRule] = []
+        self._random = random.Random(seed)
+
+    @staticmethod
+    def parse(specs: Iterable[Mapping[str, Any]] | Mapping[str, Any]) -> list[FaultRule]:
+        """Validate rule specs; raises pydantic.ValidationError."""
+        items = [specs] if isinstance(specs, Mapping) else list(specs)
+        return [FaultRule.model_validate(item) for item in items]
+
+    def add(self, rules: Iterable[FaultRule]) -> None:
+        """Install rules (``expire_sessions`` rules are actions and are not stored)."""
+        self._rules.extend(rule for rule in rules if rule.kind != "expire_sessions")
+
+    def clear(self) -> None:
+        """Remove every rule (latency is kept)."""
+        self._rules.clear()
+
+    def rules(self) -> list[dict[str, Any]]:
+        """JSON-ready view of the installed rules with their remaining counts."""
+        return [rule.model_dump(exclude_none=True) for rule in self._rules]
+
+    def pick(self, method: str) -> FaultRule | None:
+        """Return the first rule that fires for this call, consuming one of its ``count``."""
+        for rule in self._rules:
+            if not rule.matches(method):
+                continue
+            if rule.rate < 1.0 and self._random.random() >= rule.rate:
+                continue
+            if rule.count is not None:
+                rule.count -= 1
+            return rule
+        return None

@@ -1,0 +1,210 @@
+"""JSON-RPC 2.0 over one WebSocket, as json-rpc-peer speaks it: framing, batches, dispatch, replies, notifications.
+
+Dispatch order for a call: method lookup (-32601), sign-in check (code 2), latency, injected faults,
+parameter validation (code 10), then the method. ``undefined`` results are sent as ``true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from shared.logging import get_logger
+
+from .errors import SimError, XoApiError, invalid_parameters, unauthorized
+from .faults import Faults
+from .methods import Method
+from .params import check
+from .stats import Stats
+
+log = get_logger(__name__)
+INVALID_JSON = {"code": -32700, "message": "invalid JSON"}
+INVALID_REQUEST = {"code": -32600, "message": "invalid JSON-RPC request"}
+
+
+class DropSocket(Exception):
+    """Raised by a drop_socket fault: the connection is aborted without an answer."""
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def notification(kind: str, items: Mapping[str, Any]) -> str:
+    """The ``all`` notification XO sends for object changes (``enter``) and removals (``exit``)."""
+    return dumps({"jsonrpc": "2.0", "method": "all", "params": {"type": kind, "items": items}})
+
+
+class Connection:
+    """One WebSocket peer: its session (``user``), its ordered outgoing queue and its in-flight calls."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, dispatcher: Dispatcher) -> None:
+        self.ws = ws
+        self.request = request
+        self.dispatcher = dispatcher
+        self.user: dict[str, Any] | None = None
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        """Read messages until the socket closes; each message is handled in its own task."""
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            async for message in self.ws:
+                if message.type == WSMsgType.TEXT:
+                    self._spawn(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    self._spawn(message.data.decode("utf-8", "replace"))
+        finally:
+            # Calls finish server-side even when the peer is gone (as XO does); their replies are dropped.
+            if self._calls:
+                await asyncio.gather(*self._calls, return_exceptions=True)
+            self._outbox.put_nowait(None)
+            await writer
+
+    def _spawn(self, text: str) -> None:
+        task = asyncio.create_task(self._handle(text))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _handle(self, text: str) -> None:
+        try:
+            reply = await self.dispatcher.handle_text(self, text)
+        except DropSocket:
+            self.drop()
+            return
+        if reply is not None:
+            self.send(reply)
+
+    def send(self, text: str) -> None:
+        """Queue a message; messages leave in queue order."""
+        if not self.ws.closed:
+            self._outbox.put_nowait(text)
+
+    def notify(self, text: str) -> None:
+        """Queue a notification if the socket is signed in."""
+        if self.user is not None:
+            self.send(text)
+
+    async def _write_loop(self) -> None:
+        while (text := await self._outbox.get()) is not None:
+            if self.ws.closed:
+                continue
+            try:
+                await self.ws.send_str(text)
+            except ConnectionError:
+                log.debug("send_failed_peer_gone")
+
+    def drop(self) -> None:
+        """Abort the TCP connection without a close frame (a network failure as the client sees it)."""
+        self.dispatcher.stats.dropped_sockets += 1
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def close(self, code: int = WSCloseCode.GOING_AWAY) -> None:
+        """Close the socket with a close frame and no error (what an expired session looks like)."""
+        await self.ws.close(code=code)
+
+
+class Dispatcher:
+    """Turns JSON-RPC messages into method calls."""
+
+    def __init__(self, methods: Mapping[str, Method], faults: Faults, stats: Stats) -> None:
+        self.methods = methods
+        self.faults = faults
+        self.stats = stats
+
+    async def handle_text(self, conn: Connection, text: str) -> str | None:
+        """Return the reply text for a message (None for notifications and client responses)."""
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return dumps(_error_reply(None, INVALID_JSON))
+        if isinstance(message, list):
+            if not message:
+                return dumps(_error_reply(None, INVALID_REQUEST))
+            replies = await asyncio.gather(*(self.handle_message(conn, item) for item in message))
+            kept = [reply for reply in replies if reply is not None]
+            return dumps(kept) if kept else None
+        reply = await self.handle_message(conn, message)
+        return None if reply is None else dumps(reply)
+
+    async def handle_message(self, conn: Connection, message: Any) -> dict[str, Any] | None:
+        """Handle one request object; DropSocket propagates to the connection."""
+        if not isinstance(message, dict):
+            return _error_reply(None, INVALID_REQUEST)
+        if "method" not in message and ("result" in message or "error" in message):
+            return None  # a response from the client: json-rpc-peer ignores unknown ones
+        method = message.get("method")
+        request_id = message.get("id")
+        if not isinstance(method, str) or not isinstance(request_id, str | int | float | type(None)):
+            return _error_reply(request_id if isinstance(request_id, str | int) else None, INVALID_REQUEST)
+        try:
+            result = await self.call(conn, method, message.get("params", {}))
+        except SimError as exc:
+            reply = _error_reply(request_id, exc.to_json(is_signed_in=conn.user is not None))
+        except DropSocket:
+            raise
+        except Exception as exc:
+            log.exception("rpc_crashed", method=method)
+            reply = _error_reply(request_id, {"code": -32000, "message": str(exc) or type(exc).__name__})
+        else:
+            reply = {"jsonrpc": "2.0", "id": request_id, "result": result}
+        return reply if "id" in message else None
+
+    async def call(self, conn: Connection, method: str, params: Any) -> Any:
+        """Run one method for this connection and return its result (``true`` for nothing)."""
+        started_s = time.perf_counter()
+        outcome = "ok"
+        self.stats.calls[method] += 1
+        try:
+            entry = self.methods.get(method)
+            if entry is None:
+                raise XoApiError(-32601, f"method not found: {method}", method)
+            if entry.permission is not None and conn.user is None:
+                raise unauthorized(entry.permission)
+            await self._inject(method)
+            valid = self._validate(method, entry, params)
+            result = await entry.handler(conn, valid)
+            return True if result is None else result
+        except SimError as exc:
+            outcome = str(getattr(exc, "code", "error"))
+            self.stats.errors[outcome] += 1
+            raise
+        except DropSocket:
+            outcome = "dropped"
+            raise
+        finally:
+            log.debug("rpc_finished", rpc=method, outcome=outcome,
+                      duration_ms=round((time.perf_counter() - started_s) * 1000, 3))
+
+    async def _inject(self, method: str) -> None:
+        delay_s = self.faults.latency.for_method_s(method)
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # simulated network/XO latency
+        rule = self.faults.pick(method)
+        if rule is None:
+            return
+        if rule.kind == "drop_socket":
+            raise DropSocket(method)
+        raise rule.to_error(method)
+
+    @staticmethod
+    def _validate(method: str, entry: Method, params: Any) -> dict[str, Any]:
+        namespace = method.partition(".")[0]
+        if entry.schema is not None:
+            return check(namespace, entry.schema, params)
+        if not isinstance(params, Mapping):
+            raise invalid_parameters([{"instancePath": "", "message": "must be object"}])
+        return dict(params)
+
+
+def _error_reply(request_id: Any, error: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}

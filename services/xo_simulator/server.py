@@ -1,0 +1,262 @@
+"""Wiring: one Simulator (state + aiohttp app with /api/ and optional /_sim/ admin routes) and start_simulator().
+
+start_simulator() is the programmatic entry point for tests; __main__.py is the CLI around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from shared.logging import get_logger
+
+from . import admin
+from .auth import Authenticator
+from .faults import FaultRule, Faults, Latency
+from .inventory import populate
+from .methods import Api
+from .migration import Migrator
+from .model import ObjectStore
+from .realdata import RealData
+from .rpc import Connection, Dispatcher, notification
+from .stats import Stats
+from .topology import Topology, load_topology, parse_topology
+from .xapi import Xapi
+
+log = get_logger(__name__)
+DEFAULT_MIGRATION_RATE_BPS = 1024**3
+MAX_MESSAGE_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class SimulatorOptions:
+    """Behaviour knobs; see the CLI help in __main__.py for each."""
+
+    admin: bool = False
+    migration_rate_bps: int = DEFAULT_MIGRATION_RATE_BPS
+    max_storage_migrations: int = 3
+    plug_delay_ms: float = 0
+    latency: Latency = field(default_factory=lambda: Latency({}))
+    faults: tuple[FaultRule, ...] = ()
+    fault_seed: int | None = None
+    backing_dir: Path | None = None
+    device_root: Path | None = None
+
+
+class Simulator:
+    """One simulated Xen Orchestra: object store, XAPI layer, migrations, sessions and the web app."""
+
+    def __init__(self, topology: Topology, options: SimulatorOptions, source: Path | None = None) -> None:
+        if (options.backing_dir is None) != (options.device_root is None):
+            raise ValueError("real data mode needs both backing_dir and device_root")
+        self.topology = topology
+        self.source = source
+        self.options = options
+        self.store = ObjectStore()
+        self.stats = Stats()
+        self.faults = Faults(options.latency, options.fault_seed)
+        self.faults.add(options.faults)
+        self.data: RealData | None = None
+        if options.backing_dir is not None and options.device_root is not None:
+            RealData.check_environment()
+            self.data = RealData(options.backing_dir, options.device_root)
+        self.xapi = Xapi(self.store, self.data, options.plug_delay_ms)
+        self.migrator = Migrator(self.xapi, self.stats, rate_bps=options.migration_rate_bps,
+                                 max_per_pool=options.max_storage_migrations)
+        self.api = Api(self.xapi, self.migrator, Authenticator(topology.tokens, topology.users))
+        self.dispatcher = Dispatcher(self.api.methods(), self.faults, self.stats)
+        self.connections: set[Connection] = set()
+        self.store.subscribe(self._broadcast)
+
+    # -- state ---------------------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Build the topology's objects (and the seed VDIs' backing files in real data mode)."""
+        populate(self.xapi, self.topology)
+        if self.data is not None:
+            for vdi in list(self.store.of_type("VDI")):
+                await self.data.create(vdi["$SR"], vdi["id"], vdi["size"])
+
+    async def reset(self, *, reload_topology: bool) -> None:
+        """Zero the stats; with ``reload_topology`` also drop every object and rebuild the topology.
+
+        Running migrations and delayed plugs are cancelled, loop devices detached and VDI files deleted.
+        """
+        self.stats.reset()
+        if not reload_topology:
+            return
+        await self._quiesce()
+        if self.data is not None:
+            for vdi in list(self.store.of_type("VDI")):
+                await self.data.delete(vdi["$SR"], vdi["id"])
+        self.store.clear()
+        if self.source is not None:
+            self.topology = load_topology(self.source)
+            self.api.auth = Authenticator(self.topology.tokens, self.topology.users)
+        await self.load()
+
+    async def _quiesce(self) -> None:
+        await self.migrator.close()
+        await self.xapi.close()
+        if self.data is not None:
+            await self.data.close()
+
+    # -- sessions ------------------------------------------------------------------------------------
+    def _broadcast(self, kind: str, items: Mapping[str, Any]) -> None:
+        signed_in = [conn for conn in self.connections if conn.user is not None]
+        if signed_in:
+            text = notification(kind, items)
+            for conn in signed_in:
+                conn.notify(text)
+
+    async def add_faults(self, rules: Iterable[FaultRule]) -> None:
+        """Install fault rules; an ``expire_sessions`` rule closes every signed-in socket now."""
+        rules = list(rules)
+        self.faults.add(rules)
+        if any(rule.kind == "expire_sessions" for rule in rules):
+            await self.expire_sessions()
+
+    async def expire_sessions(self) -> None:
+        """Close every signed-in socket without an error, as XO does when a token expires."""
+        targets = [conn for conn in self.connections if conn.user is not None]
+        await asyncio.gather(*(conn.close(code=1000) for conn in targets))
+
+    # -- web -----------------------------------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        """The aiohttp application: ``/api/`` WebSocket, ``/api/<token>`` one-shot NDJSON, admin routes."""
+        app = web.Application()
+        app.router.add_get("/api/", self._websocket)
+        app.router.add_get("/api/{token}", self._one_shot)
+        if self.options.admin:
+            admin.add_routes(app, self)
+        return app
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        # compress=False: xo-server (ws) does not negotiate permessage-deflate either.
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=2.0, compress=False)
+        if not ws.can_prepare(request).ok:
+            raise web.HTTPBadRequest(text="the XO API is JSON-RPC over WebSocket at /api/")
+        await ws.prepare(request)
+        conn = Connection(ws, request, self.dispatcher)
+        self.connections.add(conn)
+        self.stats.connections += 1
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+        return ws
+
+    async def _one_shot(self, request: web.Request) -> web.StreamResponse:
+        body = self.api.pop_one_shot(request.match_info["token"])
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=body, content_type="application/x-ndjson")
+
+    async def close(self) -> None:
+        """Stop migrations and delayed plugs, close every socket, detach every loop device."""
+        await self.migrator.close()
+        await self.xapi.close()
+        await asyncio.gather(*(conn.close() for conn in list(self.connections)), return_exceptions=True)
+        if self.data is not None:
+            await self.data.close()
+
+
+class SimulatorHandle:
+    """A running simulator: ``url`` (ws://host:port/api/), ``http_url``, ``state`` (the object store)."""
+
+    def __init__(self, simulator: Simulator, runner: web.AppRunner, host: str, port: int) -> None:
+        self.simulator = simulator
+        self.host = host
+        self.port = port
+        self.url = f"ws://{host}:{port}/api/"
+        self.http_url = f"http://{host}:{port}"
+        self._runner = runner
+        self._stopped = False
+
+    @property
+    def state(self) -> ObjectStore:
+        """Direct access to the objects, for assertions (do not mutate them)."""
+        return self.simulator.store
+
+    async def stop(self) -> None:
+        """Close sockets, cancel migrations, detach loop devices, stop listening. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await self.simulator.close()
+        finally:
+            await self._runner.cleanup()
+            if self.simulator.data is not None:
+                await self.simulator.data.close()
+
+    async def __aenter__(self) -> SimulatorHandle:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def resolve_topology(topology: Topology | Mapping[str, Any] | str | Path) -> tuple[Topology, Path | None]:
+    """Accept a Topology, a mapping, YAML text, a file path or a bundled topology name."""
+    if isinstance(topology, Topology):
+        return topology, None
+    if isinstance(topology, Mapping):
+        return parse_topology(topology), None
+    if isinstance(topology, str) and "\n" in topology:
+        return parse_topology(topology), None
+    path = Path(topology)
+    loaded = load_topology(path)
+    return loaded, path if path.exists() else None
+
+
+async def start_simulator(
+    topology: Topology | Mapping[str, Any] | str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    admin: bool = False,
+    migration_rate_bps: int = DEFAULT_MIGRATION_RATE_BPS,
+    max_storage_migrations: int = 3,
+    plug_delay_ms: float = 0,
+    latency: Latency | str | float | None = None,
+    faults: Iterable[Mapping[str, Any] | FaultRule] = (),
+    fault_seed: int | None = None,
+    backing_dir: Path | str | None = None,
+    device_root: Path | str | None = None,
+) -> SimulatorHandle:
+    """Start a simulator listening on host:port (0 picks a free port) and return its handle.
+
+    Raises ValueError/pydantic.ValidationError for a bad topology or fault, RuntimeError when real data
+    mode is asked for without root, OSError when the port cannot be bound.
+    """
+    resolved, source = resolve_topology(topology)
+    rules = tuple(rule if isinstance(rule, FaultRule) else FaultRule.model_validate(rule) for rule in faults)
+    options = SimulatorOptions(
+        admin=admin, migration_rate_bps=migration_rate_bps, max_storage_migrations=max_storage_migrations,
+        plug_delay_ms=plug_delay_ms, latency=latency if isinstance(latency, Latency) else Latency.parse(latency),
+        faults=rules, fault_seed=fault_seed,
+        backing_dir=Path(backing_dir) if backing_dir is not None else None,
+        device_root=Path(device_root) if device_root is not None else None,
+    )
+    simulator = Simulator(resolved, options, source)
+    await simulator.load()
+    runner = web.AppRunner(simulator.make_app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    sock = socket.create_server((host, port))
+    try:
+        site = web.SockSite(runner, sock)
+        await site.start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    bound_port = sock.getsockname()[1]
+    log.info("simulator_started", url=f"ws://{host}:{bound_port}/api/", admin=admin,
+             real_data=simulator.data is not None)
+    return SimulatorHandle(simulator, runner, host, bound_port)

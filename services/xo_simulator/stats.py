@@ -1,0 +1,46 @@
+"""Counters exposed by the admin API: calls per method, errors per code, completed migrations per disk."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Stats:
+    """Mutable counters; reset() zeroes them."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    migrations: Counter[str] = field(default_factory=Counter)
+    live_migrations: int = 0
+    copy_migrations: int = 0
+    connections: int = 0
+    dropped_sockets: int = 0
+    started_at_s: float = field(default_factory=time.time)
+
+    def reset(self) -> None:
+        """Zero every counter (open connections are kept)."""
+        self.calls.clear()
+        self.errors.clear()
+        self.migrations.clear()
+        self.live_migrations = self.copy_migrations = self.dropped_sockets = 0
+        self.started_at_s = time.time()
+
+    def snapshot(self, *, active_migrations: int, open_connections: int) -> dict[str, Any]:
+        """JSON-ready view of the counters."""
+        return {
+            "calls": dict(self.calls),
+            "total_calls": sum(self.calls.values()),
+            "errors": dict(self.errors),
+            "migrations": dict(self.migrations),
+            "live_migrations": self.live_migrations,
+            "copy_migrations": self.copy_migrations,
+            "active_migrations": active_migrations,
+            "connections": self.connections,
+            "open_connections": open_connections,
+            "dropped_sockets": self.dropped_sockets,
+            "since_s": self.started_at_s,
+        }

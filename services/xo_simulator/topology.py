@@ -1,0 +1,206 @@
+"""Topology files: the YAML that declares pools, hosts, SRs, VMs, seed VDIs and credentials.
+
+Pure parsing into frozen pydantic models; missing ids are derived deterministically (uuid5 of the names).
+Building XO objects from a topology lives in inventory.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+
+from shared.units import parse_size
+
+_NAMESPACE = uuid.UUID("6f1c0d2e-9a57-4a53-9d3c-2f0b5d8e7a11")
+BUILTIN_DIR = Path(__file__).parent / "topologies"
+
+
+def derived_id(*parts: str) -> str:
+    """Return a stable UUID for an object named by ``parts`` (kind, then names from the root)."""
+    return str(uuid.uuid5(_NAMESPACE, "/".join(parts)))
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int | str):
+        raise ValueError(f"size must be bytes or a string like '10GiB', not {value!r}")
+    return parse_size(value)
+
+
+def _uuid(value: str) -> str:
+    return str(uuid.UUID(value))
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Uuid = Annotated[str, AfterValidator(_uuid)]
+PowerState = Literal["Running", "Halted", "Paused", "Suspended"]
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SrSpec(_Node):
+    """A storage repository; local when listed under a host, shared when listed under a pool."""
+
+    id: Uuid
+    name_label: str
+    name_description: str = ""
+    size: Size
+    tags: list[str] = []
+    SR_type: str | None = None
+
+
+class VmSpec(_Node):
+    """A VM resident on its host when Running/Paused/Suspended."""
+
+    id: Uuid
+    name_label: str
+    name_description: str = ""
+    power_state: PowerState = "Running"
+    tags: list[str] = []
+    cpus: int = 2
+    memory: Size = 4 * 1024**3
+
+
+class HostSpec(_Node):
+    """A host with its local SRs and the VMs resident on it."""
+
+    id: Uuid
+    name_label: str
+    address: str | None = None
+    srs: list[SrSpec] = []
+    vms: list[VmSpec] = []
+
+
+class PoolSpec(_Node):
+    """A pool: shared SRs plus hosts; the first host is the master."""
+
+    id: Uuid
+    name_label: str
+    name_description: str = ""
+    shared_srs: list[SrSpec] = []
+    hosts: list[HostSpec] = []
+
+
+class VdiSpec(_Node):
+    """A VDI present at start; ``sr`` is an SR id or a unique SR name_label."""
+
+    id: Uuid
+    name_label: str
+    name_description: str = ""
+    size: Size
+    sr: str
+    tags: list[str] = []
+
+
+class UserSpec(_Node):
+    """A user that can sign in with email (or username) and password."""
+
+    email: str
+    password: str
+
+
+class Topology(_Node):
+    """The whole simulated XO: credentials, pools and seed VDIs."""
+
+    tokens: list[str] = []
+    users: list[UserSpec] = []
+    pools: list[PoolSpec] = []
+    vdis: list[VdiSpec] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_ids(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = copy.deepcopy(dict(data))
+        for pool in _dicts(data.get("pools")):
+            pool_name = str(pool.get("name_label"))
+            pool.setdefault("id", derived_id("pool", pool_name))
+            for sr in _dicts(pool.get("shared_srs")):
+                sr.setdefault("id", derived_id("sr", pool_name, str(sr.get("name_label"))))
+            for host in _dicts(pool.get("hosts")):
+                host_name = str(host.get("name_label"))
+                host.setdefault("id", derived_id("host", pool_name, host_name))
+                for sr in _dicts(host.get("srs")):
+                    sr.setdefault("id", derived_id("sr", pool_name, host_name, str(sr.get("name_label"))))
+                for vm in _dicts(host.get("vms")):
+                    vm.setdefault("id", derived_id("vm", pool_name, host_name, str(vm.get("name_label"))))
+        for vdi in _dicts(data.get("vdis")):
+            vdi.setdefault("id", derived_id("vdi", str(vdi.get("sr")), str(vdi.get("name_label"))))
+        return data
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Topology:
+        ids = [pool.id for pool in self.pools]
+        ids += [host.id for _, host in self.hosts()]
+        ids += [sr.id for _, _, sr in self.srs()]
+        ids += [vm.id for _, vm in self.vms()]
+        ids += [vdi.id for vdi in self.vdis]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate ids in topology: {', '.join(duplicates)}")
+        for vdi in self.vdis:
+            self.resolve_sr(vdi.sr)
+        return self
+
+    def hosts(self) -> Iterator[tuple[PoolSpec, HostSpec]]:
+        """Every host with its pool."""
+        for pool in self.pools:
+            for host in pool.hosts:
+                yield pool, host
+
+    def srs(self) -> Iterator[tuple[PoolSpec, HostSpec | None, SrSpec]]:
+        """Every SR with its pool and, for a local SR, its host."""
+        for pool in self.pools:
+            for sr in pool.shared_srs:
+                yield pool, None, sr
+            for host in pool.hosts:
+                for sr in host.srs:
+                    yield pool, host, sr
+
+    def vms(self) -> Iterator[tuple[HostSpec, VmSpec]]:
+        """Every VM with its host."""
+        for _, host in self.hosts():
+            for vm in host.vms:
+                yield host, vm
+
+    def resolve_sr(self, ref: str) -> str:
+        """Return the id of the SR named by id or unique name_label; ValueError otherwise."""
+        matches = [sr.id for _, _, sr in self.srs() if ref in (sr.id, sr.name_label)]
+        if len(matches) != 1:
+            raise ValueError(f"VDI sr {ref!r} must name exactly one SR by id or name_label ({len(matches)} match)")
+        return matches[0]
+
+
+def _dicts(value: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(value, list):
+        yield from (item for item in value if isinstance(item, dict))
+
+
+def parse_topology(source: str | Mapping[str, Any]) -> Topology:
+    """Parse YAML text or an already-loaded mapping; raises pydantic.ValidationError or ValueError."""
+    data = yaml.safe_load(source) if isinstance(source, str) else source
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError("a topology must be a mapping at top level")
+    return Topology.model_validate(data)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Load a topology file, or a bundled one by name (``two-hosts``, ``shared-pool``, ``two-pools``)."""
+    candidate = Path(path)
+    if not candidate.exists():
+        bundled = BUILTIN_DIR / f"{path}.yaml"
+        if bundled.exists():
+            candidate = bundled
+    return parse_topology(candidate.read_text(encoding="utf-8"))

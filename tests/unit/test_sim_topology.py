@@ -1,0 +1,69 @@
+"""Topology parsing of the XO simulator: ids, sizes, references, bundled files."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.xo_simulator.topology import derived_id, load_topology, parse_topology
+
+YAML = """
+tokens: [t1]
+users: [{email: a@b.c, password: pw}]
+pools:
+  - name_label: P
+    shared_srs: [{name_label: NFS, size: 1TiB, tags: [k8s-shared]}]
+    hosts:
+      - id: 3F2504E0-4F89-11D3-9A0C-0305E82C3301
+        name_label: h1
+        srs: [{name_label: L1, size: 100GiB}]
+        vms: [{name_label: vm1, power_state: Halted}]
+vdis: [{name_label: seed, size: 1GiB, sr: L1}]
+"""
+
+
+def test_sizes_accept_units_and_ids_are_derived_from_names() -> None:
+    topology = parse_topology(YAML)
+    pool = topology.pools[0]
+    assert pool.id == derived_id("pool", "P")
+    assert pool.shared_srs[0].size == 1024**4
+    host = pool.hosts[0]
+    assert host.id == "3f2504e0-4f89-11d3-9a0c-0305e82c3301"  # normalised UUID
+    assert host.srs[0].size == 100 * 1024**3
+    assert host.srs[0].id == derived_id("sr", "P", "h1", "L1")
+    assert host.vms[0].power_state == "Halted"
+    assert topology.resolve_sr(topology.vdis[0].sr) == host.srs[0].id
+    assert parse_topology(YAML).pools[0].hosts[0].srs[0].id == host.srs[0].id  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("pools: [{name_label: P, hosts: [{name_label: h, unknown: 1}]}]", "Extra inputs"),
+        ("pools: [{name_label: P, shared_srs: [{name_label: S, size: 10 potatoes}]}]", "size"),
+        ("pools: [{name_label: P, hosts: [{name_label: h, id: not-a-uuid}]}]", "UUID"),
+        ("vdis: [{name_label: x, size: 1, sr: nowhere}]", "exactly one SR"),
+        ("pools: [{name_label: P, hosts: [{name_label: h, vms: [{name_label: v, power_state: On}]}]}]", "power_state"),
+        ("pools: [{name_label: P}, {name_label: P}]", "duplicate ids"),
+    ],
+)
+def test_invalid_topologies_are_rejected_with_a_reason(yaml_text: str, message: str) -> None:
+    with pytest.raises((ValidationError, ValueError), match=message):
+        parse_topology(yaml_text)
+
+
+@pytest.mark.parametrize("name", ["two-hosts", "shared-pool", "two-pools"])
+def test_bundled_topologies_load_with_the_example_credentials(name: str) -> None:
+    topology = load_topology(name)
+    assert topology.tokens == ["sim-token"]
+    assert topology.users[0].email == "admin@example.org"
+    assert all(pool.shared_srs and "k8s-shared" in pool.shared_srs[0].tags for pool in topology.pools)
+    assert all(vm.power_state == "Running" for _, vm in topology.vms())
+
+
+def test_two_pools_has_local_migrating_srs_on_every_host() -> None:
+    topology = load_topology("two-pools")
+    assert len(topology.pools) == 2
+    for _, host in topology.hosts():
+        assert [sr.tags for sr in host.srs] == [["k8s-migrating"]]
+        assert len(host.vms) == 1
