@@ -5,23 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from contextlib import AsyncExitStack
 from typing import Any
 
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from services.csi_frontend.attach import Attacher
 from services.csi_frontend.controller import ControllerServicer
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.identity import IdentityServicer
+from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.csi_frontend.node import NodeConfig, NodeServicer
 from services.csi_frontend.node_identity import resolve_node, topology
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings, parse_duration_s
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
-from shared.config import LogSettings, XoSettings
+from shared import broker
+from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
+from shared.jobs import JobStore
 from shared.logging import configure_logging, get_logger
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
@@ -77,10 +82,35 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+async def _migration_gate(
+    stack: AsyncExitStack, xo: XoClient, disks: DiskLocator, settings: FrontendSettings
+) -> QueueMigrationGate | None:
+    """The queue-backed MigrationGate when both AMQP_URL and REDIS_URL are set, else None (no migrations)."""
+    rabbit, redis_settings = RabbitSettings(), RedisSettings()
+    if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis_settings.model_fields_set:
+        return None
+    redis = aioredis.Redis.from_url(redis_settings.redis_url.get_secret_value(),
+                                    socket_timeout=redis_settings.socket_timeout_s,
+                                    socket_connect_timeout=redis_settings.socket_timeout_s)
+    stack.push_async_callback(redis.aclose)
+    connection = await broker.connect(rabbit.amqp_url.get_secret_value(), name=f"csi-frontend:{settings.node_id}",
+                                      timeout_s=rabbit.connect_timeout_s)
+    stack.push_async_callback(connection.close)
+    publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)
+    stack.push_async_callback(publisher.close)
+    # active TTL: longer than a migration is expected to go without a worker heartbeat refreshing it.
+    jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=900.0, result_ttl_s=120.0)
+    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo)
+    stack.push_async_callback(gate.close)
+    log.info("migrations_enabled")
+    return gate
+
+
 async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
     xo = XoClient.from_settings(xo_settings)
     inventory = Inventory(xo)
     disks = DiskLocator(xo, settings.disk_name_prefix)
+    stack = AsyncExitStack()
     try:
         servicers: list[tuple[object, object]] = [(
             IdentityServicer(settings.driver_name, controller=settings.serves_controller,
@@ -88,7 +118,8 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
             csi_pb2_grpc.add_IdentityServicer_to_server,
         )]
         if settings.serves_controller:
-            attacher = Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s)
+            gate = await _migration_gate(stack, xo, disks, settings)
+            attacher = Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s, migrations=gate)
             provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
             servicers.append((ControllerServicer(provisioner, attacher, disks, inventory),
                               csi_pb2_grpc.add_ControllerServicer_to_server))
@@ -104,6 +135,7 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
             if cleanup is not None:
                 cleanup.cancel()
     finally:
+        await stack.aclose()
         await xo.close()
 
 

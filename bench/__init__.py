@@ -1,0 +1,1 @@
+"""Benchmark commands (not tests): each starts what it measures and prints numbers."""

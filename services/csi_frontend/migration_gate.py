@@ -1,0 +1,188 @@
+"""QueueMigrationGate: the Attacher's MigrationGate over RabbitMQ + Redis (the work runs in xo-csi-migrator).
+
+Create-or-join the disk's job in Redis, subscribe to its events *before* reading the job state (no lost
+wake-up), publish the request only when this call created the job, then wait until the RPC deadline
+minus a margin. The migration never runs on the gRPC call's task, so a timeout does not disturb it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+
+from services.csi_frontend.attach import NodePlace
+from services.csi_frontend.disks import Disk, DiskLocator
+from shared import broker, messages, placement
+from shared.errors import (
+    BackendUnavailable,
+    CapacityExhausted,
+    DomainError,
+    OperationPending,
+    PlacementImpossible,
+    PreconditionFailed,
+    VolumeNotFound,
+)
+from shared.jobs import JobRecord, JobStore
+from shared.logging import get_logger
+from shared.messages import MigrationFinished, MigrationRequested
+from shared.xo.client import XoClient
+
+log = get_logger(__name__)
+
+_PERMANENT: dict[str, type[DomainError]] = {
+    "CapacityExhausted": CapacityExhausted,
+    "XoNoSpace": CapacityExhausted,
+    "PlacementImpossible": PlacementImpossible,
+    "VolumeNotFound": VolumeNotFound,
+}
+
+
+class QueueMigrationGate:
+    """Implements ``attach.MigrationGate``.
+
+    Returns the Disk as XO shows it after the migration, on an SR usable from the node. Raises
+    OperationPending when ``deadline_s - margin_s`` passes first (the attacher retries and joins the same
+    job), the mapped domain error of a failed job (CapacityExhausted, PlacementImpossible, VolumeNotFound,
+    else PreconditionFailed; BackendUnavailable for a retryable cause), BackendUnavailable when the
+    broker or Redis cannot be used.
+    """
+
+    def __init__(
+        self, connection: AbstractRobustConnection, publisher: broker.Publisher, jobs: JobStore,
+        disks: DiskLocator, xo: XoClient, *, margin_s: float = 2.0, poll_max_s: float = 2.0,
+        setup_timeout_s: float = 10.0,
+    ) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._jobs = jobs
+        self._disks = disks
+        self._xo = xo
+        self._margin_s = margin_s
+        self._poll_max_s = poll_max_s
+        self._setup_timeout_s = setup_timeout_s
+        self._channel: AbstractRobustChannel | None = None
+
+    async def migrate_for(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
+        name = disk.vdi.name_label
+        if disk.tag is None:
+            raise PreconditionFailed(f"disk {name} has no srsWithTag in its description; it cannot migrate")
+        job_id = "(not created)"
+        timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
+        try:
+            async with timer, self._events(name) as events:
+                record, created = await self._jobs.create_or_join(name, messages.new_job_id(), place.host_id)
+                job_id = record.job_id
+                if created:
+                    await self._request(disk, place, record)
+                log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created)
+                result = await self._wait(name, record, events)
+        except TimeoutError as exc:
+            if not timer.expired():
+                raise
+            raise OperationPending(f"disk {name} is migrating to host {place.host_id} (job {job_id}): still "
+                                   "running; the attacher's retry will pick it up") from exc
+        return await self._outcome(disk, place, result)
+
+    async def _request(self, disk: Disk, place: NodePlace, record: JobRecord) -> None:
+        assert disk.tag is not None
+        request = MigrationRequested(
+            job_id=record.job_id, disk_name=record.disk_name, volume_id=str(disk.volume_id),
+            vdi_id_seen=disk.vdi.id, tag=disk.tag, vm_id=place.vm.id, host_id=place.host_id,
+            pool_id=place.pool_id, requested_at=messages.utc_now(), correlation_id=uuid.uuid4().hex,
+        )
+        try:
+            await self._publisher.request(request)
+        except BaseException:
+            # Unpublished: drop the record so the next try (ours or another replica's) publishes again.
+            await asyncio.shield(self._jobs.abandon(record.disk_name, record.job_id))
+            raise
+
+    async def _wait(self, name: str, record: JobRecord, events: asyncio.Queue[MigrationFinished]) -> MigrationFinished:
+        job_id = record.job_id
+        interval_s = 0.05
+        while True:
+            current = await self._jobs.get(name)
+            if current is None:
+                raise OperationPending(f"the job record of disk {name} (job {job_id}) vanished; retry")
+            if current.job_id != job_id:
+                log.info("migration_job_replaced", disk_name=name, job_id=job_id, new_job_id=current.job_id)
+                job_id = current.job_id  # a newer job for this disk: follow it
+            if not current.is_active and current.result is not None:
+                return current.result
+            try:
+                # Events are the wake-up; the Redis record is the truth, re-read on a capped backoff too.
+                async with asyncio.timeout(interval_s):
+                    event = await events.get()
+                if event.job_id == job_id:
+                    return event
+            except TimeoutError:
+                interval_s = min(interval_s * 2, self._poll_max_s)
+
+    async def _outcome(self, disk: Disk, place: NodePlace, result: MigrationFinished) -> Disk:
+        name = disk.vdi.name_label
+        where = f"migration of disk {name} to host {place.host_id} (job {result.job_id})"
+        if result.outcome == "failed":
+            error = result.error
+            reason = error.message if error else "no reason given"
+            if error is not None and error.retryable:
+                raise BackendUnavailable(f"{where} failed after retries: {reason}")
+            cls = _PERMANENT.get(error.code if error else "", PreconditionFailed)
+            raise cls(f"{where} failed: {reason}")
+        moved = await self._disks.get(disk.volume_id)
+        sr = await self._xo.get_sr(moved.vdi.sr_id)
+        if sr is None or not placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
+            raise OperationPending(f"{where} finished, but the disk is on SR {moved.vdi.sr_id}, not usable from "
+                                   "that host (another node asked for it meanwhile); retry")
+        return moved
+
+    @contextlib.asynccontextmanager
+    async def _events(self, name: str) -> AsyncIterator[asyncio.Queue[MigrationFinished]]:
+        """An exclusive auto-delete queue bound to the disk's events, consumed into an asyncio.Queue."""
+        received: asyncio.Queue[MigrationFinished] = asyncio.Queue()
+
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            try:
+                received.put_nowait(messages.parse_finished(message.body))
+            except messages.MessageError as exc:
+                log.warning("migration_event_unreadable", reason=str(exc))
+
+        try:
+            async with asyncio.timeout(self._setup_timeout_s):
+                channel = await self._channel_open()
+                exchange = await channel.get_exchange(messages.EVENTS_EXCHANGE, ensure=False)
+                queue = await channel.declare_queue(exclusive=True, auto_delete=True, robust=False)
+                await queue.bind(exchange, routing_key=messages.events_routing_key(name), robust=False)
+                tag = await queue.consume(on_event, no_ack=True, robust=False)
+        except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+            raise BackendUnavailable(f"cannot subscribe to migration events of disk {name} "
+                                     f"({type(exc).__name__}); retry later") from exc
+        try:
+            yield received
+        finally:
+            await asyncio.shield(self._unsubscribe(queue, tag))
+
+    async def _unsubscribe(self, queue: AbstractRobustQueue, tag: str) -> None:
+        with contextlib.suppress(TimeoutError, RuntimeError, aiormq.exceptions.AMQPError):
+            async with asyncio.timeout(self._setup_timeout_s):
+                await queue.cancel(tag)
+                await queue.delete(if_unused=False, if_empty=False)
+
+    async def _channel_open(self) -> AbstractRobustChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+            await broker.declare(self._channel)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await asyncio.shield(self._channel.close())

@@ -1,0 +1,108 @@
+"""xo-csi-migrator: build settings, configure logging, run the consumer until SIGTERM. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from contextlib import AsyncExitStack
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from services.migrator.consumer import Consumer
+from services.migrator.migrate import HandlerDeps
+from services.migrator.settings import MigratorSettings
+from shared import broker
+from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
+from shared.errors import DomainError
+from shared.jobs import JobStore
+from shared.logging import configure_logging, get_logger
+from shared.xo.client import XoClient
+
+log = get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xo-csi-migrator", description="Disk migration worker (RabbitMQ consumer). "
+                                "Flags override MIGRATOR_* envs; AMQP_URL, REDIS_URL and XOA_* configure access.")
+    p.add_argument("--concurrency", type=int, help="migrations at once (default 1)")
+    p.add_argument("--amqp-url", help="AMQP_URL")
+    p.add_argument("--redis-url", help="REDIS_URL")
+    p.add_argument("--redis-key-prefix", help="prefix of Redis keys (default xocsi:)")
+    p.add_argument("--xoa-url", help="XOA_URL")
+    p.add_argument("--xoa-insecure", action="store_true", default=None, help="skip TLS verification (testing)")
+    p.add_argument("--grace", type=float, help="seconds in-flight migrations may finish after SIGTERM")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_settings(args: argparse.Namespace) -> tuple[MigratorSettings, RabbitSettings, RedisSettings, XoSettings,
+                                                      LogSettings]:
+    migrator: dict[str, Any] = {}
+    if args.concurrency is not None:
+        migrator["concurrency"] = args.concurrency
+    if args.grace is not None:
+        migrator["grace_s"] = args.grace
+    rabbit = RabbitSettings(**({"amqp_url": args.amqp_url} if args.amqp_url else {}))
+    redis_args: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
+    if args.redis_key_prefix:
+        redis_args["key_prefix"] = args.redis_key_prefix
+    xo: dict[str, Any] = {"url": args.xoa_url} if args.xoa_url else {}
+    if args.xoa_insecure:
+        xo["insecure"] = True
+    logs = LogSettings(**({"level": args.log_level} if args.log_level else {}))
+    return MigratorSettings(**migrator), rabbit, RedisSettings(**redis_args), XoSettings(**xo), logs
+
+
+async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings: RedisSettings,
+              xo_settings: XoSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        xo = XoClient.from_settings(xo_settings)
+        stack.push_async_callback(xo.close)
+        redis = aioredis.Redis.from_url(redis_settings.redis_url.get_secret_value(),
+                                        socket_timeout=redis_settings.socket_timeout_s,
+                                        socket_connect_timeout=redis_settings.socket_timeout_s)
+        stack.push_async_callback(redis.aclose)
+        connection = await broker.connect(rabbit.amqp_url.get_secret_value(), name=settings.worker_name,
+                                          timeout_s=rabbit.connect_timeout_s)
+        stack.push_async_callback(connection.close)
+        publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)
+        stack.push_async_callback(publisher.close)
+        jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
+                        result_ttl_s=settings.job_result_ttl_s)
+        deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_settings.key_prefix, lock_ttl_s=settings.lock_ttl_s,
+                           lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s)
+        consumer = Consumer(connection, publisher, jobs, deps, settings)
+        await consumer.start()
+        log.info("migrator_ready", worker=settings.worker_name)
+        await stop.wait()
+        log.info("migrator_stopping", grace_s=settings.grace_s)
+        await consumer.stop(settings.grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings, rabbit, redis_settings, xo_settings, log_settings = load_settings(args)
+        xo_settings.require_credentials()
+    except (ValidationError, ValueError) as exc:
+        print(f"xo-csi-migrator: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(log_settings.level, json=log_settings.json_output, service="migrator")
+    try:
+        asyncio.run(run(settings, rabbit, redis_settings, xo_settings))
+    except DomainError as exc:
+        log.error("migrator_failed", error=exc.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

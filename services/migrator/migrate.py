@@ -1,0 +1,143 @@
+"""handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock.
+
+XO is the fence: every step re-reads XO first, so a redelivered or duplicate request finds the work done.
+Raises domain errors only (retryable ones are requeued by the consumer, the others dead-lettered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from shared import placement, vdi_metadata
+from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
+from shared.locks import DiskLock
+from shared.logging import get_logger
+from shared.messages import MigrationFinished, MigrationRequested
+from shared.vdi_metadata import StorageInfo
+from shared.xo.client import XoClient
+from shared.xo.models import Vdi
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class HandlerDeps:
+    xo: XoClient
+    redis: aioredis.Redis
+    key_prefix: str
+    lock_ttl_s: float
+    lock_wait_s: float
+    migrate_timeout_s: float
+
+
+async def handle(
+    request: MigrationRequested, deps: HandlerDeps, on_progress: Callable[[], Awaitable[None]] | None = None
+) -> MigrationFinished:
+    """Bring disk ``request.disk_name`` onto an SR usable from ``request.host_id`` and say where it is.
+
+    Already there -> succeeded without migrating (a stale migration mark is cleared). Raises
+    OperationPending (lock held elsewhere, a copy still running in XO), VolumeNotFound, CapacityExhausted,
+    PlacementImpossible, PreconditionFailed (ambiguous duplicates) and the XoError tree.
+    """
+    started = time.monotonic()
+    async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
+                        ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
+        if on_progress is not None:
+            await on_progress()
+        vdi = await _source_vdi(deps.xo, request, lock)
+        vdi, sr_id = await _move(deps, request, vdi, lock)
+    return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
+                             vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
+
+
+async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: DiskLock) -> tuple[Vdi, str]:
+    xo = deps.xo
+    views = {sr.id: placement.view(sr) for sr in await xo.find_srs(tag=request.tag)}
+    info = vdi_metadata.parse(vdi.name_description) or StorageInfo(srs_with_tag=request.tag, migrating=True)
+    current = views.get(vdi.sr_id)
+    if current is None:
+        sr = await xo.get_sr(vdi.sr_id)
+        current = placement.view(sr) if sr is not None else None
+    if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
+        log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
+        return await _clear_mark(xo, vdi, info, lock), vdi.sr_id
+    target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id)
+    lock.ensure_held()
+    await xo.set_vdi(vdi.id, name_description=info.marked(target.id).to_description())
+    log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target.id, vdi=vdi.id)
+    new_id = await xo.migrate_vdi(vdi.id, target.id, timeout_s=deps.migrate_timeout_s)
+    moved = await xo.get_vdi(new_id)
+    if moved is None or moved.sr_id != target.id:
+        where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
+        raise BackendFailure(f"XO migrated disk {request.disk_name} to VDI {new_id}, but that VDI {where}, "
+                             f"not on target SR {target.id}")
+    lock.ensure_held()
+    return await _clear_mark(xo, moved, info, lock), target.id
+
+
+async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock) -> Vdi:
+    current = vdi_metadata.parse(vdi.name_description)
+    if current is None or current.in_progress_to_sr is None:
+        return vdi
+    lock.ensure_held()
+    await xo.set_vdi(vdi.id, name_description=current.marked(None).to_description())
+    return vdi
+
+
+async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock) -> Vdi:
+    """The disk's one VDI, after settling an interrupted copy (see ``settle_duplicates``)."""
+    vdis = await xo.find_vdis(name_label=request.disk_name)
+    if not vdis:
+        raise VolumeNotFound(f"disk {request.disk_name} does not exist in XO (no VDI with that name)")
+    if len(vdis) == 1:
+        return vdis[0]
+    keep, stray = settle_duplicates(request.disk_name, vdis, request.vdi_id_seen)
+    lock.ensure_held()
+    log.warning("interrupted_copy_removed", disk_name=request.disk_name, vdi=stray.id, kept=keep.id,
+                sr_from=keep.sr_id, sr_to=stray.sr_id)
+    await xo.delete_vdi(stray.id)
+    return keep
+
+
+def settle_duplicates(disk_name: str, vdis: list[Vdi], vdi_id_seen: str) -> tuple[Vdi, Vdi]:
+    """(source to keep, interrupted copy to delete) for two VDIs carrying one disk name.
+
+    Rule: XO copies to the target SR and destroys the source only *after* the copy completed, so while two
+    VDIs exist the **source** is always complete and the other may be partial. The source is the VDI the
+    requester saw (``vdi_id_seen``), else the one *not* on the SR named by the migration mark. We only ever
+    delete the non-source copy, and only when XO runs no operation on either VDI (a running copy raises
+    OperationPending: retry later) and it has no VBD. Anything else is ambiguous: PreconditionFailed for an
+    operator, never a guess.
+    """
+    if any(v.current_operations for v in vdis):
+        raise OperationPending(f"disk {disk_name}: XO is still copying it ({', '.join(v.id for v in vdis)})")
+    if len(vdis) != 2:
+        raise PreconditionFailed(f"{len(vdis)} VDIs are named {disk_name}; remove the strays in XO")
+    source = next((v for v in vdis if v.id == vdi_id_seen), None)
+    if source is None:
+        marks = {info.in_progress_to_sr for v in vdis if (info := vdi_metadata.parse(v.name_description))}
+        marks.discard(None)
+        off_target = [v for v in vdis if v.sr_id not in marks]
+        source = off_target[0] if len(marks) == 1 and len(off_target) == 1 else None
+    stray = next((v for v in vdis if source is not None and v.id != source.id), None)
+    if source is None or stray is None or stray.vbd_ids:
+        ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
+        raise PreconditionFailed(f"two VDIs are named {disk_name} ({ids}) and which one is the complete source "
+                                 "cannot be told safely; remove the stray copy in XO")
+    return source, stray
+
+
+async def heartbeat_every(interval_s: float, beat: Callable[[], Awaitable[None]]) -> None:
+    """Call ``beat`` every ``interval_s`` until cancelled (the job record's worker heartbeat). A failed beat
+    (Redis briefly down) is logged and retried at the next interval; the record's TTL covers the gap."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await beat()
+        except DomainError as exc:
+            log.warning("job_heartbeat_failed", error=exc.message)
