@@ -182,8 +182,9 @@ class Dispatcher:
             outcome = "dropped"
             raise
         finally:
-            log.debug("rpc_finished", rpc=method, outcome=outcome,
-                      duration_ms=round((time.perf_counter() - started_s) * 1000, 3))
+            elapsed_s = time.perf_counter() - started_s
+            self.stats.busy_s[method] += elapsed_s
+            log.debug("rpc_finished", rpc=method, outcome=outcome, duration_ms=round(elapsed_s * 1000, 3))
 
     async def _inject(self, method: str) -> None:
         delay_s = self.faults.latency.for_method_s(method)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ class Stats:
     """Mutable counters; reset() zeroes them."""
 
     calls: Counter[str] = field(default_factory=Counter)
+    busy_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # own time per method
     errors: Counter[str] = field(default_factory=Counter)
     migrations: Counter[str] = field(default_factory=Counter)
     live_migrations: int = 0
@@ -24,6 +25,7 @@ class Stats:
     def reset(self) -> None:
         """Zero every counter (open connections are kept)."""
         self.calls.clear()
+        self.busy_s.clear()
         self.errors.clear()
         self.migrations.clear()
         self.live_migrations = self.copy_migrations = self.dropped_sockets = 0
@@ -34,6 +36,7 @@ class Stats:
         return {
             "calls": dict(self.calls),
             "total_calls": sum(self.calls.values()),
+            "busy_s": {method: round(seconds, 6) for method, seconds in self.busy_s.items()},
             "errors": dict(self.errors),
             "migrations": dict(self.migrations),
             "live_migrations": self.live_migrations,
