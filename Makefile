@@ -1,0 +1,30 @@
+# Entry points. `make demo` and `make test` install what they need themselves (scripts/bootstrap.sh).
+VENV := .venv
+PY   := $(VENV)/bin/python
+
+.PHONY: bootstrap venv test demo lint bench-xo bench-attach proto
+
+bootstrap:           ## Debian packages (when missing) + .venv + editable install
+	@bash scripts/bootstrap.sh
+
+venv:                ## .venv + editable install only
+	@bash scripts/bootstrap.sh --venv-only
+
+test: bootstrap      ## all of tests/; e.g. make test PYTEST_ARGS="tests/unit -q"
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(PY) -m services.demo $(DEMO_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy shared services
+
+bench-xo: bootstrap
+	$(PY) -m bench.xo_client $(BENCH_ARGS)
+
+bench-attach: bootstrap
+	$(PY) -m bench.attach $(BENCH_ARGS)
+
+proto: venv
+	bash scripts/gen_proto.sh
