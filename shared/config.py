@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PLACEHOLDERS = {"changeme", "change-me", "<token>", "xxx", "todo", "secret"}
@@ -49,23 +49,27 @@ class XoSettings(BaseSettings):
 class RabbitSettings(BaseSettings):
     """How to reach RabbitMQ."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="AMQP_URL, credentials included"
     )
-    publish_timeout_s: float = Field(default=10.0, gt=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
+    publish_timeout_s: float = Field(default=10.0, gt=0, validation_alias=AliasChoices(
+        "publish_timeout_s", "AMQP_PUBLISH_TIMEOUT_S"))
+    connect_timeout_s: float = Field(default=10.0, gt=0, validation_alias=AliasChoices(
+        "connect_timeout_s", "AMQP_CONNECT_TIMEOUT_S"))
 
 
 class RedisSettings(BaseSettings):
     """How to reach Redis."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
     redis_url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"), description="REDIS_URL")
-    socket_timeout_s: float = Field(default=5.0, gt=0)
-    key_prefix: str = Field(default="xocsi:", description="prefix of every key this project writes")
+    socket_timeout_s: float = Field(default=5.0, gt=0, validation_alias=AliasChoices(
+        "socket_timeout_s", "REDIS_SOCKET_TIMEOUT_S"))
+    key_prefix: str = Field(default="xocsi:", description="prefix of every key this project writes",
+                            validation_alias=AliasChoices("key_prefix", "REDIS_KEY_PREFIX"))
 
 
 class LogSettings(BaseSettings):

@@ -6,6 +6,7 @@ stage again -> read back; online expansion; a static volume; bad inputs; repeate
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.devstack.stack import Stack, running_stack
 from shared.csi import csi_pb2
-from tests.e2e.stack import Stack, mount_cap, running_stack
+from tests.e2e.stack import mount_cap
 
 pytestmark = [
     pytest.mark.e2e,
@@ -25,12 +27,10 @@ MiB = 1024**2
 
 
 @pytest.fixture
-async def stack(service_process, tmp_path: Path) -> AsyncIterator[Stack]:  # type: ignore[no-untyped-def]
-    import os
-
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("e2e needs root: the simulator attaches loop devices and the node mounts filesystems")
-    async with running_stack(service_process, tmp_path) as running:
+    async with running_stack(tmp_path) as running:
         yield running
 
 

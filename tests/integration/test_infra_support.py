@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import ServiceExited, ServiceProcess
+from services.devstack.process import ServiceExited, ServiceProcess
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,191 @@
+"""The whole stack as separate processes, as in production: the XO simulator (real data mode when root),
+a controller frontend, a node frontend per node VM and, with migrators, RabbitMQ + Redis and N migrators.
+
+Used by the demo, the e2e tests and the soak. Everything started here is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from services.devstack.brokers import LocalRabbit, LocalRedis
+from services.devstack.process import ServiceProcess, service_process
+from shared.config import XoSettings
+from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.xo.client import XoClient
+
+URL_RE = re.compile(r"xo-sim listening on (ws://\S+)")
+SIM_TOKEN = "sim-token"
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What to run. ``amqp_url``/``redis_url`` reuse existing brokers; else, with migrators, local ones start."""
+
+    topology: str = "two-hosts"
+    real_data: bool = True
+    migrators: int = 0
+    amqp_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "xocsi:"
+    management: bool = False
+    host_topology: bool = False
+    sim_args: tuple[str, ...] = ()
+    controller_args: tuple[str, ...] = ()
+    migrator_args: tuple[str, ...] = ()
+    log_level: str = "info"
+
+
+@dataclass
+class Stack:
+    """Handles on the running stack."""
+
+    options: StackOptions
+    work: Path
+    xo_url: str
+    xo: XoClient
+    vm_ids: dict[str, str]  # VM name -> VM UUID
+    device_root: Path
+    controller_socket: Path
+    node_sockets: dict[str, Path]  # VM name -> socket
+    amqp_url: str | None = None
+    redis_url: str | None = None
+    management_url: str | None = None
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def channel(self, socket: Path) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"unix://{socket}")
+        self._channels.append(channel)
+        return channel
+
+    @property
+    def controller(self) -> csi_pb2_grpc.ControllerStub:
+        return csi_pb2_grpc.ControllerStub(self.channel(self.controller_socket))
+
+    def node(self, vm_name: str) -> csi_pb2_grpc.NodeStub:
+        return csi_pb2_grpc.NodeStub(self.channel(self.node_sockets[vm_name]))
+
+    @property
+    def nodes(self) -> dict[str, csi_pb2_grpc.NodeStub]:
+        return {name: self.node(name) for name in self.node_sockets}
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work / "logs"
+
+    def service_env(self) -> dict[str, str]:
+        env = {"XOA_URL": self.xo_url, "XOA_TOKEN": SIM_TOKEN, "LOG_LEVEL": self.options.log_level,
+               "REDIS_KEY_PREFIX": self.options.redis_prefix}
+        if self.amqp_url and self.redis_url:
+            env |= {"AMQP_URL": self.amqp_url, "REDIS_URL": self.redis_url}
+        return env
+
+    async def start_controller(self) -> ServiceProcess:
+        args = ["--mode", "controller", *(["--host-topology"] if self.options.host_topology else []),
+                *self.options.controller_args]
+        proc = await self._frontend("controller", self.controller_socket, *args)
+        self.processes["controller"] = proc
+        return proc
+
+    async def start_migrator(self, name: str) -> ServiceProcess:
+        argv = [sys.executable, "-m", "services.migrator", *self.options.migrator_args]
+        proc = await self.exits.enter_async_context(service_process(
+            argv, log_dir=self.log_dir, env=self.service_env(), ready_line_regex="consumer_started", name=name,
+            timeout_s=60))
+        self.processes[name] = proc
+        return proc
+
+    async def _frontend(self, name: str, socket: Path, *args: str) -> ServiceProcess:
+        argv = [sys.executable, "-m", "services.csi_frontend", "--endpoint", f"unix://{socket}", *args]
+        channel = self.channel(socket)
+        return await self.exits.enter_async_context(service_process(
+            argv, log_dir=self.log_dir, env=self.service_env(), ready=lambda: _answers(channel), name=name,
+            timeout_s=60))
+
+    async def start_nodes(self) -> None:
+        for vm_name, vm_id in sorted(self.vm_ids.items()):
+            args = ["--mode", "node", "--node-id", vm_id, "--device-dir", str(self.device_root / vm_id)]
+            if self.options.host_topology:
+                args.append("--host-topology")
+            self.processes[f"node-{vm_name}"] = await self._frontend(f"node-{vm_name}", self.node_sockets[vm_name],
+                                                                     *args)
+
+    async def sr_id(self, name: str) -> str:
+        return next(sr.id for sr in await self.xo.find_srs() if sr.name_label == name)
+
+    async def node_for_disk(self, disk_name: str, *, same_host: bool = True) -> str:
+        """A node VM name on the host of the disk's (local) SR, or on another host."""
+        vdi = (await self.xo.find_vdis(name_label=disk_name))[0]
+        sr = await self.xo.get_sr(vdi.sr_id)
+        assert sr is not None
+        for name, vm_id in sorted(self.vm_ids.items()):
+            vm = await self.xo.get_vm(vm_id)
+            if vm is not None and (vm.container == sr.container) == same_host:
+                return name
+        raise LookupError(f"no node {'on' if same_host else 'off'} the host of {disk_name}")
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        await self.exits.aclose()
+
+
+async def _answers(channel: grpc.aio.Channel) -> bool:
+    try:
+        await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def running_stack(work: Path, options: StackOptions = StackOptions()) -> AsyncIterator[Stack]:
+    """Start everything ``options`` asks for under ``work`` (logs in ``work/logs``) and stop it on exit."""
+    exits = contextlib.AsyncExitStack()
+    async with exits:
+        amqp_url, redis_url, management_url = await _brokers(exits, options)
+        device_root = work / "devices"
+        sim_argv = [sys.executable, "-m", "services.xo_simulator", "--topology", options.topology,
+                    "--listen", "127.0.0.1:0", "--admin", *options.sim_args]
+        if options.real_data and os.geteuid() == 0:
+            sim_argv += ["--backing-dir", str(work / "backing"), "--device-root", str(device_root)]
+        sim = await exits.enter_async_context(service_process(
+            sim_argv, log_dir=work / "logs", ready_line_regex=URL_RE.pattern, name="xo-sim", timeout_s=30))
+        match = URL_RE.search(sim.log_text())
+        assert match is not None, sim.log_tail()
+        xo = XoClient.from_settings(XoSettings(url=match.group(1), token=SIM_TOKEN))  # type: ignore[arg-type]
+        exits.push_async_callback(xo.close)
+        vms = {vm["name_label"]: vm["id"] for vm in await xo.get_objects({"type": "VM"})}
+        stack = Stack(options, work, match.group(1), xo, vms, device_root, work / "controller.sock",
+                      {name: work / f"{name}.sock" for name in vms}, amqp_url, redis_url, management_url,
+                      processes={"xo-sim": sim}, exits=exits)
+        exits.push_async_callback(lambda: asyncio.gather(*(c.close() for c in stack._channels)))
+        await stack.start_controller()
+        await stack.start_nodes()
+        for n in range(options.migrators):
+            await stack.start_migrator(f"migrator-{n + 1}")
+        yield stack
+
+
+async def _brokers(exits: contextlib.AsyncExitStack, options: StackOptions
+                   ) -> tuple[str | None, str | None, str | None]:
+    if options.amqp_url and options.redis_url:
+        return options.amqp_url, options.redis_url, None
+    if options.migrators == 0 and not options.management:
+        return None, None, None
+    rabbit, redis = LocalRabbit(), LocalRedis()
+    await asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    exits.callback(rabbit.stop)
+    exits.callback(redis.stop, crash=True)
+    return rabbit.endpoint.amqp_url, redis.endpoint.url, rabbit.endpoint.management_url
