@@ -22,7 +22,7 @@ from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings, parse_duration_s
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
-from shared import broker
+from shared import broker, metrics
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
@@ -56,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xoa-timeout", help="bound on one XO call, e.g. 60s (default 60s)")
     p.add_argument("--xoa-ca-file", help="CA bundle for XO's TLS certificate")
     p.add_argument("--xoa-insecure", action="store_true", default=None, help="skip TLS verification (testing)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default 0 = off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
 
 def load_settings(args: argparse.Namespace) -> tuple[FrontendSettings, XoSettings, LogSettings]:
     frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "disk_name_prefix", "host_topology",
-                      "temp_cleanup", "device_dir", "max_volumes_per_node")
+                      "temp_cleanup", "device_dir", "max_volumes_per_node", "metrics_port")
     if args.device_wait:
         frontend["device_wait_s"] = parse_duration_s(args.device_wait)
     xo: dict[str, Any] = {}
@@ -131,7 +132,8 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
                 cleanup = tasks.create_task(temp_cleanup_forever(
                     xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
                     delete_after_s=settings.temp_cleanup_delete_after_s))
-            await serve(servicers, settings.endpoint, grace_s=settings.grace_s)
+            async with metrics.serving(settings.metrics_port):
+                await serve(servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc)
             if cleanup is not None:
                 cleanup.cancel()
     finally:
@@ -152,6 +154,11 @@ async def _node_servicer(settings: FrontendSettings, inventory: Inventory, xo: X
     )
     log.info("node_identified", node_id=node_id, topology=dict(config.topology))
     return NodeServicer(config)
+
+
+def _observe_rpc(method: str, code: str, seconds: float) -> None:
+    metrics.CSI_REQUESTS.labels(method, code).inc()
+    metrics.CSI_DURATION.labels(method).observe(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

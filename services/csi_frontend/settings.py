@@ -47,6 +47,7 @@ class FrontendSettings(BaseSettings):
     device_wait_s: float = Field(default=10.0, gt=0)
     max_volumes_per_node: int = Field(default=239, ge=1)
     grace_s: float = Field(default=10.0, ge=0)
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
 
     @field_validator("disk_name_prefix")
     @classmethod

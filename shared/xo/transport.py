@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from shared import metrics
 from shared.logging import get_logger
 from shared.xo.errors import XoAuthError, XoError, XoUnavailable, from_rpc_error
 
@@ -167,10 +169,21 @@ class RpcSession:
     async def call(self, method: str, params: dict[str, Any], *, timeout_s: float | None = None,
                    idempotent: bool = False) -> Any:
         """Call ``method`` and return its result; raises the XoError subclass for XO's answer."""
-        attempts = 2 if idempotent else 1
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._call_retrying(method, params, timeout_s or self._timeout_s, 2 if idempotent else 1)
+        except XoError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            metrics.XO_CALLS.labels(method, outcome).inc()
+            metrics.XO_DURATION.labels(method).observe(time.perf_counter() - started)
+
+    async def _call_retrying(self, method: str, params: dict[str, Any], timeout_s: float, attempts: int) -> Any:
         for attempt in range(attempts):
             try:
-                return await self._call_once(method, params, timeout_s or self._timeout_s)
+                return await self._call_once(method, params, timeout_s)
             except _ConnectionLost as exc:
                 if attempt + 1 == attempts:
                     raise XoUnavailable(f"XO closed the connection during {method}: {exc}", method=method) from exc
