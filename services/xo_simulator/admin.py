@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from .faults import Faults
+from .faults import Faults, Latency
 
 if TYPE_CHECKING:
     from .server import Simulator
@@ -41,6 +41,15 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
         sim.faults.clear()
         return web.json_response({"rules": []})
 
+    async def set_latency(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        spec = body.get("spec", "") if isinstance(body, dict) else ""
+        try:
+            sim.faults.latency = Latency.parse(str(spec)) if spec else Latency({})
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from exc
+        return web.json_response({"spec": str(spec)})
+
     async def reset(request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}
         reload_topology = bool(body.get("topology", False)) if isinstance(body, dict) else False
@@ -53,6 +62,7 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
     app.router.add_post("/_sim/faults", add_faults)
     app.router.add_delete("/_sim/faults", clear_faults)
     app.router.add_post("/_sim/reset", reset)
+    app.router.add_put("/_sim/latency", set_latency)
 
 
 async def _json_body(request: web.Request) -> Any:

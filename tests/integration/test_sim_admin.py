@@ -111,3 +111,18 @@ async def test_many_concurrent_calls_on_one_socket() -> None:
         results = await asyncio.gather(*(rpc.call("xo.getAllObjects", {"filter": {"type": "SR"}})
                                          for _ in range(200)))
         assert all(len(r) == 3 for r in results)
+
+
+async def test_latency_can_be_changed_at_run_time() -> None:
+    from services.xo_simulator.server import start_simulator
+
+    async with await start_simulator("two-hosts", admin=True) as handle:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=handle.http_url) as http:
+            response = await http.put("/_sim/latency", json={"spec": "xo.getAllObjects=25"})
+            assert response.status_code == 200
+            assert handle.simulator.faults.latency.for_method_s("xo.getAllObjects") == 0.025
+            assert (await http.put("/_sim/latency", json={"spec": "nonsense=x"})).status_code == 400
+            assert (await http.put("/_sim/latency", json={"spec": ""})).status_code == 200
+            assert handle.simulator.faults.latency.for_method_s("xo.getAllObjects") == 0
