@@ -60,6 +60,8 @@ class Stack:
     amqp_url: str | None = None
     redis_url: str | None = None
     management_url: str | None = None
+    rabbit: LocalRabbit | None = None
+    redis: LocalRedis | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -106,6 +108,16 @@ class Stack:
         self.processes[name] = proc
         return proc
 
+    async def crash_and_restart(self, name: str) -> ServiceProcess:
+        """kill -9 the service ``name`` (controller, node-<vm>, migrator-<n>) and start it again."""
+        await self.processes[name].kill()
+        if name == "controller":
+            return await self.start_controller()
+        if name.startswith("migrator"):
+            return await self.start_migrator(name)
+        vm_name = name.removeprefix("node-")
+        return await self._start_node(vm_name)
+
     async def _frontend(self, name: str, socket: Path, *args: str) -> ServiceProcess:
         argv = [sys.executable, "-m", "services.csi_frontend", "--endpoint", f"unix://{socket}", *args]
         channel = self.channel(socket)
@@ -114,12 +126,17 @@ class Stack:
             timeout_s=60))
 
     async def start_nodes(self) -> None:
-        for vm_name, vm_id in sorted(self.vm_ids.items()):
-            args = ["--mode", "node", "--node-id", vm_id, "--device-dir", str(self.device_root / vm_id)]
-            if self.options.host_topology:
-                args.append("--host-topology")
-            self.processes[f"node-{vm_name}"] = await self._frontend(f"node-{vm_name}", self.node_sockets[vm_name],
-                                                                     *args)
+        for vm_name in sorted(self.vm_ids):
+            await self._start_node(vm_name)
+
+    async def _start_node(self, vm_name: str) -> ServiceProcess:
+        vm_id = self.vm_ids[vm_name]
+        args = ["--mode", "node", "--node-id", vm_id, "--device-dir", str(self.device_root / vm_id)]
+        if self.options.host_topology:
+            args.append("--host-topology")
+        proc = await self._frontend(f"node-{vm_name}", self.node_sockets[vm_name], *args)
+        self.processes[f"node-{vm_name}"] = proc
+        return proc
 
     async def sr_id(self, name: str) -> str:
         return next(sr.id for sr in await self.xo.find_srs() if sr.name_label == name)
@@ -154,7 +171,10 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
     """Start everything ``options`` asks for under ``work`` (logs in ``work/logs``) and stop it on exit."""
     exits = contextlib.AsyncExitStack()
     async with exits:
-        amqp_url, redis_url, management_url = await _brokers(exits, options)
+        rabbit, redis = await _brokers(exits, options)
+        amqp_url = options.amqp_url or (rabbit.endpoint.amqp_url if rabbit else None)
+        redis_url = options.redis_url or (redis.endpoint.url if redis else None)
+        management_url = rabbit.endpoint.management_url if rabbit else None
         device_root = work / "devices"
         sim_argv = [sys.executable, "-m", "services.xo_simulator", "--topology", options.topology,
                     "--listen", "127.0.0.1:0", "--admin", *options.sim_args]
@@ -169,7 +189,7 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
         vms = {vm["name_label"]: vm["id"] for vm in await xo.get_objects({"type": "VM"})}
         stack = Stack(options, work, match.group(1), xo, vms, device_root, work / "controller.sock",
                       {name: work / f"{name}.sock" for name in vms}, amqp_url, redis_url, management_url,
-                      processes={"xo-sim": sim}, exits=exits)
+                      rabbit, redis, processes={"xo-sim": sim}, exits=exits)
         exits.push_async_callback(lambda: asyncio.gather(*(c.close() for c in stack._channels)))
         await stack.start_controller()
         await stack.start_nodes()
@@ -179,13 +199,11 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
 
 
 async def _brokers(exits: contextlib.AsyncExitStack, options: StackOptions
-                   ) -> tuple[str | None, str | None, str | None]:
-    if options.amqp_url and options.redis_url:
-        return options.amqp_url, options.redis_url, None
-    if options.migrators == 0 and not options.management:
-        return None, None, None
+                   ) -> tuple[LocalRabbit | None, LocalRedis | None]:
+    if (options.amqp_url and options.redis_url) or (options.migrators == 0 and not options.management):
+        return None, None
     rabbit, redis = LocalRabbit(), LocalRedis()
-    await asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
     exits.callback(rabbit.stop)
     exits.callback(redis.stop, crash=True)
-    return rabbit.endpoint.amqp_url, redis.endpoint.url, rabbit.endpoint.management_url
+    await asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    return rabbit, redis
