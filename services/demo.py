@@ -35,7 +35,8 @@ from shared.units import format_size, parse_size
 T = TypeVar("T")
 console = Console()
 CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
-                               access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+                               access_mode=csi_pb2.VolumeCapability.AccessMode(
+                                   mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 VOLUME = "pvc-demo"
 DATA_BYTES = 96 << 20
 

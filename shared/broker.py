@@ -64,15 +64,30 @@ class Publisher:
                     await declare(self._channel)
             return self._channel
 
-    async def request(self, request: messages.MigrationRequested, *, attempt: int = 1) -> None:
-        """Publish a migration request to the jobs queue (persistent, mandatory, confirmed)."""
-        headers: HeadersType = {
-            messages.HEADER_DISK_NAME: request.disk_name,
-            messages.HEADER_TARGET_HOST: request.host_id,
-            messages.HEADER_ATTEMPT: attempt,
-        }
+    async def request(self, request: messages.MigrationRequested) -> None:
+        """Publish a migration request to the jobs queue (persistent, mandatory, confirmed); the ``attempt``
+        header repeats ``request.attempt``."""
         await self._publish(
             messages.JOBS_EXCHANGE, messages.JOBS_ROUTING_KEY, request.to_body(),
+            message_id=request.job_id, correlation_id=request.correlation_id, headers=_request_headers(request),
+            mandatory=True,
+        )
+
+    async def dead_letter(
+        self, request: messages.MigrationRequested, *, reason: str, error: messages.FailureReason, worker: str
+    ) -> None:
+        """Publish a failed job's request to the dead-letter exchange (so it lands in the dead-letter queue,
+        where ``xocsi jobs requeue`` can send it back), with why in the ``x-xocsi-*`` headers. Mandatory and
+        confirmed: BackendUnavailable when it is not safely there."""
+        headers = _request_headers(request)
+        headers.update({
+            messages.HEADER_REASON: reason,
+            messages.HEADER_ERROR_CODE: error.code,
+            messages.HEADER_ERROR: error.message[:1000],
+            messages.HEADER_WORKER: worker,
+        })
+        await self._publish(
+            messages.DEAD_LETTER_EXCHANGE, messages.JOBS_ROUTING_KEY, request.to_body(),
             message_id=request.job_id, correlation_id=request.correlation_id, headers=headers, mandatory=True,
         )
 
@@ -110,6 +125,19 @@ class Publisher:
         if isinstance(confirmation, aiormq.spec.Basic.Nack):
             raise BackendUnavailable(f"RabbitMQ refused (nack) message {message_id} to {exchange_name}; retry later")
 
+    @property
+    def is_connected(self) -> bool:
+        """Whether the (robust) connection is up now (readiness); the channel reopens on the next publish."""
+        return self._connection.connected.is_set() and not self._connection.is_closed
+
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await asyncio.shield(self._channel.close())
+
+
+def _request_headers(request: messages.MigrationRequested) -> dict[str, Any]:
+    return {
+        messages.HEADER_DISK_NAME: request.disk_name,
+        messages.HEADER_TARGET_HOST: request.host_id,
+        messages.HEADER_ATTEMPT: request.attempt,
+    }

@@ -1,13 +1,21 @@
-"""The per-disk in-flight migration job record in Redis: create-or-join, worker progress, the outcome.
+"""The per-disk migration job record in Redis: create-or-join, a worker's claim, heartbeat and hand-back, the
+reaper's takeover, the outcome. Every state change is one Lua script, so it is atomic across replicas.
 
 One JSON record per disk name (key from ``shared/locks.py``), always with a TTL. While a job is queued or
-running, every requester (retries, concurrent publishes, other frontend replicas) joins it instead of
-publishing again; a finished record is kept ``result_ttl_s`` so a late waiter still learns the outcome.
+running, every requester joins it instead of publishing again; a finished record is kept ``result_ttl_s``.
+A ``running`` record belongs to the claim token ``claim`` (new on every claim and takeover): a worker's
+writes compare job id + claim, so a worker that lost its job (reaped, handed back) cannot overwrite the new
+owner's state. ``heartbeat_ms`` is Redis server time (``TIME``), so staleness never depends on pod clocks.
+The state machine is drawn in docs/migrations.md.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import redis.asyncio as aioredis
@@ -15,36 +23,123 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from shared.errors import BackendFailure, BackendUnavailable
-from shared.locks import disk_job_key
-from shared.messages import MigrationFinished, utc_now
+from shared.locks import disk_job_key, disk_job_pattern
+from shared.messages import MigrationFinished, MigrationRequested, utc_now
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
+ClaimOutcome = Literal["claimed", "duplicate", "finished", "superseded"]
 
-# KEYS[1] record key; ARGV[1] new record, ARGV[2] ttl ms. Returns the active record found, or nil once set.
-_CREATE_OR_JOIN = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, record = pcall(cjson.decode, current)
-  if ok and (record.state == 'queued' or record.state == 'running') then return current end
+# Shared by every script: Redis server time in ms, and reading/writing a record (unreadable counts as absent).
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
+local function load(key)
+  local raw = redis.call('GET', key)
+  if not raw then return nil, nil end
+  local ok, record = pcall(cjson.decode, raw)
+  if not ok or type(record) ~= 'table' then return nil, raw end
+  return record, raw
+end
+local function store(key, record, ttl_ms)
+  local encoded = cjson.encode(record)
+  redis.call('SET', key, encoded, 'PX', ttl_ms)
+  return encoded
+end
+local function active(record)
+  return record.state == 'queued' or record.state == 'running'
+end
 """
 
-# KEYS[1] record key; ARGV[1] job id; ARGV[2] new record ('' deletes); ARGV[3] ttl ms. 1 when the job matched.
-_REPLACE_IF_JOB = """
-local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
-local ok, record = pcall(cjson.decode, current)
-if not ok or record.job_id ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+# ARGV: new queued record, ttl ms. Returns {1, stored record} when created, {0, active record} when joined.
+_CREATE_OR_JOIN = _PRELUDE + """
+local record, raw = load(KEYS[1])
+if record and active(record) then return {0, raw} end
+local new = cjson.decode(ARGV[1])
+new.heartbeat_ms = now_ms()
+return {1, store(KEYS[1], new, ARGV[2])}
+"""
+
+# ARGV: job id, claim token, worker, message attempt, stale-after ms, ttl ms, record to create when none.
+# Returns {outcome, record}. See JobStore.claim for the rules.
+_CLAIM = _PRELUDE + """
+local now = now_ms()
+local record, raw = load(KEYS[1])
+local attempt = tonumber(ARGV[4])
+if record and record.job_id ~= ARGV[1] then
+  if active(record) then return {'superseded', raw} end
+  record = nil
+end
+if record then
+  if not active(record) then return {'finished', raw} end
+  local held = tonumber(record.attempt) or 1
+  local fresh = now - (tonumber(record.heartbeat_ms) or 0) < tonumber(ARGV[5])
+  if record.state == 'running' and attempt <= held and fresh then return {'duplicate', raw} end
+  if held > attempt then attempt = held end
+else
+  record = cjson.decode(ARGV[7])
+end
+record.state = 'running'
+record.claim = ARGV[2]
+record.worker = ARGV[3]
+record.attempt = attempt
+record.heartbeat_ms = now
+return {'claimed', store(KEYS[1], record, ARGV[6])}
+"""
+
+# ARGV: job id, claim token, ttl ms, the owner's record. 1 when the heartbeat was written (the claim still owns
+# the job; a record Redis lost, e.g. restarted without persistence, is written back from the owner's copy).
+_BEAT = _PRELUDE + """
+local record = load(KEYS[1])
+if not record then record = cjson.decode(ARGV[4]) end
+if record.job_id ~= ARGV[1] or record.state ~= 'running' or record.claim ~= ARGV[2] then return 0 end
+record.heartbeat_ms = now_ms()
+store(KEYS[1], record, ARGV[3])
 return 1
+"""
+
+# ARGV: job id, claim token, patch (JSON object of fields to set), ttl ms, the owner's record (written back
+# when Redis lost it). The stored record, or nil when the claim no longer owns the job.
+_RELEASE = _PRELUDE + """
+local record = load(KEYS[1])
+if not record then record = cjson.decode(ARGV[5]) end
+if record.job_id ~= ARGV[1] or record.state ~= 'running' or record.claim ~= ARGV[2] then return false end
+for field, value in pairs(cjson.decode(ARGV[3])) do record[field] = value end
+record.heartbeat_ms = now_ms()
+return store(KEYS[1], record, ARGV[4])
+"""
+
+# ARGV: job id, heartbeat ms seen, new claim token, worker, stale-after ms, ttl ms. The stored record when
+# this caller took the stale job over, nil when it is not stale any more or another reaper won.
+_TAKE_OVER = _PRELUDE + """
+local now = now_ms()
+local record = load(KEYS[1])
+if not record or record.job_id ~= ARGV[1] or record.state ~= 'running' then return false end
+local heartbeat = tonumber(record.heartbeat_ms) or 0
+if heartbeat ~= tonumber(ARGV[2]) or now - heartbeat < tonumber(ARGV[5]) then return false end
+record.claim = ARGV[3]
+record.worker = ARGV[4]
+record.heartbeat_ms = now
+return store(KEYS[1], record, ARGV[6])
+"""
+
+# ARGV: job id. Deletes the record while it is still that job and still queued (nobody claimed it).
+_ABANDON = _PRELUDE + """
+local record = load(KEYS[1])
+if record and record.job_id == ARGV[1] and record.state == 'queued' then redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
 class JobRecord(BaseModel):
-    """What Redis knows about a disk's current (or last) migration job."""
+    """What Redis knows about a disk's current (or last) migration job.
+
+    ``attempt`` is the highest attempt published for it; ``claim`` and ``worker`` name the owner while
+    running; ``heartbeat_ms`` is the Redis time of the last state change or heartbeat; ``request`` is the
+    full request, so that the job can be published again without its original message.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -53,18 +148,40 @@ class JobRecord(BaseModel):
     target_host: str
     state: JobState
     created_at: datetime
-    heartbeat_at: datetime | None = None
+    attempt: int = 1
+    heartbeat_ms: int | None = None
     worker: str | None = None
+    claim: str | None = None
+    request: MigrationRequested | None = None
     result: MigrationFinished | None = None
 
     @property
     def is_active(self) -> bool:
         return self.state in ACTIVE_STATES
 
+    @property
+    def heartbeat_at(self) -> datetime | None:
+        return datetime.fromtimestamp(self.heartbeat_ms / 1000, UTC) if self.heartbeat_ms is not None else None
+
+    def age_s(self, now_ms: int) -> float | None:
+        """Seconds since the last heartbeat (or state change), by Redis time ``now_ms``."""
+        return max(now_ms - self.heartbeat_ms, 0) / 1000 if self.heartbeat_ms is not None else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a delivery found: ``claimed`` (``record`` is now running under this claim), ``duplicate``
+    (another live claim holds the job), ``finished`` (the job is done), ``superseded`` (another job of the
+    disk is active). Only ``claimed`` means: run it."""
+
+    outcome: ClaimOutcome
+    record: JobRecord
+
 
 class JobStore:
     """Job records under ``prefix``. Every method is one bounded Redis round trip (the client's socket
-    timeout); Redis errors become BackendUnavailable. Updates apply only while the record is still this job's."""
+    timeout); Redis errors become BackendUnavailable, an unreadable record BackendFailure. Writes by a worker
+    apply only while its claim still owns the record (the return value says whether it did)."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, *, active_ttl_s: float, result_ttl_s: float) -> None:
         self._redis = redis
@@ -75,16 +192,13 @@ class JobStore:
     def key(self, disk_name: str) -> str:
         return disk_job_key(self._prefix, disk_name)
 
-    async def create_or_join(self, disk_name: str, job_id: str, target_host: str) -> tuple[JobRecord, bool]:
-        """The disk's active job, or a new queued one with ``job_id``; the flag says whether it was created."""
-        record = JobRecord(job_id=job_id, disk_name=disk_name, target_host=target_host, state="queued",
-                           created_at=utc_now())
-        found = await self._call(_CREATE_OR_JOIN, disk_name, record.model_dump_json(), self._active_ttl_ms)
-        if found is None:
-            return record, True
-        if not isinstance(found, bytes | str):
-            raise BackendFailure(f"Redis answered {type(found).__name__} for the job of disk {disk_name}")
-        return _decode(found), False
+    async def create_or_join(self, request: MigrationRequested) -> tuple[JobRecord, bool]:
+        """The disk's active job, or a new queued one for ``request``; the flag says whether it was created."""
+        record = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.host_id,
+                           state="queued", created_at=utc_now(), attempt=request.attempt, request=request)
+        created, raw = _pair(await self._call(_CREATE_OR_JOIN, request.disk_name, record.model_dump_json(),
+                                              self._active_ttl_ms))
+        return _decode(raw), created == 1
 
     async def get(self, disk_name: str) -> JobRecord | None:
         try:
@@ -93,29 +207,104 @@ class JobStore:
             raise BackendUnavailable(f"Redis is unreachable while reading the job of disk {disk_name}") from exc
         return _decode(raw) if raw is not None else None
 
-    async def running(self, record: JobRecord, worker: str) -> JobRecord | None:
-        """Mark the job running (also the worker heartbeat: call it again to refresh); None if it is gone."""
-        updated = record.model_copy(update={"state": "running", "worker": worker, "heartbeat_at": utc_now()})
-        return updated if await self._replace(updated, self._active_ttl_ms) else None
+    async def claim(self, request: MigrationRequested, worker: str, *, stale_after_s: float) -> Claim:
+        """Claim the job of a delivered ``request`` for ``worker``, atomically.
+
+        Claimed when the record is queued, or running with a heartbeat older than ``stale_after_s`` (its
+        worker died), or running at a lower attempt than the message (its holder is handing it back), or
+        absent (expired: it is recreated from the request). Otherwise nothing changes: ``duplicate``,
+        ``finished`` or ``superseded``.
+        """
+        fallback = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.host_id,
+                             state="queued", created_at=utc_now(), attempt=request.attempt, request=request)
+        outcome, raw = _pair(await self._call(
+            _CLAIM, request.disk_name, request.job_id, uuid.uuid4().hex, worker, request.attempt,
+            int(stale_after_s * 1000), self._active_ttl_ms, fallback.model_dump_json(),
+        ))
+        return Claim(outcome=_claim_outcome(outcome), record=_decode(raw))
+
+    async def beat(self, record: JobRecord) -> bool:
+        """Refresh the heartbeat of a running job; False once ``record.claim`` no longer owns it. A record
+        Redis lost (restart without persistence, expiry) is written back from ``record``: the job goes on."""
+        return bool(await self._call(_BEAT, record.disk_name, record.job_id, record.claim or "",
+                                     self._active_ttl_ms, record.model_dump_json()))
+
+    async def requeue(self, record: JobRecord, attempt: int) -> JobRecord | None:
+        """Hand a running job back to the queue (state queued, ``attempt``); None when the claim lost it
+        (e.g. the re-published message was claimed already)."""
+        patch = {"state": "queued", "attempt": attempt, "claim": None, "worker": None}
+        return await self._release(record, patch, self._active_ttl_ms)
 
     async def finish(self, record: JobRecord, result: MigrationFinished) -> bool:
-        """Store the outcome for ``result_ttl_s``; False when the record no longer names this job."""
-        updated = record.model_copy(update={"state": result.outcome, "result": result, "heartbeat_at": utc_now()})
-        return await self._replace(updated, self._result_ttl_ms)
+        """Store the outcome for ``result_ttl_s``; False when the claim no longer owns the job."""
+        patch = {"state": result.outcome, "result": result.model_dump(mode="json"), "claim": None}
+        return await self._release(record, patch, self._result_ttl_ms) is not None
+
+    async def take_over(self, record: JobRecord, worker: str, *, stale_after_s: float) -> JobRecord | None:
+        """Take a running job whose heartbeat is still ``record.heartbeat_ms`` and older than
+        ``stale_after_s`` (its worker is gone): it gets a new claim owned by ``worker``. None when the job
+        moved on or another reaper won."""
+        raw = await self._call(_TAKE_OVER, record.disk_name, record.job_id, record.heartbeat_ms or 0,
+                               uuid.uuid4().hex, worker, int(stale_after_s * 1000), self._active_ttl_ms)
+        return _decode(_text(raw)) if raw is not None else None
 
     async def abandon(self, disk_name: str, job_id: str) -> None:
-        """Delete the record if it is still ``job_id`` (its request could not be published)."""
-        await self._call(_REPLACE_IF_JOB, disk_name, job_id, "", 0)
+        """Delete the record if it is still ``job_id`` and still queued (its request could not be published)."""
+        await self._call(_ABANDON, disk_name, job_id)
 
-    async def _replace(self, record: JobRecord, ttl_ms: int) -> bool:
-        return bool(await self._call(_REPLACE_IF_JOB, record.disk_name, record.job_id, record.model_dump_json(),
-                                     ttl_ms))
+    async def records(self, *, batch: int = 200) -> list[JobRecord]:
+        """Every readable job record under the prefix (SCAN, never KEYS); unreadable ones are skipped."""
+        found: list[JobRecord] = []
+        try:
+            keys = [key async for key in self._redis.scan_iter(match=disk_job_pattern(self._prefix), count=batch)]
+            for start in range(0, len(keys), batch):
+                for raw in await self._redis.mget(keys[start:start + batch]):
+                    if raw is not None:
+                        try:
+                            found.append(JobRecord.model_validate_json(raw))
+                        except ValidationError:
+                            continue  # someone else's key under our pattern, or garbage: not a job to act on
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unreachable while listing job records") from exc
+        return sorted(found, key=lambda r: r.disk_name)
+
+    async def now_ms(self) -> int:
+        """Redis server time in ms (the clock of ``heartbeat_ms``)."""
+        try:
+            seconds, micros = await self._redis.time()
+        except RedisError as exc:
+            raise BackendUnavailable("Redis is unreachable while reading its time") from exc
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _release(self, record: JobRecord, patch: Mapping[str, object], ttl_ms: int) -> JobRecord | None:
+        raw = await self._call(_RELEASE, record.disk_name, record.job_id, record.claim or "", json.dumps(patch),
+                               ttl_ms, record.model_dump_json())
+        return _decode(_text(raw)) if raw is not None else None
 
     async def _call(self, script: str, disk_name: str, *args: str | int) -> object:
         try:
             return await self._redis.eval(script, 1, self.key(disk_name), *args)
         except RedisError as exc:
             raise BackendUnavailable(f"Redis is unreachable while updating the job of disk {disk_name}") from exc
+
+
+def _text(raw: object) -> bytes | str:
+    if not isinstance(raw, bytes | str):
+        raise BackendFailure(f"Redis answered {type(raw).__name__} where a job record was expected")
+    return raw
+
+
+def _pair(answer: object) -> tuple[object, bytes | str]:
+    if not isinstance(answer, list) or len(answer) != 2:
+        raise BackendFailure(f"Redis answered {answer!r:.80} where [flag, record] was expected")
+    first = answer[0].decode() if isinstance(answer[0], bytes) else answer[0]
+    return first, _text(answer[1])
+
+
+def _claim_outcome(value: object) -> ClaimOutcome:
+    if value == "claimed" or value == "duplicate" or value == "finished" or value == "superseded":
+        return value
+    raise BackendFailure(f"the claim script answered {value!r}")
 
 
 def _decode(raw: bytes | str) -> JobRecord:

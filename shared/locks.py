@@ -29,6 +29,12 @@ def disk_job_key(prefix: str, disk_name: str) -> str:
     return f"{prefix}job:disk:{disk_name}"
 
 
+def disk_job_pattern(prefix: str) -> str:
+    """SCAN MATCH pattern of every job record under ``prefix`` (glob characters in the prefix escaped)."""
+    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix)
+    return f"{escaped}job:disk:*"
+
+
 class LockLost(OperationPending):
     """The lock expired or was taken over while held (heartbeat failed); stop before the next XO write."""
 

@@ -28,6 +28,14 @@ HEADER_DISK_NAME = "disk_name"
 HEADER_TARGET_HOST = "target_host"
 HEADER_ATTEMPT = "attempt"
 HEADER_DELIVERY_COUNT = "x-delivery-count"
+# Headers of a request the migrator itself dead-letters (a failed job); the broker's own dead-lettering
+# (unreadable body, delivery limit) sets x-death / x-first-death-reason instead.
+HEADER_REASON = "x-xocsi-reason"  # one of DEAD_REASONS
+HEADER_ERROR_CODE = "x-xocsi-error-code"  # the domain error class name, e.g. CapacityExhausted
+HEADER_ERROR = "x-xocsi-error"  # the error message
+HEADER_WORKER = "x-xocsi-worker"  # the worker that gave up
+HEADER_FIRST_DEATH_REASON = "x-first-death-reason"  # set by RabbitMQ: rejected, delivery_limit, expired ...
+DEAD_REASONS = ("failed", "attempts_exhausted")  # permanent error / retryable error on the last attempt
 
 
 def jobs_queue_arguments(delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
@@ -70,6 +78,8 @@ class MigrationRequested(_Message):
     """Move disk ``disk_name`` to an SR of ``tag`` usable from ``host_id`` (in ``pool_id``) for VM ``vm_id``.
 
     ``job_id`` is the idempotency key (the AMQP message_id too); ``vdi_id_seen`` is the VDI the requester saw.
+    ``attempt`` counts the publishes of this job (1 = the requester's; each hand-back by a worker, retry or
+    reaper adds one): a claim of a higher attempt takes over from the holder of a lower one (shared/jobs.py).
     """
 
     job_id: str = Field(min_length=1)
@@ -82,6 +92,11 @@ class MigrationRequested(_Message):
     pool_id: str = Field(min_length=1)
     requested_at: datetime
     correlation_id: str
+    attempt: int = Field(default=1, ge=1)
+
+    def next_attempt(self) -> MigrationRequested:
+        """The same request, to be published once more (``attempt`` + 1)."""
+        return self.model_copy(update={"attempt": self.attempt + 1})
 
 
 M = TypeVar("M", bound="_Message")

@@ -99,9 +99,9 @@ async def _migration_gate(
     stack.push_async_callback(connection.close)
     publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)
     stack.push_async_callback(publisher.close)
-    # active TTL: longer than a migration is expected to go without a worker heartbeat refreshing it.
-    jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=900.0, result_ttl_s=120.0)
-    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo)
+    jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
+                    result_ttl_s=settings.job_result_ttl_s)
+    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo, margin_s=settings.publish_margin_s)
     stack.push_async_callback(gate.close)
     log.info("migrations_enabled")
     return gate

@@ -19,7 +19,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.json_format import MessageToDict, MessageToJson
 from google.protobuf.message import Message
 
-from services.csi_frontend import cli_render
+from services.csi_frontend import cli_jobs, cli_render
 from services.csi_frontend.cli_commands import COMMANDS, GROUPS, Command
 from services.csi_frontend.cli_request import (
     DEFAULT_ENDPOINT,
@@ -81,6 +81,7 @@ def build_parser(default_endpoint: str = DEFAULT_ENDPOINT) -> argparse.ArgumentP
         command.configure(leaf)
         _global_options(leaf, default_endpoint, suppress=True)
         leaf.set_defaults(command=command, leaf_parser=leaf)
+    cli_jobs.register(top)  # `jobs` talks to Redis and RabbitMQ, not to the CSI endpoint
     return parser
 
 
@@ -178,6 +179,8 @@ def parse_args(argv: Sequence[str] | None = None, *, default_endpoint: str = DEF
     printing the subcommand's usage (argparse's convention).
     """
     args = build_parser(default_endpoint).parse_args(argv)
+    if getattr(args, "jobs_action", None) is not None:
+        return args
     try:
         endpoint_target(args.endpoint)
         args.requests = _requests(args.command, args)
@@ -193,6 +196,8 @@ async def execute(args: argparse.Namespace, *, out: TextIO | None = None, err: T
     """
     out = out or sys.stdout
     err = err or sys.stderr
+    if getattr(args, "jobs_action", None) is not None:
+        return await cli_jobs.execute(args, out=out, err=err)
     command: Command = args.command
     try:
         result = await _execute(command, args, args.requests)

@@ -80,10 +80,10 @@ class QueueMigrationGate:
         timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
         try:
             async with timer, self._events(name) as events:
-                record, created = await self._jobs.create_or_join(name, messages.new_job_id(), place.host_id)
+                record, created = await self._jobs.create_or_join(_request(disk, place))
                 job_id = record.job_id
                 if created:
-                    await self._request(disk, place, record)
+                    await self._publish(record)
                 log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created)
                 result = await self._wait(name, record, events)
         except TimeoutError as exc:
@@ -93,15 +93,10 @@ class QueueMigrationGate:
                                    "running; the attacher's retry will pick it up") from exc
         return await self._outcome(disk, place, result)
 
-    async def _request(self, disk: Disk, place: NodePlace, record: JobRecord) -> None:
-        assert disk.tag is not None
-        request = MigrationRequested(
-            job_id=record.job_id, disk_name=record.disk_name, volume_id=str(disk.volume_id),
-            vdi_id_seen=disk.vdi.id, tag=disk.tag, vm_id=place.vm.id, host_id=place.host_id,
-            pool_id=place.pool_id, requested_at=messages.utc_now(), correlation_id=uuid.uuid4().hex,
-        )
+    async def _publish(self, record: JobRecord) -> None:
+        assert record.request is not None, "create_or_join stores the request"
         try:
-            await self._publisher.request(request)
+            await self._publisher.request(record.request)
         except BaseException:
             # Unpublished: drop the record so the next try (ours or another replica's) publishes again.
             await asyncio.shield(self._jobs.abandon(record.disk_name, record.job_id))
@@ -186,3 +181,13 @@ class QueueMigrationGate:
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await asyncio.shield(self._channel.close())
+
+
+def _request(disk: Disk, place: NodePlace) -> MigrationRequested:
+    """A new job's request (stored in the job record too, so a worker or the reaper can publish it again)."""
+    assert disk.tag is not None
+    return MigrationRequested(
+        job_id=messages.new_job_id(), disk_name=disk.vdi.name_label, volume_id=str(disk.volume_id),
+        vdi_id_seen=disk.vdi.id, tag=disk.tag, vm_id=place.vm.id, host_id=place.host_id, pool_id=place.pool_id,
+        requested_at=messages.utc_now(), correlation_id=uuid.uuid4().hex,
+    )

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from services.migrator.consumer import Consumer
+from services.migrator.health import HealthServer, connected
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
 from shared import broker
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-key-prefix", help="prefix of Redis keys (default xocsi:)")
     p.add_argument("--xoa-url", help="XOA_URL")
     p.add_argument("--xoa-insecure", action="store_true", default=None, help="skip TLS verification (testing)")
-    p.add_argument("--grace", type=float, help="seconds in-flight migrations may finish after SIGTERM")
+    p.add_argument("--grace", type=float, help="seconds in-flight migrations may finish after SIGTERM before "
+                   "they are handed back to the queue")
+    p.add_argument("--health-port", type=int, help="serve /livez and /readyz on this port (default 0 = off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -46,6 +49,8 @@ def load_settings(args: argparse.Namespace) -> tuple[MigratorSettings, RabbitSet
         migrator["concurrency"] = args.concurrency
     if args.grace is not None:
         migrator["grace_s"] = args.grace
+    if args.health_port is not None:
+        migrator["health_port"] = args.health_port
     rabbit = RabbitSettings(**({"amqp_url": args.amqp_url} if args.amqp_url else {}))
     redis_args: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
     if args.redis_key_prefix:
@@ -81,6 +86,14 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
                            lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s)
         consumer = Consumer(connection, publisher, jobs, deps, settings)
         await consumer.start()
+        if settings.health_port:
+            health = HealthServer(
+                loop_age_s=consumer.loop_age_s, liveness_timeout_s=settings.liveness_timeout_s,
+                probe_timeout_s=settings.probe_timeout_s,
+                checks={"rabbitmq": lambda: connected(publisher), "redis": redis.ping, "xo": xo.ping},
+            )
+            await health.start(settings.health_host, settings.health_port)
+            stack.push_async_callback(health.close)
         log.info("migrator_ready", worker=settings.worker_name)
         await stop.wait()
         log.info("migrator_stopping", grace_s=settings.grace_s)

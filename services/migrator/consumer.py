@@ -1,9 +1,28 @@
-"""The migrator's consume loop and its ack policy; ``drain()`` for tests, ``stop(grace)`` for SIGTERM.
+"""The migrator's consume loop: claim each delivery in Redis, ack it at once, run the job in a task this worker
+owns; ``stop(grace)`` for SIGTERM, ``drain()`` for tests. Outcomes live in outcome.py, the reaper in reaper.py.
 
-Policy (stated once, here): success -> record + event, *then* ack. Retryable domain error -> jittered
-capped backoff, then requeue while ``x-delivery-count`` is below the delivery limit. Permanent error (or the
-last allowed delivery) -> failed record + event, then reject without requeue -> dead-letter queue.
-Unreadable message -> reject without requeue (dead-lettered), the worker keeps running.
+Why ack-on-claim: a migration can outlast RabbitMQ's consumer_timeout (30 min by default), after which the
+broker closes the channel and requeues every unacked delivery, and aiormq cancels the consumer callbacks of a
+closed channel. So a message only carries a job to a worker; from the claim on, the Redis job record is the
+truth (states and crash points: docs/migrations.md).
+
+1. Unreadable body -> reject without requeue (the broker dead-letters it); the worker keeps running.
+2. Take a slot (``concurrency``). Prefetch is 1 and taking the last slot pauses the consumer (basic.cancel)
+   *before* the ack, so no delivery ever waits unacked for a slot (it would hit consumer_timeout).
+3. Claim (shared/jobs.py, one Lua script): queued, stale, lower attempt or absent -> running under a new
+   claim token; duplicate / finished / superseded -> ack and drop. Redis down -> backoff, nack(requeue):
+   the quorum queue's delivery limit and dead-letter exchange are the safety net for that.
+4. Ack (shielded). Then ``handle()`` runs in a task of ours while a heartbeat refreshes the record every
+   ``job_heartbeat_s``; a heartbeat finding the job gone (reaped, taken over) cancels the handler.
+5. Success -> record + event. Retryable error -> capped jittered backoff, hand back (publish attempt + 1,
+   record -> queued). Permanent error or ``max_attempts`` reached -> dead-letter + failed record + event.
+
+Job states (the Redis record; who moves them and every crash point: docs/migrations.md)::
+
+    (none) --gate--> queued --claim--> running --success--> succeeded
+                       ^                 |  |--permanent error / last attempt--> failed (+ dead letter)
+                       +---hand back-----+  +--reaper / higher attempt: new claim, stays running
+                      (retry, SIGTERM, reaper; attempt + 1 published first)
 """
 
 from __future__ import annotations
@@ -12,184 +31,388 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from services.migrator.migrate import HandlerDeps, handle, heartbeat_every
+from services.migrator.migrate import HandlerDeps, handle
+from services.migrator.outcome import Outcomes, failure_of
+from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
 from shared import broker, messages
 from shared.errors import BackendUnavailable, DomainError
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import Claim, JobRecord, JobStore
 from shared.logging import get_logger
-from shared.messages import FailureReason, MigrationFinished, MigrationRequested
+from shared.messages import FailureReason, MigrationRequested
 
 log = get_logger(__name__)
 
+T = TypeVar("T")
+TICK_S = 1.0  # the consume loop wakes at least this often (liveness)
+HAND_BACK_TIMEOUT_S = 15.0  # stop(): bound on handing back the jobs still running after the grace period
+_AMQP_ERRORS = (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError)
+
+
+class JobLost(Exception):
+    """The heartbeat found the record owned by another claim (reaped, or taken over by a newer attempt)."""
+
+
+class Interrupted(Exception):
+    """stop() cancelled the handler after the grace period: hand the job back."""
+
+
+@dataclass
+class ConsumerStats:
+    """Counters for tests and logs (not a metrics API)."""
+
+    delivered: int = 0
+    claimed: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # by claim outcome: duplicate, finished, superseded
+    channel_closed: int = 0  # closed under us (e.g. consumer_timeout), not by stop()
+
+
+@dataclass
+class _Job:
+    record: JobRecord
+    work: asyncio.Task[Any] | None = None  # what _owned() runs now: the handler, or a backoff
+
+    def interrupt(self) -> None:
+        """stop(): cancel the handler (or backoff) so the job is handed back; an outcome step in progress ends."""
+        if self.work is not None:
+            self.work.cancel()
+
 
 class Consumer:
-    """Consumes ``xocsi.migrations`` with prefetch = concurrency and runs ``handle`` per message."""
+    """Consumes ``xocsi.migrations``, at most ``concurrency`` jobs at once, and runs the reaper."""
 
     def __init__(
         self, connection: AbstractRobustConnection, publisher: broker.Publisher, jobs: JobStore,
         deps: HandlerDeps, settings: MigratorSettings,
     ) -> None:
         self._connection = connection
-        self._publisher = publisher
         self._jobs = jobs
         self._deps = deps
         self._settings = settings
+        self._outcomes = Outcomes(publisher, jobs, worker=settings.worker_name, max_attempts=settings.max_attempts)
+        self._reaper = Reaper(jobs, self._outcomes, settings)
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
-        self._in_flight: set[asyncio.Task[object]] = set()
+        self._intake = asyncio.Lock()  # serialises consume/cancel of this object's consumer only
+        self._free = settings.concurrency
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._callbacks: set[asyncio.Task[Any]] = set()
+        self._running: dict[asyncio.Task[None], _Job] = {}
+        self._loops: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self.last_tick_s = time.monotonic()
+        self.stats = ConsumerStats()
 
     async def start(self) -> None:
-        """Open the channel, declare the topology, set QoS and start consuming."""
+        """Open the channel, declare the topology, start consuming and the reaper."""
         self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=self._settings.concurrency)
+        self._channel.close_callbacks.add(self._on_channel_closed)
+        await self._channel.set_qos(prefetch_count=1)  # concurrency is enforced by slots, see the docstring
         await broker.declare(self._channel, delivery_limit=self._settings.delivery_limit)
-        self._queue = await self._channel.get_queue(messages.JOBS_QUEUE, ensure=False)
-        self._tag = await self._queue.consume(self._on_message)
-        log.info("consumer_started", queue=messages.JOBS_QUEUE, concurrency=self._settings.concurrency)
+        # The queue object broker.declare registered on this robust channel: a consumer started on it is
+        # restored (same tag) when the channel reopens, e.g. after the broker closed it.
+        self._queue = await self._channel.declare_queue(messages.JOBS_QUEUE, passive=True)
+        await self._reconcile()
+        self._loops = [asyncio.create_task(self._consume_loop(), name="migrator-consume-loop"),
+                       asyncio.create_task(self._reaper.run(), name="migrator-reaper")]
+        log.info("consumer_started", queue=messages.JOBS_QUEUE, concurrency=self._settings.concurrency,
+                 stale_after_s=self._settings.stale_after_s, max_attempts=self._settings.max_attempts)
+
+    def loop_age_s(self) -> float:
+        """Seconds since the consume loop last ran (liveness)."""
+        return time.monotonic() - self.last_tick_s
+
+    @property
+    def channel(self) -> AbstractChannel | None:
+        """The consuming channel (robust: reopened, with its consumer, after the broker closes it)."""
+        return self._channel
 
     async def drain(self, timeout_s: float) -> None:
-        """Return once the jobs queue is empty and no message is in flight (tests await completion with it)."""
+        """Return once the jobs queue is empty and nothing is in flight (tests await completion with it)."""
         assert self._channel is not None, "start() first"
         async with asyncio.timeout(timeout_s):
             interval_s = 0.01
             while True:
                 await self._idle.wait()
-                declared = await self._channel.declare_queue(messages.JOBS_QUEUE, passive=True)
-                if declared.declaration_result.message_count == 0 and self._idle.is_set():
+                # On the underlying channel: the robust channel answers a passive declare from its cache.
+                underlay = await self._channel.get_underlay_channel()
+                declared = await underlay.queue_declare(messages.JOBS_QUEUE, passive=True)
+                if declared.message_count == 0 and self._idle.is_set():
                     return
                 # Messages are ready but not yet delivered to us: wait for a delivery (capped backoff).
                 await asyncio.sleep(interval_s)
                 interval_s = min(interval_s * 2, 0.2)
 
     async def stop(self, grace_s: float) -> None:
-        """Stop consuming, let in-flight messages finish within ``grace_s``, then cancel the rest (their
-        unacked messages are requeued by the broker when the channel closes)."""
-        if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(TimeoutError, RuntimeError, aiormq.exceptions.AMQPError):  # channel gone
-                await asyncio.wait_for(self._queue.cancel(self._tag), timeout=5)
-        if self._in_flight:
-            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
-            for task in pending:
-                task.cancel()
+        """Stop consuming and reaping, let running jobs finish within ``grace_s``, hand the others back to the
+        queue (their XO copies go on; the next owner waits for them), then close the channel."""
+        self._stopping = True
+        await self._stop_loops()
+        with contextlib.suppress(BackendUnavailable):
+            await self._reconcile()
+        if self._callbacks:  # deliveries being claimed now: let them start their job (or give it back)
+            await asyncio.wait(set(self._callbacks), timeout=self._settings.probe_timeout_s)
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=grace_s)
             if pending:
-                log.warning("migrations_cancelled_at_shutdown", count=len(pending))
-                await asyncio.wait(pending, timeout=5)
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+                log.warning("migrations_handed_back_at_shutdown", count=len(pending))
+                for task in pending:
+                    self._running[task].interrupt()
+                _, stuck = await asyncio.wait(pending, timeout=HAND_BACK_TIMEOUT_S)
+                for task in stuck:  # RabbitMQ or Redis down: the reaper of another worker hands them back
+                    task.cancel()
+                if stuck:
+                    await asyncio.wait(stuck, timeout=5)
+        await self._close_channel()
+
+    async def abort(self) -> None:
+        """Stop as a crash would: cancel everything without handing jobs back and close the channel. Running
+        records keep their claim and go stale, for another worker's reaper. Used by tests."""
+        self._stopping = True
+        await self._stop_loops()
+        tasks = [*self._running, *self._callbacks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._close_channel()
+
+    # -- intake: consume while a slot is free ------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        interval_s = 0.1
+        while True:
+            self.last_tick_s = time.monotonic()
+            try:
+                await self._reconcile()
+                interval_s = 0.1
+            except BackendUnavailable as exc:
+                log.warning("consumer_resume_failed", error=exc.message, retry_in_s=interval_s)
+                await asyncio.sleep(interval_s * random.uniform(0.5, 1.0))  # capped jittered backoff
+                interval_s = min(interval_s * 2, 5.0)
+                continue
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await self._changed.wait()
+
+    async def _reconcile(self) -> None:
+        """Consume when a slot is free and we are not stopping, else cancel the consumer."""
+        assert self._queue is not None
+        async with self._intake:
+            want = self._free > 0 and not self._stopping
+            try:
+                async with asyncio.timeout(self._settings.probe_timeout_s):
+                    if want and self._tag is None:
+                        self._tag = await self._queue.consume(self._on_message)
+                    elif not want and self._tag is not None:
+                        tag, self._tag = self._tag, None  # forgotten first: a dead channel has no consumer left
+                        await self._queue.cancel(tag)
+            except _AMQP_ERRORS as exc:
+                raise BackendUnavailable(f"cannot (un)subscribe the jobs queue ({type(exc).__name__})") from exc
+
+    def _release_slot(self) -> None:
+        self._free += 1
+        self._changed.set()
+
+    # -- delivery: parse, slot, claim, ack ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight.add(task)
+        self._callbacks.add(task)
         self._idle.clear()
-        try:
-            await self._process(message)
-        finally:
-            self._in_flight.discard(task)
-            if not self._in_flight:
-                self._idle.set()
-
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+        self.stats.delivered += 1
         structlog.contextvars.bind_contextvars(message_id=message.message_id, redelivered=message.redelivered,
                                               delivery_count=_delivery_count(message))
+        try:
+            await self._receive(message)
+        finally:
+            self._callbacks.discard(task)
+            self._update_idle()
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
         try:
             request = messages.parse_requested(message.body)
         except messages.MessageError as exc:
             log.error("message_rejected", reason=str(exc), outcome="dead_lettered")
-            await asyncio.shield(message.reject(requeue=False))
+            await _settle(message.reject(requeue=False))
             return
-        structlog.contextvars.bind_contextvars(disk_name=request.disk_name, correlation_id=request.correlation_id,
-                                              job_id=request.job_id)
+        structlog.contextvars.bind_contextvars(disk_name=request.disk_name, job_id=request.job_id,
+                                              correlation_id=request.correlation_id, attempt=request.attempt)
+        if self._free == 0 or self._stopping:
+            # Only when a reconnect restored the consumer while we were full, or during stop(): give it back.
+            await _settle(message.nack(requeue=True))
+            return
+        self._free -= 1
+        spawned = False
         try:
-            await self._run(request, message)
+            if self._free == 0:
+                with contextlib.suppress(BackendUnavailable):  # channel gone: nothing is delivered anyway
+                    await self._reconcile()
+            claim = await self._claim(request, message)
+            if claim is not None:
+                spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
+                await _settle(message.ack())
         finally:
-            structlog.contextvars.unbind_contextvars("message_id", "redelivered", "delivery_count", "disk_name",
-                                                     "correlation_id", "job_id")
+            if not spawned:
+                self._release_slot()
 
-    async def _run(self, request: MigrationRequested, message: AbstractIncomingMessage) -> None:
-        started = time.monotonic()
-        record = await self._job_of(request)
+    async def _claim(self, request: MigrationRequested, message: AbstractIncomingMessage) -> Claim | None:
         try:
-            result = await self._handle_with_heartbeat(request, record)
+            return await self._jobs.claim(request, self._settings.worker_name,
+                                          stale_after_s=self._settings.stale_after_s)
         except DomainError as exc:
-            await self._failed(request, message, record, exc, started)
+            delay_s = self._backoff_s(_delivery_count(message) + 1)
+            log.warning("claim_failed", error=exc.message, delay_s=round(delay_s, 3), outcome="requeued")
+            await asyncio.sleep(delay_s)  # capped jittered backoff before the requeue, not synchronisation
+            await _settle(message.nack(requeue=True))
+            return None
+
+    def _accept(self, claim: Claim) -> bool:
+        if claim.outcome != "claimed":
+            self.stats.dropped[claim.outcome] = self.stats.dropped.get(claim.outcome, 0) + 1
+            log.info("message_dropped", reason=claim.outcome, state=claim.record.state,
+                     holder=claim.record.worker, holder_job_id=claim.record.job_id)
+            return False
+        self.stats.claimed += 1
+        job = _Job(claim.record)
+        # Our own task, not aio-pika's callback task: closing the channel must not cancel a migration.
+        task = asyncio.create_task(self._run(job), name=f"migration:{claim.record.disk_name}")
+        self._running[task] = job
+        task.add_done_callback(self._job_done)
+        log.info("job_claimed", worker=self._settings.worker_name, attempt=claim.record.attempt)
+        return True
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._release_slot()
+        self._update_idle()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("migration_task_failed", error=repr(exc), exc_info=exc)  # a bug: the reaper recovers the job
+
+    def _update_idle(self) -> None:
+        if not self._running and not self._callbacks:
+            self._idle.set()
+
+    # -- one job: handle while heartbeating, then its outcome ----------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            await self._attempt(job)
+        except JobLost:
+            log.warning("migration_finished", outcome="lost", reason="another worker owns the job now")
+        except DomainError as exc:
+            # An outcome step failed (RabbitMQ or Redis down): the record keeps our claim, goes stale, and the
+            # reaper completes the job's way out.
+            log.warning("outcome_deferred_to_reaper", error=exc.message)
+
+    async def _attempt(self, job: _Job) -> None:
+        request = job.record.request
+        assert request is not None, "a claimed record always holds its request"
+        try:
+            result = await self._owned(job, handle(request, self._deps))
+        except Interrupted:
+            await self._outcomes.hand_back(job.record, reason="shutdown", error=FailureReason(
+                code="WorkerStopped", retryable=True, message=f"worker {self._settings.worker_name} stopped"))
+            return
+        except JobLost:
+            raise
+        except DomainError as exc:
+            await self._after_failure(job, exc)
             return
         except Exception as exc:  # a bug or an untranslated error: retried (bounded), then dead-lettered
             log.exception("migration_crashed")
-            await self._failed(request, message, record, BackendUnavailable(f"worker error: {exc!r}"), started)
+            await self._after_failure(job, BackendUnavailable(f"worker error: {exc!r}"))
             return
-        try:
-            await self._publish_outcome(record, result)
-        except BackendUnavailable:
-            # Not acked: the redelivery finds the disk in place (XO is the fence) and announces it again.
-            log.warning("outcome_not_published", outcome="requeued")
-            await asyncio.shield(message.nack(requeue=True))
+        await self._outcomes.succeeded(job.record, result)
+
+    async def _after_failure(self, job: _Job, exc: DomainError) -> None:
+        error = failure_of(exc)
+        if not exc.retryable:
+            await self._outcomes.failed(job.record, error, reason="failed")
             return
-        await asyncio.shield(message.ack())
-        log.info("migration_finished", outcome="succeeded", sr_to=result.sr_id, vdi=result.vdi_id,
-                 duration_ms=int((time.monotonic() - started) * 1000))
+        if job.record.attempt >= self._settings.max_attempts:
+            await self._outcomes.failed(job.record, error, reason="attempts_exhausted")
+            return
+        delay_s = self._backoff_s(job.record.attempt)
+        log.warning("migration_retry", error=exc.message, error_type=type(exc).__name__,
+                    delay_s=round(delay_s, 3))
+        with contextlib.suppress(Interrupted):  # stop() during the backoff: hand it back at once
+            await self._owned(job, asyncio.sleep(delay_s))  # capped jittered backoff; still heartbeating
+        await self._outcomes.hand_back(job.record, reason="retry", error=error)
 
-    async def _handle_with_heartbeat(self, request: MigrationRequested, record: JobRecord | None) -> MigrationFinished:
-        if record is None:
-            return await handle(request, self._deps)
-        worker = self._settings.worker_name
-
-        async def beat() -> None:
-            await self._jobs.running(record, worker)
-
-        # Not a TaskGroup: it would wrap the handler's domain error in an ExceptionGroup. The task is kept
-        # and awaited here, so it never outlives the message.
-        heartbeat = asyncio.create_task(heartbeat_every(self._settings.job_heartbeat_s, beat))
+    async def _owned(self, job: _Job, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` while heartbeating the job record; JobLost (and ``coro`` cancelled) once the record
+        belongs to another claim, Interrupted when stop() cancelled it."""
+        work = asyncio.create_task(coro)
+        job.work = work
         try:
-            return await handle(request, self._deps, on_progress=beat)
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=self._settings.job_heartbeat_s)
+                if done:
+                    if work.cancelled():
+                        raise Interrupted()
+                    return work.result()
+                if not await self._beat(job):
+                    raise JobLost()
         finally:
-            heartbeat.cancel()
-            await asyncio.wait([heartbeat])  # waits for the cancellation without swallowing ours
+            job.work = None
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})  # waits for the handler's cleanup (lock release) without swallowing ours
 
-    async def _failed(self, request: MigrationRequested, message: AbstractIncomingMessage,
-                      record: JobRecord | None, exc: DomainError, started: float) -> None:
-        count = _delivery_count(message)
-        if exc.retryable and count < self._settings.delivery_limit:
-            delay_s = min(self._settings.retry_backoff_max_s, 0.5 * 2**count) * random.uniform(0.5, 1.0)
-            log.warning("migration_retry", error=exc.message, error_type=type(exc).__name__, delay_s=delay_s,
-                        outcome="requeued")
-            await asyncio.sleep(delay_s)  # capped jittered backoff before the requeue, not synchronisation
-            await asyncio.shield(message.nack(requeue=True))
-            return
-        result = MigrationFinished(
-            job_id=request.job_id, disk_name=request.disk_name, outcome="failed",
-            error=FailureReason(code=type(exc).__name__, message=exc.message, retryable=exc.retryable),
-            duration_s=round(time.monotonic() - started, 3),
-        )
+    async def _beat(self, job: _Job) -> bool:
         try:
-            await self._publish_outcome(record, result)
-        except BackendUnavailable:
-            log.warning("outcome_not_published", outcome="dead_lettered")
-        log.error("migration_finished", outcome="failed", error=exc.message, error_type=type(exc).__name__)
-        await asyncio.shield(message.reject(requeue=False))
-
-    async def _publish_outcome(self, record: JobRecord | None, result: MigrationFinished) -> None:
-        if record is not None:
-            await self._jobs.finish(record, result)
-        await self._publisher.finished(result)
-
-    async def _job_of(self, request: MigrationRequested) -> JobRecord | None:
-        """The Redis record of this request's job (None when expired or replaced by a newer job)."""
-        try:
-            record = await self._jobs.get(request.disk_name)
+            return await self._jobs.beat(job.record)
         except DomainError as exc:
-            log.warning("job_record_unreadable", error=exc.message)
-            return None
-        return record if record is not None and record.job_id == request.job_id else None
+            # Transient: the next beat retries; stale_after_s (3 beats and a margin) covers a short outage.
+            log.warning("job_heartbeat_failed", error=exc.message)
+            return True
+
+    def _backoff_s(self, attempt: int) -> float:
+        base_s: float = 0.5 * 2.0 ** max(attempt - 1, 0)
+        return min(self._settings.retry_backoff_max_s, base_s) * random.uniform(0.5, 1.0)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def _stop_loops(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        if self._loops:
+            await asyncio.wait(self._loops)
+        self._loops = []
+
+    async def _close_channel(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await asyncio.shield(self._channel.close())
+
+    def _on_channel_closed(self, _channel: object, exc: BaseException | None) -> None:
+        if self._stopping:
+            return
+        self.stats.channel_closed += 1
+        log.warning("consumer_channel_closed", reason=str(exc) if exc else "closed")
+
+
+async def _settle(step: Coroutine[Any, Any, object]) -> None:
+    """Ack, nack or reject, shielded from cancellation; a closed channel only means the broker requeued the
+    delivery already (a redelivery finds the claim and is dropped as a duplicate)."""
+    try:
+        await asyncio.shield(step)
+    except _AMQP_ERRORS as exc:
+        log.warning("settle_failed", error=type(exc).__name__)
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:

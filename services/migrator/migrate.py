@@ -1,20 +1,19 @@
 """handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock.
 
-XO is the fence: every step re-reads XO first, so a redelivered or duplicate request finds the work done.
-Raises domain errors only (retryable ones are requeued by the consumer, the others dead-lettered).
+XO is the fence: every step re-reads XO first, so a redelivered, re-published or reaped request finds the
+work done (or XO's copy still running, which it waits for). Raises domain errors only (the consumer retries
+retryable ones, dead-letters the others).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from shared import placement, vdi_metadata
-from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
+from shared.errors import BackendFailure, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
 from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
@@ -35,21 +34,18 @@ class HandlerDeps:
     migrate_timeout_s: float
 
 
-async def handle(
-    request: MigrationRequested, deps: HandlerDeps, on_progress: Callable[[], Awaitable[None]] | None = None
-) -> MigrationFinished:
+async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
     """Bring disk ``request.disk_name`` onto an SR usable from ``request.host_id`` and say where it is.
 
-    Already there -> succeeded without migrating (a stale migration mark is cleared). Raises
-    OperationPending (lock held elsewhere, a copy still running in XO), VolumeNotFound, CapacityExhausted,
-    PlacementImpossible, PreconditionFailed (ambiguous duplicates) and the XoError tree.
+    Already there -> succeeded without migrating (a stale migration mark is cleared). A copy XO still runs
+    for the disk (started by a worker that died or was stopped) is waited for, up to ``migrate_timeout_s``.
+    Raises OperationPending (lock held elsewhere, XO still copying after that), LockLost, VolumeNotFound,
+    CapacityExhausted, PlacementImpossible, PreconditionFailed (ambiguous duplicates) and the XoError tree.
     """
     started = time.monotonic()
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
-        if on_progress is not None:
-            await on_progress()
-        vdi = await _source_vdi(deps.xo, request, lock)
+        vdi = await _source_vdi(deps.xo, request, lock, deps.migrate_timeout_s)
         vdi, sr_id = await _move(deps, request, vdi, lock)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
                              vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
@@ -89,9 +85,12 @@ async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock)
     return vdi
 
 
-async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock) -> Vdi:
-    """The disk's one VDI, after settling an interrupted copy (see ``settle_duplicates``)."""
+async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock, timeout_s: float) -> Vdi:
+    """The disk's one VDI, after XO finished a copy in flight and an interrupted copy was settled (see
+    ``settle_duplicates``)."""
     vdis = await xo.find_vdis(name_label=request.disk_name)
+    if any(v.current_operations for v in vdis):
+        vdis = await _settled(xo, request.disk_name, timeout_s)
     if not vdis:
         raise VolumeNotFound(f"disk {request.disk_name} does not exist in XO (no VDI with that name)")
     if len(vdis) == 1:
@@ -102,6 +101,22 @@ async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock)
                 sr_from=keep.sr_id, sr_to=stray.sr_id)
     await xo.delete_vdi(stray.id)
     return keep
+
+
+async def _settled(xo: XoClient, disk_name: str, timeout_s: float) -> list[Vdi]:
+    """The disk's VDIs once XO runs no operation on them. XO keeps copying when the worker that asked for
+    the copy dies or is stopped; its successor (holding the disk lock now) waits for that copy instead of
+    failing or starting another one. OperationPending when XO is still busy after ``timeout_s``."""
+    log.info("migration_in_flight_awaited", disk_name=disk_name, timeout_s=timeout_s)
+
+    async def idle() -> list[Vdi] | None:
+        vdis = await xo.find_vdis(name_label=disk_name)
+        return None if any(v.current_operations for v in vdis) else vdis
+
+    vdis = await xo.wait_until(idle, timeout_s=timeout_s, max_interval_s=2.0)
+    if vdis is None:
+        raise OperationPending(f"disk {disk_name}: XO is still copying it after {timeout_s:g} s")
+    return vdis
 
 
 def settle_duplicates(disk_name: str, vdis: list[Vdi], vdi_id_seen: str) -> tuple[Vdi, Vdi]:
@@ -131,13 +146,3 @@ def settle_duplicates(disk_name: str, vdis: list[Vdi], vdi_id_seen: str) -> tupl
                                  "cannot be told safely; remove the stray copy in XO")
     return source, stray
 
-
-async def heartbeat_every(interval_s: float, beat: Callable[[], Awaitable[None]]) -> None:
-    """Call ``beat`` every ``interval_s`` until cancelled (the job record's worker heartbeat). A failed beat
-    (Redis briefly down) is logged and retried at the next interval; the record's TTL covers the gap."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await beat()
-        except DomainError as exc:
-            log.warning("job_heartbeat_failed", error=exc.message)

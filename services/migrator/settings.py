@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import messages
@@ -29,6 +29,27 @@ class MigratorSettings(BaseSettings):
     job_active_ttl_s: float = Field(default=900.0, gt=0, description="TTL of a queued/running job record")
     job_result_ttl_s: float = Field(default=120.0, gt=0, description="how long a finished job's result is kept")
     job_heartbeat_s: float = Field(default=10.0, gt=0, description="how often a running job's record is refreshed")
-    delivery_limit: int = Field(default=messages.DELIVERY_LIMIT, ge=1, description="x-delivery-limit of the queue")
-    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="cap of the jittered delay before a requeue")
-    grace_s: float = Field(default=25.0, ge=0, description="SIGTERM: how long in-flight migrations may finish")
+    stale_after_s: float = Field(default=0.0, ge=0, description="a running job whose heartbeat is older is "
+                                 "reaped; 0 = 3 x job_heartbeat_s + 5 s")
+    reaper_interval_s: float = Field(default=15.0, gt=0, description="how often this worker looks for stale jobs")
+    max_attempts: int = Field(default=8, ge=1, description="publishes of one job (retries, hand-backs, reaps) "
+                              "before it fails and is dead-lettered")
+    delivery_limit: int = Field(default=messages.DELIVERY_LIMIT, ge=1, description="x-delivery-limit of the queue "
+                                "(deliveries that never reach the claim, e.g. Redis down)")
+    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="cap of the jittered delay before a retry")
+    grace_s: float = Field(default=25.0, ge=0, description="SIGTERM: how long in-flight migrations may finish "
+                           "before they are handed back to the queue")
+    health_port: int = Field(default=0, ge=0, le=65535, description="port of /livez and /readyz; 0 = off")
+    health_host: str = Field(default="0.0.0.0", description="address the health server listens on")
+    liveness_timeout_s: float = Field(default=60.0, gt=0, description="/livez fails once the consume loop has "
+                                      "not ticked for this long")
+    probe_timeout_s: float = Field(default=3.0, gt=0, description="bound on each readiness check")
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> MigratorSettings:
+        if self.stale_after_s == 0:
+            self.stale_after_s = 3 * self.job_heartbeat_s + 5.0
+        if self.stale_after_s <= self.job_heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed job_heartbeat_s "
+                             f"({self.job_heartbeat_s}): live jobs would be reaped")
+        return self

@@ -1,0 +1,85 @@
+"""How a job this worker owns ends: success recorded and announced; handed back to the queue (retry, shutdown,
+reaped) as attempt + 1; or failed: dead-lettered, recorded and announced. Used by the consumer and the reaper.
+
+Every publish is confirmed and happens *before* the record changes; the record changes only while this
+worker's claim still owns it. A BackendUnavailable leaves the record running under the claim with no more
+heartbeats, so the reaper finishes the hand-back later: nothing is lost, at worst a step repeats.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from shared import broker
+from shared.errors import DomainError
+from shared.jobs import JobRecord, JobStore
+from shared.logging import get_logger
+from shared.messages import FailureReason, MigrationFinished, utc_now
+
+log = get_logger(__name__)
+
+
+def failure_of(exc: DomainError) -> FailureReason:
+    """The wire form of a domain error (its class name is the code the frontend maps back)."""
+    return FailureReason(code=type(exc).__name__, message=exc.message, retryable=exc.retryable)
+
+
+class Outcomes:
+    """The three ways out of ``running``. Each method raises BackendUnavailable when RabbitMQ or Redis did not
+    take its step (see the module docstring for why that is safe)."""
+
+    def __init__(self, publisher: broker.Publisher, jobs: JobStore, *, worker: str, max_attempts: int) -> None:
+        self._publisher = publisher
+        self._jobs = jobs
+        self._worker = worker
+        self._max_attempts = max_attempts
+
+    async def succeeded(self, record: JobRecord, result: MigrationFinished) -> None:
+        """Record the result (kept ``result_ttl_s``), then announce it to the waiters."""
+        if not await self._jobs.finish(record, result):
+            log.warning("migration_finished", outcome="lost", reason="the job was taken over before it ended")
+            return
+        await self._announce(record, result)
+        log.info("migration_finished", outcome="succeeded", sr_to=result.sr_id, vdi=result.vdi_id,
+                 attempt=record.attempt, duration_ms=int(result.duration_s * 1000))
+
+    async def hand_back(self, record: JobRecord, *, reason: str, error: FailureReason) -> None:
+        """Publish the job again as attempt + 1, then mark the record queued (unless that message was claimed
+        already). Past ``max_attempts`` the job fails instead with ``error``; a record without its request
+        (written by an older version) fails too, as it cannot be published again."""
+        if record.request is None:
+            missing = FailureReason(code="JobRecordIncomplete", retryable=False,
+                                    message="the job record holds no request to publish again; retry the attach")
+            await self.failed(record, missing, reason="failed")
+            return
+        attempt = record.attempt + 1
+        if attempt > self._max_attempts:
+            await self.failed(record, error, reason="attempts_exhausted")
+            return
+        await self._publisher.request(record.request.model_copy(update={"attempt": attempt}))
+        queued = await self._jobs.requeue(record, attempt)
+        log.info("migration_finished", outcome="requeued", reason=reason, attempt=attempt,
+                 error=error.message, recorded=queued is not None)
+
+    async def failed(self, record: JobRecord, error: FailureReason, *, reason: str) -> None:
+        """Dead-letter the request (``reason`` and the error in its headers), record the failure, announce it."""
+        if record.request is not None:
+            request = record.request.model_copy(update={"attempt": record.attempt})
+            await self._publisher.dead_letter(request, reason=reason, error=error, worker=self._worker)
+        age = max(utc_now() - record.created_at, timedelta(0))
+        result = MigrationFinished(job_id=record.job_id, disk_name=record.disk_name, outcome="failed", error=error,
+                                   duration_s=round(age.total_seconds(), 3))
+        if not await self._jobs.finish(record, result):
+            log.warning("migration_finished", outcome="lost", reason="the job was taken over before it failed")
+            return
+        await self._announce(record, result)
+        log.error("migration_finished", outcome="failed", reason=reason, error=error.message,
+                  error_type=error.code, attempt=record.attempt)
+
+    async def _announce(self, record: JobRecord, result: MigrationFinished) -> None:
+        correlation_id = record.request.correlation_id if record.request is not None else None
+        try:
+            await self._publisher.finished(result, correlation_id=correlation_id)
+        except DomainError as exc:
+            # The record holds the result and waiters re-read it on a backoff: the event is only the wake-up.
+            log.warning("event_not_published", error=exc.message)

@@ -1,0 +1,75 @@
+"""The reaper: every migrator looks, every ``reaper_interval_s``, for running jobs whose worker stopped
+heartbeating (crashed, killed, cut off) and hands them back to the queue as attempt + 1.
+
+The takeover is one Lua script comparing job id + the heartbeat seen, so exactly one reaper acts on a stale
+job. The XO re-read in ``migrate.handle`` and the disk lock keep a reaped job from migrating twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import structlog
+
+from services.migrator.outcome import Outcomes
+from services.migrator.settings import MigratorSettings
+from shared.errors import DomainError
+from shared.jobs import JobRecord, JobStore
+from shared.logging import get_logger
+from shared.messages import FailureReason
+
+log = get_logger(__name__)
+
+
+class Reaper:
+    """Hands back stale running jobs; ``run()`` loops until cancelled, ``sweep()`` is one pass."""
+
+    def __init__(self, jobs: JobStore, outcomes: Outcomes, settings: MigratorSettings) -> None:
+        self._jobs = jobs
+        self._outcomes = outcomes
+        self._settings = settings
+
+    async def run(self) -> None:
+        """Sweep every ``reaper_interval_s`` (jittered, so replicas do not scan in lockstep). A failed sweep
+        (Redis or RabbitMQ down) is logged and retried at the next interval."""
+        while True:
+            await asyncio.sleep(self._settings.reaper_interval_s * random.uniform(0.8, 1.2))
+            try:
+                await self.sweep()
+            except DomainError as exc:
+                log.warning("reaper_sweep_failed", error=exc.message)
+
+    async def sweep(self) -> int:
+        """One pass over the job records; returns how many stale jobs this worker took over."""
+        now_ms = await self._jobs.now_ms()
+        taken = 0
+        for record in await self._jobs.records():
+            if record.state == "running" and self._is_stale(record, now_ms):
+                taken += await self._reap(record)
+        return taken
+
+    def _is_stale(self, record: JobRecord, now_ms: int) -> bool:
+        age_s = record.age_s(now_ms)
+        return age_s is None or age_s >= self._settings.stale_after_s
+
+    async def _reap(self, record: JobRecord) -> int:
+        with structlog.contextvars.bound_contextvars(disk_name=record.disk_name, job_id=record.job_id):
+            return await self._take(record)
+
+    async def _take(self, record: JobRecord) -> int:
+        mine = await self._jobs.take_over(record, self._settings.worker_name,
+                                          stale_after_s=self._settings.stale_after_s)
+        if mine is None:
+            return 0  # it beat again meanwhile, or another reaper won
+        silent_s = ((mine.heartbeat_ms or 0) - (record.heartbeat_ms or 0)) / 1000
+        log.warning("job_reaped", previous_worker=record.worker, attempt=record.attempt,
+                    heartbeat_age_s=round(silent_s, 1))
+        lost = FailureReason(code="WorkerLost", retryable=True,
+                             message=f"worker {record.worker} stopped heartbeating the job")
+        try:
+            await self._outcomes.hand_back(mine, reason="reaped", error=lost)
+        except DomainError as exc:
+            # Still running under our claim with a heartbeat that goes stale again: the next sweep retries.
+            log.warning("reap_deferred", error=exc.message)
+        return 1

@@ -1,0 +1,203 @@
+"""Migrations longer than RabbitMQ's consumer_timeout, worker crashes, retries and dead-lettering, against a
+RabbitMQ of this module's own that times out unacked deliveries after 3 s (consumer_timeout 3000 ms checked on
+a 1 s channel tick: a channel holding a delivery unacked is closed after ~4 s), the XO simulator copying the
+2 GiB disk in ~8 s, and in-process workers (services/migrator) with their own connections."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from shared import messages
+from shared.errors import BackendUnavailable
+from shared.messages import MigrationFinished
+from shared.volume_id import by_name
+from tests.integration.test_migration import (
+    DESCRIPTION,
+    DISK,
+    SR_A1,
+    SR_A2,
+    VM_A2,
+    Env,
+    _topology,
+    copying,
+    dead_letters,
+    open_env,
+    ready_jobs,
+    vdis_named,
+)
+from tests.support import brokers
+from tests.support.brokers import LocalRabbit, RabbitEndpoint, RedisEndpoint
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.integration
+
+GiB = 1024**3
+COPY_S = 8  # the simulated copy of the 2 GiB disk: twice the broker's ~4 s ack timeout
+STRICT_RABBIT_CONFIG = "{consumer_timeout, 3000}, {channel_tick_interval, 1000}"
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+TIMEOUT_S = 30.0
+BUSY = {"method": "vdi.migrate", "xapi": "TOO_MANY_STORAGE_MIGRATES"}
+
+
+@pytest.fixture(scope="module")
+def strict_rabbitmq() -> Iterator[RabbitEndpoint]:
+    """A RabbitMQ node for this module only, with the 3 s consumer_timeout (3.10 has no per-queue setting)."""
+    if not RABBITMQ_SERVER.exists():
+        pytest.skip(f"needs a local RabbitMQ ({RABBITMQ_SERVER}) to configure consumer_timeout")
+    node = LocalRabbit(extra_rabbit_config=STRICT_RABBIT_CONFIG)
+    try:
+        node.start()
+        yield node.endpoint
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def strict_vhost(strict_rabbitmq: RabbitEndpoint, request: pytest.FixtureRequest) -> Iterator[str]:
+    with brokers.temporary_vhost(strict_rabbitmq, "t-" + brokers.unique_name(request.node.name)) as url:
+        yield url
+
+
+@pytest.fixture
+def sim_options() -> dict[str, Any]:
+    return {"migration_rate_bps": 2 * GiB // COPY_S}
+
+
+@pytest.fixture
+async def env(
+    sim_options: dict[str, Any], strict_vhost: str, redis_server: RedisEndpoint, redis_prefix: str
+) -> AsyncIterator[Env]:
+    async with open_env(strict_vhost, redis_server, redis_prefix, **sim_options) as env:
+        yield env
+
+
+def _migrations(env: Env) -> int:
+    return int(env.sim.simulator.stats.migrations[DISK])
+
+
+async def _never_ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    return None
+
+
+async def _ack_timeout_closes(amqp_url: str) -> BaseException | None:
+    """Hold one delivery unacked and return what the broker closed the channel with (the module's premise)."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        closed: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        channel.close_callbacks.add(lambda _ch, exc: None if closed.done() else closed.set_result(exc))
+        queue = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"held"), routing_key=queue.name)
+        await queue.consume(_never_ack)
+        async with asyncio.timeout(TIMEOUT_S):
+            return await closed
+
+
+async def test_a_migration_longer_than_the_consumer_timeout_completes_once(env: Env) -> None:
+    worker = await env.worker("w1")
+    canary = asyncio.create_task(_ack_timeout_closes(env.amqp_url))
+
+    await env.attacher.publish(by_name("vol1"), VM_A2, False, deadline_s=TIMEOUT_S)
+
+    assert "PRECONDITION_FAILED" in repr(await canary), "the broker times unacked deliveries out"
+    [vdi] = vdis_named(env.sim)
+    assert vdi["$SR"] == SR_A2
+    assert _migrations(env) == 1
+    record = await env.jobs.get(DISK)
+    assert record is not None and record.state == "succeeded" and record.attempt == 1
+    assert record.result is not None and record.result.duration_s >= 5, "longer than the ack timeout"
+    stats = worker.consumer.stats
+    assert (stats.channel_closed, stats.delivered, stats.claimed, stats.dropped) == (0, 1, 1, {})
+
+
+async def test_a_worker_killed_mid_copy_is_reaped_and_the_job_completes_once(env: Env) -> None:
+    first = await env.worker("w1")
+    await env.submit()
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the disk")
+    await first.crash()
+    stale = await env.jobs.get(DISK)
+    assert stale is not None and (stale.state, stale.worker) == ("running", "w1")
+
+    second = await env.worker("w2")
+    done = await eventually(env.finished, TIMEOUT_S, interval_s=0.1, description="job finished")
+
+    assert done is not None and (done.state, done.worker, done.attempt) == ("succeeded", "w2", 2)
+    assert _migrations(env) == 1, "the copy XO went on with was awaited, not repeated"
+    [vdi] = vdis_named(env.sim)
+    assert vdi["$SR"] == SR_A2
+    assert '"inProgressToSRUUID"' not in vdi["name_description"]
+    assert second.consumer.stats.claimed == 1
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 4 * GiB, "faults": [{**BUSY, "count": 2}]}])
+async def test_a_retryable_xo_error_is_retried_and_succeeds(env: Env) -> None:
+    await env.worker("w1")
+
+    await env.attacher.publish(by_name("vol1"), VM_A2, False, deadline_s=TIMEOUT_S)
+
+    record = await env.jobs.get(DISK)
+    assert record is not None and (record.state, record.attempt) == ("succeeded", 3)
+    assert _migrations(env) == 1
+    assert await dead_letters(env.amqp_url) == 0
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 4 * GiB, "faults": [BUSY]}])
+async def test_attempts_exhausted_dead_letter_the_job_and_announce_the_failure(env: Env) -> None:
+    await env.worker("w1", max_attempts=3)
+    connection = await aio_pika.connect(env.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.declare_queue(exclusive=True)
+        await events.bind(messages.EVENTS_EXCHANGE, routing_key=messages.events_routing_key(DISK))
+
+        with pytest.raises(BackendUnavailable, match=r"failed after retries: .*TOO_MANY_STORAGE_MIGRATES"):
+            await env.attacher.publish(by_name("vol1"), VM_A2, False, deadline_s=TIMEOUT_S)
+
+        event = await eventually(lambda: events.get(fail=False), TIMEOUT_S, description="failed event")
+        dead = await channel.get_queue(messages.DEAD_LETTER_QUEUE)
+        letter = await eventually(lambda: dead.get(fail=False), TIMEOUT_S, description="dead letter")
+    assert event is not None and letter is not None
+    failed = messages.parse_finished(event.body)
+
+    assert isinstance(failed, MigrationFinished) and failed.outcome == "failed"
+    assert failed.error is not None and (failed.error.code, failed.error.retryable) == ("XoBusy", True)
+    headers = letter.headers or {}
+    assert headers[messages.HEADER_REASON] == "attempts_exhausted"
+    assert headers[messages.HEADER_ERROR_CODE] == "XoBusy"
+    assert headers[messages.HEADER_ATTEMPT] == 3
+    assert messages.parse_requested(letter.body).job_id == failed.job_id == letter.message_id
+    record = await env.jobs.get(DISK)
+    assert record is not None and (record.state, record.attempt) == ("failed", 3)
+    [vdi] = vdis_named(env.sim)
+    assert vdi["$SR"] == SR_A1 and _migrations(env) == 0
+
+
+SMALL_DISK = "csi-vol2"
+
+
+@pytest.mark.parametrize("sim_options", [{
+    "migration_rate_bps": 2 * GiB // 5,  # csi-vol1 copies in 5 s, past the ack timeout; csi-vol2 in 1.25 s
+    "topology": _topology(extra_vdis=({"name_label": SMALL_DISK, "name_description": DESCRIPTION,
+                                       "size": "512MiB", "sr": "Local A1"},)),
+}])
+async def test_a_job_waiting_for_a_free_slot_stays_in_the_queue_not_unacked(env: Env) -> None:
+    worker = await env.worker("w1", concurrency=1)
+    await env.submit(DISK)
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
+    await env.submit(SMALL_DISK)
+
+    assert await ready_jobs(env.amqp_url) == 1, "the full worker paused its consumer: nothing delivered"
+    for disk in (DISK, SMALL_DISK):
+        done = await eventually(functools.partial(env.finished, disk), TIMEOUT_S, interval_s=0.1,
+                                description=f"{disk} migrated")
+        assert done is not None and (done.state, done.attempt) == ("succeeded", 1)
+    stats = worker.consumer.stats
+    assert (stats.channel_closed, stats.delivered, stats.claimed) == (0, 2, 2), "no delivery timed out"
+    assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
