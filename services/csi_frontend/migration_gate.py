@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from aio_pika.abc import (
 
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk, DiskLocator
-from shared import broker, messages, placement
+from shared import broker, messages, metrics, placement
 from shared.errors import (
     BackendUnavailable,
     CapacityExhausted,
@@ -78,19 +79,25 @@ class QueueMigrationGate:
             raise PreconditionFailed(f"disk {name} has no srsWithTag in its description; it cannot migrate")
         job_id = "(not created)"
         timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
+        started, outcome = time.monotonic(), "error"
         try:
             async with timer, self._events(name) as events:
                 record, created = await self._jobs.create_or_join(_request(disk, place))
                 job_id = record.job_id
                 if created:
                     await self._publish(record)
+                (metrics.JOBS_ENQUEUED if created else metrics.JOBS_JOINED).inc()
                 log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created)
                 result = await self._wait(name, record, events)
+                outcome = result.outcome
         except TimeoutError as exc:
             if not timer.expired():
                 raise
+            outcome = "deadline"
             raise OperationPending(f"disk {name} is migrating to host {place.host_id} (job {job_id}): still "
                                    "running; the attacher's retry will pick it up") from exc
+        finally:
+            metrics.PUBLISH_WAIT.labels(outcome).observe(time.monotonic() - started)
         return await self._outcome(disk, place, result)
 
     async def _publish(self, record: JobRecord) -> None:

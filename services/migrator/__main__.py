@@ -16,7 +16,7 @@ from services.migrator.consumer import Consumer
 from services.migrator.health import HealthServer, connected
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
-from shared import broker
+from shared import broker, metrics
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.errors import DomainError
 from shared.jobs import JobStore
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, help="seconds in-flight migrations may finish after SIGTERM before "
                    "they are handed back to the queue")
     p.add_argument("--health-port", type=int, help="serve /livez and /readyz on this port (default 0 = off)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default 0 = off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -51,6 +52,8 @@ def load_settings(args: argparse.Namespace) -> tuple[MigratorSettings, RabbitSet
         migrator["grace_s"] = args.grace
     if args.health_port is not None:
         migrator["health_port"] = args.health_port
+    if args.metrics_port is not None:
+        migrator["metrics_port"] = args.metrics_port
     rabbit = RabbitSettings(**({"amqp_url": args.amqp_url} if args.amqp_url else {}))
     redis_args: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
     if args.redis_key_prefix:
@@ -94,6 +97,7 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
             )
             await health.start(settings.health_host, settings.health_port)
             stack.push_async_callback(health.close)
+        await stack.enter_async_context(metrics.serving(settings.metrics_port))
         log.info("migrator_ready", worker=settings.worker_name)
         await stop.wait()
         log.info("migrator_stopping", grace_s=settings.grace_s)

@@ -43,7 +43,7 @@ from services.migrator.migrate import HandlerDeps, handle
 from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
-from shared import broker, messages
+from shared import broker, messages, metrics
 from shared.errors import BackendUnavailable, DomainError
 from shared.jobs import Claim, JobRecord, JobStore
 from shared.logging import get_logger
@@ -292,6 +292,7 @@ class Consumer:
         task = asyncio.create_task(self._run(job), name=f"migration:{claim.record.disk_name}")
         self._running[task] = job
         task.add_done_callback(self._job_done)
+        metrics.JOBS_STARTED.inc()
         log.info("job_claimed", worker=self._settings.worker_name, attempt=claim.record.attempt)
         return True
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from shared import placement, vdi_metadata
+from shared import metrics, placement, vdi_metadata
 from shared.errors import BackendFailure, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
 from shared.logging import get_logger
@@ -45,6 +45,7 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     started = time.monotonic()
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
+        metrics.LOCK_WAIT.observe(time.monotonic() - started)
         vdi = await _source_vdi(deps.xo, request, lock, deps.migrate_timeout_s)
         vdi, sr_id = await _move(deps, request, vdi, lock)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
@@ -66,7 +67,10 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
     lock.ensure_held()
     await xo.set_vdi(vdi.id, name_description=info.marked(target.id).to_description())
     log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target.id, vdi=vdi.id)
+    copy_started = time.monotonic()
     new_id = await xo.migrate_vdi(vdi.id, target.id, timeout_s=deps.migrate_timeout_s)
+    metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
+    metrics.MIGRATION_BYTES.inc(vdi.size)
     moved = await xo.get_vdi(new_id)
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"

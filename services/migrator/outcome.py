@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from shared import broker
+from shared import broker, metrics
 from shared.errors import DomainError
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
@@ -40,6 +40,7 @@ class Outcomes:
             log.warning("migration_finished", outcome="lost", reason="the job was taken over before it ended")
             return
         await self._announce(record, result)
+        metrics.JOBS_FINISHED.labels("succeeded").inc()
         log.info("migration_finished", outcome="succeeded", sr_to=result.sr_id, vdi=result.vdi_id,
                  attempt=record.attempt, duration_ms=int(result.duration_s * 1000))
 
@@ -58,6 +59,7 @@ class Outcomes:
             return
         await self._publisher.request(record.request.model_copy(update={"attempt": attempt}))
         queued = await self._jobs.requeue(record, attempt)
+        metrics.JOBS_FINISHED.labels("requeued").inc()
         log.info("migration_finished", outcome="requeued", reason=reason, attempt=attempt,
                  error=error.message, recorded=queued is not None)
 
@@ -66,6 +68,7 @@ class Outcomes:
         if record.request is not None:
             request = record.request.model_copy(update={"attempt": record.attempt})
             await self._publisher.dead_letter(request, reason=reason, error=error, worker=self._worker)
+            metrics.JOBS_FINISHED.labels("dead_lettered").inc()
         age = max(utc_now() - record.created_at, timedelta(0))
         result = MigrationFinished(job_id=record.job_id, disk_name=record.disk_name, outcome="failed", error=error,
                                    duration_s=round(age.total_seconds(), 3))
@@ -73,6 +76,7 @@ class Outcomes:
             log.warning("migration_finished", outcome="lost", reason="the job was taken over before it failed")
             return
         await self._announce(record, result)
+        metrics.JOBS_FINISHED.labels("failed").inc()
         log.error("migration_finished", outcome="failed", reason=reason, error=error.message,
                   error_type=error.code, attempt=record.attempt)
 

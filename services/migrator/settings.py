@@ -39,6 +39,7 @@ class MigratorSettings(BaseSettings):
     retry_backoff_max_s: float = Field(default=30.0, ge=0, description="cap of the jittered delay before a retry")
     grace_s: float = Field(default=25.0, ge=0, description="SIGTERM: how long in-flight migrations may finish "
                            "before they are handed back to the queue")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
     health_port: int = Field(default=0, ge=0, le=65535, description="port of /livez and /readyz; 0 = off")
     health_host: str = Field(default="0.0.0.0", description="address the health server listens on")
     liveness_timeout_s: float = Field(default=60.0, gt=0, description="/livez fails once the consume loop has "
