@@ -3,17 +3,22 @@
 - ``name:<volume name>``: volumes identified by disk name (migrating volumes: the VDI UUID changes
   on every migration, the name does not). The disk (VDI name_label) is ``<prefix><volume name>``.
 - ``uuid:<vdi uuid>``: volumes on a fixed SR; a bare VDI UUID is accepted too (static volumes).
+
+An id of any other form was not made by this driver, so it names no volume: ``parse`` answers VolumeNotFound
+(CSI "Volume does not exist"; csi-sanity sends such ids and expects NOT_FOUND), and only an empty or
+oversized id is a malformed request.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, VolumeNotFound
 
 MAX_ID_BYTES = 128
+NAME_KIND: Final = "name"
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -35,7 +40,7 @@ class VolumeId:
 
 
 def by_name(volume_name: str) -> VolumeId:
-    return VolumeId("name", volume_name)
+    return VolumeId(NAME_KIND, volume_name)
 
 
 def by_uuid(vdi_uuid: str) -> VolumeId:
@@ -47,23 +52,39 @@ def is_uuid(value: str) -> bool:
 
 
 def parse(volume_id: str, field: str = "volume_id") -> VolumeId:
-    """Parse a volume id; InvalidRequest naming ``field`` when it is empty or malformed."""
+    """Parse a volume id.
+
+    InvalidRequest naming ``field`` when it is empty or longer than 128 bytes (CSI size limit); VolumeNotFound
+    when it is not of a form this driver makes: no volume of ours can have it. Callers for which a missing
+    volume is success (DeleteVolume, ControllerUnpublishVolume) catch VolumeNotFound.
+    """
     if not volume_id:
-        raise InvalidRequest(f"{field} is required")
+        raise InvalidRequest(f"{field} is required; pass the id CreateVolume returned")
     if len(volume_id.encode()) > MAX_ID_BYTES:
-        raise InvalidRequest(f"{field} is longer than {MAX_ID_BYTES} bytes")
+        raise InvalidRequest(f"{field} is longer than {MAX_ID_BYTES} bytes; pass the id CreateVolume returned")
+    parsed = _parse_form(volume_id)
+    if parsed is None:
+        raise VolumeNotFound(
+            f"{field} {volume_id!r} names no volume of this driver: its ids are 'name:<volume name>', "
+            "'uuid:<VDI UUID>' or a bare VDI UUID; pass the id CreateVolume returned"
+        )
+    return parsed
+
+
+def _parse_form(volume_id: str) -> VolumeId | None:
     kind, sep, value = volume_id.partition(":")
-    if sep and kind == "name":
-        validate_volume_name(value, field)
+    if sep and kind == "name" and is_volume_name(value):
         return by_name(value)
     if sep and kind == "uuid" and is_uuid(value):
         return by_uuid(value)
     if not sep and is_uuid(volume_id):
         return by_uuid(volume_id)
-    raise InvalidRequest(
-        f"{field} {volume_id!r} is not a volume id of this driver: expected 'name:<volume name>', "
-        "'uuid:<VDI UUID>' or a bare VDI UUID"
-    )
+    return None
+
+
+def is_volume_name(name: str) -> bool:
+    """Could CreateVolume have accepted ``name``? (see validate_volume_name)"""
+    return bool(name) and len(name.encode()) <= MAX_ID_BYTES and bool(_NAME_RE.match(name))
 
 
 def validate_volume_name(name: str, field: str = "name") -> None:
@@ -75,6 +96,16 @@ def validate_volume_name(name: str, field: str = "name") -> None:
     if not _NAME_RE.match(name):
         raise InvalidRequest(
             f"{field} {name!r} may only hold letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+
+
+def check_name_fits_id(name: str, field: str = "name") -> None:
+    """A volume known by name has the id ``name:<name>``, which must fit the CSI limit of 128 bytes too."""
+    room = MAX_ID_BYTES - len(f"{NAME_KIND}:")
+    if len(name.encode()) > room:
+        raise InvalidRequest(
+            f"{field} is {len(name.encode())} bytes, but a migrating volume's id is 'name:<{field}>' and must fit "
+            f"{MAX_ID_BYTES} bytes: use at most {room} bytes"
         )
 
 

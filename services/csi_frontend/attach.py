@@ -73,12 +73,13 @@ class Attacher:
         log.info("disk_attached", vdi=disk.vdi.id, node_id=node_id)
         return await self._wait_device(place.vm.id, disk.vdi.id)
 
-    async def unpublish(self, volume_id: VolumeId, node_id: str) -> None:
-        """Detach and remove every VBD linking the volume's VDI(s) to the node. Missing things are success."""
+    async def unpublish(self, volume_id: VolumeId, node_id: str | None) -> None:
+        """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
+        None). A missing volume, node or VBD is success."""
         for vdi in await self._disks.candidates(volume_id):
             for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
                 await self._xo.delete_vbd(vbd.id)
-                log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=node_id)
+                log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
 
     async def place_of(self, node_id: str) -> NodePlace:
         """The node VM and where it runs; NodeNotFound when XO has no such VM."""

@@ -1,8 +1,13 @@
 """The CSI Controller service: request checks and proto conversion; the work is in provisioning.py
 and attach.py. RPC names are kept verbatim; errors are raised, never aborted here.
+
+Every handler checks its REQUIRED fields (INVALID_ARGUMENT) before it resolves the volume id, so a missing
+field is reported as such even for an id that names no volume (NOT_FOUND), as csi-sanity expects.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import wrappers_pb2
@@ -10,11 +15,12 @@ from google.protobuf import wrappers_pb2
 from services.csi_frontend import validation as check
 from services.csi_frontend.attach import Attacher
 from services.csi_frontend.disks import DiskLocator
-from services.csi_frontend.provisioning import Provisioner
+from services.csi_frontend.provisioning import Provisioner, class_mismatch
 from shared import storage_class
 from shared import volume_id as vid
 from shared.csi import csi_pb2, csi_pb2_grpc
-from shared.errors import InvalidRequest, OperationPending
+from shared.errors import InvalidRequest, OperationPending, VolumeNotFound
+from shared.vdi_metadata import StorageInfo
 from shared.xo.inventory import Inventory
 
 _Cap = csi_pb2.ControllerServiceCapability.RPC
@@ -48,7 +54,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         check.check_map(request.parameters, "parameters")
         if request.HasField("volume_content_source"):
             raise InvalidRequest("volume_content_source is not supported: this driver has no snapshots or clones")
+        if request.mutable_parameters:
+            raise InvalidRequest("mutable_parameters are not supported (no MODIFY_VOLUME capability): "
+                                 "drop the VolumeAttributesClass")
         params = storage_class.parse(request.parameters)
+        if params.migrating:
+            vid.check_name_fits_id(request.name)
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
         created = await self._provisioner.create(
@@ -63,21 +74,22 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     async def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
                            ) -> csi_pb2.DeleteVolumeResponse:
-        check.require(request.volume_id, "volume_id")
+        """A volume that does not exist, or an id this driver never made, is deleted already: OK (spec)."""
         try:
             volume = vid.parse(request.volume_id)
-        except InvalidRequest:
-            return csi_pb2.DeleteVolumeResponse()  # an id this driver never made names no volume: deleted
+        except VolumeNotFound:
+            return csi_pb2.DeleteVolumeResponse()
         await self._provisioner.delete(volume)
         return csi_pb2.DeleteVolumeResponse()
 
     async def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
                                       context: grpc.aio.ServicerContext) -> csi_pb2.ControllerPublishVolumeResponse:
-        volume = vid.parse(request.volume_id)
+        check.require(request.volume_id, "volume_id")
         node_id = check.require(request.node_id, "node_id")
         if not request.HasField("volume_capability"):
-            raise InvalidRequest("volume_capability is required")
+            raise InvalidRequest("volume_capability is required: set access_type (block or mount) and access_mode")
         check.check_capability(request.volume_capability)
+        volume = vid.parse(request.volume_id)
         read_only = request.readonly or request.volume_capability.access_mode.mode in check.READ_ONLY_MODES
         remaining = context.time_remaining()
         deadline_s = DEFAULT_DEADLINE_S if remaining is None else remaining
@@ -87,24 +99,27 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
                                         context: grpc.aio.ServicerContext
                                         ) -> csi_pb2.ControllerUnpublishVolumeResponse:
-        volume = vid.parse(request.volume_id)
-        if request.node_id:
-            await self._attacher.unpublish(volume, request.node_id)
-        else:
-            for entry in await self._provisioner.list_volumes():
-                if str(entry.volume_id) == str(volume):
-                    for vm in entry.published_vms:
-                        await self._attacher.unpublish(volume, vm)
+        """From ``node_id``, or from every node when it is unset. A volume or node that does not exist, or an
+        id this driver never made, is attached nowhere: OK (spec: "can be safely regarded as unpublished")."""
+        try:
+            volume = vid.parse(request.volume_id)
+        except VolumeNotFound:
+            return csi_pb2.ControllerUnpublishVolumeResponse()
+        await self._attacher.unpublish(volume, request.node_id or None)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     async def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        volume = vid.parse(request.volume_id)
+        """``confirmed`` only when every capability is supported and the parameters are the volume's class."""
+        check.require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
-            raise InvalidRequest("volume_capabilities is required")
-        await self._disks.get(volume)
+            raise InvalidRequest("volume_capabilities is required: give at least one (block or mount, with an "
+                                 "access mode)")
+        disk = await self._disks.get(vid.parse(request.volume_id))
         problems = [p for p in map(check.capability_problem, request.volume_capabilities) if p]
+        if request.parameters:
+            problems += _parameter_problems(request.parameters, disk.info)
         if problems:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
@@ -116,24 +131,24 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     async def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
                           ) -> csi_pb2.ListVolumesResponse:
+        """Volumes sorted by id; ``next_token`` is the last id of the page and the next page starts after it,
+        so a token stays valid when volumes are created or deleted between pages (spec: no consistent view
+        is promised). A token that is not one of our ids is ABORTED (spec: "Invalid starting_token")."""
         if request.max_entries < 0:
-            raise InvalidRequest("max_entries must not be negative")
-        entries = await self._provisioner.list_volumes()
-        start = 0
-        if request.starting_token:
-            keys = [str(e.volume_id) for e in entries]
-            if request.starting_token not in keys:
-                raise OperationPending(f"starting_token {request.starting_token!r} is not valid (any more); "
-                                       "restart the listing")
-            start = keys.index(request.starting_token)
-        end = len(entries) if request.max_entries == 0 else start + request.max_entries
-        page = entries[start:end]
-        response = csi_pb2.ListVolumesResponse(next_token=str(entries[end].volume_id) if end < len(entries) else "")
-        for entry in page:
+            raise InvalidRequest("max_entries must not be negative; use 0 for no limit")
+        after = _page_start(request.starting_token)
+        entries = [e for e in await self._provisioner.list_volumes() if str(e.volume_id) > after]
+        has_more = 0 < request.max_entries < len(entries)
+        if has_more:
+            entries = entries[:request.max_entries]
+        response = csi_pb2.ListVolumesResponse(next_token=str(entries[-1].volume_id) if has_more else "")
+        for entry in entries:
             item = response.entries.add()
             item.volume.volume_id = str(entry.volume_id)
             item.volume.capacity_bytes = entry.vdi.size
             item.status.published_node_ids.extend(entry.published_vms)
+            item.status.volume_condition.abnormal = entry.abnormal
+            item.status.volume_condition.message = entry.condition
         return response
 
     async def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
@@ -150,6 +165,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     async def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
                                   context: grpc.aio.ServicerContext) -> csi_pb2.ControllerGetVolumeResponse:
+        check.require(request.volume_id, "volume_id")
         volume = vid.parse(request.volume_id)
         state = await self._provisioner.describe(volume)
         return csi_pb2.ControllerGetVolumeResponse(
@@ -162,10 +178,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     async def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
                                      context: grpc.aio.ServicerContext) -> csi_pb2.ControllerExpandVolumeResponse:
-        volume = vid.parse(request.volume_id)
+        check.require(request.volume_id, "volume_id")
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None,
                                 required=True)
-        is_block = request.HasField("volume_capability") and request.volume_capability.HasField("block")
+        is_block = False
+        if request.HasField("volume_capability"):
+            check.check_capability(request.volume_capability)  # spec: "Exceeds capabilities"
+            is_block = request.volume_capability.HasField("block")
+        volume = vid.parse(request.volume_id)
         new_size = await self._provisioner.expand(volume, size)
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=new_size, node_expansion_required=not is_block)
 
@@ -175,3 +195,25 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in CAPABILITIES
         ])
+
+
+def _page_start(token: str) -> str:
+    """The volume id a ListVolumes page starts after ("" for the first page)."""
+    if not token:
+        return ""
+    try:
+        return str(vid.parse(token, "starting_token"))
+    except (InvalidRequest, VolumeNotFound) as exc:
+        raise OperationPending(
+            f"starting_token {token!r} is not a token this driver returned; restart the listing without it"
+        ) from exc
+
+
+def _parameter_problems(parameters: Mapping[str, str], info: StorageInfo | None) -> list[str]:
+    """Why ``parameters`` do not describe the volume's StorageClass (nothing to compare for static volumes)."""
+    try:
+        params = storage_class.parse(parameters)
+    except InvalidRequest as exc:
+        return [exc.message]
+    mismatch = class_mismatch(params, info) if info is not None else None
+    return [mismatch] if mismatch else []

@@ -17,12 +17,26 @@ _Service = csi_pb2.PluginCapability.Service
 _Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
-class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    """``probe`` is None when nothing remote must answer (node mode); else it raises when not ready."""
+# The plugin "as a whole" (spec, GetPluginCapabilities): every instance answers the same set, whatever
+# RPCs it serves. csi-sanity asks the node endpoint whether a Controller service exists and, told no,
+# skips ControllerPublishVolume and then fails NodeStageVolume for want of a device.
+CAPABILITIES = (
+    csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
+    csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+    csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
+)
 
-    def __init__(self, driver_name: str, *, controller: bool, probe: Callable[[], Awaitable[None]] | None) -> None:
+
+class IdentityServicer(csi_pb2_grpc.IdentityServicer):
+    """``probe`` is None when nothing remote must answer (node mode); else it raises when not ready.
+
+    ``controller`` (does this instance serve the Controller service) changes nothing the CO sees, since
+    the capabilities are plugin-wide; it is accepted so that the wiring in __main__ stays as it is.
+    """
+
+    def __init__(self, driver_name: str, *, controller: bool = True,
+                 probe: Callable[[], Awaitable[None]] | None) -> None:
         self._name = driver_name
-        self._controller = controller
         self._probe = probe
 
     async def GetPluginInfo(self, request: csi_pb2.GetPluginInfoRequest, context: grpc.aio.ServicerContext
@@ -31,11 +45,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
 
     async def GetPluginCapabilities(self, request: csi_pb2.GetPluginCapabilitiesRequest,
                                     context: grpc.aio.ServicerContext) -> csi_pb2.GetPluginCapabilitiesResponse:
-        caps = [csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
-                csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE))]
-        if self._controller:
-            caps.insert(0, csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)))
-        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=CAPABILITIES)
 
     async def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.aio.ServicerContext) -> csi_pb2.ProbeResponse:
         if self._probe is None:

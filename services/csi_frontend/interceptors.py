@@ -65,6 +65,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = grpc.StatusCode.DEADLINE_EXCEEDED
             await _abort(context, code, f"{method} did not finish before the caller's deadline; retry", method,
                          started, None)
+        except NotImplementedError:
+            # the generated base servicers raise it for RPCs this driver leaves out (snapshots, modify):
+            # spec "Call not implemented" is UNIMPLEMENTED, not a crash
+            code = grpc.StatusCode.UNIMPLEMENTED
+            await _abort(context, code, f"{method} is not implemented by this driver; see its capabilities "
+                         "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities)", method, started,
+                         None)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED
             raise

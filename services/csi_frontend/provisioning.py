@@ -45,6 +45,8 @@ class VolumeEntry:
     volume_id: vid.VolumeId
     vdi: Vdi
     published_vms: list[str]
+    abnormal: bool
+    condition: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Provisioner:
         requisite: Sequence[Mapping[str, str]],
         preferred: Sequence[Mapping[str, str]],
     ) -> CreatedVolume:
-        """Idempotent by name: an existing disk of a compatible size is returned as is.
+        """Idempotent by name: an existing disk of a compatible size and class, reachable from ``requisite``,
+        is returned as is; any other existing disk is AlreadyExistsIncompatible (spec: ALREADY_EXISTS).
 
         The disk is created under ``<prefix>temp-<name>`` and renamed once described, so a crash
         leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
@@ -89,9 +92,10 @@ class Provisioner:
             vdi = existing[0] if existing else None
             if vdi is not None:
                 _check_size(vdi, size, disk_name)
+                _check_class(vdi, params, disk_name)
             else:
                 vdi = await self._create_disk(name, size[0], params, srs, requisite, preferred)
-            return self._created(name, vdi, params, srs)
+            return self._created(name, vdi, params, srs, requisite)
 
     async def _create_disk(
         self,
@@ -123,12 +127,18 @@ class Provisioner:
             raise OperationPending(f"disk {vdi_id} vanished right after its creation; retry")
         return vdi
 
-    def _created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView]) -> CreatedVolume:
+    def _created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
+                 requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
         volume_id = vid.by_name(name) if params.migrating else vid.by_uuid(vdi.id)
         if params.migrating:
             reachable = srs
         else:
             reachable = [sr for sr in srs if sr.id == vdi.sr_id]
+        if requisite and not any(placement.matches(sr, term) for sr in reachable for term in requisite):
+            raise AlreadyExistsIncompatible(
+                f"volume {vdi.name_label} already exists on SR {vdi.sr_id}, which the requested topology cannot "
+                "reach; use another name or a topology that reaches it"
+            )
         context = {**params.context(), "diskName": vid.disk_name(self._disks.prefix, name)}
         if params.fs_type:
             context["fsType"] = params.fs_type
@@ -168,15 +178,19 @@ class Provisioner:
             log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 
     async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int]) -> int:
-        """Grow the VDI online to at least ``size[0]``; returns the new size. Never shrinks."""
+        """Grow the VDI online to at least ``size[0]``; returns the new size. Idempotent: a volume already that
+        large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
         async with self._exclusive(str(volume_id)):
             disk = await self._disks.get(volume_id)
             _refuse_while_migrating(disk)
             required, limit = size
+            if limit and disk.vdi.size > limit:
+                raise OutOfRange(
+                    f"volume {volume_id} is already {format_size(disk.vdi.size)}, above capacity_range.limit_bytes "
+                    f"{limit}; volumes never shrink"
+                )
             if disk.vdi.size >= required:
                 return disk.vdi.size
-            if limit and disk.vdi.size > limit:
-                raise OutOfRange(f"volume is already {disk.vdi.size} bytes, above limit_bytes {limit}")
             await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
             self._inventory.invalidate()
             return required
@@ -184,13 +198,14 @@ class Provisioner:
     # -- list / capacity -------------------------------------------------------------------------
 
     async def list_volumes(self) -> list[VolumeEntry]:
-        """Every driver disk (temporary ones excluded), sorted by volume id, with the VMs it is attached to."""
+        """Every driver disk (temporary ones excluded), sorted by volume id, with the VMs it is attached to and
+        its condition (a migrating volume has two VDIs while a copy runs: one entry)."""
         vdis, vbds = await asyncio.gather(self._xo.get_objects({"type": "VDI"}), self._xo.find_vbds())
-        attached: dict[str, list[str]] = {}
+        attached: dict[str, set[str]] = {}
         for vbd in vbds:
             if vbd.attached and vbd.vdi_id:
-                attached.setdefault(vbd.vdi_id, []).append(vbd.vm_id)
-        entries: dict[str, VolumeEntry] = {}
+                attached.setdefault(vbd.vdi_id, set()).add(vbd.vm_id)
+        found: dict[str, tuple[vid.VolumeId, list[Vdi]]] = {}
         for raw in vdis:
             vdi = Vdi.model_validate(raw)
             volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
@@ -198,10 +213,14 @@ class Provisioner:
             if volume_name is None or info is None:
                 continue
             volume = vid.by_name(volume_name) if info.migrating else vid.by_uuid(vdi.id)
-            previous = entries.get(str(volume))
-            vms = sorted(set(attached.get(vdi.id, [])) | set(previous.published_vms if previous else []))
-            entries[str(volume)] = VolumeEntry(volume, vdi, vms)
-        return [entries[key] for key in sorted(entries)]
+            found.setdefault(str(volume), (volume, []))[1].append(vdi)
+        entries = []
+        for key in sorted(found):
+            volume, copies = found[key]
+            vms = sorted(set().union(*(attached.get(v.id, set()) for v in copies)))
+            abnormal, condition = _condition(copies)
+            entries.append(VolumeEntry(volume, max(copies, key=lambda v: v.size), vms, abnormal, condition))
+        return entries
 
     async def describe(self, volume_id: vid.VolumeId) -> VolumeState:
         """Size, attached nodes and condition (abnormal: missing on its SR, or a stray same-named copy)."""
@@ -245,6 +264,23 @@ def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:
             f"volume {disk_name} already exists with {format_size(vdi.size)}, not {wanted}; "
             "use another name or the existing size"
         )
+
+
+def _check_class(vdi: Vdi, params: StorageParams, disk_name: str) -> None:
+    info = vdi_metadata.parse(vdi.name_description)
+    mismatch = class_mismatch(params, info) if info is not None else None
+    if mismatch:
+        raise AlreadyExistsIncompatible(f"volume {disk_name} already exists: {mismatch}; use another name")
+
+
+def class_mismatch(params: StorageParams, info: StorageInfo) -> str | None:
+    """How a volume's recorded StorageClass (its ``csi:info``) differs from ``params``, or None."""
+    recorded = (info.sr_uuid, info.srs_with_tag, info.migrating)
+    if recorded == (params.sr_uuid, params.srs_with_tag, params.migrating):
+        return None
+    return (f"it was made with srUUID={info.sr_uuid or '-'}, srsWithTag={info.srs_with_tag or '-'}, "
+            f"migrating={str(info.migrating).lower()}, not srUUID={params.sr_uuid or '-'}, "
+            f"srsWithTag={params.srs_with_tag or '-'}, migrating={str(params.migrating).lower()}")
 
 
 def _check_homogeneous(srs: list[Sr], tag: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from shared import storage_class, vdi_metadata
 from shared import volume_id as vid
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, VolumeNotFound
 
 
 @pytest.mark.parametrize(
@@ -47,10 +47,26 @@ def test_volume_id_round_trip(text: str, expected: vid.VolumeId) -> None:
     assert vid.parse(str(parsed)) == parsed
 
 
-@pytest.mark.parametrize("bad", ["", "name:", "name:../etc", "uuid:nope", "x" * 129, "nfs:thing", "name:a/b"])
-def test_bad_volume_ids_are_invalid_requests(bad: str) -> None:
+@pytest.mark.parametrize("bad", ["", "x" * 129, "name:" + "a" * 124])
+def test_empty_or_oversized_volume_ids_are_invalid_requests(bad: str) -> None:
     with pytest.raises(InvalidRequest, match="volume_id"):
         vid.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "foreign", ["name:", "name:../etc", "uuid:nope", "nfs:thing", "name:a/b", "fake-vol-id", "fake-vol-id-1b4e28ba-2"]
+)
+def test_ids_of_a_form_this_driver_never_makes_name_no_volume(foreign: str) -> None:
+    # csi-sanity sends such ids for volumes that do not exist and expects NOT_FOUND, not INVALID_ARGUMENT
+    with pytest.raises(VolumeNotFound, match="names no volume of this driver"):
+        vid.parse(foreign)
+
+
+def test_a_migrating_volume_name_must_leave_room_for_its_id() -> None:
+    vid.check_name_fits_id("a" * 123)
+    assert len(str(vid.by_name("a" * 123))) == vid.MAX_ID_BYTES
+    with pytest.raises(InvalidRequest, match="at most 123 bytes"):
+        vid.check_name_fits_id("a" * 124)
 
 
 def test_disk_names() -> None:
