@@ -1,4 +1,5 @@
-"""The soak's fault schedule: one seeded random fault every ``interval_s`` (±50 %), of these kinds."""
+"""The soak's fault schedule: one fault every ``interval_s`` (±50 %), cycling through the kinds in a seeded
+shuffled order so that every kind is injected once per cycle."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Schedule:
         self.interval_s, self.kinds = interval_s, kinds
 
     async def run(self, stop: asyncio.Event, after_each: Callable[[], Awaitable[None]]) -> None:
+        order: list[str] = []
         while not stop.is_set():
             try:
                 async with asyncio.timeout(self.interval_s * self.rng.uniform(0.5, 1.5)):
@@ -42,7 +44,9 @@ class Schedule:
                 return
             except TimeoutError:
                 pass
-            kind = self.rng.choice(self.kinds)
+            if not order:
+                order = self.rng.sample(self.kinds, len(self.kinds))
+            kind = order.pop()
             await getattr(self, kind)()
             self.counts[kind] += 1
             await after_each()

@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -35,8 +36,10 @@ from services.devstack import faults
 from services.devstack.invariants import check_during, check_final
 from services.devstack.stack import Stack, StackOptions, running_stack
 from shared.csi import csi_pb2
+from shared.errors import DomainError
 from shared.logging import configure_logging
 
+T = TypeVar("T")
 CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
                                access_mode=csi_pb2.VolumeCapability.AccessMode(
                                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
@@ -98,6 +101,19 @@ async def retrying(what: str, report: Report, call: Any, *, first_timeout_s: flo
         delay_s = min(delay_s * 2, BACKOFF_MAX_S)
 
 
+async def xo_retrying(read: Callable[[], Awaitable[T]]) -> T:
+    """The soak's own XO reads go through the injected XO faults too: retry them with a backoff."""
+    delay_s, started = BACKOFF_START_S, time.monotonic()
+    while True:
+        try:
+            return await read()
+        except DomainError:
+            if time.monotonic() - started > OP_DEADLINE_S:
+                raise
+        await asyncio.sleep(delay_s)  # backoff between retries of an injected XO failure
+        delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+
+
 class Workload:
     """The attacher + kubelet side: move volumes between nodes, checking data at every attach."""
 
@@ -123,9 +139,12 @@ class Workload:
 
     async def needs_migration(self, volume: Volume, node: str) -> bool:
         """Whether the disk's SR is unusable from the node's host, read from XO before the publish."""
-        vdis = await self.stack.xo.find_vdis(name_label=f"csi-{volume.name}")
-        sr = await self.stack.xo.get_sr(vdis[0].sr_id) if len(vdis) == 1 else None
-        return sr is not None and sr.container != self.host_of[node]
+        async def read() -> bool:
+            vdis = await self.stack.xo.find_vdis(name_label=f"csi-{volume.name}")
+            sr = await self.stack.xo.get_sr(vdis[0].sr_id) if len(vdis) == 1 else None
+            return sr is not None and sr.container != self.host_of[node]
+
+        return await xo_retrying(read)
 
     async def move(self, volume: Volume, node: str, rng: random.Random) -> None:
         migrated = await self.needs_migration(volume, node)
@@ -216,8 +235,8 @@ async def run(args: argparse.Namespace) -> int:
             async with asyncio.TaskGroup() as group:
                 for _ in range(args.workers):
                     group.create_task(workload.worker(random.Random(rng.random()), stop))
-                fault_task = group.create_task(schedule.run(stop, after_each=lambda: check_during(
-                    stack, volumes, report)))
+                fault_task = group.create_task(schedule.run(stop, after_each=lambda: xo_retrying(
+                    lambda: check_during(stack, volumes, report))))
                 await asyncio.sleep(parse_duration_s(args.duration))  # the soak's duration
                 stop.set()
                 await fault_task
