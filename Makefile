@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test demo lint bench-xo bench-attach soak proto
+.PHONY: bootstrap venv test demo lint bench-xo bench-attach bench-migration soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -25,6 +25,9 @@ bench-xo: bootstrap
 
 bench-attach: bootstrap
 	$(PY) -m bench.attach $(BENCH_ARGS)
+
+bench-migration: bootstrap
+	$(PY) -m bench.migration $(BENCH_ARGS)
 
 soak: bootstrap      ## e.g. make soak DURATION=15m SEED=1
 	$(PY) -m services.devstack.soak --duration $(or $(DURATION),2m) --seed $(or $(SEED),1) $(SOAK_ARGS)

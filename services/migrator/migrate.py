@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from shared import metrics, placement, vdi_metadata
-from shared.errors import BackendFailure, OperationPending, PreconditionFailed, VolumeNotFound
+from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
 from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
@@ -68,7 +68,11 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
     await xo.set_vdi(vdi.id, name_description=info.marked(target.id).to_description())
     log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target.id, vdi=vdi.id)
     copy_started = time.monotonic()
-    new_id = await xo.migrate_vdi(vdi.id, target.id, timeout_s=deps.migrate_timeout_s)
+    try:
+        new_id = await xo.migrate_vdi(vdi.id, target.id, timeout_s=deps.migrate_timeout_s)
+    except DomainError:
+        await _unmark_unmoved(xo, vdi, info, lock)
+        raise
     metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
     metrics.MIGRATION_BYTES.inc(vdi.size)
     moved = await xo.get_vdi(new_id)
@@ -87,6 +91,19 @@ async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock)
     lock.ensure_held()
     await xo.set_vdi(vdi.id, name_description=current.marked(None).to_description())
     return vdi
+
+
+async def _unmark_unmoved(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock) -> None:
+    """vdi.migrate failed: when XO left the disk on its SR and runs no copy of it, drop the mark set just before.
+    A kept mark makes every later attach where the disk is answer ABORTED "being migrated" (attach.py), for good
+    once the job has failed for good (e.g. a target SR in another pool: HANDLE_INVALID). A retry marks it again.
+    Best effort: a failure here is logged and the caller re-raises the migration's own error."""
+    try:
+        current = await xo.get_vdi(vdi.id)
+        if current is not None and current.sr_id == vdi.sr_id and not current.current_operations:
+            await _clear_mark(xo, current, info, lock)
+    except DomainError as exc:
+        log.warning("migration_mark_kept", disk_name=vdi.name_label, vdi=vdi.id, error=exc.message)
 
 
 async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock, timeout_s: float) -> Vdi:
