@@ -100,8 +100,15 @@ def choose_for_create(
     return chosen
 
 
-def choose_for_host(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_id: str) -> SrView:
-    """The SR a disk moves to so that a VM on ``host_id`` can attach it (the roomiest usable one)."""
+def choose_for_host(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_id: str,
+                    from_pool: str | None = None) -> SrView:
+    """The SR a disk moves to so that a VM on ``host_id`` can attach it (the roomiest usable one).
+
+    ``from_pool``: the pool the disk is in now; XO moves disks only within a pool, so another pool is refused.
+    """
+    if from_pool is not None and from_pool != pool_id:
+        raise PlacementImpossible(f"the disk is in pool {from_pool} and host {host_id} in pool {pool_id}: "
+                                  "XO moves disks only within a pool")
     usable = [sr for sr in srs if usable_from(sr, host_id, pool_id)]
     if not usable:
         raise PlacementImpossible(f"no SR of the tag is usable from host {host_id} in pool {pool_id}")

@@ -63,7 +63,10 @@ class Attacher:
 
     async def publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float) -> dict[str, str]:
         """Attach the volume to the node VM and return the publish context ``{device, vbd}``."""
-        disk = await self._disks.get(volume_id)
+        try:
+            disk = await self._disks.get(volume_id)
+        except OperationPending as pending:
+            disk = await self._copy_to_join(volume_id, pending)
         place = await self.place_of(node_id)
         existing = await self._existing_vbd(disk, node_id, read_only)
         if existing is not None:
@@ -72,6 +75,14 @@ class Attacher:
         await self._xo.attach_disk(place.vm.id, disk.vdi.id, read_only=read_only)
         log.info("disk_attached", vdi=disk.vdi.id, node_id=node_id)
         return await self._wait_device(place.vm.id, disk.vdi.id)
+
+    async def _copy_to_join(self, volume_id: VolumeId, pending: OperationPending) -> Disk:
+        """A retried publish that lands while XO copies the disk joins the disk's migration job (the gate waits
+        for it) instead of failing at once; in any other case ``pending`` is raised."""
+        source = await self._disks.copy_source(volume_id) if self._migrations is not None else None
+        if source is None or not source.is_migrating_volume:
+            raise pending
+        return source
 
     async def unpublish(self, volume_id: VolumeId, node_id: str | None) -> None:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
@@ -126,6 +137,13 @@ class Attacher:
                 f"volume {disk.volume_id} lives on {where}, which node {place.vm.id} (host {place.host_id}, "
                 f"pool {place.pool_id}) cannot use, and its StorageClass does not allow migration "
                 '(migrating: "true" with srsWithTag)'
+            )
+        if sr is not None and sr.pool_id != place.pool_id:
+            raise PreconditionFailed(
+                f"disk {disk.vdi.name_label} of volume {disk.volume_id} lives on {where} in pool {sr.pool_id}, "
+                f"and node {place.vm.id} runs in "
+                f"pool {place.pool_id}: XO moves disks only within a pool, so schedule the workload on a node of "
+                f"pool {sr.pool_id} (the volume's topology says so)"
             )
         if self._migrations is None:
             raise PreconditionFailed(

@@ -63,6 +63,17 @@ class DiskLocator:
             return Disk(volume_id, vdis[0], vdi_metadata.parse(vdis[0].name_description))
         raise duplicate_error(self.disk_name(volume_id), vdis)
 
+    async def copy_source(self, volume_id: VolumeId) -> Disk | None:
+        """While XO copies a name-identified disk (two VDIs, one busy with the copy), the source being copied;
+        None in any other situation."""
+        if volume_id.kind != "name":
+            return None
+        vdis = await self.candidates(volume_id)
+        busy = [v for v in vdis if v.current_operations]
+        if len(vdis) != 2 or len(busy) != 1:
+            return None
+        return Disk(volume_id, busy[0], vdi_metadata.parse(busy[0].name_description))
+
     async def get(self, volume_id: VolumeId) -> Disk:
         """Like ``find`` but VolumeNotFound when there is no VDI."""
         disk = await self.find(volume_id)

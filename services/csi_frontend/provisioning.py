@@ -130,10 +130,12 @@ class Provisioner:
     def _created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
                  requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
         volume_id = vid.by_name(name) if params.migrating else vid.by_uuid(vdi.id)
-        if params.migrating:
-            reachable = srs
+        home = next((sr for sr in srs if sr.id == vdi.sr_id), None)
+        if params.migrating and home is not None:
+            # XO moves a disk only within its pool (vdi.migrate / VDI.copy take an SR of the same pool).
+            reachable = [sr for sr in srs if sr.pool_id == home.pool_id]
         else:
-            reachable = [sr for sr in srs if sr.id == vdi.sr_id]
+            reachable = [home] if home is not None else []
         if requisite and not any(placement.matches(sr, term) for sr in reachable for term in requisite):
             raise AlreadyExistsIncompatible(
                 f"volume {vdi.name_label} already exists on SR {vdi.sr_id}, which the requested topology cannot "

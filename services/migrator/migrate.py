@@ -63,7 +63,8 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
     if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
         return await _clear_mark(xo, vdi, info, lock), vdi.sr_id
-    target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id)
+    target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
+                                       from_pool=current.pool_id if current is not None else None)
     lock.ensure_held()
     await xo.set_vdi(vdi.id, name_description=info.marked(target.id).to_description())
     log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target.id, vdi=vdi.id)

@@ -213,8 +213,8 @@ async def test_redis_restart_mid_flight_the_publish_still_succeeds_with_one_copy
 
 
 async def test_controller_restart_while_a_publish_waits_starts_no_second_job(faulty: Faulty) -> None:
-    """The retried publish finds the job going on: while XO copies (two VDIs) it is ABORTED at once, after the
-    copy the disk is usable from the node and is attached; no second job, one copy."""
+    """The retried publish finds the job going on: while XO copies (two VDIs) it joins the disk's job and waits
+    for it; afterwards the disk is usable from the node and is attached; no second job, one copy."""
     stack = faulty.stack
     moving = await written_on_a1(stack, "pvc-controller", data_bytes=192 * MiB)  # ~6 s: outlasts the restart
     publishing = asyncio.create_task(publish(stack, moving.volume_id, "node-a2"))

@@ -79,3 +79,9 @@ def test_segments_and_capacity() -> None:
     assert placement.accessible_segments([A1], host_topology=True) == [{"host": "host-a1", "pool": "pool-a"}]
     assert placement.capacity([A1, A2, B1], {"pool": "pool-a"}) == (60 * GiB, 50 * GiB)
     assert placement.capacity([A1, A2, B1], {"pool": "nope"}) == (0, 0)
+
+
+def test_a_disk_never_moves_to_another_pool() -> None:
+    with pytest.raises(PlacementImpossible, match="only within a pool"):
+        placement.choose_for_host([A1, B1], GiB, "host-b1", "pool-b", from_pool="pool-a")
+    assert placement.choose_for_host([A1, A2], GiB, "host-a2", "pool-a", from_pool="pool-a").id == "sr-a2"
