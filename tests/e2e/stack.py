@@ -1,7 +1,24 @@
-"""e2e helpers: capabilities; the stack itself runs through services/devstack/stack.py (separate processes)."""
+"""e2e helpers shared by the e2e tests: capabilities, the attacher's and kubelet's side of a publish, and views
+of the simulator, RabbitMQ and Redis. The stack itself runs through services/devstack/stack.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, unquote
+
+import grpc
+import httpx
+import redis.asyncio as aioredis
+
+from services.devstack.brokers import RabbitEndpoint, RedisEndpoint, management_client
+from services.devstack.stack import Stack, StackOptions, running_stack
+from shared import vdi_metadata
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
@@ -10,3 +27,152 @@ MODE = csi_pb2.VolumeCapability.AccessMode
 def mount_cap(fs_type: str = "ext4", mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
                                     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
+
+
+MiB = 1024**2
+T = TypeVar("T")
+ATTACHER_TIMEOUT_S = 300.0  # external-attacher --timeout as m4rCsi deploys it
+RETRIED_CODES = frozenset({grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MIGRATING = {"srsWithTag": "k8s-migrating", "migrating": "true"}
+SHARED_MIGRATING = {"srsWithTag": "k8s-shared", "migrating": "true"}
+
+
+@contextlib.asynccontextmanager
+async def stack_on_session_brokers(work: Path, amqp_url: str, redis: RedisEndpoint, prefix: str,
+                                   **options: Any) -> AsyncIterator[Stack]:
+    """The whole stack on the session's brokers (no RabbitMQ boot): this test's vhost and key prefix."""
+    async with running_stack(work, StackOptions(amqp_url=amqp_url, redis_url=redis.url, redis_prefix=prefix,
+                                                management=False, **options)) as stack:
+        yield stack
+
+
+# --- the attacher's and kubelet's side -----------------------------------------------------------------
+
+
+async def as_attacher(call: Callable[[float], Awaitable[T]], *, within_s: float = 120.0) -> T:
+    """``call(timeout)`` the way external-attacher retries it: each try bounded by ATTACHER_TIMEOUT_S, ABORTED,
+    UNAVAILABLE and DEADLINE_EXCEEDED retried with exponential backoff for ``within_s``; other codes raise."""
+    loop = asyncio.get_running_loop()
+    deadline, delay_s = loop.time() + within_s, 0.1
+    while True:
+        try:
+            return await call(ATTACHER_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRIED_CODES or loop.time() > deadline:
+                raise
+        await asyncio.sleep(delay_s)  # the attacher's exponential backoff, not synchronisation
+        delay_s = min(delay_s * 2, 2.0)
+
+
+async def create(stack: Stack, name: str, size: int, parameters: dict[str, str],
+                 preferred: dict[str, str] | None = None) -> str:
+    requirements = csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(segments=preferred)] if preferred else [])
+    response = await stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size), volume_capabilities=[mount_cap()],
+        parameters=parameters, accessibility_requirements=requirements), timeout=30)
+    return str(response.volume.volume_id)
+
+
+async def publish(stack: Stack, volume_id: str, node: str) -> dict[str, str]:
+    request = csi_pb2.ControllerPublishVolumeRequest(volume_id=volume_id, node_id=stack.vm_ids[node],
+                                                     volume_capability=mount_cap())
+    response = await as_attacher(lambda t: stack.controller.ControllerPublishVolume(request, timeout=t))
+    return dict(response.publish_context)
+
+
+async def unpublish(stack: Stack, volume_id: str, node: str) -> None:
+    await stack.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=volume_id, node_id=stack.vm_ids[node]), timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def mounted(stack: Stack, node: str, volume_id: str, ctx: dict[str, str]) -> AsyncIterator[Path]:
+    """NodeStage + NodePublish on ``node``; yields the target path; NodeUnpublish + NodeUnstage on exit."""
+    tag = hashlib.sha256(f"{node}/{volume_id}".encode()).hexdigest()[:10]
+    staging, target = stack.work / f"staging-{tag}", stack.work / f"target-{tag}"
+    plugin = stack.node(node)
+    await plugin.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume_id, publish_context=ctx, staging_target_path=str(staging), volume_capability=mount_cap()),
+        timeout=60)
+    await plugin.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
+        volume_capability=mount_cap()), timeout=30)
+    try:
+        yield target
+    finally:
+        await plugin.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_id, target_path=str(target)), timeout=30)
+        await plugin.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging)), timeout=30)
+
+
+def write_file(path: Path, size: int) -> str:
+    """Random bytes, fsynced; returns their sha256."""
+    data = os.urandom(size)
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- what XO, the simulator, Redis and RabbitMQ say ---------------------------------------------------------
+
+
+async def sim_stats(stack: Stack) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=stack.xo_url.replace("ws://", "http://").removesuffix("/api/"),
+                                 timeout=10) as admin:
+        response = await admin.get("/_sim/stats")
+        response.raise_for_status()
+        return dict(response.json())
+
+
+async def migrations_of(stack: Stack, disk: str) -> int:
+    return int((await sim_stats(stack))["migrations"].get(disk, 0))
+
+
+async def srs_of(stack: Stack, disk: str) -> list[str]:
+    """Names of the SRs holding a VDI named ``disk`` (one entry per VDI)."""
+    names = {sr.id: sr.name_label for sr in await stack.xo.find_srs()}
+    return sorted(names[vdi.sr_id] for vdi in await stack.xo.find_vdis(name_label=disk))
+
+
+async def migration_mark(stack: Stack, disk: str) -> str | None:
+    (vdi,) = await stack.xo.find_vdis(name_label=disk)
+    info = vdi_metadata.parse(vdi.name_description)
+    assert info is not None, vdi.name_description
+    return info.in_progress_to_sr
+
+
+async def host_segment(stack: Stack, node: str) -> dict[str, str]:
+    vm = await stack.xo.get_vm(stack.vm_ids[node])
+    assert vm is not None
+    return {"pool": vm.pool_id, "host": vm.container}
+
+
+async def redis_keys(redis: RedisEndpoint, prefix: str) -> list[str]:
+    client = aioredis.Redis.from_url(redis.url, socket_timeout=5, decode_responses=True)
+    try:
+        return [key async for key in client.scan_iter(match=f"{prefix}*")]
+    finally:
+        await client.aclose()
+
+
+def queue_contents(rabbit: RabbitEndpoint, vhost: str, queue: str) -> tuple[int, int]:
+    """(messages the management API counts, messages a basic.get sees now, put back) of ``queue``: the count
+    lags by the statistics interval, the get does not."""
+    path = f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    with management_client(rabbit) as http:
+        counted = http.get(path)
+        counted.raise_for_status()
+        got = http.post(f"{path}/get", json={"count": 10, "ackmode": "ack_requeue_true", "encoding": "auto"})
+        got.raise_for_status()
+    return int(counted.json().get("messages", 0)), len(got.json())
+
+
+def vhost_of(amqp_url: str) -> str:
+    return unquote(amqp_url.rsplit("/", 1)[1])

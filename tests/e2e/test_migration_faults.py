@@ -27,7 +27,7 @@ from services.devstack.stack import Stack, StackOptions, running_stack
 from services.devstack.wait import eventually
 from shared import messages
 from shared.jobs import JobRecord, JobStore
-from tests.e2e.test_migration_e2e import (
+from tests.e2e.stack import (
     MIGRATING,
     MiB,
     create,
