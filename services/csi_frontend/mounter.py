@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import BackendFailure, InvalidRequest
+from shared.errors import BackendFailure, InvalidRequest, PreconditionFailed
 from shared.logging import get_logger
 from shared.storage_class import FS_TYPES
 
@@ -265,19 +265,27 @@ async def make_file(path: Path) -> None:
 
 
 async def remove_path(path: Path) -> None:
-    """Remove the empty directory or the file at path; a missing path is a no-op.
+    """Remove the empty directory or the empty file at path (what NodePublish creates); a missing path is a no-op.
 
-    Never recursive: a non-empty directory is user data and raises MountError instead.
+    Never deletes data: a non-empty directory or file (someone else's, e.g. a hostile target_path such as
+    /etc/passwd) raises PreconditionFailed and stays.
     """
     await _fs_call("rm", path, lambda: _remove(path))
 
 
 def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:
-            path.unlink()
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        if any(path.iterdir()):
+            raise PreconditionFailed(f"{path} is a non-empty directory that is not mounted; refusing to delete it")
+        path.rmdir()
+    elif stat.S_ISREG(info.st_mode) and info.st_size > 0:
+        raise PreconditionFailed(f"{path} is a non-empty file that this plugin did not create; refusing to delete it")
+    else:
+        path.unlink()
 
 
 async def _fs_call(verb: str, path: Path, call: Callable[[], object]) -> None:

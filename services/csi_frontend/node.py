@@ -125,6 +125,9 @@ def parse_volume_id(value: str) -> str:
     return value
 
 
+MAX_PATH_BYTES = 4096  # PATH_MAX
+
+
 def parse_path(value: str, field_name: str) -> Path:
     """Require an absolute path without '..' components for field_name."""
     if not value:
@@ -133,6 +136,8 @@ def parse_path(value: str, field_name: str) -> Path:
         raise InvalidRequest(f"{field_name} {value!r} must be an absolute path on this node")
     if ".." in PurePosixPath(value).parts:
         raise InvalidRequest(f"{field_name} {value!r} must not contain '..'; pass the normalised absolute path")
+    if "\x00" in value or len(value.encode()) > MAX_PATH_BYTES:
+        raise InvalidRequest(f"{field_name} must be a path without NUL bytes and at most {MAX_PATH_BYTES} bytes")
     return Path(value)
 
 

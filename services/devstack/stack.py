@@ -42,6 +42,7 @@ class StackOptions:
     sim_args: tuple[str, ...] = ()
     controller_args: tuple[str, ...] = ()
     migrator_args: tuple[str, ...] = ()
+    node_args: tuple[str, ...] = ()
     log_level: str = "info"
 
 
@@ -134,6 +135,7 @@ class Stack:
         args = ["--mode", "node", "--node-id", vm_id, "--device-dir", str(self.device_root / vm_id)]
         if self.options.host_topology:
             args.append("--host-topology")
+        args += self.options.node_args
         proc = await self._frontend(f"node-{vm_name}", self.node_sockets[vm_name], *args)
         self.processes[f"node-{vm_name}"] = proc
         return proc

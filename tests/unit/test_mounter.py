@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.csi_frontend import mounter
-from shared.errors import BackendFailure, InvalidRequest
+from shared.errors import BackendFailure, InvalidRequest, PreconditionFailed
 
 LINE = "36 35 98:0 /mnt1 /mnt/parent\\040dir rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
 
@@ -96,12 +96,15 @@ async def test_make_and_remove_paths(tmp_path: Path) -> None:
     assert not (tmp_path / "a" / "b").exists()
 
 
-async def test_remove_path_never_deletes_a_non_empty_directory(tmp_path: Path) -> None:
+async def test_remove_path_never_deletes_data(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious").write_text("user data")
-    with pytest.raises(mounter.MountError, match="rm"):
+    with pytest.raises(PreconditionFailed, match="non-empty directory"):
         await mounter.remove_path(tmp_path / "data")
     assert (tmp_path / "data" / "precious").exists()
+    with pytest.raises(PreconditionFailed, match="non-empty file"):
+        await mounter.remove_path(tmp_path / "data" / "precious")
+    assert (tmp_path / "data" / "precious").read_text() == "user data"
 
 
 async def test_fs_stats_of_a_real_filesystem(tmp_path: Path) -> None:
