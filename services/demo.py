@@ -187,6 +187,8 @@ def where_to_look(stack: Stack) -> None:
     table.add_row("CSI controller", f".venv/bin/xocsi --endpoint unix://{stack.controller_socket} volume list")
     admin = stack.xo_url.replace("ws://", "http://").removesuffix("/api/")
     table.add_row("XO simulator", f"{stack.xo_url}  (admin API: {admin}/_sim/stats, {admin}/_sim/state)")
+    for name, port in sorted(stack.metrics_ports.items()):
+        table.add_row(f"metrics: {name}", f"http://127.0.0.1:{port}/metrics")
     table.add_row("logs", str(stack.log_dir))
     console.print(table)
 
@@ -197,7 +199,7 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     size, rate = parse_size(args.size), parse_size(args.migration_rate)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="xo-csi-demo-"))
-    options = StackOptions(migrators=2, management=True, host_topology=True, log_level="info",
+    options = StackOptions(migrators=2, management=True, host_topology=True, log_level="info", metrics=True,
                            sim_args=("--migration-rate", str(rate)))
     started = time.perf_counter()
     with console.status("starting RabbitMQ (management), Redis, the XO simulator, frontends and 2 migrators…"):

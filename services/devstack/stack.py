@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from services.devstack.brokers import LocalRabbit, LocalRedis
+from services.devstack.brokers import LocalRabbit, LocalRedis, pick_free_port
 from services.devstack.process import ServiceProcess, service_process
 from shared.config import XoSettings
 from shared.csi import csi_pb2, csi_pb2_grpc
@@ -43,6 +43,7 @@ class StackOptions:
     controller_args: tuple[str, ...] = ()
     migrator_args: tuple[str, ...] = ()
     node_args: tuple[str, ...] = ()
+    metrics: bool = False  # serve /metrics from the controller and every migrator on free ports
     log_level: str = "info"
 
 
@@ -64,6 +65,7 @@ class Stack:
     rabbit: LocalRabbit | None = None
     redis: LocalRedis | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # service name -> /metrics port
     exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -94,15 +96,21 @@ class Stack:
             env |= {"AMQP_URL": self.amqp_url, "REDIS_URL": self.redis_url}
         return env
 
+    def _metrics_args(self, name: str) -> list[str]:
+        if not self.options.metrics:
+            return []
+        port = self.metrics_ports.setdefault(name, pick_free_port(frozenset(self.metrics_ports.values())))
+        return ["--metrics-port", str(port)]
+
     async def start_controller(self) -> ServiceProcess:
         args = ["--mode", "controller", *(["--host-topology"] if self.options.host_topology else []),
-                *self.options.controller_args]
+                *self._metrics_args("controller"), *self.options.controller_args]
         proc = await self._frontend("controller", self.controller_socket, *args)
         self.processes["controller"] = proc
         return proc
 
     async def start_migrator(self, name: str) -> ServiceProcess:
-        argv = [sys.executable, "-m", "services.migrator", *self.options.migrator_args]
+        argv = [sys.executable, "-m", "services.migrator", *self._metrics_args(name), *self.options.migrator_args]
         proc = await self.exits.enter_async_context(service_process(
             argv, log_dir=self.log_dir, env=self.service_env(), ready_line_regex="consumer_started", name=name,
             timeout_s=60))

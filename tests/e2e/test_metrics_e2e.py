@@ -4,7 +4,6 @@ their counters show the migration."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import httpx
@@ -15,12 +14,6 @@ from services.devstack.brokers import RedisEndpoint
 from tests.e2e.stack import MIGRATING, MiB, create, host_segment, publish, stack_on_session_brokers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -36,11 +29,9 @@ def total(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
 @pytest.mark.skipif(os.geteuid() != 0, reason="the stack runs in real data mode, which needs root")
 async def test_metrics_show_a_migration(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint,
                                         redis_prefix: str) -> None:
-    controller_port, migrator_port = free_port(), free_port()
-    async with stack_on_session_brokers(
-            tmp_path, amqp_vhost, redis_server, redis_prefix, migrators=1, host_topology=True,
-            controller_args=("--metrics-port", str(controller_port)),
-            migrator_args=("--metrics-port", str(migrator_port))) as stack:
+    async with stack_on_session_brokers(tmp_path, amqp_vhost, redis_server, redis_prefix, migrators=1,
+                                        host_topology=True, metrics=True) as stack:
+        controller_port, migrator_port = stack.metrics_ports["controller"], stack.metrics_ports["migrator-1"]
         volume_id = await create(stack, "pvc-metrics", 16 * MiB, MIGRATING, await host_segment(stack, "node-a1"))
         await publish(stack, volume_id, "node-a2")  # the disk was placed on host a1's SR: it migrates
         async with httpx.AsyncClient(timeout=10) as http:
