@@ -92,11 +92,7 @@ def choose_for_create(
             return chosen
     chosen = _roomiest(allowed, size_bytes)
     if chosen is None:
-        best = max(allowed, key=lambda sr: sr.free_bytes)
-        raise CapacityExhausted(
-            f"no SR has {format_size(size_bytes)} free in the accessible topology "
-            f"(most free: {best.name} with {format_size(best.free_bytes)})"
-        )
+        raise _no_room(allowed, size_bytes, "no SR in the accessible topology")
     return chosen
 
 
@@ -114,11 +110,7 @@ def choose_for_host(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_i
         raise PlacementImpossible(f"no SR of the tag is usable from host {host_id} in pool {pool_id}")
     chosen = _roomiest(usable, size_bytes)
     if chosen is None:
-        best = max(usable, key=lambda sr: sr.free_bytes)
-        raise CapacityExhausted(
-            f"no SR usable from host {host_id} has {format_size(size_bytes)} free "
-            f"(most free: {best.name} with {format_size(best.free_bytes)})"
-        )
+        raise _no_room(usable, size_bytes, f"no SR usable from host {host_id}")
     return chosen
 
 
@@ -126,6 +118,12 @@ def capacity(srs: Iterable[SrView], term: Mapping[str, str]) -> tuple[int, int]:
     """(total free bytes, largest single free) over the SRs that ``term`` reaches."""
     free = [sr.free_bytes for sr in srs if matches(sr, term)]
     return sum(free), max(free, default=0)
+
+
+def _no_room(srs: Sequence[SrView], size_bytes: int, which: str) -> CapacityExhausted:
+    best = max(srs, key=lambda sr: sr.free_bytes)
+    return CapacityExhausted(f"{which} has {format_size(size_bytes)} free "
+                             f"(most free: {best.name} with {format_size(best.free_bytes)})")
 
 
 def _roomiest(srs: Sequence[SrView], size_bytes: int) -> SrView | None:
