@@ -9,10 +9,12 @@ Prints:
   (b) lag from the MigrationFinished event (our own subscriber on xocsi.migration-events) to the publish
       answer (target p99 <= 20 ms);
   (c) makespan of --herd concurrent migrating attaches over 4 migrators against the lower bound
-      sum(copy times) / limit (target within 10 %). The migrator has no per-SR concurrency setting, so the
-      limit is the simulator's per-pool cap (--max-storage-migrations; both local SRs are in one pool):
-      once with the cap equal to the workers, once with a cap below them (XO refuses the extra copies with
-      TOO_MANY_STORAGE_MIGRATES and the workers retry);
+      sum(copy times) / limit (target within 10 %), the limit being the simulator's per-pool cap
+      (--max-storage-migrations; both local SRs are in one pool): once with the cap equal to the workers; once
+      with a cap below them and no per-SR limit (XO refuses the extra copies with TOO_MANY_STORAGE_MIGRATES and
+      the workers back off and retry); once with that cap and the migrators' per-SR limit set to it
+      (--per-sr-limit: every copy goes Local A1 -> Local A2, so at most that many run and the others wait for
+      a slot instead of being refused);
   (d) XO calls per migrating attach (controller + migrator, from the simulator's stats);
   (e) the migrators' resident memory (target <= 100 MB).
 Plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate.
@@ -63,12 +65,13 @@ class Bench:
 
 
 @contextlib.asynccontextmanager
-async def bench_stack(work: Path, *, migrators: int, concurrency: int, rate: str, cap: int) -> AsyncIterator[Bench]:
+async def bench_stack(work: Path, *, migrators: int, concurrency: int, rate: str, cap: int,
+                      per_sr_limit: int = 0) -> AsyncIterator[Bench]:
     # info: the stack knows a migrator is up by its consumer_started line (and info is the production default)
     options = StackOptions(real_data=False, migrators=migrators, host_topology=True, log_level="info",
                            sim_args=("--migration-rate", rate, "--max-storage-migrations", str(cap),
                                      "--log-level", "warning"),
-                           migrator_args=("--concurrency", str(concurrency)))
+                           migrator_args=("--concurrency", str(concurrency), "--per-sr-limit", str(per_sr_limit)))
     async with running_stack(work, options) as stack:
         vm_a = await stack.xo.get_vm(stack.vm_ids["node-a1"])
         assert vm_a is not None
@@ -218,6 +221,14 @@ async def run(args: argparse.Namespace) -> None:
                                    rate=args.migration_rate, cap=args.tight_cap) as bench:
                 await herd(bench, args.herd, size_bytes, rate_bps, args.tight_cap, "cap below the worker slots")
                 memory(bench)
+        if args.tight_cap and args.per_sr_limit:
+            limit = min(args.tight_cap, args.per_sr_limit)
+            async with bench_stack(work / "c", migrators=args.migrators, concurrency=args.concurrency,
+                                   rate=args.migration_rate, cap=args.tight_cap,
+                                   per_sr_limit=args.per_sr_limit) as bench:
+                await herd(bench, args.herd, size_bytes, rate_bps, limit,
+                           f"cap {args.tight_cap} below the worker slots, per-SR limit {args.per_sr_limit}")
+                memory(bench)
 
 
 def main() -> None:
@@ -229,6 +240,8 @@ def main() -> None:
     parser.add_argument("--migration-rate", default="256MiB", help="the simulator's copy rate per second")
     parser.add_argument("--size", default="32MiB", help="volume size (a copy takes size / rate)")
     parser.add_argument("--tight-cap", type=int, default=2, help="per-pool cap of the second (c) run; 0 = skip")
+    parser.add_argument("--per-sr-limit", type=int, default=2, help="the migrators' --per-sr-limit in the third (c) "
+                        "run (with --tight-cap); 0 = skip")
     parser.add_argument("--workdir", help="keep the stack's logs here (default: a temporary dir, removed)")
     configure_logging("warning")
     asyncio.run(run(parser.parse_args()))

@@ -1,15 +1,19 @@
-"""Redis lock per disk name, and every Redis key name this project writes (built from the key prefix).
+"""Redis lock per disk name, per-SR migration slots, and every Redis key name this project writes (built from
+the key prefix).
 
-The lock is an efficiency measure (one worker drives XO for a disk at a time); correctness also rests on
-re-reading XO before acting. TTL is always set, extended by a heartbeat while held, released even when
-the holder is cancelled.
+Both are efficiency measures (one worker drives XO for a disk at a time; at most N copies touch an SR at once);
+correctness also rests on re-reading XO before acting. Every hold has a TTL (lease), is extended by a heartbeat
+while held and released even when the holder is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import random
+import uuid
+from collections.abc import Awaitable, Iterable, Iterator
 from types import TracebackType
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
@@ -19,6 +23,7 @@ from shared.errors import BackendUnavailable, OperationPending
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 def disk_lock_key(prefix: str, disk_name: str) -> str:
@@ -29,10 +34,36 @@ def disk_job_key(prefix: str, disk_name: str) -> str:
     return f"{prefix}job:disk:{disk_name}"
 
 
+def sr_slots_key(prefix: str, sr_id: str) -> str:
+    """Sorted set of the leases on an SR's migration slots (member: lease token, score: expiry in Redis ms)."""
+    return f"{prefix}slots:sr:{sr_id}"
+
+
+def sr_doorbell_key(prefix: str, sr_id: str) -> str:
+    """List a release of a slot on the SR pushes to, so that a waiter (BLPOP) tries again at once."""
+    return f"{prefix}slots:sr:{sr_id}:freed"
+
+
 def disk_job_pattern(prefix: str) -> str:
     """SCAN MATCH pattern of every job record under ``prefix`` (glob characters in the prefix escaped)."""
     escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix)
     return f"{escaped}job:disk:*"
+
+
+async def _end_heartbeat(task: asyncio.Task[None] | None) -> None:
+    """Cancel a heartbeat task and wait for its end; its owner set its stop flag first.
+
+    Both halves matter on Python 3.11: redis-py sends commands under ``asyncio.wait_for``, which can return
+    normally although the task was cancelled (python/cpython#86296, fixed in 3.12), so a heartbeat cancelled
+    during a Redis call may go on: its loop checks the flag after every call. And ``asyncio.wait`` rather than
+    ``suppress(CancelledError): await task``, which would also swallow a cancellation of the caller.
+    """
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("heartbeat_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
 
 class LockLost(OperationPending):
@@ -57,6 +88,7 @@ class DiskLock:
         # thread_local=False: the token must stay with this object, not with a thread shared by every task.
         self._lock = Lock(redis, self.key, timeout=ttl_s, blocking_timeout=wait_s, sleep=0.05, thread_local=False)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
         self._lost = False
 
     async def __aenter__(self) -> DiskLock:
@@ -73,12 +105,12 @@ class DiskLock:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-        # Shielded: a cancelled release could leave the key held (redis-py #3847); the TTL bounds the worst case.
-        await asyncio.shield(self._release())
+        self._stopping = True
+        try:
+            await _end_heartbeat(self._heartbeat)
+        finally:
+            # Shielded: a cancelled release could leave the key held (redis-py #3847); the TTL bounds the worst case.
+            await asyncio.shield(self._release())
 
     def ensure_held(self) -> None:
         """Raise LockLost when a heartbeat found that the lock is no longer ours."""
@@ -95,7 +127,7 @@ class DiskLock:
 
     async def _beat(self) -> None:
         interval_s = self._ttl_s / 3
-        while True:
+        while not self._stopping:  # checked after each await: see _end_heartbeat
             await asyncio.sleep(interval_s)
             try:
                 await self._lock.reacquire()
@@ -106,3 +138,215 @@ class DiskLock:
             except (LockError, RedisError) as exc:
                 # Transient: the next beat retries; the TTL (3 beats) covers a short Redis outage.
                 log.warning("lock_heartbeat_failed", lock_key=self.key, reason=type(exc).__name__)
+
+
+# Shared by the slot scripts: Redis server time in ms, and a set's TTL kept at its longest lease, so that a set
+# nobody extends any more (every holder gone) disappears by itself.
+_SLOTS_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function expire_with_leases(key)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIREAT', key, last[2]) end
+end
+"""
+
+# KEYS: the SRs' slot sets. ARGV: lease token, limit, lease ms. Drops expired leases, then adds the lease to every
+# set only when each holds fewer than limit live ones. 0 when added; else the (1-based) index of a full set.
+_ACQUIRE_SLOTS = _SLOTS_PRELUDE + """
+local now = now_ms()
+local limit = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= limit then return i end
+end
+local expiry = now + tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, expiry, ARGV[1])
+  expire_with_leases(key)
+end
+return 0
+"""
+
+# KEYS, ARGV: as above. Moves the lease's expiry to now + lease ms where it is still a member (expired or not: no
+# acquire dropped it, so nobody counted its slot as free); puts it back where it is gone (Redis lost the set) if
+# that SR has room. {restored, missing}: sets it was put back into, sets it could not be put back into (full).
+_EXTEND_SLOTS = _SLOTS_PRELUDE + """
+local now = now_ms()
+local expiry = now + tonumber(ARGV[3])
+local restored, missing = 0, 0
+for _, key in ipairs(KEYS) do
+  if redis.call('ZSCORE', key, ARGV[1]) then
+    redis.call('ZADD', key, expiry, ARGV[1])
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) < tonumber(ARGV[2]) then
+      redis.call('ZADD', key, expiry, ARGV[1])
+      restored = restored + 1
+    else
+      missing = missing + 1
+    end
+  end
+  expire_with_leases(key)
+end
+return {restored, missing}
+"""
+
+# KEYS: the slot sets, then their doorbells. ARGV: lease token, limit, lease ms. Removes the lease; each set it
+# was in rings its doorbell (one entry per freed slot, at most limit kept, gone after lease ms). Returns the number
+# of sets the lease was removed from.
+_RELEASE_SLOTS = """
+local n = #KEYS / 2
+local removed = 0
+for i = 1, n do
+  if redis.call('ZREM', KEYS[i], ARGV[1]) == 1 then
+    removed = removed + 1
+    redis.call('RPUSH', KEYS[n + i], '1')
+    redis.call('LTRIM', KEYS[n + i], -tonumber(ARGV[2]), -1)
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[3])
+  end
+end
+return removed
+"""
+_MIN_DOZE_S = 0.002  # BLPOP reads a timeout under 1 ms as 0, which means "block for ever"
+
+SLOT_BACKOFF_START_S = 0.02
+SLOT_BACKOFF_CAP_S = 0.5
+
+
+def backoff_delays_s(start_s: float = SLOT_BACKOFF_START_S, cap_s: float = SLOT_BACKOFF_CAP_S, *,
+                     rng: random.Random | None = None) -> Iterator[float]:
+    """Endless capped, jittered exponential delays: the n-th is uniform in [d/2, d], d = min(start_s * 2**n, cap_s)."""
+    uniform = rng.uniform if rng is not None else random.uniform
+    delay_s = start_s
+    while True:
+        yield delay_s * uniform(0.5, 1.0)
+        delay_s = min(delay_s * 2, cap_s)
+
+
+class SrSlots:
+    """``async with SrSlots(...)``: one slot on every SR of ``sr_ids`` at once, with at most ``limit`` holders per
+    SR across replicas (a migration holds one on its source and one on its target SR).
+
+    Acquire is one Lua script over all the SRs' sets (all or nothing, so two holders never deadlock on a pair):
+    drop expired leases, then add this lease everywhere only when every SR has fewer than ``limit`` live ones.
+    A full SR is retried with a capped jittered backoff (20 ms doubling to 500 ms) for ``wait_s``, then
+    OperationPending (retryable). The backoff waits in a BLPOP on the SRs' doorbells, which every release rings,
+    so a waiter tries again as soon as a slot of its SRs frees (Redis wakes blocked clients in arrival order);
+    the delay only bounds the wait when no release comes (an expired lease rings nothing).
+
+    A lease expires ``lease_s`` after it was taken or last extended, by Redis time (``TIME``), never a pod's
+    clock, so a holder that vanished frees its slots after ``lease_s``. A heartbeat extends it every
+    ``lease_s / 3`` while held, and puts it back where Redis lost it (restart without persistence) when that SR
+    has room. Released on exit, shielded, also when the holder is cancelled (while waiting too). Redis errors
+    while acquiring become BackendUnavailable; later ones are logged (the lease bounds the harm). ``waited_s``
+    is the time the acquire took. ``delays_s`` replaces the backoff (tests). One object per hold.
+    """
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, sr_ids: Iterable[str], *, limit: int, lease_s: float,
+                 wait_s: float, owner: str = "", delays_s: Iterator[float] | None = None) -> None:
+        self.sr_ids = sorted(set(sr_ids))
+        if not self.sr_ids or limit < 1 or lease_s <= 0 or wait_s < 0:
+            raise ValueError(f"SrSlots needs SRs, limit >= 1, lease_s > 0, wait_s >= 0 (got {self.sr_ids}, "
+                             f"{limit}, {lease_s}, {wait_s})")
+        self.keys = [sr_slots_key(prefix, sr_id) for sr_id in self.sr_ids]
+        self.doorbells = [sr_doorbell_key(prefix, sr_id) for sr_id in self.sr_ids]
+        self.token = f"{owner}:{uuid.uuid4().hex}" if owner else uuid.uuid4().hex
+        self.waited_s = 0.0
+        self._redis = redis
+        self._limit = limit
+        self._lease_s = lease_s
+        self._lease_ms = max(int(lease_s * 1000), 1)
+        self._wait_s = wait_s
+        self._delays_s = delays_s if delays_s is not None else backoff_delays_s()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def __aenter__(self) -> SrSlots:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self._acquire(started + self._wait_s)
+        except OperationPending:
+            raise  # every try answered "full": nothing was added
+        except BaseException:
+            # A cancelled or failed script call may still have added the lease on the server: take it out.
+            await asyncio.shield(self._release())
+            raise
+        self.waited_s = loop.time() - started
+        self._heartbeat = asyncio.create_task(self._beat(), name=f"sr-slots-heartbeat:{self.token}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping = True
+        try:
+            await _end_heartbeat(self._heartbeat)
+        finally:
+            # Shielded: a cancelled release would keep the slots taken until the lease runs out.
+            await asyncio.shield(self._release())
+
+    async def _acquire(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        contended = False
+        while True:
+            try:
+                full = await self._eval(_ACQUIRE_SLOTS, self._limit, self._lease_ms)
+                if full == 0:
+                    return
+                sr_id = self.sr_ids[full - 1] if isinstance(full, int) and 0 < full <= len(self.sr_ids) else "?"
+                if not contended:
+                    contended = True
+                    log.info("sr_slots_contended", sr_id=sr_id, limit=self._limit, wait_s=self._wait_s)
+                remaining_s = deadline - loop.time()
+                if remaining_s <= 0:
+                    raise OperationPending(f"SR {sr_id} already has {self._limit} migrations in progress "
+                                           f"(waited {self._wait_s:g} s for a slot)")
+                # Capped jittered backoff, cut short by a release of one of our SRs' slots.
+                doze_s = max(min(next(self._delays_s), remaining_s), _MIN_DOZE_S)
+                await _keeping_cancellation(self._redis.blpop(self.doorbells, timeout=doze_s))
+            except RedisError as exc:
+                raise BackendUnavailable(f"Redis is unreachable while taking slots on SRs {self.sr_ids}") from exc
+
+    async def _release(self) -> None:
+        try:
+            await _keeping_cancellation(self._redis.eval(
+                _RELEASE_SLOTS, 2 * len(self.keys), *self.keys, *self.doorbells, self.token, self._limit,
+                self._lease_ms))
+        except RedisError as exc:
+            log.warning("sr_slots_release_failed", sr_ids=self.sr_ids, reason=type(exc).__name__,
+                        lease_s=self._lease_s)
+
+    async def _beat(self) -> None:
+        interval_s = self._lease_s / 3
+        while not self._stopping:  # checked after each await: see _end_heartbeat
+            await asyncio.sleep(interval_s)
+            try:
+                reply = await self._eval(_EXTEND_SLOTS, self._limit, self._lease_ms)
+            except RedisError as exc:
+                # Transient: the next beat retries; the lease (3 beats) covers a short Redis outage.
+                log.warning("sr_slots_heartbeat_failed", sr_ids=self.sr_ids, reason=type(exc).__name__)
+                continue
+            restored, missing = reply if isinstance(reply, list) and len(reply) == 2 else (0, 0)
+            if restored:
+                log.info("sr_slots_restored", sr_ids=self.sr_ids, count=restored)
+            if missing:
+                # Our copy runs on regardless (XO goes on); the SR is over its limit by one until it ends.
+                log.warning("sr_slots_lost", sr_ids=self.sr_ids, count=missing)
+
+    async def _eval(self, script: str, *args: int) -> object:
+        return await _keeping_cancellation(self._redis.eval(script, len(self.keys), *self.keys, self.token, *args))
+
+
+async def _keeping_cancellation(call: Awaitable[T]) -> T:
+    """Await one Redis call; raise a cancellation of this task that redis-py lost during it (python/cpython#86296,
+    see _end_heartbeat), so that a cancelled waiter stops waiting and releases what it took."""
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0
+    reply = await call
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError()
+    return reply

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_SLOT_WAIT_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _MIGRATION_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 CSI_REQUESTS = Counter("xocsi_csi_requests", "CSI RPCs answered, by method and gRPC code", ["method", "code"])
@@ -36,6 +37,8 @@ MIGRATION_DURATION = Histogram("xocsi_migration_duration_seconds", "vdi.migrate 
 MIGRATION_BYTES = Counter("xocsi_migration_bytes", "virtual size of the disks migrated")
 LOCK_WAIT = Histogram("xocsi_disk_lock_wait_seconds", "time to acquire a disk's Redis lock",
                       buckets=_LATENCY_BUCKETS_S)
+SR_SLOT_WAIT = Histogram("xocsi_sr_slot_wait_seconds", "time a migration waited for a slot on its source and target "
+                         "SRs (per-SR limit on)", buckets=_SLOT_WAIT_BUCKETS_S)
 
 
 async def _metrics(_: web.Request) -> web.Response:

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xo-csi-migrator", description="Disk migration worker (RabbitMQ consumer). "
                                 "Flags override MIGRATOR_* envs; AMQP_URL, REDIS_URL and XOA_* configure access.")
     p.add_argument("--concurrency", type=int, help="migrations at once (default 1)")
+    p.add_argument("--per-sr-limit", type=int, help="most migrations at once whose source or target is a given SR, "
+                   "across all replicas (default 0 = no limit)")
     p.add_argument("--amqp-url", help="AMQP_URL")
     p.add_argument("--redis-url", help="REDIS_URL")
     p.add_argument("--redis-key-prefix", help="prefix of Redis keys (default xocsi:)")
@@ -48,6 +50,8 @@ def load_settings(args: argparse.Namespace) -> tuple[MigratorSettings, RabbitSet
     migrator: dict[str, Any] = {}
     if args.concurrency is not None:
         migrator["concurrency"] = args.concurrency
+    if args.per_sr_limit is not None:
+        migrator["per_sr_limit"] = args.per_sr_limit
     if args.grace is not None:
         migrator["grace_s"] = args.grace
     if args.health_port is not None:
@@ -86,7 +90,8 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
         jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                         result_ttl_s=settings.job_result_ttl_s)
         deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_settings.key_prefix, lock_ttl_s=settings.lock_ttl_s,
-                           lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s)
+                           lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s,
+                           per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s)
         consumer = Consumer(connection, publisher, jobs, deps, settings)
         await consumer.start()
         if settings.health_port:

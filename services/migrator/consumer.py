@@ -127,7 +127,8 @@ class Consumer:
         self._loops = [asyncio.create_task(self._consume_loop(), name="migrator-consume-loop"),
                        asyncio.create_task(self._reaper.run(), name="migrator-reaper")]
         log.info("consumer_started", queue=messages.JOBS_QUEUE, concurrency=self._settings.concurrency,
-                 stale_after_s=self._settings.stale_after_s, max_attempts=self._settings.max_attempts)
+                 stale_after_s=self._settings.stale_after_s, max_attempts=self._settings.max_attempts,
+                 per_sr_limit=self._settings.per_sr_limit)
 
     def loop_age_s(self) -> float:
         """Seconds since the consume loop last ran (liveness)."""

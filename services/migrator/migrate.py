@@ -1,4 +1,5 @@
-"""handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock.
+"""handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock; with a per-SR
+limit, the vdi.migrate call also holds a slot on its source and its target SR (shared/locks.py SrSlots).
 
 XO is the fence: every step re-reads XO first, so a redelivered, re-published or reaped request finds the
 work done (or XO's copy still running, which it waits for). Raises domain errors only (the consumer retries
@@ -7,6 +8,7 @@ retryable ones, dead-letters the others).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 
 from shared import metrics, placement, vdi_metadata
 from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
-from shared.locks import DiskLock
+from shared.locks import DiskLock, SrSlots
 from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
 from shared.vdi_metadata import StorageInfo
@@ -32,6 +34,8 @@ class HandlerDeps:
     lock_ttl_s: float
     lock_wait_s: float
     migrate_timeout_s: float
+    per_sr_limit: int = 0  # most migrations at once touching one SR (source or target), all replicas; 0 = off
+    sr_slot_wait_s: float = 60.0
 
 
 async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
@@ -39,7 +43,8 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
 
     Already there -> succeeded without migrating (a stale migration mark is cleared). A copy XO still runs
     for the disk (started by a worker that died or was stopped) is waited for, up to ``migrate_timeout_s``.
-    Raises OperationPending (lock held elsewhere, XO still copying after that), LockLost, VolumeNotFound,
+    Raises OperationPending (lock held elsewhere, XO still copying after that, no free slot on the source or
+    target SR within ``sr_slot_wait_s`` when ``per_sr_limit`` is set), LockLost, VolumeNotFound,
     CapacityExhausted, PlacementImpossible, PreconditionFailed (ambiguous duplicates) and the XoError tree.
     """
     started = time.monotonic()
@@ -65,17 +70,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         return await _clear_mark(xo, vdi, info, lock), vdi.sr_id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
                                        from_pool=current.pool_id if current is not None else None)
-    lock.ensure_held()
-    await xo.set_vdi(vdi.id, name_description=info.marked(target.id).to_description())
-    log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target.id, vdi=vdi.id)
-    copy_started = time.monotonic()
-    try:
-        new_id = await xo.migrate_vdi(vdi.id, target.id, timeout_s=deps.migrate_timeout_s)
-    except DomainError:
-        await _unmark_unmoved(xo, vdi, info, lock)
-        raise
-    metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
-    metrics.MIGRATION_BYTES.inc(vdi.size)
+    new_id = await _copy(deps, request, vdi, target.id, info, lock)
     moved = await xo.get_vdi(new_id)
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
@@ -83,6 +78,40 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
                              f"not on target SR {target.id}")
     lock.ensure_held()
     return await _clear_mark(xo, moved, info, lock), target.id
+
+
+async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
+                lock: DiskLock) -> str:
+    """Mark the disk, then vdi.migrate it to ``target_id``; the new VDI's id. With a per-SR limit both steps run
+    while holding a slot on the source and the target SR: the mark is set only once the copy can start, so
+    attaches do not see a disk "being migrated" while it merely waits for a slot."""
+    xo = deps.xo
+    slots = _sr_slots(deps, request.disk_name, vdi.sr_id, target_id)
+    async with slots:
+        if isinstance(slots, SrSlots):
+            metrics.SR_SLOT_WAIT.observe(slots.waited_s)
+        lock.ensure_held()  # the wait may have outlived the disk lock
+        await xo.set_vdi(vdi.id, name_description=info.marked(target_id).to_description())
+        log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
+        copy_started = time.monotonic()
+        try:
+            new_id = await xo.migrate_vdi(vdi.id, target_id, timeout_s=deps.migrate_timeout_s)
+        except DomainError:
+            await _unmark_unmoved(xo, vdi, info, lock)
+            raise
+    metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
+    metrics.MIGRATION_BYTES.inc(vdi.size)
+    return new_id
+
+
+def _sr_slots(
+    deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str
+) -> contextlib.AbstractAsyncContextManager[object]:
+    """A slot on both SRs when ``per_sr_limit`` is set (lease = the disk lock's TTL), else nothing to hold."""
+    if deps.per_sr_limit <= 0:
+        return contextlib.nullcontext()
+    return SrSlots(deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit, lease_s=deps.lock_ttl_s,
+                   wait_s=deps.sr_slot_wait_s, owner=disk_name)
 
 
 async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock) -> Vdi:

@@ -24,8 +24,13 @@ class MigratorSettings(BaseSettings):
     concurrency: int = Field(default=1, ge=1, description="migrations run at once (= QoS prefetch)")
     worker_name: str = Field(default_factory=_default_worker_name, description="connection and job owner name")
     migrate_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="bound on one vdi.migrate call")
-    lock_ttl_s: float = Field(default=30.0, gt=0, description="disk lock TTL; a heartbeat resets it every third")
+    lock_ttl_s: float = Field(default=30.0, gt=0, description="disk lock TTL and per-SR slot lease; a "
+                              "heartbeat resets them every third")
     lock_wait_s: float = Field(default=5.0, ge=0, description="how long to wait for a disk lock before requeueing")
+    per_sr_limit: int = Field(default=0, ge=0, description="most migrations at once whose source or target is a "
+                              "given SR, across all replicas; 0 = no limit")
+    sr_slot_wait_s: float = Field(default=60.0, ge=0, description="per-SR limit: how long a migration waits for a "
+                                  "slot before its job is handed back to the queue")
     job_active_ttl_s: float = Field(default=900.0, gt=0, description="TTL of a queued/running job record")
     job_result_ttl_s: float = Field(default=120.0, gt=0, description="how long a finished job's result is kept")
     job_heartbeat_s: float = Field(default=10.0, gt=0, description="how often a running job's record is refreshed")

@@ -1,0 +1,64 @@
+"""The per-SR migration limit without a network: the slot wait's backoff, SrSlots' arguments and keys, and how
+the setting reaches the migrator (env, flag, handler deps). The Redis side is in tests/integration/test_sr_limit.py."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.migrator.__main__ import build_parser, load_settings
+from services.migrator.migrate import HandlerDeps
+from services.migrator.settings import MigratorSettings
+from shared.locks import SLOT_BACKOFF_CAP_S, SLOT_BACKOFF_START_S, SrSlots, backoff_delays_s, sr_slots_key
+
+
+def test_backoff_starts_at_20_ms_doubles_and_is_capped_at_500_ms() -> None:
+    delays = list(itertools.islice(backoff_delays_s(rng=random.Random(7)), 12))
+    ceilings = [min(SLOT_BACKOFF_START_S * 2**n, SLOT_BACKOFF_CAP_S) for n in range(12)]
+    assert ceilings[:6] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.32, 0.5])
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling  # jittered in [d/2, d]
+    assert len(set(delays)) == len(delays)  # jitter: waiters that collided do not retry in lockstep
+
+
+def test_backoff_never_exceeds_the_cap() -> None:
+    assert max(itertools.islice(backoff_delays_s(rng=random.Random(1)), 1000)) <= SLOT_BACKOFF_CAP_S
+
+
+def test_keys_are_built_per_sr_deduplicated_and_in_a_stable_order() -> None:
+    slots = SrSlots(aioredis.Redis(), "xocsi:", ["sr-b", "sr-a", "sr-b"], limit=2, lease_s=30, wait_s=5, owner="csi-1")
+    assert slots.sr_ids == ["sr-a", "sr-b"]
+    assert slots.keys == [sr_slots_key("xocsi:", "sr-a"), sr_slots_key("xocsi:", "sr-b")]
+    assert slots.keys[0] == "xocsi:slots:sr:sr-a"
+    assert slots.token.startswith("csi-1:")
+    other = SrSlots(aioredis.Redis(), "xocsi:", ["sr-a"], limit=2, lease_s=30, wait_s=5, owner="csi-1")
+    assert other.token != slots.token  # a lease token is unique per hold
+
+
+@pytest.mark.parametrize(
+    ("sr_ids", "limit", "lease_s", "wait_s"),
+    [([], 1, 30, 5), (["sr-a"], 0, 30, 5), (["sr-a"], 1, 0, 5), (["sr-a"], 1, 30, -1)],
+)
+def test_nonsense_arguments_are_refused(sr_ids: list[str], limit: int, lease_s: float, wait_s: float) -> None:
+    with pytest.raises(ValueError):
+        SrSlots(aioredis.Redis(), "xocsi:", sr_ids, limit=limit, lease_s=lease_s, wait_s=wait_s)
+
+
+def test_the_limit_is_off_by_default() -> None:
+    assert MigratorSettings().per_sr_limit == 0
+    assert HandlerDeps.__dataclass_fields__["per_sr_limit"].default == 0
+
+
+def test_the_limit_comes_from_the_env_or_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIGRATOR_PER_SR_LIMIT", "3")
+    assert MigratorSettings().per_sr_limit == 3
+    settings, *_ = load_settings(build_parser().parse_args(["--per-sr-limit", "2"]))
+    assert settings.per_sr_limit == 2  # the flag overrides the env
+
+
+def test_a_negative_limit_is_refused() -> None:
+    with pytest.raises(ValueError):
+        MigratorSettings(per_sr_limit=-1)
