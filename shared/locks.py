@@ -70,7 +70,27 @@ class LockLost(OperationPending):
     """The lock expired or was taken over while held (heartbeat failed); stop before the next XO write."""
 
 
-class DiskLock:
+class _Leased:
+    """Exit of a held lease (DiskLock, SrSlots): stop the heartbeat, then release, shielded, even when
+    cancelled; a cancelled release could leave the lease held (redis-py #3847) until its TTL runs out."""
+
+    _heartbeat: asyncio.Task[None] | None
+    _stopping: bool
+
+    async def _release(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping = True
+        try:
+            await _end_heartbeat(self._heartbeat)
+        finally:
+            await asyncio.shield(self._release())
+
+
+class DiskLock(_Leased):
     """``async with DiskLock(...)``: exclusive hold of one disk across replicas.
 
     Acquire waits at most ``wait_s``, then raises OperationPending (another worker holds the disk).
@@ -101,16 +121,6 @@ class DiskLock:
             raise OperationPending(f"disk {self._disk_name} is locked by another worker (key {self.key})")
         self._heartbeat = asyncio.create_task(self._beat(), name=f"lock-heartbeat:{self.key}")
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stopping = True
-        try:
-            await _end_heartbeat(self._heartbeat)
-        finally:
-            # Shielded: a cancelled release could leave the key held (redis-py #3847); the TTL bounds the worst case.
-            await asyncio.shield(self._release())
 
     def ensure_held(self) -> None:
         """Raise LockLost when a heartbeat found that the lock is no longer ours."""
@@ -226,7 +236,7 @@ def backoff_delays_s(start_s: float = SLOT_BACKOFF_START_S, cap_s: float = SLOT_
         delay_s = min(delay_s * 2, cap_s)
 
 
-class SrSlots:
+class SrSlots(_Leased):
     """``async with SrSlots(...)``: one slot on every SR of ``sr_ids`` at once, with at most ``limit`` holders per
     SR across replicas (a migration holds one on its source and one on its target SR).
 
@@ -278,16 +288,6 @@ class SrSlots:
         self.waited_s = loop.time() - started
         self._heartbeat = asyncio.create_task(self._beat(), name=f"sr-slots-heartbeat:{self.token}")
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stopping = True
-        try:
-            await _end_heartbeat(self._heartbeat)
-        finally:
-            # Shielded: a cancelled release would keep the slots taken until the lease runs out.
-            await asyncio.shield(self._release())
 
     async def _acquire(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,6 @@ import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from services.csi_frontend.attach import Attacher
@@ -22,7 +21,8 @@ from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings, parse_duration_s
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
-from shared import broker, metrics
+from shared import metrics
+from shared.backends import open_messaging
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
@@ -90,15 +90,8 @@ async def _migration_gate(
     rabbit, redis_settings = RabbitSettings(), RedisSettings()
     if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis_settings.model_fields_set:
         return None
-    redis = aioredis.Redis.from_url(redis_settings.redis_url.get_secret_value(),
-                                    socket_timeout=redis_settings.socket_timeout_s,
-                                    socket_connect_timeout=redis_settings.socket_timeout_s)
-    stack.push_async_callback(redis.aclose)
-    connection = await broker.connect(rabbit.amqp_url.get_secret_value(), name=f"csi-frontend:{settings.node_id}",
-                                      timeout_s=rabbit.connect_timeout_s)
-    stack.push_async_callback(connection.close)
-    publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)
-    stack.push_async_callback(publisher.close)
+    redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings,
+                                                        name=f"csi-frontend:{settings.node_id}")
     jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                     result_ttl_s=settings.job_result_ttl_s)
     gate = QueueMigrationGate(connection, publisher, jobs, disks, xo, margin_s=settings.publish_margin_s)

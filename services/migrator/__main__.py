@@ -9,14 +9,14 @@ import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from services.migrator.consumer import Consumer
 from services.migrator.health import HealthServer, connected
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
-from shared import broker, metrics
+from shared import metrics
+from shared.backends import open_messaging
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.errors import DomainError
 from shared.jobs import JobStore
@@ -78,15 +78,7 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
     async with AsyncExitStack() as stack:
         xo = XoClient.from_settings(xo_settings)
         stack.push_async_callback(xo.close)
-        redis = aioredis.Redis.from_url(redis_settings.redis_url.get_secret_value(),
-                                        socket_timeout=redis_settings.socket_timeout_s,
-                                        socket_connect_timeout=redis_settings.socket_timeout_s)
-        stack.push_async_callback(redis.aclose)
-        connection = await broker.connect(rabbit.amqp_url.get_secret_value(), name=settings.worker_name,
-                                          timeout_s=rabbit.connect_timeout_s)
-        stack.push_async_callback(connection.close)
-        publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)
-        stack.push_async_callback(publisher.close)
+        redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings, name=settings.worker_name)
         jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                         result_ttl_s=settings.job_result_ttl_s)
         deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_settings.key_prefix, lock_ttl_s=settings.lock_ttl_s,
