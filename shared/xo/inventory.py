@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from shared.xo.client import XoClient
 from shared.xo.models import Host, Pool, Sr, Vm, XoObject
 
+M = TypeVar("M", bound=XoObject)
 _MODELS: dict[str, type[XoObject]] = {"SR": Sr, "VM": Vm, "host": Host, "pool": Pool}
 
 
@@ -36,29 +38,25 @@ class Inventory:
         return [sr for sr in found if tag is None or tag in sr.tags]
 
     async def sr(self, sr_id: str) -> Sr | None:
-        await self._fresh()
-        cached = self._objects["SR"].get(sr_id)
-        if isinstance(cached, Sr):
-            return cached
-        sr = await self._client.get_sr(sr_id)
-        if sr is not None:
-            self._objects["SR"][sr.id] = sr
-        return sr
+        return await self._read_through("SR", Sr, sr_id, self._client.get_sr)
 
     async def vm(self, vm_id: str) -> Vm | None:
-        await self._fresh()
-        cached = self._objects["VM"].get(vm_id)
-        if isinstance(cached, Vm):
-            return cached
-        vm = await self._client.get_vm(vm_id)
-        if vm is not None:
-            self._objects["VM"][vm.id] = vm
-        return vm
+        return await self._read_through("VM", Vm, vm_id, self._client.get_vm)
 
     async def host(self, host_id: str) -> Host | None:
+        return await self._read_through("host", Host, host_id, self._client.get_host)
+
+    async def _read_through(self, kind: str, model: type[M], obj_id: str,
+                            fetch: Callable[[str], Awaitable[M | None]]) -> M | None:
+        """The cached object, else XO's (then cached); None when XO has none."""
         await self._fresh()
-        cached = self._objects["host"].get(host_id)
-        return cached if isinstance(cached, Host) else await self._client.get_host(host_id)
+        cached = self._objects[kind].get(obj_id)
+        if isinstance(cached, model):
+            return cached
+        found = await fetch(obj_id)
+        if found is not None:
+            self._objects[kind][found.id] = found
+        return found
 
     def invalidate(self) -> None:
         """Force a reload on the next read (e.g. after an SR's usage changed by our own call)."""
