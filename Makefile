@@ -10,15 +10,17 @@ bootstrap:           ## Debian packages (when missing) + .venv + editable instal
 venv:                ## .venv + editable install only
 	@bash scripts/bootstrap.sh --venv-only
 
-test: bootstrap      ## all of tests/; e.g. make test PYTEST_ARGS="tests/unit -q"
+test: bootstrap      ## lint (ruff, mypy --strict), then all of tests/; e.g. make test PYTEST_ARGS="tests/unit -q"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: bootstrap
-	$(PY) -m services.demo $(DEMO_ARGS)
+	$(PY) -m dev.demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared services
+	$(VENV)/bin/mypy
 
 bench-xo: bootstrap
 	$(PY) -m bench.xo_client $(BENCH_ARGS)
@@ -30,7 +32,7 @@ bench-migration: bootstrap
 	$(PY) -m bench.migration $(BENCH_ARGS)
 
 soak: bootstrap      ## e.g. make soak DURATION=15m SEED=1
-	$(PY) -m services.devstack.soak --duration $(or $(DURATION),2m) --seed $(or $(SEED),1) $(SOAK_ARGS)
+	$(PY) -m dev.soak --duration $(or $(DURATION),2m) --seed $(or $(SEED),1) $(SOAK_ARGS)
 
 proto: venv
 	bash scripts/gen_proto.sh

@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 
-from bench.common import percentiles, show, simulator
-from shared.config import XoSettings
+from bench.report import percentiles, show
+from dev.stack import StackOptions, running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.logging import configure_logging
-from shared.xo.client import XoClient
 
+_Mode = csi_pb2.VolumeCapability.AccessMode
 CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
-                               access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+                               access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
 
 
 async def stats(admin: httpx.AsyncClient) -> dict[str, Any]:
@@ -45,43 +42,14 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def start_frontend(xo_url: str, socket: Path, log: Path) -> asyncio.subprocess.Process:
-    env = {**os.environ, "XOA_URL": xo_url, "XOA_TOKEN": "sim-token", "LOG_LEVEL": "warning"}
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.csi_frontend", "--mode", "controller", "--endpoint", f"unix://{socket}",
-            env=env, stdout=out, stderr=out)
-    channel = grpc.aio.insecure_channel(f"unix://{socket}")
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
-                break
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.05)  # polling a starting process's socket, bounded by the timeout above
-    await channel.close()
-    return proc
-
-
 async def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as work:
-        socket = Path(work) / "controller.sock"
-        async with simulator("--admin", "--topology", "two-hosts") as xo_url:
-            http_url = xo_url.replace("ws://", "http://").removesuffix("/api/")
-            xo = XoClient.from_settings(XoSettings(url=xo_url, token="sim-token"))  # type: ignore[arg-type]
-            sr = next(s for s in await xo.find_srs() if s.name_label == "Local A1")
-            vm = next(v for v in await xo.get_objects({"type": "VM"}) if v["name_label"] == "node-a1")
-            frontend = await start_frontend(xo_url, socket, Path(work) / "frontend.log")
-            try:
-                async with grpc.aio.insecure_channel(f"unix://{socket}") as channel, \
-                        httpx.AsyncClient(base_url=http_url) as admin:
-                    controller = csi_pb2_grpc.ControllerStub(channel)
-                    await measure(args, controller, admin, sr.id, vm["id"])
-                print(f"frontend resident memory: {rss_mb(frontend.pid):.1f} MB")
-            finally:
-                frontend.terminate()
-                await frontend.wait()
-                await xo.close()
+    options = StackOptions(real_data=False, nodes=False, log_level="warning", sim_args=("--log-level", "warning"))
+    with tempfile.TemporaryDirectory(prefix="bench-attach-") as work:
+        async with running_stack(Path(work), options) as stack, \
+                httpx.AsyncClient(base_url=stack.admin_url) as admin:
+            sr_id = await stack.sr_id("Local A1")
+            await measure(args, stack.controller, admin, sr_id, stack.vm_ids["node-a1"])
+            print(f"frontend resident memory: {rss_mb(stack.processes['controller'].pid):.1f} MB")
 
 
 async def measure(args: argparse.Namespace, controller: csi_pb2_grpc.ControllerStub, admin: httpx.AsyncClient,

@@ -39,9 +39,9 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.attach import CAP, rss_mb, stats
-from bench.common import percentiles, show
-from services.devstack.stack import Stack, StackOptions, running_stack
-from services.devstack.wait import eventually
+from bench.report import percentiles, show
+from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared import messages
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.logging import configure_logging
@@ -77,7 +77,7 @@ async def bench_stack(work: Path, *, migrators: int, concurrency: int, rate: str
         assert vm_a is not None
         preferred = csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(
             segments={"pool": vm_a.pool_id, "host": vm_a.container})])
-        base = stack.xo_url.replace("ws://", "http://").removesuffix("/api/")
+        base = stack.admin_url
         async with httpx.AsyncClient(base_url=base, timeout=30) as admin:
             yield Bench(stack, stack.controller, admin, preferred, stack.vm_ids["node-a2"])
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
-from bench.common import percentiles, show, simulator
-from shared.config import XoSettings
+from bench.report import percentiles, show
+from dev.stack import sim_client, simulator_process
 from shared.logging import configure_logging
 from shared.xo.client import XoClient
 
@@ -46,17 +48,21 @@ async def concurrent(client: XoClient, calls: int, concurrency: int) -> tuple[fl
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    async with simulator("--topology", args.topology) as url:
-        client = XoClient.from_settings(XoSettings(url=url, token="sim-token"))  # type: ignore[arg-type]
-        try:
-            await sequential(client, 200)  # warm-up: connect, sign in, JIT-free but caches warm
-            show(f"sequential ({args.calls} calls, 1 caller)", percentiles(await sequential(client, args.calls)))
-            elapsed, samples = await concurrent(client, args.calls, args.concurrency)
-            show(f"concurrent ({len(samples)} calls, {args.concurrency} callers, 1 connection)",
-                 {"calls_per_s": len(samples) / elapsed, **percentiles(samples)})
-            print(f"connections opened: {client.session.connections_opened}")
-        finally:
-            await client.close()
+    with tempfile.TemporaryDirectory(prefix="bench-xo-") as work:
+        async with simulator_process(Path(work), "--topology", args.topology, "--log-level", "warning") as (_, url):
+            await measure(args, sim_client(url))
+
+
+async def measure(args: argparse.Namespace, client: XoClient) -> None:
+    try:
+        await sequential(client, 200)  # warm-up: connect, sign in, JIT-free but caches warm
+        show(f"sequential ({args.calls} calls, 1 caller)", percentiles(await sequential(client, args.calls)))
+        elapsed, samples = await concurrent(client, args.calls, args.concurrency)
+        show(f"concurrent ({len(samples)} calls, {args.concurrency} callers, 1 connection)",
+             {"calls_per_s": len(samples) / elapsed, **percentiles(samples)})
+        print(f"connections opened: {client.session.connections_opened}")
+    finally:
+        await client.close()
 
 
 def main() -> None:

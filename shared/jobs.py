@@ -1,7 +1,7 @@
 """The per-disk migration job record in Redis: create-or-join, a worker's claim, heartbeat and hand-back, the
 reaper's takeover, the outcome. Every state change is one Lua script, so it is atomic across replicas.
 
-One JSON record per disk name (key from ``shared/locks.py``), always with a TTL. While a job is queued or
+One JSON record per disk name (key from ``shared/keys.py``), always with a TTL. While a job is queued or
 running, every requester joins it instead of publishing again; a finished record is kept ``result_ttl_s``.
 A ``running`` record belongs to the claim token ``claim`` (new on every claim and takeover): a worker's
 writes compare job id + claim, so a worker that lost its job (reaped, handed back) cannot overwrite the new
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from shared.errors import BackendFailure, BackendUnavailable
-from shared.locks import disk_job_key, disk_job_pattern
+from shared.keys import disk_job_key, disk_job_pattern
 from shared.messages import MigrationFinished, MigrationRequested, utc_now
 
 JobState = Literal["queued", "running", "succeeded", "failed"]

@@ -1,5 +1,4 @@
-"""Redis lock per disk name, per-SR migration slots, and every Redis key name this project writes (built from
-the key prefix).
+"""Redis lock per disk name and per-SR migration slots (key names from shared/keys.py).
 
 Both are efficiency measures (one worker drives XO for a disk at a time; at most N copies touch an SR at once);
 correctness also rests on re-reading XO before acting. Every hold has a TTL (lease), is extended by a heartbeat
@@ -20,34 +19,11 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from shared.errors import BackendUnavailable, OperationPending
+from shared.keys import disk_lock_key, sr_doorbell_key, sr_slots_key
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-def disk_lock_key(prefix: str, disk_name: str) -> str:
-    return f"{prefix}lock:disk:{disk_name}"
-
-
-def disk_job_key(prefix: str, disk_name: str) -> str:
-    return f"{prefix}job:disk:{disk_name}"
-
-
-def sr_slots_key(prefix: str, sr_id: str) -> str:
-    """Sorted set of the leases on an SR's migration slots (member: lease token, score: expiry in Redis ms)."""
-    return f"{prefix}slots:sr:{sr_id}"
-
-
-def sr_doorbell_key(prefix: str, sr_id: str) -> str:
-    """List a release of a slot on the SR pushes to, so that a waiter (BLPOP) tries again at once."""
-    return f"{prefix}slots:sr:{sr_id}:freed"
-
-
-def disk_job_pattern(prefix: str) -> str:
-    """SCAN MATCH pattern of every job record under ``prefix`` (glob characters in the prefix escaped)."""
-    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix)
-    return f"{escaped}job:disk:*"
 
 
 async def _end_heartbeat(task: asyncio.Task[None] | None) -> None:

@@ -1,4 +1,5 @@
-"""Byte-size parsing and formatting ("10GiB", "1G", 1073741824), as XO's parseSize accepts them.
+"""Byte-size parsing and formatting ("10GiB", "1G", 1073741824), as XO's parseSize accepts them, and durations
+("300s", "5m") as the services' flags take them.
 
 Pure functions only; no I/O.
 """
@@ -32,6 +33,7 @@ _UNITS = {
     "pib": 1024**5,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
 def parse_size(value: int | str) -> int:
@@ -59,3 +61,14 @@ def format_size(size_bytes: int) -> str:
             return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}".replace(".0 ", " ")
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_duration_s(value: str | float) -> float:
+    """``300s``, ``5m``, ``1.5h``, ``250ms`` or a number of seconds -> seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"duration {value!r} must look like 300s, 5m, 250ms or a number of seconds")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * factor

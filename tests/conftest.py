@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack import process as procs
+from dev import process as procs
 from tests.support import brokers
 from tests.support.brokers import (
     ContainerRabbit,
@@ -111,5 +111,5 @@ def restart_redis(local_redis: LocalRedis) -> Callable[..., Awaitable[None]]:
 @pytest.fixture
 def service_process(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[procs.ServiceProcess]]:
     """`async with service_process(argv, env=..., ready_line_regex=..., timeout_s=...) as proc:` runs a
-    service as a separate process with its log in this test's tmp dir (see services/devstack/process.py)."""
+    service as a separate process with its log in this test's tmp dir (see dev/process.py)."""
     return functools.partial(procs.service_process, log_dir=tmp_path)

@@ -19,7 +19,7 @@ from services.csi_frontend.node import NodeConfig, NodeServicer
 from services.csi_frontend.node_identity import resolve_node, topology
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
-from services.csi_frontend.settings import FrontendSettings, parse_duration_s
+from services.csi_frontend.settings import FrontendSettings
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
 from shared import metrics
 from shared.backends import open_messaging
@@ -28,6 +28,7 @@ from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
 from shared.jobs import JobStore
 from shared.logging import configure_logging, get_logger
+from shared.units import parse_duration_s
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
 

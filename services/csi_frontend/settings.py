@@ -14,18 +14,6 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DRIVER_NAME = "csi.xen-orchestra.marcsi.ch"
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration_s(value: str | float) -> float:
-    """``300s``, ``5m``, ``1.5h``, ``250ms`` or a number of seconds -> seconds."""
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION_RE.match(value)
-    if not match:
-        raise ValueError(f"duration {value!r} must look like 300s, 5m, 250ms or a number of seconds")
-    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    return float(match.group(1)) * factor
 
 
 class FrontendSettings(BaseSettings):

@@ -1,15 +1,20 @@
-"""Pure checks of controller request fields: capabilities, capacity ranges, topology (no I/O).
+"""Pure checks of CSI request fields (no I/O): the controller's capabilities, capacity ranges and topology, and
+the Node RPCs' requests parsed into frozen commands.
 
-Every failure is InvalidRequest (or OutOfRange) naming the field and the fix.
+Every failure is InvalidRequest (or OutOfRange, PreconditionFailed, VolumeNotFound where the spec's table asks
+for that code) naming the field and the fix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from shared.csi import csi_pb2
-from shared.errors import InvalidRequest, OutOfRange
+from shared.errors import InvalidRequest, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.storage_class import FS_TYPES
+from shared.volume_id import MAX_ID_BYTES
 
 DEFAULT_SIZE_BYTES = 1024**3
 MAX_MAP_BYTES = 4096
@@ -27,8 +32,8 @@ READ_ONLY_MODES = {_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY}
 def require(value: str, field: str) -> str:
     if not value:
         raise InvalidRequest(f"{field} is required")
-    if len(value.encode()) > 128:
-        raise InvalidRequest(f"{field} is longer than 128 bytes")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise InvalidRequest(f"{field} is longer than {MAX_ID_BYTES} bytes")
     return value
 
 
@@ -82,3 +87,158 @@ def size_range(capacity: csi_pb2.CapacityRange | None, *, required: bool = False
 
 def topology_terms(terms: Iterable[csi_pb2.Topology]) -> list[dict[str, str]]:
     return [dict(term.segments) for term in terms]
+
+
+# --- Node requests: proto request -> frozen command (pure) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """How the CO wants to use the volume (the parsed VolumeCapability)."""
+
+    is_block: bool
+    fs_type: str | None  # None: not requested; the existing filesystem, or ext4 on a blank disk
+    mount_flags: tuple[str, ...]
+    is_reader_only: bool
+
+    def stage_options(self) -> tuple[str, ...]:
+        """Mount options for the staging mount; reader-only modes mount read-only."""
+        return self.mount_flags + (("ro",) if self.is_reader_only and "ro" not in self.mount_flags else ())
+
+    @property
+    def is_stage_readonly(self) -> bool:
+        return "ro" in self.stage_options()
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    volume_id: str
+    staging_path: Path
+    device_name: str
+    access: Access
+
+
+@dataclass(frozen=True)
+class PublishCommand:
+    volume_id: str
+    staging_path: Path
+    target_path: Path
+    device_name: str  # "" for mount access, which publishes the staged filesystem instead
+    access: Access
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class PathCommand:
+    """Unstage, unpublish, stats: a volume id and the one path the call is about."""
+
+    volume_id: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ExpandCommand:
+    volume_id: str
+    path: Path
+    access: Access | None
+    required_bytes: int
+    limit_bytes: int  # 0: no limit
+
+
+def parse_volume_id(value: str) -> str:
+    """Require a non-empty volume_id of at most 128 bytes ("name:<disk name>" or a VDI UUID)."""
+    if not value:
+        raise InvalidRequest("volume_id is required; pass the id CreateVolume returned (name:<disk> or a VDI UUID)")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise InvalidRequest(f"volume_id is longer than {MAX_ID_BYTES} bytes; pass the id CreateVolume returned")
+    return value
+
+
+MAX_PATH_BYTES = 4096  # PATH_MAX
+
+
+def parse_path(value: str, field_name: str) -> Path:
+    """Require an absolute path without '..' components for field_name."""
+    if not value:
+        raise InvalidRequest(f"{field_name} is required; pass an absolute path on this node")
+    if not value.startswith("/"):
+        raise InvalidRequest(f"{field_name} {value!r} must be an absolute path on this node")
+    if ".." in PurePosixPath(value).parts:
+        raise InvalidRequest(f"{field_name} {value!r} must not contain '..'; pass the normalised absolute path")
+    if "\x00" in value or len(value.encode()) > MAX_PATH_BYTES:
+        raise InvalidRequest(f"{field_name} must be a path without NUL bytes and at most {MAX_PATH_BYTES} bytes")
+    return Path(value)
+
+
+def parse_access(cap: csi_pb2.VolumeCapability | None) -> Access:
+    """Parse a VolumeCapability with the controller's rules (validation.check_capability)."""
+    if cap is None:
+        raise InvalidRequest("volume_capability is required; set access_type (block or mount) and access_mode")
+    check_capability(cap, "volume_capability")
+    reader_only = cap.access_mode.mode in READ_ONLY_MODES
+    if cap.HasField("block"):
+        return Access(is_block=True, fs_type=None, mount_flags=(), is_reader_only=reader_only)
+    flags = tuple(flag for flag in cap.mount.mount_flags if flag)
+    return Access(is_block=False, fs_type=cap.mount.fs_type or None, mount_flags=flags, is_reader_only=reader_only)
+
+
+def parse_device_name(publish_context: Mapping[str, str]) -> str:
+    """Return publish_context["device"] (e.g. "xvdb"), a bare name inside the device directory."""
+    name = publish_context.get("device", "")
+    if not name:
+        raise InvalidRequest(
+            "publish_context['device'] is missing: the volume was not published to this node by "
+            "ControllerPublishVolume; check the VolumeAttachment for this volume and node"
+        )
+    if "/" in name or name in (".", "..") or "\x00" in name:
+        raise InvalidRequest(f"publish_context['device'] {name!r} must be a bare device name such as 'xvdb'")
+    return name
+
+
+_WithCapability = csi_pb2.NodeStageVolumeRequest | csi_pb2.NodePublishVolumeRequest | csi_pb2.NodeExpandVolumeRequest
+
+
+def _capability(request: _WithCapability) -> csi_pb2.VolumeCapability | None:
+    return request.volume_capability if request.HasField("volume_capability") else None
+
+
+def parse_stage(request: csi_pb2.NodeStageVolumeRequest) -> StageCommand:
+    volume_id = parse_volume_id(request.volume_id)
+    staging = parse_path(request.staging_target_path, "staging_target_path")
+    access = parse_access(_capability(request))
+    return StageCommand(volume_id, staging, parse_device_name(request.publish_context), access)
+
+
+def parse_publish(request: csi_pb2.NodePublishVolumeRequest) -> PublishCommand:
+    """Validate NodePublishVolume; a missing staging_target_path is FAILED_PRECONDITION per the spec table."""
+    volume_id = parse_volume_id(request.volume_id)
+    target = parse_path(request.target_path, "target_path")
+    access = parse_access(_capability(request))
+    if not request.staging_target_path:
+        raise PreconditionFailed("staging_target_path is not set; call NodeStageVolume first and pass its path")
+    staging = parse_path(request.staging_target_path, "staging_target_path")
+    device = parse_device_name(request.publish_context) if access.is_block else ""
+    readonly = request.readonly or access.is_reader_only
+    return PublishCommand(volume_id, staging, target, device, access, readonly)
+
+
+def parse_volume_path(volume_id: str, value: str) -> PathCommand:
+    """Validate (volume_id, volume_path) of stats/expand; a relative path cannot hold a volume: NOT_FOUND.
+
+    csi-sanity sends "some/path" and expects NOT_FOUND, so relative paths are not INVALID_ARGUMENT here.
+    """
+    volume_id = parse_volume_id(volume_id)
+    if value and not value.startswith("/"):
+        raise VolumeNotFound(f"volume {volume_id} is not at volume_path {value!r}: it must be an absolute path")
+    return PathCommand(volume_id, parse_path(value, "volume_path"))
+
+
+def parse_expand(request: csi_pb2.NodeExpandVolumeRequest) -> ExpandCommand:
+    """Validate NodeExpandVolume; a negative or inverted capacity_range is OUT_OF_RANGE."""
+    where = parse_volume_path(request.volume_id, request.volume_path)
+    cap = _capability(request)
+    access = parse_access(cap) if cap is not None else None
+    need, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+    if need < 0 or limit < 0 or (limit and need > limit):
+        raise OutOfRange(f"capacity_range (required_bytes {need}, limit_bytes {limit}) is negative or inverted")
+    return ExpandCommand(where.volume_id, where.path, access, need, limit)

@@ -19,13 +19,13 @@ import aio_pika
 import grpc
 import pytest
 
-from services.devstack.brokers import RabbitEndpoint, RedisEndpoint
-from services.devstack.stack import Stack
-from services.devstack.wait import eventually
+from dev.brokers import RabbitEndpoint, RedisEndpoint
+from dev.stack import Stack
+from dev.wait import eventually
 from shared import messages
 from shared.csi import csi_pb2, csi_pb2_grpc
-from tests.e2e.stack import MIGRATING, MiB, create, mount_cap, queue_contents, redis_keys, stack_on_session_brokers
-from tests.e2e.stack import vhost_of as vhost_name
+from tests.support.e2e import MIGRATING, MiB, create, mount_cap, queue_contents, redis_keys, stack_on_session_brokers
+from tests.support.e2e import vhost_of as vhost_name
 
 pytestmark = [
     pytest.mark.e2e,

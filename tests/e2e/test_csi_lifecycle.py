@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.devstack.stack import Stack, running_stack
+from dev.stack import Stack, running_stack
 from shared.csi import csi_pb2
-from tests.e2e.stack import mount_cap
+from tests.support.e2e import mount_cap
 
 pytestmark = [
     pytest.mark.e2e,

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.devstack.brokers import RedisEndpoint
-from tests.e2e.stack import MIGRATING, MiB, create, host_segment, publish, stack_on_session_brokers
+from dev.brokers import RedisEndpoint
+from tests.support.e2e import MIGRATING, MiB, create, host_segment, publish, stack_on_session_brokers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

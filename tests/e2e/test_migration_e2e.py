@@ -20,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.devstack.brokers import RabbitEndpoint, RedisEndpoint
-from services.devstack.wait import eventually
+from dev.brokers import RabbitEndpoint, RedisEndpoint
+from dev.wait import eventually
 from shared import messages
-from tests.e2e.stack import (
+from tests.support.e2e import (
     MIGRATING,
     SHARED_MIGRATING,
     MiB,

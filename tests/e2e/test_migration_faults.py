@@ -23,11 +23,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.devstack.stack import Stack, StackOptions, running_stack
-from services.devstack.wait import eventually
+from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared import messages
 from shared.jobs import JobRecord, JobStore
-from tests.e2e.stack import (
+from tests.support.e2e import (
     MIGRATING,
     MiB,
     create,

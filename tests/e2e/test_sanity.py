@@ -27,7 +27,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from services.devstack.stack import running_stack
+from dev.stack import running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
 
 pytestmark = [

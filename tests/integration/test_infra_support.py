@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack.process import ServiceExited, ServiceProcess
+from dev.process import ServiceExited, ServiceProcess
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration

@@ -1,15 +1,12 @@
 """Attach-time migration end to end in one process: the frontend's Attacher + QueueMigrationGate, an in-process
-migrator Consumer, real RabbitMQ and Redis (per-test vhost and key prefix), and the XO simulator.
-
-``Worker``/``start_worker`` (a migrator with its own connection and XO client, as a separate process would
-have) are shared with test_migration_long.py and test_migration_ops.py."""
+migrator Consumer, real RabbitMQ and Redis (per-test vhost and key prefix), and the XO simulator (helpers in
+tests/support/migration.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -21,188 +18,31 @@ from services.csi_frontend.attach import Attacher
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.migrator.consumer import Consumer
-from services.migrator.migrate import HandlerDeps
-from services.migrator.settings import MigratorSettings
 from services.xo_simulator.server import SimulatorHandle, start_simulator
-from services.xo_simulator.topology import derived_id
 from shared import broker, messages
 from shared.config import XoSettings
 from shared.errors import CapacityExhausted
-from shared.jobs import JobRecord, JobStore
-from shared.locks import disk_job_key, disk_lock_key
-from shared.messages import MigrationRequested
+from shared.jobs import JobStore
+from shared.keys import disk_job_key, disk_lock_key
 from shared.volume_id import by_name
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
 from tests.support.brokers import RedisEndpoint
+from tests.support.migration import (
+    DISK,
+    SR_A1,
+    SR_A2,
+    TIMEOUT_S,
+    VM_A2,
+    GiB,
+    dead_letters,
+    start_worker,
+    two_hosts,
+    vdis_named,
+)
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
-
-GiB = 1024**3
-TAG = "k8s-migrating"
-DISK = "csi-vol1"
-DESCRIPTION = 'csi:info: {"migrating":{},"srsWithTag":"k8s-migrating"}'
-SR_A1 = derived_id("sr", "Pool A", "host-a1", "Local A1")
-SR_A2 = derived_id("sr", "Pool A", "host-a2", "Local A2")
-VM_A2 = derived_id("vm", "Pool A", "host-a2", "node-a2")
-TIMEOUT_S = 30.0
-HOST_A2 = derived_id("host", "Pool A", "host-a2")
-POOL_A = derived_id("pool", "Pool A")
-
-
-def _topology(*, a2_size: str = "100GiB", extra_vdis: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
-    return {
-        "tokens": ["sim-token"],
-        "pools": [{
-            "name_label": "Pool A",
-            "hosts": [
-                {"name_label": "host-a1", "srs": [{"name_label": "Local A1", "size": "100GiB", "tags": [TAG]}],
-                 "vms": [{"name_label": "node-a1"}]},
-                {"name_label": "host-a2", "srs": [{"name_label": "Local A2", "size": a2_size, "tags": [TAG]}],
-                 "vms": [{"name_label": "node-a2"}]},
-            ],
-        }],
-        "vdis": [{"name_label": DISK, "name_description": DESCRIPTION, "size": "2GiB", "sr": "Local A1"},
-                 *extra_vdis],
-    }
-
-
-# Settings of test workers: short lock and heartbeat periods so that crashes are noticed within seconds.
-WORKER_SETTINGS: dict[str, Any] = {
-    "lock_ttl_s": 3, "lock_wait_s": 1, "job_heartbeat_s": 0.5, "stale_after_s": 2.0, "reaper_interval_s": 0.5,
-    "job_result_ttl_s": 2, "retry_backoff_max_s": 0.2,
-}
-
-
-@dataclass
-class Worker:
-    """An in-process migrator with its own connection, publisher and XO client."""
-
-    consumer: Consumer
-    connection: aio_pika.abc.AbstractRobustConnection
-    publisher: broker.Publisher
-    xo: XoClient
-    settings: MigratorSettings
-    closed: bool = field(default=False)
-
-    async def stop(self, grace_s: float = 5) -> None:
-        """SIGTERM: finish or hand back, then close. Idempotent."""
-        if not self.closed:
-            await self.consumer.stop(grace_s)
-            await self._close()
-
-    async def crash(self) -> None:
-        """As a killed process: nothing handed back, running records go stale. Idempotent."""
-        if not self.closed:
-            await self.consumer.abort()
-            await self._close()
-
-    async def _close(self) -> None:
-        self.closed = True
-        await self.publisher.close()
-        await self.connection.close()
-        await self.xo.close()
-
-
-async def start_worker(amqp_url: str, redis: aioredis.Redis, prefix: str, sim: SimulatorHandle, name: str,
-                       **overrides: Any) -> Worker:
-    settings = MigratorSettings(**{**WORKER_SETTINGS, "worker_name": name, **overrides})
-    xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
-    connection = await broker.connect(amqp_url, name=name, timeout_s=10)
-    publisher = broker.Publisher(connection, timeout_s=10)
-    jobs = JobStore(redis, prefix, active_ttl_s=60, result_ttl_s=settings.job_result_ttl_s)
-    deps = HandlerDeps(xo=xo, redis=redis, key_prefix=prefix, lock_ttl_s=settings.lock_ttl_s,
-                       lock_wait_s=settings.lock_wait_s, migrate_timeout_s=60)
-    consumer = Consumer(connection, publisher, jobs, deps, settings)
-    await consumer.start()
-    return Worker(consumer, connection, publisher, xo, settings)
-
-
-def vdis_named(sim: SimulatorHandle, name: str = DISK) -> list[dict[str, Any]]:
-    return [o for o in sim.state.of_type("VDI") if o["name_label"] == name]
-
-
-def copying(sim: SimulatorHandle) -> bool:
-    """XO is copying the disk (its source VDI has a current operation)."""
-    return any(o.get("current_operations") for o in vdis_named(sim))
-
-
-async def dead_letters(amqp_url: str) -> int:
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(messages.DEAD_LETTER_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-
-async def ready_jobs(amqp_url: str) -> int:
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(messages.JOBS_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-
-@dataclass
-class Env:
-    sim: SimulatorHandle
-    redis: aioredis.Redis
-    redis_url: str
-    prefix: str
-    amqp_url: str
-    jobs: JobStore
-    publisher: broker.Publisher
-    attacher: Attacher
-    workers: list[Worker] = field(default_factory=list)
-
-    async def worker(self, name: str, **overrides: Any) -> Worker:
-        worker = await start_worker(self.amqp_url, self.redis, self.prefix, self.sim, name, **overrides)
-        self.workers.append(worker)
-        return worker
-
-    async def submit(self, disk_name: str = DISK) -> MigrationRequested:
-        """What the frontend's gate does, without waiting: job record, then the confirmed request."""
-        [vdi] = vdis_named(self.sim, disk_name)
-        request = MigrationRequested(
-            job_id=messages.new_job_id(), disk_name=disk_name, volume_id="name:x", vdi_id_seen=vdi["id"], tag=TAG,
-            vm_id=VM_A2, host_id=HOST_A2, pool_id=POOL_A, requested_at=messages.utc_now(), correlation_id="c-1",
-        )
-        _, created = await self.jobs.create_or_join(request)
-        assert created
-        await self.publisher.request(request)
-        return request
-
-    async def finished(self, disk_name: str = DISK) -> JobRecord | None:
-        record = await self.jobs.get(disk_name)
-        return record if record is not None and not record.is_active else None
-
-
-@contextlib.asynccontextmanager
-async def open_env(amqp_url: str, redis_server: RedisEndpoint, prefix: str, *,
-                   topology: dict[str, Any] | None = None, **sim_options: Any) -> AsyncIterator[Env]:
-    """The simulator, a frontend (attacher + gate) and Redis; workers are started with ``env.worker()``."""
-    sim = await start_simulator(topology or _topology(), admin=True, **sim_options)
-    xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
-    redis = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
-    connection = await broker.connect(amqp_url, name="test-frontend", timeout_s=10)
-    publisher = broker.Publisher(connection, timeout_s=10)
-    jobs = JobStore(redis, prefix, active_ttl_s=60, result_ttl_s=30)
-    disks = DiskLocator(xo, "csi-")
-    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo, margin_s=1)
-    attacher = Attacher(xo, Inventory(xo), disks, device_wait_s=10, migrations=gate)
-    env = Env(sim, redis, redis_server.url, prefix, amqp_url, jobs, publisher, attacher)
-    try:
-        yield env
-    finally:
-        for worker in env.workers:
-            await worker.stop(5)
-        await gate.close()
-        await publisher.close()
-        await connection.close()
-        await redis.aclose()
-        await xo.close()
-        await sim.stop()
 
 
 @dataclass
@@ -218,7 +58,7 @@ class Stack:
 
 @pytest.fixture
 def topology() -> dict[str, Any]:
-    return _topology()
+    return two_hosts()
 
 
 @pytest.fixture
@@ -305,7 +145,7 @@ async def test_malformed_message_is_dead_lettered_and_the_worker_keeps_running(s
     assert _migrations(stack) == 1
 
 
-@pytest.mark.parametrize("topology", [_topology(a2_size="1GiB")])
+@pytest.mark.parametrize("topology", [two_hosts(a2_size="1GiB")])
 async def test_no_room_on_target_fails_the_publish_and_dead_letters_the_job(stack: Stack) -> None:
     with pytest.raises(CapacityExhausted, match=r"migration of disk csi-vol1 to host .* failed: no SR usable"):
         await stack.attacher.publish(by_name("vol1"), VM_A2, False, deadline_s=TIMEOUT_S)

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.jobs import JobRecord, JobStore
-from shared.locks import disk_job_key
+from shared.keys import disk_job_key
 from shared.messages import MigrationFinished, MigrationRequested
 from tests.support.brokers import RedisEndpoint
 

@@ -18,22 +18,22 @@ from shared import messages
 from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
 from shared.volume_id import by_name
-from tests.integration.test_migration import (
+from tests.support import brokers
+from tests.support.brokers import LocalRabbit, RabbitEndpoint, RedisEndpoint
+from tests.support.migration import (
     DESCRIPTION,
     DISK,
     SR_A1,
     SR_A2,
     VM_A2,
     Env,
-    _topology,
     copying,
     dead_letters,
     open_env,
     ready_jobs,
+    two_hosts,
     vdis_named,
 )
-from tests.support import brokers
-from tests.support.brokers import LocalRabbit, RabbitEndpoint, RedisEndpoint
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -184,7 +184,7 @@ SMALL_DISK = "csi-vol2"
 
 @pytest.mark.parametrize("sim_options", [{
     "migration_rate_bps": 2 * GiB // 5,  # csi-vol1 copies in 5 s, past the ack timeout; csi-vol2 in 1.25 s
-    "topology": _topology(extra_vdis=({"name_label": SMALL_DISK, "name_description": DESCRIPTION,
+    "topology": two_hosts(extra_vdis=({"name_label": SMALL_DISK, "name_description": DESCRIPTION,
                                        "size": "512MiB", "sr": "Local A1"},)),
 }])
 async def test_a_job_waiting_for_a_free_slot_stays_in_the_queue_not_unacked(env: Env) -> None:

@@ -12,12 +12,13 @@ import aiormq
 import httpx
 import pytest
 
-from services.csi_frontend import cli
 from services.migrator.health import HealthServer, connected
 from services.xo_simulator.faults import FaultRule
+from services.xocsi import cli
 from shared import messages
 from shared.messages import FailureReason, MigrationRequested
-from tests.integration.test_migration import (
+from tests.support.brokers import RedisEndpoint
+from tests.support.migration import (
     DISK,
     HOST_A2,
     POOL_A,
@@ -31,7 +32,6 @@ from tests.integration.test_migration import (
     ready_jobs,
     vdis_named,
 )
-from tests.support.brokers import RedisEndpoint
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.integration.conftest_sim import SR_LOCAL_A1, SR_LOCAL_A2, VM_A1, RpcClient, RpcError, client, running
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, VM_A1, RpcClient, RpcError, client, running
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest_sim import RpcClient
+from tests.support.sim import RpcClient
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.xo_simulator.topology import derived_id
-from tests.integration.conftest_sim import (
+from tests.support.sim import (
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,

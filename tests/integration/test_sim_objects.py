@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest_sim import (
+from tests.support.sim import (
     HOST_A1,
     POOL_A,
     SR_LOCAL_A1,

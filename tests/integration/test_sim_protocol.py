@@ -7,7 +7,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.integration.conftest_sim import SR_LOCAL_A1, RpcClient, RpcError, client, running
+from tests.support.sim import SR_LOCAL_A1, RpcClient, RpcError, client, running
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest_sim import SR_LOCAL_A1, SR_LOCAL_A2, SR_NFS_A, VM_A1, VM_A2, MiB, client, running
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, SR_NFS_A, VM_A1, VM_A2, MiB, client, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 SKIP_REASON = "real data mode needs root and losetup for loop devices"

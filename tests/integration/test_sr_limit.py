@@ -23,10 +23,12 @@ from shared import broker, messages
 from shared.config import XoSettings
 from shared.errors import OperationPending
 from shared.jobs import JobStore
-from shared.locks import SrSlots, sr_doorbell_key, sr_slots_key
+from shared.keys import sr_doorbell_key, sr_slots_key
+from shared.locks import SrSlots
 from shared.messages import MigrationRequested
 from shared.xo.client import XoClient
-from tests.integration.test_migration import (
+from tests.support.brokers import RedisEndpoint
+from tests.support.migration import (
     DESCRIPTION,
     DISK,
     HOST_A2,
@@ -38,11 +40,10 @@ from tests.integration.test_migration import (
     WORKER_SETTINGS,
     Env,
     Worker,
-    _topology,
     open_env,
+    two_hosts,
     vdis_named,
 )
-from tests.support.brokers import RedisEndpoint
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -392,7 +393,7 @@ def _request(disk_name: str, vdi_id: str) -> MigrationRequested:
 async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_only(
     redis: aioredis.Redis, redis_prefix: str
 ) -> None:
-    sim = await start_simulator(_topology(), admin=True, migration_rate_bps=2 * GiB)  # the 2 GiB copy: ~1 s
+    sim = await start_simulator(two_hosts(), admin=True, migration_rate_bps=2 * GiB)  # the 2 GiB copy: ~1 s
     xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
     deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_prefix, lock_ttl_s=3, lock_wait_s=1,
                        migrate_timeout_s=30, per_sr_limit=1, sr_slot_wait_s=0.3)
@@ -446,7 +447,7 @@ async def test_workers_under_the_limit_never_meet_xos_storage_migration_cap(
     disks = [f"csi-herd{n}" for n in range(4)]
     extra: tuple[dict[str, Any], ...] = tuple(
         {"name_label": d, "name_description": DESCRIPTION, "size": "256MiB", "sr": "Local A1"} for d in disks)
-    async with open_env(amqp_vhost, redis_server, redis_prefix, topology=_topology(extra_vdis=extra),
+    async with open_env(amqp_vhost, redis_server, redis_prefix, topology=two_hosts(extra_vdis=extra),
                         migration_rate_bps=GiB, max_storage_migrations=1) as env:
         for n in range(3):
             await _limited_worker(env, f"w{n}", limit=1)

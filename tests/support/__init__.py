@@ -1,2 +1,2 @@
 """Test support shared by integration and e2e tests: real brokers (brokers.py), polling waits (wait.py) and
-services run as separate processes (services/devstack/process.py). Nothing here is imported by the project."""
+services run as separate processes (dev/process.py). Nothing here is imported by the project."""

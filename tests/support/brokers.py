@@ -1,5 +1,5 @@
 """Real RabbitMQ and Redis for tests, never mocks: containers (testcontainers) when a Docker engine answers,
-else private servers (services/devstack/brokers.py) started on free ports picked at runtime.
+else private servers (dev/brokers.py) started on free ports picked at runtime.
 
 Both kinds give the same endpoints. Only local servers can be stopped and restarted (fault tests).
 XOCSI_TEST_BROKERS=local|docker|auto (default auto) forces a kind.
@@ -11,7 +11,6 @@ import contextlib
 import functools
 import gc
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,21 +18,22 @@ from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
-from services.devstack.brokers import (
+from dev.brokers import (
     LOG_TAIL_LINES,
     BrokerStartError,
     LocalRabbit,
     LocalRedis,
     RabbitEndpoint,
     RedisEndpoint,
-    _wait_ready,
     amqp_ready,
     management_client,
     management_ready,
     pick_free_port,
     redis_ready,
     unique_name,
+    wait_ready,
 )
+from shared import keys
 
 RABBITMQ_IMAGE = "rabbitmq:3-management"
 REDIS_IMAGE = "redis:7"
@@ -123,8 +123,8 @@ class ContainerRabbit(_Container):
 
     def wait_ready(self) -> None:
         ep = self.endpoint
-        _wait_ready(lambda: amqp_ready(ep.host, ep.port), "RabbitMQ container AMQP", self.logs)
-        _wait_ready(lambda: management_ready(ep), "RabbitMQ container management", self.logs)
+        wait_ready(lambda: amqp_ready(ep.host, ep.port), "RabbitMQ container AMQP", self.logs)
+        wait_ready(lambda: management_ready(ep), "RabbitMQ container management", self.logs)
 
 
 class ContainerRedis(_Container):
@@ -135,7 +135,7 @@ class ContainerRedis(_Container):
 
     def wait_ready(self) -> None:
         ep = self.endpoint
-        _wait_ready(lambda: redis_ready(ep.host, ep.port), "Redis container", self.logs)
+        wait_ready(lambda: redis_ready(ep.host, ep.port), "Redis container", self.logs)
 
 
 # ---------------------------------------------------------------------------------------------- lifecycles
@@ -196,17 +196,13 @@ def temporary_vhost(rabbit: RabbitEndpoint, vhost: str) -> Iterator[str]:
                 response.raise_for_status()
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
 async def delete_keys(redis_endpoint: RedisEndpoint, prefix: str) -> int:
     """Delete every key starting with `prefix` (SCAN + DEL, so never a blocking KEYS); returns how many."""
     client = aioredis.Redis.from_url(redis_endpoint.url, socket_timeout=10, socket_connect_timeout=10)
     deleted = 0
     try:
         batch: list[bytes] = []
-        async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=500):
+        async for key in client.scan_iter(match=keys.all_keys_pattern(prefix), count=500):
             batch.append(key)
             if len(batch) >= 500:
                 deleted += await client.delete(*batch)

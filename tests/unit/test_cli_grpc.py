@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from services.csi_frontend import cli
+from services.xocsi import cli
 from shared.csi import csi_pb2, csi_pb2_grpc
 
 VOLUME = csi_pb2.Volume(

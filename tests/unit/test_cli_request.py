@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.csi_frontend import cli
-from services.csi_frontend.cli_commands import COMMANDS
-from services.csi_frontend.cli_request import UsageError, endpoint_target
+from services.xocsi import cli
+from services.xocsi.commands import COMMANDS
+from services.xocsi.requests import UsageError, endpoint_target
 from shared.csi import csi_pb2
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode

@@ -13,7 +13,7 @@ from services.migrator.settings import MigratorSettings
 from shared import messages
 from shared.errors import CapacityExhausted, OperationPending
 from shared.jobs import JobRecord
-from shared.locks import disk_job_key, disk_job_pattern
+from shared.keys import disk_job_key, disk_job_pattern
 from shared.messages import MigrationRequested
 
 

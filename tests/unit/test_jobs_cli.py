@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.csi_frontend import cli, cli_jobs
+from services.xocsi import cli
+from services.xocsi import jobs as cli_jobs
 
 
 @pytest.mark.parametrize(

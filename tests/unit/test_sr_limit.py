@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from services.migrator.__main__ import build_parser, load_settings
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
-from shared.locks import SLOT_BACKOFF_CAP_S, SLOT_BACKOFF_START_S, SrSlots, backoff_delays_s, sr_slots_key
+from shared.keys import sr_slots_key
+from shared.locks import SLOT_BACKOFF_CAP_S, SLOT_BACKOFF_START_S, SrSlots, backoff_delays_s
 
 
 def test_backoff_starts_at_20_ms_doubles_and_is_capped_at_500_ms() -> None:

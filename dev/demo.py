@@ -4,7 +4,7 @@ in real data mode, a controller, a node plugin per node VM, two migrators), then
 create a migrating volume on host A's tagged SR, attach it on host A's node, write data, move the workload
 to host B's node (the disk migrates through the queue), attach, read the data back, show the timeline.
 
-    python -m services.demo [--once] [--size 256MiB] [--migration-rate 64MiB] [--workdir DIR]
+    python -m dev.demo [--once] [--size 256MiB] [--migration-rate 64MiB] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.devstack.stack import Stack, StackOptions, running_stack
+from dev.stack import Stack, StackOptions, running_stack
 from shared.csi import csi_pb2
 from shared.logging import configure_logging
 from shared.units import format_size, parse_size
@@ -185,7 +185,7 @@ def where_to_look(stack: Stack) -> None:
                   "queues xocsi.migrations and xocsi.migrations.dead")
     table.add_row("jobs", f"AMQP_URL={stack.amqp_url} REDIS_URL={stack.redis_url} .venv/bin/xocsi jobs list")
     table.add_row("CSI controller", f".venv/bin/xocsi --endpoint unix://{stack.controller_socket} volume list")
-    admin = stack.xo_url.replace("ws://", "http://").removesuffix("/api/")
+    admin = stack.admin_url
     table.add_row("XO simulator", f"{stack.xo_url}  (admin API: {admin}/_sim/stats, {admin}/_sim/state)")
     for name, port in sorted(stack.metrics_ports.items()):
         table.add_row(f"metrics: {name}", f"http://127.0.0.1:{port}/metrics")

@@ -1,6 +1,6 @@
 """The xocsi command table: each subcommand's arguments, the CSI RPC(s) it calls and its renderer.
 
-Pure declarations; requests are built in cli_request.py, calls are made in cli.py.
+Pure declarations; requests are built in requests.py, calls are made in cli.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from services.csi_frontend import cli_render as render
-from services.csi_frontend import cli_request as req
+from services.xocsi import render
+from services.xocsi import requests as req
 from shared.csi import csi_pb2
 
 Configure = Callable[[argparse.ArgumentParser], None]

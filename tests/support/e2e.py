@@ -1,5 +1,5 @@
 """e2e helpers shared by the e2e tests: capabilities, the attacher's and kubelet's side of a publish, and views
-of the simulator, RabbitMQ and Redis. The stack itself runs through services/devstack/stack.py."""
+of the simulator, RabbitMQ and Redis. The stack itself runs through dev/stack.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import grpc
 import httpx
 import redis.asyncio as aioredis
 
-from services.devstack.brokers import RabbitEndpoint, RedisEndpoint, management_client
-from services.devstack.stack import Stack, StackOptions, running_stack
-from shared import vdi_metadata
+from dev.brokers import RabbitEndpoint, RedisEndpoint, management_client
+from dev.stack import Stack, StackOptions, running_stack
+from shared import keys, vdi_metadata
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
@@ -124,7 +124,7 @@ def sha256_of(path: Path) -> str:
 
 
 async def sim_stats(stack: Stack) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=stack.xo_url.replace("ws://", "http://").removesuffix("/api/"),
+    async with httpx.AsyncClient(base_url=stack.admin_url,
                                  timeout=10) as admin:
         response = await admin.get("/_sim/stats")
         response.raise_for_status()
@@ -157,7 +157,7 @@ async def host_segment(stack: Stack, node: str) -> dict[str, str]:
 async def redis_keys(redis: RedisEndpoint, prefix: str) -> list[str]:
     client = aioredis.Redis.from_url(redis.url, socket_timeout=5, decode_responses=True)
     try:
-        return [key async for key in client.scan_iter(match=f"{prefix}*")]
+        return [key async for key in client.scan_iter(match=keys.all_keys_pattern(prefix))]
     finally:
         await client.aclose()
 

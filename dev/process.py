@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.devstack.wait import eventually
+from dev.wait import eventually
 
 LOG_TAIL_LINES = 60
 _live_groups: set[int] = set()  # process groups started here and not yet ended

@@ -9,9 +9,9 @@ from typing import Any, Protocol
 import httpx
 import redis.asyncio as aioredis
 
-from services.devstack.stack import Stack
-from services.devstack.wait import eventually
-from shared import messages, placement
+from dev.stack import Stack
+from dev.wait import eventually
+from shared import keys, messages, placement
 
 SETTLE_S = 120.0
 
@@ -106,7 +106,7 @@ async def _redis_clean(stack: Stack) -> None:
     prefix = stack.options.redis_prefix
     try:
         async def no_keys() -> bool:
-            return not [key async for key in client.scan_iter(match=f"{prefix}*")]
+            return not [key async for key in client.scan_iter(match=keys.all_keys_pattern(prefix))]
         await eventually(no_keys, SETTLE_S, description=f"Redis keys under {prefix} to expire")
     finally:
         await client.aclose()

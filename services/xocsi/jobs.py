@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from services.csi_frontend import cli_render
+from services.xocsi import render
 from shared import broker, messages
 from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
@@ -66,7 +66,7 @@ class _Backends:
             await asyncio.shield(connection.close())
 
 
-Action = Callable[[_Backends, argparse.Namespace], Awaitable[tuple[object, list[cli_render.View] | str]]]
+Action = Callable[[_Backends, argparse.Namespace], Awaitable[tuple[object, list[render.View] | str]]]
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -123,14 +123,14 @@ async def execute(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
     elif isinstance(views, str):
         out.write(views + "\n")
     else:
-        cli_render.print_views(views, out)
+        render.print_views(views, out)
     return 0
 
 
 # --- list -------------------------------------------------------------------------------------
 
 
-async def _list(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[cli_render.View] | str]:
+async def _list(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[render.View] | str]:
     async with backends.redis() as jobs:
         now_ms = await jobs.now_ms()
         records = [r for r in await jobs.records() if args.all or r.is_active]
@@ -141,7 +141,7 @@ async def _list(backends: _Backends, args: argparse.Namespace) -> tuple[object, 
     table = [(r["disk_name"], r["state"], r["target_host"], r["worker"] or "-",
               "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f}s", str(r["attempt"]),
               r["job_id"]) for r in rows]
-    return rows, [cli_render.Table(headers, table)]
+    return rows, [render.Table(headers, table)]
 
 
 def _job_row(record: JobRecord, now_ms: int) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def _job_row(record: JobRecord, now_ms: int) -> dict[str, Any]:
 # --- dead -------------------------------------------------------------------------------------
 
 
-async def _dead(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[cli_render.View] | str]:
+async def _dead(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[render.View] | str]:
     async with backends.rabbit() as (_, channel):
         held = await _get_dead(channel, args.max)
         try:
@@ -168,7 +168,7 @@ async def _dead(backends: _Backends, args: argparse.Namespace) -> tuple[object, 
     headers = ("JOB", "DISK", "REASON", "ERROR", "ATTEMPT", "READS")
     table = [(r["job_id"] or "-", r["disk_name"] or "-", r["reason"] or "-", r["error"] or "-",
               str(r["attempt"] or "-"), str(r["delivery_count"])) for r in rows]
-    return rows, [cli_render.Table(headers, table)]
+    return rows, [render.Table(headers, table)]
 
 
 def _dead_row(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -208,7 +208,7 @@ async def _put_back(held: list[AbstractIncomingMessage]) -> None:
 # --- requeue ----------------------------------------------------------------------------------
 
 
-async def _requeue(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[cli_render.View] | str]:
+async def _requeue(backends: _Backends, args: argparse.Namespace) -> tuple[object, list[render.View] | str]:
     async with backends.rabbit() as (connection, channel), backends.redis() as jobs:
         held = await _get_dead(channel, MAX_DEAD_MESSAGES)
         target = next((m for m in held if _job_id(m) == args.job_id), None)

@@ -1,6 +1,6 @@
 """xocsi: an operator CLI over a CSI endpoint (like csc) reaching every Identity, Controller and Node RPC.
 
-This module wires argparse to the command table (cli_commands.py) and makes the grpc.aio calls,
+This module wires argparse to the command table (commands.py) and makes the grpc.aio calls,
 each bounded by --timeout. Exit status: 0 success, 1 gRPC error, 2 usage error.
 """
 
@@ -19,9 +19,9 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.json_format import MessageToDict, MessageToJson
 from google.protobuf.message import Message
 
-from services.csi_frontend import cli_jobs, cli_render
-from services.csi_frontend.cli_commands import COMMANDS, GROUPS, Command
-from services.csi_frontend.cli_request import (
+from services.xocsi import jobs, render
+from services.xocsi.commands import COMMANDS, GROUPS, Command
+from services.xocsi.requests import (
     DEFAULT_ENDPOINT,
     UsageError,
     apply_secrets,
@@ -81,7 +81,7 @@ def build_parser(default_endpoint: str = DEFAULT_ENDPOINT) -> argparse.ArgumentP
         command.configure(leaf)
         _global_options(leaf, default_endpoint, suppress=True)
         leaf.set_defaults(command=command, leaf_parser=leaf)
-    cli_jobs.register(top)  # `jobs` talks to Redis and RabbitMQ, not to the CSI endpoint
+    jobs.register(top)  # `jobs` talks to Redis and RabbitMQ, not to the CSI endpoint
     return parser
 
 
@@ -134,7 +134,7 @@ def _requests(command: Command, args: argparse.Namespace) -> list[Message]:
     return requests
 
 
-async def _execute(command: Command, args: argparse.Namespace, requests: list[Message]) -> cli_render.Result:
+async def _execute(command: Command, args: argparse.Namespace, requests: list[Message]) -> render.Result:
     async with grpc.aio.insecure_channel(endpoint_target(args.endpoint)) as channel:
         if command.build is None:
             return {rpc.split(".")[1]: await call(channel, rpc, request, args.timeout)
@@ -147,7 +147,7 @@ async def _execute(command: Command, args: argparse.Namespace, requests: list[Me
 # --- output -----------------------------------------------------------------------------------
 
 
-def to_json(result: cli_render.Result) -> str:
+def to_json(result: render.Result) -> str:
     """The response as proto3 JSON with proto field names; several responses keyed by RPC name."""
     if isinstance(result, Mapping):
         return json.dumps(
@@ -158,15 +158,15 @@ def to_json(result: cli_render.Result) -> str:
     return text
 
 
-def _print(command: Command, args: argparse.Namespace, result: cli_render.Result, out: TextIO) -> None:
+def _print(command: Command, args: argparse.Namespace, result: render.Result, out: TextIO) -> None:
     if args.json:
         out.write(to_json(result) + "\n")
         return
     views = command.render(result)
-    if all(isinstance(view, cli_render.Pairs) and not view.rows for view in views):
+    if all(isinstance(view, render.Pairs) and not view.rows for view in views):
         out.write(f"{command.rpcs[0].split('.')[1]}: ok\n")
         return
-    cli_render.print_views(views, out)
+    render.print_views(views, out)
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -197,7 +197,7 @@ async def execute(args: argparse.Namespace, *, out: TextIO | None = None, err: T
     out = out or sys.stdout
     err = err or sys.stderr
     if getattr(args, "jobs_action", None) is not None:
-        return await cli_jobs.execute(args, out=out, err=err)
+        return await jobs.execute(args, out=out, err=err)
     command: Command = args.command
     try:
         result = await _execute(command, args, args.requests)

@@ -1,7 +1,7 @@
 """Soak and fault injection: many migrating volumes moved between nodes while faults hit every component,
 then an invariant check and a report. Seeded, so a failing run can be replayed.
 
-    make soak DURATION=10m SEED=1         # python -m services.devstack.soak --duration 10m --seed 1
+    make soak DURATION=10m SEED=1         # python -m dev.soak --duration 10m --seed 1
 
 Workload: workers publish volumes to random nodes the way external-attacher does (per-call timeout,
 exponential backoff on every error), stage, verify the checksum written at the previous attach, write new
@@ -31,13 +31,13 @@ from typing import Any, TypeVar
 import grpc
 import httpx
 
-from services.csi_frontend.settings import parse_duration_s
-from services.devstack import faults
-from services.devstack.invariants import check_during, check_final
-from services.devstack.stack import Stack, StackOptions, running_stack
+from dev import faults
+from dev.invariants import check_during, check_final
+from dev.stack import Stack, StackOptions, running_stack
 from shared.csi import csi_pb2
 from shared.errors import DomainError
 from shared.logging import configure_logging
+from shared.units import parse_duration_s
 
 T = TypeVar("T")
 CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
@@ -227,7 +227,7 @@ async def run(args: argparse.Namespace) -> int:
         volumes = await create_volumes(stack, args.volumes, report)
         workload = Workload(stack, volumes, report, short_deadline_rate=0.2)
         workload.host_of = {vm["name_label"]: vm["$container"] for vm in vms}
-        async with httpx.AsyncClient(base_url=stack.xo_url.replace("ws://", "http://").removesuffix("/api/"),
+        async with httpx.AsyncClient(base_url=stack.admin_url,
                                      timeout=10) as admin:
             stop = asyncio.Event()
             schedule = faults.Schedule(stack, admin, random.Random(rng.random()), report.faults,
@@ -253,7 +253,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def admin_stats(stack: Stack) -> dict[str, Any]:
-    base = stack.xo_url.replace("ws://", "http://").removesuffix("/api/")
+    base = stack.admin_url
     async with httpx.AsyncClient(base_url=base, timeout=10) as admin:
         return dict((await admin.get("/_sim/stats")).json())
 

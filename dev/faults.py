@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from services.devstack.stack import Stack
+from dev.stack import Stack
 
 KINDS = ("kill_migrator", "kill_controller", "kill_node", "rabbitmq_restart", "redis_restart", "xo_errors",
          "xo_latency", "xo_drop_socket")

@@ -20,9 +20,9 @@ from urllib.parse import quote
 
 import httpx
 
-from services.devstack.wait import wait_until
+from dev.wait import wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS_DIR = REPO_ROOT / "scripts"
 READY_TIMEOUT_S = 90.0  # measured 6-10 s on 2 idle cores; CI machines may be busier
 SCRIPT_TIMEOUT_S = 60.0
@@ -158,7 +158,8 @@ def _run_script(*args: str, env: dict[str, str] | None = None) -> str:
     return lines[-1] if lines else ""
 
 
-def _wait_ready(check: Callable[[], bool], description: str, logs: Callable[[], str]) -> None:
+def wait_ready(check: Callable[[], bool], description: str, logs: Callable[[], str]) -> None:
+    """Block until ``check()`` is true; BrokerStartError carrying ``logs()`` after READY_TIMEOUT_S."""
     try:
         wait_until(check, READY_TIMEOUT_S, description=description)
     except AssertionError as exc:
@@ -211,8 +212,8 @@ class LocalRabbit:
             env["RMQ_BASE"] = str(self.base_dir)
         self.base_dir = Path(_run_script("rmq/start.sh", str(self.port), str(self.mgmt_port), env=env))
         ep = self.endpoint
-        _wait_ready(lambda: self._alive() and amqp_ready(ep.host, ep.port), f"RabbitMQ AMQP on {ep.port}", self.logs)
-        _wait_ready(lambda: management_ready(ep), f"RabbitMQ management on {ep.mgmt_port}", self.logs)
+        wait_ready(lambda: self._alive() and amqp_ready(ep.host, ep.port), f"RabbitMQ AMQP on {ep.port}", self.logs)
+        wait_ready(lambda: management_ready(ep), f"RabbitMQ management on {ep.mgmt_port}", self.logs)
 
     def stop(self, *, keep_state: bool = False, crash: bool = True) -> None:
         """Stop the node: SIGKILL with crash (1-2 s), else SIGTERM (a clean shutdown, ~8 s). With keep_state,
@@ -263,7 +264,7 @@ class LocalRedis:
         env = {"REDIS_BASE": str(self.base_dir)} if self.base_dir is not None else {}
         self.base_dir = Path(_run_script("redis/start.sh", str(self.endpoint.port), env=env))
         ep = self.endpoint
-        _wait_ready(lambda: redis_ready(ep.host, ep.port), f"Redis on {ep.port}", self.logs)
+        wait_ready(lambda: redis_ready(ep.host, ep.port), f"Redis on {ep.port}", self.logs)
 
     def stop(self, *, keep_state: bool = False, crash: bool = False) -> None:
         """SHUTDOWN (SAVE with keep_state, keeping the dir for `start()`), or SIGKILL with crash (unsaved

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from pydantic import SecretStr
 
-from services.devstack.brokers import LocalRabbit, LocalRedis, pick_free_port
-from services.devstack.process import ServiceProcess, service_process
+from dev.brokers import LocalRabbit, LocalRedis, pick_free_port
+from dev.process import ServiceProcess, service_process
 from shared.config import XoSettings
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.xo.client import XoClient
@@ -44,6 +45,7 @@ class StackOptions:
     migrator_args: tuple[str, ...] = ()
     node_args: tuple[str, ...] = ()
     metrics: bool = False  # serve /metrics from the controller and every migrator on free ports
+    nodes: bool = True  # a node plugin per node VM (the benchmarks need only the controller)
     log_level: str = "info"
 
 
@@ -162,10 +164,40 @@ class Stack:
                 return name
         raise LookupError(f"no node {'on' if same_host else 'off'} the host of {disk_name}")
 
+    @property
+    def admin_url(self) -> str:
+        """The simulator's admin API (``/_sim/...``)."""
+        return admin_url(self.xo_url)
+
+    async def close_channels(self) -> None:
+        channels, self._channels = self._channels, []
+        await asyncio.gather(*(channel.close() for channel in channels))
+
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        await self.close_channels()
         await self.exits.aclose()
+
+
+def admin_url(xo_url: str) -> str:
+    """``ws://host:port/api/`` -> ``http://host:port``, where the simulator serves its admin API."""
+    return xo_url.replace("ws://", "http://").removesuffix("/api/")
+
+
+def sim_client(xo_url: str) -> XoClient:
+    """An XO client signed in to the simulator with its token (no I/O until the first call)."""
+    return XoClient.from_settings(XoSettings(url=xo_url, token=SecretStr(SIM_TOKEN)))
+
+
+@contextlib.asynccontextmanager
+async def simulator_process(log_dir: Path, *args: str) -> AsyncIterator[tuple[ServiceProcess, str]]:
+    """``xo-sim`` on a free 127.0.0.1 port as a separate process (``args`` added to its command line); yields
+    it and its ws:// URL once it listens, and stops it on exit."""
+    argv = [sys.executable, "-m", "services.xo_simulator", "--listen", "127.0.0.1:0", *args]
+    async with service_process(argv, log_dir=log_dir, ready_line_regex=URL_RE.pattern, name="xo-sim",
+                               timeout_s=30) as sim:
+        match = URL_RE.search(sim.log_text())
+        assert match is not None, sim.log_tail()
+        yield sim, match.group(1)
 
 
 async def _answers(channel: grpc.aio.Channel) -> bool:
@@ -186,23 +218,20 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
         redis_url = options.redis_url or (redis.endpoint.url if redis else None)
         management_url = rabbit.endpoint.management_url if rabbit else None
         device_root = work / "devices"
-        sim_argv = [sys.executable, "-m", "services.xo_simulator", "--topology", options.topology,
-                    "--listen", "127.0.0.1:0", "--admin", *options.sim_args]
+        sim_args = ["--topology", options.topology, "--admin", *options.sim_args]
         if options.real_data and os.geteuid() == 0:
-            sim_argv += ["--backing-dir", str(work / "backing"), "--device-root", str(device_root)]
-        sim = await exits.enter_async_context(service_process(
-            sim_argv, log_dir=work / "logs", ready_line_regex=URL_RE.pattern, name="xo-sim", timeout_s=30))
-        match = URL_RE.search(sim.log_text())
-        assert match is not None, sim.log_tail()
-        xo = XoClient.from_settings(XoSettings(url=match.group(1), token=SIM_TOKEN))  # type: ignore[arg-type]
+            sim_args += ["--backing-dir", str(work / "backing"), "--device-root", str(device_root)]
+        sim, xo_url = await exits.enter_async_context(simulator_process(work / "logs", *sim_args))
+        xo = sim_client(xo_url)
         exits.push_async_callback(xo.close)
         vms = {vm["name_label"]: vm["id"] for vm in await xo.get_objects({"type": "VM"})}
-        stack = Stack(options, work, match.group(1), xo, vms, device_root, work / "controller.sock",
+        stack = Stack(options, work, xo_url, xo, vms, device_root, work / "controller.sock",
                       {name: work / f"{name}.sock" for name in vms}, amqp_url, redis_url, management_url,
                       rabbit, redis, processes={"xo-sim": sim}, exits=exits)
-        exits.push_async_callback(lambda: asyncio.gather(*(c.close() for c in stack._channels)))
+        exits.push_async_callback(stack.close_channels)
         await stack.start_controller()
-        await stack.start_nodes()
+        if options.nodes:
+            await stack.start_nodes()
         for n in range(options.migrators):
             await stack.start_migrator(f"migrator-{n + 1}")
         yield stack

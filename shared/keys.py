@@ -1,0 +1,43 @@
+"""Every Redis key name this project writes, and the SCAN patterns over them, built from the key prefix
+(``REDIS_KEY_PREFIX``, default ``xocsi:``). Nothing else formats a Redis key; queue and exchange names live in
+shared/messages.py.
+
+    <prefix>lock:disk:<disk>        the disk's lock (shared/locks.py DiskLock)
+    <prefix>job:disk:<disk>         the disk's migration job record (shared/jobs.py)
+    <prefix>slots:sr:<sr>           leases on an SR's migration slots (shared/locks.py SrSlots)
+    <prefix>slots:sr:<sr>:freed     the doorbell a release of one of those slots rings
+"""
+
+from __future__ import annotations
+
+
+def disk_lock_key(prefix: str, disk_name: str) -> str:
+    return f"{prefix}lock:disk:{disk_name}"
+
+
+def disk_job_key(prefix: str, disk_name: str) -> str:
+    return f"{prefix}job:disk:{disk_name}"
+
+
+def sr_slots_key(prefix: str, sr_id: str) -> str:
+    """Sorted set of the leases on an SR's migration slots (member: lease token, score: expiry in Redis ms)."""
+    return f"{prefix}slots:sr:{sr_id}"
+
+
+def sr_doorbell_key(prefix: str, sr_id: str) -> str:
+    """List a release of a slot on the SR pushes to, so that a waiter (BLPOP) tries again at once."""
+    return f"{prefix}slots:sr:{sr_id}:freed"
+
+
+def disk_job_pattern(prefix: str) -> str:
+    """SCAN MATCH pattern of every job record under ``prefix`` (glob characters in the prefix escaped)."""
+    return f"{_glob_escape(prefix)}job:disk:*"
+
+
+def all_keys_pattern(prefix: str) -> str:
+    """SCAN MATCH pattern of every key under ``prefix`` (glob characters in the prefix escaped)."""
+    return f"{_glob_escape(prefix)}*"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
