@@ -26,6 +26,8 @@ from shared.errors import BackendFailure, BackendUnavailable
 from shared.keys import disk_job_key, disk_job_pattern
 from shared.messages import MigrationFinished, MigrationRequested, utc_now
 
+DEFAULT_ACTIVE_TTL_S = 900.0  # a queued/running record (workers refresh it while running)
+DEFAULT_RESULT_TTL_S = 120.0  # a finished record, for late waiters
 JobState = Literal["queued", "running", "succeeded", "failed"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
 ClaimOutcome = Literal["claimed", "duplicate", "finished", "superseded"]

@@ -1,4 +1,4 @@
-"""xo-csi-frontend: build settings, configure logging, wire the CSI services, serve. Nothing else."""
+"""xo-csi-frontend: build settings, configure logging, then serve what ``build_frontend`` wires. Nothing else."""
 
 from __future__ import annotations
 
@@ -10,27 +10,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.csi_frontend.attach import Attacher
-from services.csi_frontend.controller import ControllerServicer
-from services.csi_frontend.disks import DiskLocator
-from services.csi_frontend.identity import IdentityServicer
-from services.csi_frontend.migration_gate import QueueMigrationGate
-from services.csi_frontend.node import NodeConfig, NodeServicer
-from services.csi_frontend.node_identity import resolve_node, topology
-from services.csi_frontend.provisioning import Provisioner
-from services.csi_frontend.server import serve
+from services.csi_frontend.app import build_frontend
 from services.csi_frontend.settings import FrontendSettings
-from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
-from shared import metrics
-from shared.backends import open_messaging
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
-from shared.csi import csi_pb2_grpc
 from shared.errors import DomainError
-from shared.jobs import JobStore
 from shared.logging import configure_logging, get_logger
 from shared.units import parse_duration_s
-from shared.xo.client import XoClient
-from shared.xo.inventory import Inventory
 
 log = get_logger(__name__)
 
@@ -84,75 +69,20 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-async def _migration_gate(
-    stack: AsyncExitStack, xo: XoClient, disks: DiskLocator, settings: FrontendSettings
-) -> QueueMigrationGate | None:
-    """The queue-backed MigrationGate when both AMQP_URL and REDIS_URL are set, else None (no migrations)."""
-    rabbit, redis_settings = RabbitSettings(), RedisSettings()
-    if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis_settings.model_fields_set:
+def messaging_settings() -> tuple[RabbitSettings, RedisSettings] | None:
+    """RabbitMQ and Redis settings when both AMQP_URL and REDIS_URL are set (migrations on), else None."""
+    rabbit, redis = RabbitSettings(), RedisSettings()
+    if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis.model_fields_set:
         return None
-    redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings,
-                                                        name=f"csi-frontend:{settings.node_id}")
-    jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
-                    result_ttl_s=settings.job_result_ttl_s)
-    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo, margin_s=settings.publish_margin_s)
-    stack.push_async_callback(gate.close)
-    log.info("migrations_enabled")
-    return gate
+    return rabbit, redis
 
 
-async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
-    xo = XoClient.from_settings(xo_settings)
-    inventory = Inventory(xo)
-    disks = DiskLocator(xo, settings.disk_name_prefix)
-    stack = AsyncExitStack()
-    try:
-        servicers: list[tuple[object, object]] = [(
-            IdentityServicer(settings.driver_name, controller=settings.serves_controller,
-                             probe=xo.ping if settings.serves_controller else None),
-            csi_pb2_grpc.add_IdentityServicer_to_server,
-        )]
-        if settings.serves_controller:
-            gate = await _migration_gate(stack, xo, disks, settings)
-            attacher = Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s, migrations=gate)
-            provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
-            servicers.append((ControllerServicer(provisioner, attacher, disks, inventory),
-                              csi_pb2_grpc.add_ControllerServicer_to_server))
-        if settings.serves_node:
-            servicers.append((await _node_servicer(settings, inventory, xo), csi_pb2_grpc.add_NodeServicer_to_server))
-        async with asyncio.TaskGroup() as tasks:
-            cleanup = None
-            if settings.serves_controller and settings.temp_cleanup:
-                cleanup = tasks.create_task(temp_cleanup_forever(
-                    xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
-                    delete_after_s=settings.temp_cleanup_delete_after_s))
-            async with metrics.serving(settings.metrics_port):
-                await serve(servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc)
-            if cleanup is not None:
-                cleanup.cancel()
-    finally:
-        await stack.aclose()
-        await xo.close()
-
-
-async def _node_servicer(settings: FrontendSettings, inventory: Inventory, xo: XoClient) -> NodeServicer:
-    node_id = await resolve_node(inventory, settings.node_id, settings.dmi_uuid_path)
-    place = await Attacher(xo, inventory, DiskLocator(xo, settings.disk_name_prefix),
-                           device_wait_s=settings.device_wait_s).place_of(node_id)
-    config = NodeConfig(
-        node_id=node_id,
-        topology=topology(place, settings.host_topology),
-        device_dir=settings.device_dir,
-        max_volumes_per_node=settings.max_volumes_per_node,
-        device_wait_s=settings.device_wait_s,
-    )
-    log.info("node_identified", node_id=node_id, topology=dict(config.topology))
-    return NodeServicer(config)
-
-
-def _observe_rpc(method: str, code: str, seconds: float) -> None:
-    metrics.CSI_REQUESTS.labels(method, code).inc()
-    metrics.CSI_DURATION.labels(method).observe(seconds)
+async def run(settings: FrontendSettings, xo_settings: XoSettings,
+              messaging: tuple[RabbitSettings, RedisSettings] | None) -> None:
+    rabbit, redis = messaging if messaging is not None else (None, None)
+    async with AsyncExitStack() as stack:
+        frontend = await build_frontend(stack, settings, xo_settings, rabbit=rabbit, redis=redis)
+        await frontend.serve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, xo_settings, log_settings = load_settings(args)
         xo_settings.require_credentials()
+        messaging = messaging_settings()
     except (ValidationError, ValueError) as exc:
         print(f"xo-csi-frontend: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(log_settings.level, json=log_settings.json_output, service="csi-frontend")
     try:
-        asyncio.run(run(settings, xo_settings))
+        asyncio.run(run(settings, xo_settings, messaging))
     except DomainError as exc:
         log.error("frontend_failed", error=exc.message)
         return 1

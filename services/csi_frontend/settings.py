@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import jobs
+
 DEFAULT_DRIVER_NAME = "csi.xen-orchestra.marcsi.ch"
 
 
@@ -35,9 +37,10 @@ class FrontendSettings(BaseSettings):
     device_wait_s: float = Field(default=10.0, gt=0)
     max_volumes_per_node: int = Field(default=239, ge=1)
     grace_s: float = Field(default=10.0, ge=0)
-    job_active_ttl_s: float = Field(default=900.0, gt=0, description="TTL of a queued job record (workers refresh "
-                                    "it while running)")
-    job_result_ttl_s: float = Field(default=120.0, gt=0, description="how long a finished job's result is kept")
+    job_active_ttl_s: float = Field(default=jobs.DEFAULT_ACTIVE_TTL_S, gt=0,
+                                    description="TTL of a queued job record (workers refresh it while running)")
+    job_result_ttl_s: float = Field(default=jobs.DEFAULT_RESULT_TTL_S, gt=0,
+                                    description="how long a finished job's result is kept")
     publish_margin_s: float = Field(default=2.0, ge=0, description="answer this long before the caller's deadline")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
 

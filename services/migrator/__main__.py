@@ -1,4 +1,5 @@
-"""xo-csi-migrator: build settings, configure logging, run the consumer until SIGTERM. Nothing else."""
+"""xo-csi-migrator: build settings, configure logging, run what ``build_migrator`` wires until SIGTERM. Nothing
+else."""
 
 from __future__ import annotations
 
@@ -11,17 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.migrator.consumer import Consumer
-from services.migrator.health import HealthServer, connected
-from services.migrator.migrate import HandlerDeps
+from services.migrator.app import build_migrator
 from services.migrator.settings import MigratorSettings
-from shared import metrics
-from shared.backends import open_messaging
 from shared.config import LogSettings, RabbitSettings, RedisSettings, XoSettings
 from shared.errors import DomainError
-from shared.jobs import JobStore
 from shared.logging import configure_logging, get_logger
-from shared.xo.client import XoClient
 
 log = get_logger(__name__)
 
@@ -76,29 +71,10 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        xo = XoClient.from_settings(xo_settings)
-        stack.push_async_callback(xo.close)
-        redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings, name=settings.worker_name)
-        jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
-                        result_ttl_s=settings.job_result_ttl_s)
-        deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_settings.key_prefix, lock_ttl_s=settings.lock_ttl_s,
-                           lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s,
-                           per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s)
-        consumer = Consumer(connection, publisher, jobs, deps, settings)
-        await consumer.start()
-        if settings.health_port:
-            health = HealthServer(
-                loop_age_s=consumer.loop_age_s, liveness_timeout_s=settings.liveness_timeout_s,
-                probe_timeout_s=settings.probe_timeout_s,
-                checks={"rabbitmq": lambda: connected(publisher), "redis": redis.ping, "xo": xo.ping},
-            )
-            await health.start(settings.health_host, settings.health_port)
-            stack.push_async_callback(health.close)
-        await stack.enter_async_context(metrics.serving(settings.metrics_port))
-        log.info("migrator_ready", worker=settings.worker_name)
+        migrator = await build_migrator(stack, settings, rabbit=rabbit, redis=redis_settings, xo=xo_settings)
+        await migrator.start()
         await stop.wait()
-        log.info("migrator_stopping", grace_s=settings.grace_s)
-        await consumer.stop(settings.grace_s)
+        await migrator.stop(settings.grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

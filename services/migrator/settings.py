@@ -9,7 +9,7 @@ import socket
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared import messages
+from shared import jobs, messages
 
 
 def _default_worker_name() -> str:
@@ -31,8 +31,10 @@ class MigratorSettings(BaseSettings):
                               "given SR, across all replicas; 0 = no limit")
     sr_slot_wait_s: float = Field(default=60.0, ge=0, description="per-SR limit: how long a migration waits for a "
                                   "slot before its job is handed back to the queue")
-    job_active_ttl_s: float = Field(default=900.0, gt=0, description="TTL of a queued/running job record")
-    job_result_ttl_s: float = Field(default=120.0, gt=0, description="how long a finished job's result is kept")
+    job_active_ttl_s: float = Field(default=jobs.DEFAULT_ACTIVE_TTL_S, gt=0,
+                                    description="TTL of a queued/running job record")
+    job_result_ttl_s: float = Field(default=jobs.DEFAULT_RESULT_TTL_S, gt=0,
+                                    description="how long a finished job's result is kept")
     job_heartbeat_s: float = Field(default=10.0, gt=0, description="how often a running job's record is refreshed")
     stale_after_s: float = Field(default=0.0, ge=0, description="a running job whose heartbeat is older is "
                                  "reaped; 0 = 3 x job_heartbeat_s + 5 s")

@@ -25,13 +25,10 @@ from services.xocsi import render
 from shared import broker, messages
 from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
 from shared.messages import MigrationRequested
 
 MAX_DEAD_MESSAGES = 10_000  # requeue looks at this many dead letters at most
-# TTLs of records the CLI writes (requeue writes a queued one): the same as the frontend's.
-_CLI_ACTIVE_TTL_S = 900.0
-_CLI_RESULT_TTL_S = 120.0
 
 
 class JobsError(Exception):
@@ -39,25 +36,42 @@ class JobsError(Exception):
 
 
 @dataclass(frozen=True)
+class JobsSettings:
+    """Where the jobs are, built once from the flags and the environment (REDIS_URL, AMQP_URL, REDIS_KEY_PREFIX).
+    Records the CLI writes (requeue) get the services' default TTLs (shared/jobs.py)."""
+
+    redis: RedisSettings
+    rabbit: RabbitSettings
+    timeout_s: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> JobsSettings:
+        redis: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
+        if args.redis_key_prefix is not None:
+            redis["key_prefix"] = args.redis_key_prefix
+        rabbit = {"amqp_url": args.amqp_url} if getattr(args, "amqp_url", None) else {}
+        return cls(RedisSettings(**redis), RabbitSettings(**rabbit), args.timeout)
+
+
+@dataclass(frozen=True)
 class _Backends:
-    args: argparse.Namespace
+    settings: JobsSettings
 
     @asynccontextmanager
     async def redis(self) -> AsyncIterator[JobStore]:
-        settings = RedisSettings(**({"redis_url": self.args.redis_url} if self.args.redis_url else {}))
-        prefix = settings.key_prefix if self.args.redis_key_prefix is None else self.args.redis_key_prefix
-        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=self.args.timeout,
-                                         socket_connect_timeout=self.args.timeout)
+        settings = self.settings
+        client = aioredis.Redis.from_url(settings.redis.redis_url.get_secret_value(), socket_timeout=settings.timeout_s,
+                                         socket_connect_timeout=settings.timeout_s)
         try:
-            yield JobStore(client, prefix, active_ttl_s=_CLI_ACTIVE_TTL_S, result_ttl_s=_CLI_RESULT_TTL_S)
+            yield JobStore(client, settings.redis.key_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
+                           result_ttl_s=DEFAULT_RESULT_TTL_S)
         finally:
             await client.aclose()
 
     @asynccontextmanager
     async def rabbit(self) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractChannel]]:
-        settings = RabbitSettings(**({"amqp_url": self.args.amqp_url} if self.args.amqp_url else {}))
-        connection = await broker.connect(settings.amqp_url.get_secret_value(), name="xocsi-jobs",
-                                          timeout_s=self.args.timeout)
+        connection = await broker.connect(self.settings.rabbit.amqp_url.get_secret_value(), name="xocsi-jobs",
+                                          timeout_s=self.settings.timeout_s)
         try:
             channel = await connection.channel()
             await broker.declare(channel)
@@ -111,7 +125,7 @@ async def execute(args: argparse.Namespace, *, out: TextIO, err: TextIO) -> int:
     action: Action = args.jobs_action
     try:
         async with asyncio.timeout(args.timeout * 4):  # a few round trips, each bounded by --timeout
-            data, views = await action(_Backends(args), args)
+            data, views = await action(_Backends(JobsSettings.from_args(args)), args)
     except (DomainError, JobsError) as exc:
         err.write(f"error: {exc}\n")
         return 1

@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import messages
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
 from tests.support.e2e import (
     MIGRATING,
     MiB,
@@ -81,7 +81,8 @@ async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faul
                                             retry=Retry(ExponentialBackoff(cap=1, base=0.05), 5),
                                             retry_on_error=[RedisConnectionError])
             try:
-                yield Faulty(stack, JobStore(redis, stack.options.redis_prefix, active_ttl_s=900, result_ttl_s=120))
+                yield Faulty(stack, JobStore(redis, stack.options.redis_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
+                                           result_ttl_s=DEFAULT_RESULT_TTL_S))
             finally:
                 await redis.aclose()
 

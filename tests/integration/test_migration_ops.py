@@ -12,12 +12,11 @@ import aiormq
 import httpx
 import pytest
 
-from services.migrator.health import HealthServer, connected
 from services.xo_simulator.faults import FaultRule
 from services.xocsi import cli
 from shared import messages
 from shared.messages import FailureReason, MigrationRequested
-from tests.support.brokers import RedisEndpoint
+from tests.support.brokers import RedisEndpoint, pick_free_port
 from tests.support.migration import (
     DISK,
     HOST_A2,
@@ -112,32 +111,27 @@ async def test_stop_hands_back_a_job_that_outlives_the_grace_period(env: Env) ->
 
 
 async def test_health_probes_report_the_consume_loop_and_the_backends(env: Env) -> None:
-    worker = await env.worker("w1")
-    health = HealthServer(
-        loop_age_s=worker.consumer.loop_age_s, liveness_timeout_s=1.5, probe_timeout_s=2,
-        checks={"rabbitmq": lambda: connected(worker.publisher), "redis": env.redis.ping, "xo": worker.xo.ping},
-    )
-    await health.start("127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health.port}", timeout=5) as http:
-            live, ready = await http.get("/livez"), await http.get("/readyz")
-            assert (live.status_code, ready.status_code) == (200, 200)
-            assert ready.json() == {"ok": True, "rabbitmq": "ok", "redis": "ok", "xo": "ok"}
+    worker = await env.worker("w1", health_host="127.0.0.1", health_port=pick_free_port(), liveness_timeout_s=1.5,
+                              probe_timeout_s=2)
+    assert worker.migrator.health is not None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.migrator.health.port}", timeout=5) as http:
+        live, ready = await http.get("/livez"), await http.get("/readyz")
+        assert (live.status_code, ready.status_code) == (200, 200)
+        assert ready.json() == {"ok": True, "rabbitmq": "ok", "redis": "ok", "xo": "ok"}
 
-            await env.sim.simulator.add_faults([FaultRule.model_validate(
-                {"method": "xo.getAllObjects", "error": {"code": 21, "message": "operation failed"}})])
-            ready = await http.get("/readyz")
-            assert ready.status_code == 503
-            assert ready.json()["xo"].startswith("XoError") and ready.json()["redis"] == "ok"
+        await env.sim.simulator.add_faults([FaultRule.model_validate(
+            {"method": "xo.getAllObjects", "error": {"code": 21, "message": "operation failed"}})])
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["xo"].startswith("XoError") and ready.json()["redis"] == "ok"
 
-            await worker.crash()  # the consume loop stops ticking
+        await worker.migrator.crash()  # the consume loop stops ticking; the health server still answers
 
-            async def dead() -> bool:
-                return (await http.get("/livez")).status_code == 503
+        async def dead() -> bool:
+            return (await http.get("/livez")).status_code == 503
 
-            await eventually(dead, TIMEOUT_S, interval_s=0.1, description="/livez fails")
-    finally:
-        await health.close()
+        await eventually(dead, TIMEOUT_S, interval_s=0.1, description="/livez fails")
+    await worker.crash()
 
 
 # --- xocsi jobs -------------------------------------------------------------------------------

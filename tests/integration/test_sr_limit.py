@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 
-from services.migrator.consumer import Consumer
-from services.migrator.migrate import HandlerDeps, handle
+from services.migrator.app import handler_deps
+from services.migrator.migrate import handle
 from services.migrator.settings import MigratorSettings
 from services.xo_simulator.server import start_simulator
-from shared import broker, messages
-from shared.config import XoSettings
+from shared import messages
 from shared.errors import OperationPending
-from shared.jobs import JobStore
 from shared.keys import sr_doorbell_key, sr_slots_key
 from shared.locks import SrSlots
 from shared.messages import MigrationRequested
@@ -37,10 +34,10 @@ from tests.support.migration import (
     SR_A2,
     TAG,
     VM_A2,
-    WORKER_SETTINGS,
     Env,
     Worker,
     open_env,
+    sim_settings,
     two_hosts,
     vdis_named,
 )
@@ -394,9 +391,9 @@ async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_onl
     redis: aioredis.Redis, redis_prefix: str
 ) -> None:
     sim = await start_simulator(two_hosts(), admin=True, migration_rate_bps=2 * GiB)  # the 2 GiB copy: ~1 s
-    xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
-    deps = HandlerDeps(xo=xo, redis=redis, key_prefix=redis_prefix, lock_ttl_s=3, lock_wait_s=1,
-                       migrate_timeout_s=30, per_sr_limit=1, sr_slot_wait_s=0.3)
+    xo = XoClient.from_settings(sim_settings(sim))
+    settings = MigratorSettings(lock_ttl_s=3, lock_wait_s=1, migrate_timeout_s=30, per_sr_limit=1, sr_slot_wait_s=0.3)
+    deps = handler_deps(settings, xo, redis, redis_prefix)
     try:
         [vdi] = vdis_named(sim)
         request = _request(DISK, vdi["id"])
@@ -424,21 +421,8 @@ async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_onl
 
 
 async def _limited_worker(env: Env, name: str, limit: int) -> Worker:
-    """A migrator as test_migration.start_worker builds one, with the per-SR limit passed to its handler."""
-    settings = MigratorSettings(**{**WORKER_SETTINGS, "worker_name": name, "per_sr_limit": limit,
-                                   "sr_slot_wait_s": TIMEOUT_S})
-    xo = XoClient.from_settings(XoSettings(url=env.sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
-    connection = await broker.connect(env.amqp_url, name=name, timeout_s=10)
-    publisher = broker.Publisher(connection, timeout_s=10)
-    jobs = JobStore(env.redis, env.prefix, active_ttl_s=60, result_ttl_s=settings.job_result_ttl_s)
-    deps = HandlerDeps(xo=xo, redis=env.redis, key_prefix=env.prefix, lock_ttl_s=settings.lock_ttl_s,
-                       lock_wait_s=settings.lock_wait_s, migrate_timeout_s=60, per_sr_limit=settings.per_sr_limit,
-                       sr_slot_wait_s=settings.sr_slot_wait_s)
-    consumer = Consumer(connection, publisher, jobs, deps, settings)
-    await consumer.start()
-    worker = Worker(consumer, connection, publisher, xo, settings)
-    env.workers.append(worker)
-    return worker
+    """A migrator built like every other, with the per-SR limit set."""
+    return await env.worker(name, per_sr_limit=limit, sr_slot_wait_s=TIMEOUT_S)
 
 
 async def test_workers_under_the_limit_never_meet_xos_storage_migration_cap(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,20 +14,18 @@ import aio_pika
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
+from services.csi_frontend.app import Frontend, build_frontend
 from services.csi_frontend.attach import Attacher
-from services.csi_frontend.disks import DiskLocator
-from services.csi_frontend.migration_gate import QueueMigrationGate
+from services.csi_frontend.settings import FrontendSettings
+from services.migrator.app import Migrator, build_migrator
 from services.migrator.consumer import Consumer
-from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
 from services.xo_simulator.server import SimulatorHandle, start_simulator
 from services.xo_simulator.topology import derived_id
 from shared import broker, messages
-from shared.config import XoSettings
+from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.jobs import JobRecord, JobStore
 from shared.messages import MigrationRequested
-from shared.xo.client import XoClient
-from shared.xo.inventory import Inventory
 from tests.support.brokers import RedisEndpoint
 
 GiB = 1024**3
@@ -61,52 +60,67 @@ def two_hosts(*, a2_size: str = "100GiB", extra_vdis: tuple[dict[str, Any], ...]
 # Settings of test workers: short lock and heartbeat periods so that crashes are noticed within seconds.
 WORKER_SETTINGS: dict[str, Any] = {
     "lock_ttl_s": 3, "lock_wait_s": 1, "job_heartbeat_s": 0.5, "stale_after_s": 2.0, "reaper_interval_s": 0.5,
-    "job_result_ttl_s": 2, "retry_backoff_max_s": 0.2,
+    "job_active_ttl_s": 60, "job_result_ttl_s": 2, "retry_backoff_max_s": 0.2, "migrate_timeout_s": 60,
 }
+# Settings of the test frontend: controller only, 1 s of margin before the caller's deadline.
+FRONTEND_SETTINGS: dict[str, Any] = {
+    "mode": "controller", "node_id": "test-frontend", "publish_margin_s": 1, "device_wait_s": 10,
+    "job_active_ttl_s": 60, "job_result_ttl_s": 30,
+}
+
+
+def sim_settings(sim: SimulatorHandle) -> XoSettings:
+    return XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10)
+
+
+def messaging(amqp_url: str, redis_url: str, prefix: str) -> tuple[RabbitSettings, RedisSettings]:
+    return (RabbitSettings(amqp_url=SecretStr(amqp_url), connect_timeout_s=10, publish_timeout_s=10),
+            RedisSettings(redis_url=SecretStr(redis_url), key_prefix=prefix))
 
 
 @dataclass
 class Worker:
-    """An in-process migrator with its own connection, publisher and XO client."""
+    """A migrator built by ``build_migrator`` in the test's process, with its own clients, as a separate process
+    would have them."""
 
-    consumer: Consumer
-    connection: aio_pika.abc.AbstractRobustConnection
-    publisher: broker.Publisher
-    xo: XoClient
-    settings: MigratorSettings
+    migrator: Migrator
     closed: bool = field(default=False)
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.migrator.consumer
+
+    @property
+    def settings(self) -> MigratorSettings:
+        return self.migrator.settings
 
     async def stop(self, grace_s: float = 5) -> None:
         """SIGTERM: finish or hand back, then close. Idempotent."""
         if not self.closed:
-            await self.consumer.stop(grace_s)
-            await self._close()
+            self.closed = True
+            await self.migrator.stop(grace_s)
+            await self.migrator.stack.aclose()
 
     async def crash(self) -> None:
         """As a killed process: nothing handed back, running records go stale. Idempotent."""
         if not self.closed:
-            await self.consumer.abort()
-            await self._close()
-
-    async def _close(self) -> None:
-        self.closed = True
-        await self.publisher.close()
-        await self.connection.close()
-        await self.xo.close()
+            self.closed = True
+            await self.migrator.crash()
+            await self.migrator.stack.aclose()
 
 
-async def start_worker(amqp_url: str, redis: aioredis.Redis, prefix: str, sim: SimulatorHandle, name: str,
+async def start_worker(amqp_url: str, redis_url: str, prefix: str, sim: SimulatorHandle, name: str,
                        **overrides: Any) -> Worker:
     settings = MigratorSettings(**{**WORKER_SETTINGS, "worker_name": name, **overrides})
-    xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
-    connection = await broker.connect(amqp_url, name=name, timeout_s=10)
-    publisher = broker.Publisher(connection, timeout_s=10)
-    jobs = JobStore(redis, prefix, active_ttl_s=60, result_ttl_s=settings.job_result_ttl_s)
-    deps = HandlerDeps(xo=xo, redis=redis, key_prefix=prefix, lock_ttl_s=settings.lock_ttl_s,
-                       lock_wait_s=settings.lock_wait_s, migrate_timeout_s=60)
-    consumer = Consumer(connection, publisher, jobs, deps, settings)
-    await consumer.start()
-    return Worker(consumer, connection, publisher, xo, settings)
+    rabbit, redis = messaging(amqp_url, redis_url, prefix)
+    stack = AsyncExitStack()
+    try:
+        migrator = await build_migrator(stack, settings, rabbit=rabbit, redis=redis, xo=sim_settings(sim))
+        await migrator.start()
+    except BaseException:
+        await stack.aclose()
+        raise
+    return Worker(migrator)
 
 
 def vdis_named(sim: SimulatorHandle, name: str = DISK) -> list[dict[str, Any]]:
@@ -141,13 +155,25 @@ class Env:
     redis_url: str
     prefix: str
     amqp_url: str
-    jobs: JobStore
-    publisher: broker.Publisher
-    attacher: Attacher
+    frontend: Frontend
     workers: list[Worker] = field(default_factory=list)
 
+    @property
+    def attacher(self) -> Attacher:
+        return self.frontend.attacher
+
+    @property
+    def publisher(self) -> broker.Publisher:
+        assert self.frontend.publisher is not None
+        return self.frontend.publisher
+
+    @property
+    def jobs(self) -> JobStore:
+        assert self.frontend.jobs is not None
+        return self.frontend.jobs
+
     async def worker(self, name: str, **overrides: Any) -> Worker:
-        worker = await start_worker(self.amqp_url, self.redis, self.prefix, self.sim, name, **overrides)
+        worker = await start_worker(self.amqp_url, self.redis_url, self.prefix, self.sim, name, **overrides)
         self.workers.append(worker)
         return worker
 
@@ -170,28 +196,21 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def open_env(amqp_url: str, redis_server: RedisEndpoint, prefix: str, *,
-                   topology: dict[str, Any] | None = None, **sim_options: Any) -> AsyncIterator[Env]:
-    """The simulator, a frontend (attacher + gate) and Redis; workers are started with ``env.worker()``."""
+                   topology: dict[str, Any] | None = None, frontend: dict[str, Any] | None = None,
+                   **sim_options: Any) -> AsyncIterator[Env]:
+    """The simulator, a frontend built by ``build_frontend`` (controller, migrations on) and a Redis client of the
+    test's own; workers are started with ``env.worker()``."""
     sim = await start_simulator(topology or two_hosts(), admin=True, **sim_options)
-    xo = XoClient.from_settings(XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10))
     redis = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
-    connection = await broker.connect(amqp_url, name="test-frontend", timeout_s=10)
-    publisher = broker.Publisher(connection, timeout_s=10)
-    jobs = JobStore(redis, prefix, active_ttl_s=60, result_ttl_s=30)
-    disks = DiskLocator(xo, "csi-")
-    gate = QueueMigrationGate(connection, publisher, jobs, disks, xo, margin_s=1)
-    attacher = Attacher(xo, Inventory(xo), disks, device_wait_s=10, migrations=gate)
-    env = Env(sim, redis, redis_server.url, prefix, amqp_url, jobs, publisher, attacher)
-    try:
-        yield env
-    finally:
-        for worker in env.workers:
-            await worker.stop(5)
-        await gate.close()
-        await publisher.close()
-        await connection.close()
-        await redis.aclose()
-        await xo.close()
-        await sim.stop()
-
-
+    rabbit, redis_settings = messaging(amqp_url, redis_server.url, prefix)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(sim.stop)
+        stack.push_async_callback(redis.aclose)
+        built = await build_frontend(stack, FrontendSettings(**{**FRONTEND_SETTINGS, **(frontend or {})}),
+                                     sim_settings(sim), rabbit=rabbit, redis=redis_settings)
+        env = Env(sim, redis, redis_server.url, prefix, amqp_url, built)
+        try:
+            yield env
+        finally:
+            for worker in env.workers:
+                await worker.stop(5)

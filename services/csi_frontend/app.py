@@ -1,0 +1,127 @@
+"""build_frontend(...): the one place the CSI frontend is wired (XO client, inventory, provisioner, attacher, the
+queue-backed migration gate when RabbitMQ and Redis are given, the servicers of its mode). __main__, the tests,
+the demo and the benchmarks all run what it builds; settings come in built, nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from services.csi_frontend.attach import Attacher
+from services.csi_frontend.controller import ControllerServicer
+from services.csi_frontend.disks import DiskLocator
+from services.csi_frontend.identity import IdentityServicer
+from services.csi_frontend.migration_gate import QueueMigrationGate
+from services.csi_frontend.node import NodeConfig, NodeServicer
+from services.csi_frontend.node_identity import resolve_node, topology
+from services.csi_frontend.provisioning import Provisioner
+from services.csi_frontend.server import serve
+from services.csi_frontend.settings import FrontendSettings
+from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
+from shared import broker, metrics
+from shared.backends import open_messaging
+from shared.config import RabbitSettings, RedisSettings, XoSettings
+from shared.csi import csi_pb2_grpc
+from shared.jobs import JobStore
+from shared.logging import get_logger
+from shared.xo.client import XoClient
+from shared.xo.inventory import Inventory
+
+log = get_logger(__name__)
+
+Servicers = list[tuple[object, object]]  # (servicer, add_XServicer_to_server)
+
+
+@dataclass
+class Frontend:
+    """A wired frontend: its parts (for tests and tools) and ``serve()``."""
+
+    settings: FrontendSettings
+    xo: XoClient
+    inventory: Inventory
+    attacher: Attacher
+    servicers: Servicers
+    provisioner: Provisioner | None = None
+    gate: QueueMigrationGate | None = None
+    jobs: JobStore | None = None
+    publisher: broker.Publisher | None = None
+    node: NodeServicer | None = field(default=None)
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve the CSI services on ``settings.endpoint`` (with /metrics and, when asked, the temp-disk
+        cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``."""
+        settings = self.settings
+        async with asyncio.TaskGroup() as tasks:
+            cleanup = None
+            if settings.serves_controller and settings.temp_cleanup:
+                cleanup = tasks.create_task(temp_cleanup_forever(
+                    self.xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
+                    delete_after_s=settings.temp_cleanup_delete_after_s))
+            async with metrics.serving(settings.metrics_port):
+                await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
+                            stop=stop)
+            if cleanup is not None:
+                cleanup.cancel()
+
+
+async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_settings: XoSettings, *,
+                         rabbit: RabbitSettings | None = None, redis: RedisSettings | None = None) -> Frontend:
+    """Wire the frontend for ``settings.mode``; every client it opens is closed when ``stack`` closes.
+
+    Migrations are enabled (controller mode) when both ``rabbit`` and ``redis`` are given: it connects to both
+    now (BackendUnavailable when it cannot). Node mode resolves this node's VM in XO now (NodeNotFound).
+    """
+    xo = XoClient.from_settings(xo_settings)
+    stack.push_async_callback(xo.close)
+    inventory = Inventory(xo)
+    disks = DiskLocator(xo, settings.disk_name_prefix)
+    frontend = Frontend(settings, xo, inventory, Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s),
+                        [(IdentityServicer(settings.driver_name, controller=settings.serves_controller,
+                                           probe=xo.ping if settings.serves_controller else None),
+                          csi_pb2_grpc.add_IdentityServicer_to_server)])
+    if settings.serves_controller:
+        if rabbit is not None and redis is not None:
+            await _enable_migrations(stack, frontend, disks, rabbit, redis)
+        frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
+        frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory),
+                                   csi_pb2_grpc.add_ControllerServicer_to_server))
+    if settings.serves_node:
+        frontend.node = await _node_servicer(settings, frontend.attacher, inventory)
+        frontend.servicers.append((frontend.node, csi_pb2_grpc.add_NodeServicer_to_server))
+    return frontend
+
+
+async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: DiskLocator, rabbit: RabbitSettings,
+                             redis_settings: RedisSettings) -> None:
+    settings = frontend.settings
+    redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings,
+                                                        name=f"csi-frontend:{settings.node_id}")
+    jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
+                    result_ttl_s=settings.job_result_ttl_s)
+    gate = QueueMigrationGate(connection, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
+    stack.push_async_callback(gate.close)
+    frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
+                                 migrations=gate)
+    frontend.gate, frontend.jobs, frontend.publisher = gate, jobs, publisher
+    log.info("migrations_enabled")
+
+
+async def _node_servicer(settings: FrontendSettings, attacher: Attacher, inventory: Inventory) -> NodeServicer:
+    node_id = await resolve_node(inventory, settings.node_id, settings.dmi_uuid_path)
+    place = await attacher.place_of(node_id)
+    config = NodeConfig(
+        node_id=node_id,
+        topology=topology(place, settings.host_topology),
+        device_dir=settings.device_dir,
+        max_volumes_per_node=settings.max_volumes_per_node,
+        device_wait_s=settings.device_wait_s,
+    )
+    log.info("node_identified", node_id=node_id, topology=dict(config.topology))
+    return NodeServicer(config)
+
+
+def _observe_rpc(method: str, code: str, seconds: float) -> None:
+    metrics.CSI_REQUESTS.labels(method, code).inc()
+    metrics.CSI_DURATION.labels(method).observe(seconds)
