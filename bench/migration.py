@@ -43,12 +43,14 @@ from bench.report import percentiles, show
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import messages
+from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.logging import configure_logging
 from shared.units import parse_size
 
 MIGRATING = {"srsWithTag": "k8s-migrating", "migrating": "true"}
 ATTACHER_TIMEOUT_S = 300.0
+ATTACHER_BACKOFF = Backoff(start_s=0.1, cap_s=5.0, jitter=False)
 RETRIED = frozenset({grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
@@ -116,17 +118,13 @@ async def publish(bench: Bench, volume_id: str, retries: Counter[str]) -> None:
     retried with exponential backoff."""
     request = csi_pb2.ControllerPublishVolumeRequest(volume_id=volume_id, node_id=bench.node_b,
                                                      volume_capability=CAP)
-    delay_s = 0.1
-    while True:
-        try:
-            await bench.controller.ControllerPublishVolume(request, timeout=ATTACHER_TIMEOUT_S)
-            return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRIED:
-                raise
-            retries[exc.code().name] += 1
-        await asyncio.sleep(delay_s)  # the attacher's exponential backoff
-        delay_s = min(delay_s * 2, 5.0)
+    await retrying(lambda _: bench.controller.ControllerPublishVolume(request, timeout=ATTACHER_TIMEOUT_S),
+                   backoff=ATTACHER_BACKOFF, retry_if=_retried,
+                   on_retry=lambda exc: retries.update([exc.code().name]))  # type: ignore[attr-defined]
+
+
+def _retried(exc: Exception) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRIED
 
 
 async def sequential(bench: Bench, count: int, size_bytes: int) -> None:

@@ -34,6 +34,7 @@ import httpx
 from dev import faults
 from dev.invariants import check_during, check_final
 from dev.stack import Stack, StackOptions, running_stack
+from shared import backoff
 from shared.csi import csi_pb2
 from shared.errors import DomainError
 from shared.logging import configure_logging
@@ -44,7 +45,7 @@ CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_typ
                                access_mode=csi_pb2.VolumeCapability.AccessMode(
                                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 CALL_TIMEOUT_S = 15.0  # like external-attacher --timeout (scaled down)
-BACKOFF_START_S, BACKOFF_MAX_S = 0.2, 5.0
+SIDECAR_BACKOFF = backoff.Backoff(start_s=0.2, cap_s=5.0, jitter=False)  # the sidecars' exponential backoff
 OP_DEADLINE_S = 240.0  # an operation still failing after this is a violation
 DATA_BYTES = 1 << 20
 
@@ -87,31 +88,24 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 async def retrying(what: str, report: Report, call: Any, *, first_timeout_s: float = CALL_TIMEOUT_S) -> Any:
     """Call ``call(timeout)`` until it succeeds, as a CSI sidecar would: exponential backoff on any error."""
-    delay_s, started, timeout_s = BACKOFF_START_S, time.monotonic(), first_timeout_s
-    while True:
-        try:
-            return await call(timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            report.retries[exc.code().name] += 1
-            if time.monotonic() - started > OP_DEADLINE_S:
-                raise AssertionError(f"{what} still failing after {OP_DEADLINE_S:g}s: {exc.code().name} "
-                                     f"{exc.details()}") from exc
-        timeout_s = CALL_TIMEOUT_S
-        await asyncio.sleep(delay_s)  # the attacher's exponential backoff, not synchronisation
-        delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+    def count(exc: Exception) -> None:
+        assert isinstance(exc, grpc.aio.AioRpcError)
+        report.retries[exc.code().name] += 1
+
+    try:
+        return await backoff.retrying(lambda n: call(first_timeout_s if n == 0 else CALL_TIMEOUT_S),
+                                      backoff=SIDECAR_BACKOFF, give_up_after_s=OP_DEADLINE_S, on_retry=count,
+                                      retry_if=lambda exc: isinstance(exc, grpc.aio.AioRpcError))
+    except grpc.aio.AioRpcError as exc:
+        report.retries[exc.code().name] += 1
+        raise AssertionError(f"{what} still failing after {OP_DEADLINE_S:g}s: {exc.code().name} "
+                             f"{exc.details()}") from exc
 
 
 async def xo_retrying(read: Callable[[], Awaitable[T]]) -> T:
     """The soak's own XO reads go through the injected XO faults too: retry them with a backoff."""
-    delay_s, started = BACKOFF_START_S, time.monotonic()
-    while True:
-        try:
-            return await read()
-        except DomainError:
-            if time.monotonic() - started > OP_DEADLINE_S:
-                raise
-        await asyncio.sleep(delay_s)  # backoff between retries of an injected XO failure
-        delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+    return await backoff.retrying(lambda _: read(), backoff=SIDECAR_BACKOFF, give_up_after_s=OP_DEADLINE_S,
+                                  retry_if=lambda exc: isinstance(exc, DomainError))
 
 
 class Workload:

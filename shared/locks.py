@@ -8,7 +8,6 @@ while held and released even when the holder is cancelled.
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator
 from types import TracebackType
@@ -18,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
+from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, OperationPending
 from shared.keys import disk_lock_key, sr_doorbell_key, sr_slots_key
 from shared.logging import get_logger
@@ -198,18 +198,7 @@ return removed
 """
 _MIN_DOZE_S = 0.002  # BLPOP reads a timeout under 1 ms as 0, which means "block for ever"
 
-SLOT_BACKOFF_START_S = 0.02
-SLOT_BACKOFF_CAP_S = 0.5
-
-
-def backoff_delays_s(start_s: float = SLOT_BACKOFF_START_S, cap_s: float = SLOT_BACKOFF_CAP_S, *,
-                     rng: random.Random | None = None) -> Iterator[float]:
-    """Endless capped, jittered exponential delays: the n-th is uniform in [d/2, d], d = min(start_s * 2**n, cap_s)."""
-    uniform = rng.uniform if rng is not None else random.uniform
-    delay_s = start_s
-    while True:
-        yield delay_s * uniform(0.5, 1.0)
-        delay_s = min(delay_s * 2, cap_s)
+SLOT_BACKOFF = Backoff(start_s=0.02, cap_s=0.5)  # how long a waiter dozes when no release rings its doorbell
 
 
 class SrSlots(_Leased):
@@ -246,7 +235,7 @@ class SrSlots(_Leased):
         self._lease_s = lease_s
         self._lease_ms = max(int(lease_s * 1000), 1)
         self._wait_s = wait_s
-        self._delays_s = delays_s if delays_s is not None else backoff_delays_s()
+        self._delays_s = delays_s if delays_s is not None else SLOT_BACKOFF.delays()
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
 

@@ -24,6 +24,7 @@ from aio_pika.abc import (
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk, DiskLocator
 from shared import broker, messages, metrics, placement
+from shared.backoff import Backoff
 from shared.errors import (
     BackendUnavailable,
     CapacityExhausted,
@@ -111,7 +112,8 @@ class QueueMigrationGate:
 
     async def _wait(self, name: str, record: JobRecord, events: asyncio.Queue[MigrationFinished]) -> MigrationFinished:
         job_id = record.job_id
-        interval_s = 0.05
+        polls = Backoff(start_s=0.05, cap_s=self._poll_max_s, jitter=False).delays()
+        interval_s = next(polls)
         while True:
             current = await self._jobs.get(name)
             if current is None:
@@ -128,7 +130,7 @@ class QueueMigrationGate:
                 if event.job_id == job_id:
                     return event
             except TimeoutError:
-                interval_s = min(interval_s * 2, self._poll_max_s)
+                interval_s = next(polls)
 
     async def _outcome(self, disk: Disk, place: NodePlace, result: MigrationFinished) -> Disk:
         name = disk.vdi.name_label

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from services.csi_frontend.validation import (
     parse_volume_id,
     parse_volume_path,
 )
+from shared.backoff import Backoff
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.errors import (
     AlreadyExistsIncompatible,
@@ -42,8 +42,7 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-_DEVICE_POLL_FIRST_MS = 10
-_DEVICE_POLL_MAX_MS = 200
+_DEVICE_POLL = Backoff(start_s=0.01, cap_s=0.2)  # waiting for an attached disk's device node
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 _CAPABILITIES = (_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION)
 _HEALTHY = "volume is healthy"
@@ -213,7 +212,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         path = self._config.device_dir / name
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._config.device_wait_s
-        delay_ms = _DEVICE_POLL_FIRST_MS
+        delays = _DEVICE_POLL.delays()
         while (info := await mounter.path_info(path)) is None:
             left_s = give_up_at - loop.time()
             if left_s <= 0:
@@ -221,8 +220,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     f"device {name} did not appear in {self._config.device_dir} after "
                     f"{self._config.device_wait_s:g}s; is the volume attached to this node?"
                 )
-            await asyncio.sleep(min(delay_ms / 1000 * random.uniform(0.5, 1.0), left_s))
-            delay_ms = min(delay_ms * 2, _DEVICE_POLL_MAX_MS)
+            await asyncio.sleep(min(next(delays), left_s))
         return _require_block_device(path, info)
 
     async def _publish_block(self, cmd: PublishCommand) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
 from shared import broker, messages, metrics
+from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, DomainError
 from shared.jobs import Claim, JobRecord, JobStore
 from shared.logging import get_logger
@@ -54,6 +54,9 @@ log = get_logger(__name__)
 T = TypeVar("T")
 TICK_S = 1.0  # the consume loop wakes at least this often (liveness)
 HAND_BACK_TIMEOUT_S = 15.0  # stop(): bound on handing back the jobs still running after the grace period
+RESUME_BACKOFF = Backoff(start_s=0.1, cap_s=5.0)  # between tries to (re)subscribe the jobs queue
+RETRY_BACKOFF_START_S = 0.5  # before a retryable failure's hand-back (or a failed claim's requeue)
+DRAIN_POLL = Backoff(start_s=0.01, cap_s=0.2, jitter=False)  # drain(): re-reading the queue depth
 _AMQP_ERRORS = (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError)
 
 
@@ -143,7 +146,7 @@ class Consumer:
         """Return once the jobs queue is empty and nothing is in flight (tests await completion with it)."""
         assert self._channel is not None, "start() first"
         async with asyncio.timeout(timeout_s):
-            interval_s = 0.01
+            polls = DRAIN_POLL.delays()
             while True:
                 await self._idle.wait()
                 # On the underlying channel: the robust channel answers a passive declare from its cache.
@@ -152,8 +155,7 @@ class Consumer:
                 if declared.message_count == 0 and self._idle.is_set():
                     return
                 # Messages are ready but not yet delivered to us: wait for a delivery (capped backoff).
-                await asyncio.sleep(interval_s)
-                interval_s = min(interval_s * 2, 0.2)
+                await asyncio.sleep(next(polls))
 
     async def stop(self, grace_s: float) -> None:
         """Stop consuming and reaping, let running jobs finish within ``grace_s``, hand the others back to the
@@ -192,16 +194,16 @@ class Consumer:
     # -- intake: consume while a slot is free ------------------------------------------------------
 
     async def _consume_loop(self) -> None:
-        interval_s = 0.1
+        delays = RESUME_BACKOFF.delays()
         while True:
             self.last_tick_s = time.monotonic()
             try:
                 await self._reconcile()
-                interval_s = 0.1
+                delays = RESUME_BACKOFF.delays()
             except BackendUnavailable as exc:
-                log.warning("consumer_resume_failed", error=exc.message, retry_in_s=interval_s)
-                await asyncio.sleep(interval_s * random.uniform(0.5, 1.0))  # capped jittered backoff
-                interval_s = min(interval_s * 2, 5.0)
+                delay_s = next(delays)
+                log.warning("consumer_resume_failed", error=exc.message, retry_in_s=round(delay_s, 3))
+                await asyncio.sleep(delay_s)  # capped jittered backoff
                 continue
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -384,8 +386,8 @@ class Consumer:
             return True
 
     def _backoff_s(self, attempt: int) -> float:
-        base_s: float = 0.5 * 2.0 ** max(attempt - 1, 0)
-        return min(self._settings.retry_backoff_max_s, base_s) * random.uniform(0.5, 1.0)
+        """Before retry ``attempt`` (1 = the first): 0.5 s doubling, capped at ``retry_backoff_max_s``, jittered."""
+        return Backoff(RETRY_BACKOFF_START_S, self._settings.retry_backoff_max_s).delay_s(attempt - 1)
 
     # -- shutdown ----------------------------------------------------------------------------------
 

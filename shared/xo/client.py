@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from shared.backoff import Backoff
 from shared.config import XoSettings
 from shared.xo.errors import XoError, XoNotFound
 from shared.xo.models import Host, Pool, Sr, Vbd, Vdi, Vm, XoObject
@@ -183,7 +184,8 @@ class XoClient:
         something other than None; returns None when ``timeout_s`` passes first."""
         changed = asyncio.Event()
         unsubscribe = self._session.subscribe(lambda method, _params: changed.set() if method == "all" else None)
-        interval_s = 0.005
+        polls = Backoff(start_s=0.005, cap_s=max_interval_s, jitter=False).delays()
+        interval_s = next(polls)
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -195,7 +197,7 @@ class XoClient:
                         async with asyncio.timeout(interval_s):
                             await changed.wait()
                     except TimeoutError:
-                        interval_s = min(interval_s * 2, max_interval_s)
+                        interval_s = next(polls)
         except TimeoutError:
             return None
         finally:

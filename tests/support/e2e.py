@@ -3,7 +3,6 @@ of the simulator, RabbitMQ and Redis. The stack itself runs through dev/stack.py
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -19,6 +18,7 @@ import redis.asyncio as aioredis
 from dev.brokers import RabbitEndpoint, RedisEndpoint, management_client
 from dev.stack import Stack, StackOptions, running_stack
 from shared import keys, vdi_metadata
+from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
@@ -32,6 +32,7 @@ def mount_cap(fs_type: str = "ext4", mode: int = MODE.SINGLE_NODE_WRITER) -> csi
 MiB = 1024**2
 T = TypeVar("T")
 ATTACHER_TIMEOUT_S = 300.0  # external-attacher --timeout as m4rCsi deploys it
+ATTACHER_BACKOFF = Backoff(start_s=0.1, cap_s=2.0, jitter=False)
 RETRIED_CODES = frozenset({grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MIGRATING = {"srsWithTag": "k8s-migrating", "migrating": "true"}
 SHARED_MIGRATING = {"srsWithTag": "k8s-shared", "migrating": "true"}
@@ -52,16 +53,8 @@ async def stack_on_session_brokers(work: Path, amqp_url: str, redis: RedisEndpoi
 async def as_attacher(call: Callable[[float], Awaitable[T]], *, within_s: float = 120.0) -> T:
     """``call(timeout)`` the way external-attacher retries it: each try bounded by ATTACHER_TIMEOUT_S, ABORTED,
     UNAVAILABLE and DEADLINE_EXCEEDED retried with exponential backoff for ``within_s``; other codes raise."""
-    loop = asyncio.get_running_loop()
-    deadline, delay_s = loop.time() + within_s, 0.1
-    while True:
-        try:
-            return await call(ATTACHER_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRIED_CODES or loop.time() > deadline:
-                raise
-        await asyncio.sleep(delay_s)  # the attacher's exponential backoff, not synchronisation
-        delay_s = min(delay_s * 2, 2.0)
+    return await retrying(lambda _: call(ATTACHER_TIMEOUT_S), backoff=ATTACHER_BACKOFF, give_up_after_s=within_s,
+                          retry_if=lambda exc: isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRIED_CODES)
 
 
 async def create(stack: Stack, name: str, size: int, parameters: dict[str, str],

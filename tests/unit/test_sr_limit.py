@@ -1,10 +1,7 @@
-"""The per-SR migration limit without a network: the slot wait's backoff, SrSlots' arguments and keys, and how
+"""The per-SR migration limit without a network: SrSlots' arguments and keys, and how
 the setting reaches the migrator (env, flag, handler deps). The Redis side is in tests/integration/test_sr_limit.py."""
 
 from __future__ import annotations
-
-import itertools
-import random
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,20 +10,7 @@ from services.migrator.__main__ import build_parser, load_settings
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
 from shared.keys import sr_slots_key
-from shared.locks import SLOT_BACKOFF_CAP_S, SLOT_BACKOFF_START_S, SrSlots, backoff_delays_s
-
-
-def test_backoff_starts_at_20_ms_doubles_and_is_capped_at_500_ms() -> None:
-    delays = list(itertools.islice(backoff_delays_s(rng=random.Random(7)), 12))
-    ceilings = [min(SLOT_BACKOFF_START_S * 2**n, SLOT_BACKOFF_CAP_S) for n in range(12)]
-    assert ceilings[:6] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.32, 0.5])
-    for delay, ceiling in zip(delays, ceilings, strict=True):
-        assert ceiling / 2 <= delay <= ceiling  # jittered in [d/2, d]
-    assert len(set(delays)) == len(delays)  # jitter: waiters that collided do not retry in lockstep
-
-
-def test_backoff_never_exceeds_the_cap() -> None:
-    assert max(itertools.islice(backoff_delays_s(rng=random.Random(1)), 1000)) <= SLOT_BACKOFF_CAP_S
+from shared.locks import SrSlots
 
 
 def test_keys_are_built_per_sr_deduplicated_and_in_a_stable_order() -> None:
