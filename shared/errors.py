@@ -18,68 +18,132 @@ Tree::
 
 Edges translate these exactly once: the CSI frontend in services/csi_frontend/status.py,
 the migrator in its consumer (retryable -> requeue, else dead-letter).
+
+Across processes an error travels as its class's stable ``code`` (``FailureReason.code``, the dead letter's
+``x-xocsi-error-code``), never as a class name; ``error_class(code)`` maps a code back. Every subclass, here or
+elsewhere (shared/xo/errors.py, shared/locks.py, ...), declares its own code; renaming a class changes nothing on
+the wire. Records written before codes existed carry the class name: ``error_class`` reads those too.
 """
 
 from __future__ import annotations
 
+import re
+from typing import ClassVar
+
+_BY_CODE: dict[str, type[DomainError]] = {}
+_BY_CLASS_NAME: dict[str, type[DomainError]] = {}  # the codes of the versions before stable codes
+_CODE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
 
 class DomainError(Exception):
-    """Base of every error a handler may raise on purpose."""
+    """Base of every error a handler may raise on purpose. Subclasses MUST declare ``code`` (unique, snake_case)."""
 
-    retryable: bool = False
+    retryable: ClassVar[bool] = False
+    code: ClassVar[str] = "domain_error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls)
+
+
+def _register(cls: type[DomainError]) -> None:
+    code = cls.__dict__.get("code")
+    if not isinstance(code, str) or not _CODE_RE.match(code):
+        raise TypeError(f"{cls.__qualname__} must declare its own stable snake_case `code`")
+    if code in _BY_CODE:
+        raise TypeError(f"{cls.__qualname__}.code {code!r} is already the code of {_BY_CODE[code].__qualname__}")
+    _BY_CODE[code] = cls
+    _BY_CLASS_NAME.setdefault(cls.__name__, cls)
+
+
+def error_class(code: str) -> type[DomainError] | None:
+    """The error class of a code received from another process (or of a class name that a version before stable
+    codes wrote); None when no class has it (e.g. a newer version's code)."""
+    return _BY_CODE.get(code) or _BY_CLASS_NAME.get(code)
+
+
+def registered() -> dict[str, type[DomainError]]:
+    """Every error class by code (those of the modules imported so far)."""
+    return dict(_BY_CODE)
+
 
 class InvalidRequest(DomainError):
     """The request is malformed; the message says which field and how to fix it."""
+
+    code = "invalid_request"
 
 
 class OutOfRange(DomainError):
     """The requested capacity cannot be served (e.g. limit below required, or a shrink)."""
 
+    code = "out_of_range"
+
 
 class VolumeNotFound(DomainError):
     """The volume does not exist (no VDI with that name or UUID)."""
+
+    code = "volume_not_found"
 
 
 class NodeNotFound(DomainError):
     """The node (XO VM) does not exist."""
 
+    code = "node_not_found"
+
 
 class AlreadyExistsIncompatible(DomainError):
     """A volume with this name exists with incompatible parameters."""
+
+    code = "already_exists_incompatible"
 
 
 class OperationPending(DomainError):
     """Another operation on the same volume is in progress; retry later."""
 
+    code = "operation_pending"
     retryable = True
 
 
 class CapacityExhausted(DomainError):
     """No SR has enough free space, or a node has no free device slot."""
 
+    code = "capacity_exhausted"
+
 
 class PlacementImpossible(DomainError):
     """No SR satisfies the requested parameters and topology."""
+
+    code = "placement_impossible"
 
 
 class PreconditionFailed(DomainError):
     """The request is valid but cannot be served in the current state."""
 
+    code = "precondition_failed"
+
 
 class AttachedElsewhere(PreconditionFailed):
     """The volume is attached to another node and does not allow multi-node access."""
+
+    code = "attached_elsewhere"
 
 
 class BackendUnavailable(DomainError):
     """A backend (XO, broker, Redis) is unreachable or timed out."""
 
+    code = "backend_unavailable"
     retryable = True
 
 
 class BackendFailure(DomainError):
     """A backend answered with an error that has no better classification."""
+
+    code = "backend_failure"
+
+
+_BY_CODE[DomainError.code] = DomainError
+_BY_CLASS_NAME[DomainError.__name__] = DomainError

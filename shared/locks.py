@@ -45,6 +45,8 @@ async def _end_heartbeat(task: asyncio.Task[None] | None) -> None:
 class LockLost(OperationPending):
     """The lock expired or was taken over while held (heartbeat failed); stop before the next XO write."""
 
+    code = "lock_lost"
+
 
 class _Leased:
     """Exit of a held lease (DiskLock, SrSlots): stop the heartbeat, then release, shielded, even when

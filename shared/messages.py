@@ -31,7 +31,7 @@ HEADER_DELIVERY_COUNT = "x-delivery-count"
 # Headers of a request the migrator itself dead-letters (a failed job); the broker's own dead-lettering
 # (unreadable body, delivery limit) sets x-death / x-first-death-reason instead.
 HEADER_REASON = "x-xocsi-reason"  # one of DEAD_REASONS
-HEADER_ERROR_CODE = "x-xocsi-error-code"  # the domain error class name, e.g. CapacityExhausted
+HEADER_ERROR_CODE = "x-xocsi-error-code"  # FailureReason.code, e.g. capacity_exhausted
 HEADER_ERROR = "x-xocsi-error"  # the error message
 HEADER_WORKER = "x-xocsi-worker"  # the worker that gave up
 HEADER_FIRST_DEATH_REASON = "x-first-death-reason"  # set by RabbitMQ: rejected, delivery_limit, expired ...
@@ -102,8 +102,15 @@ class MigrationRequested(_Message):
 M = TypeVar("M", bound="_Message")
 
 
+# FailureReason codes of a job that ended without a domain error of its own.
+WORKER_STOPPED = "worker_stopped"  # handed back at a worker's SIGTERM (retryable)
+WORKER_LOST = "worker_lost"  # reaped: its worker stopped heartbeating (retryable)
+JOB_RECORD_INCOMPLETE = "job_record_incomplete"  # a record without its request cannot be published again
+
+
 class FailureReason(BaseModel):
-    """Why a migration failed: a domain error class name, its message, and whether a retry may succeed."""
+    """Why a migration failed: a stable code (a domain error's ``code``, see shared/errors.py, or one of the
+    codes above), its message, and whether a retry may succeed."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

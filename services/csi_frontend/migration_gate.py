@@ -33,20 +33,18 @@ from shared.errors import (
     PlacementImpossible,
     PreconditionFailed,
     VolumeNotFound,
+    error_class,
 )
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
-from shared.messages import MigrationFinished, MigrationRequested
+from shared.messages import FailureReason, MigrationFinished, MigrationRequested
 from shared.xo.client import XoClient
 
 log = get_logger(__name__)
 
-_PERMANENT: dict[str, type[DomainError]] = {
-    "CapacityExhausted": CapacityExhausted,
-    "XoNoSpace": CapacityExhausted,
-    "PlacementImpossible": PlacementImpossible,
-    "VolumeNotFound": VolumeNotFound,
-}
+# What a job that failed for good answers the attach, by the family of its error (looked up by code); any other
+# cause is FAILED_PRECONDITION (PreconditionFailed) naming it.
+_REPORTED_AS_IS: tuple[type[DomainError], ...] = (CapacityExhausted, PlacementImpossible, VolumeNotFound)
 
 
 class QueueMigrationGate:
@@ -54,8 +52,7 @@ class QueueMigrationGate:
 
     Returns the Disk as XO shows it after the migration, on an SR usable from the node. Raises
     OperationPending when ``deadline_s - margin_s`` passes first (the attacher retries and joins the same
-    job), the mapped domain error of a failed job (CapacityExhausted, PlacementImpossible, VolumeNotFound,
-    else PreconditionFailed; BackendUnavailable for a retryable cause), BackendUnavailable when the
+    job), the error of a failed job (``failed_job_error``), BackendUnavailable when the
     broker or Redis cannot be used.
     """
 
@@ -136,12 +133,7 @@ class QueueMigrationGate:
         name = disk.vdi.name_label
         where = f"migration of disk {name} to host {place.host_id} (job {result.job_id})"
         if result.outcome == "failed":
-            error = result.error
-            reason = error.message if error else "no reason given"
-            if error is not None and error.retryable:
-                raise BackendUnavailable(f"{where} failed after retries: {reason}")
-            cls = _PERMANENT.get(error.code if error else "", PreconditionFailed)
-            raise cls(f"{where} failed: {reason}")
+            raise failed_job_error(where, result.error)
         moved = await self._disks.get(disk.volume_id)
         sr = await self._xo.get_sr(moved.vdi.sr_id)
         if sr is None or not placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
@@ -190,6 +182,18 @@ class QueueMigrationGate:
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await asyncio.shield(self._channel.close())
+
+
+def failed_job_error(where: str, error: FailureReason | None) -> DomainError:
+    """The error an attach answers for a failed migration job: BackendUnavailable (retry) for a retryable cause;
+    for a permanent one, the family of its error (``error_class`` of its code, old class names too) when it is
+    one of ``_REPORTED_AS_IS``, else PreconditionFailed."""
+    reason = error.message if error else "no reason given"
+    if error is not None and error.retryable:
+        return BackendUnavailable(f"{where} failed after retries: {reason}")
+    cls = error_class(error.code) if error is not None else None
+    family = next((kind for kind in _REPORTED_AS_IS if cls is not None and issubclass(cls, kind)), PreconditionFailed)
+    return family(f"{where} failed: {reason}")
 
 
 def _request(disk: Disk, place: NodePlace) -> MigrationRequested:

@@ -45,6 +45,8 @@ _MKFS_ARGV = {
 class MountError(BackendFailure):
     """An OS tool failed, timed out or was missing; the message holds the command and a short stderr."""
 
+    code = "mount_failed"
+
     def __init__(self, argv: Sequence[str], detail: str) -> None:
         detail = detail.strip()
         if len(detail) > _MAX_DETAIL_CHARS:

@@ -329,7 +329,7 @@ class Consumer:
             result = await self._owned(job, handle(request, self._deps))
         except Interrupted:
             await self._outcomes.hand_back(job.record, reason="shutdown", error=FailureReason(
-                code="WorkerStopped", retryable=True, message=f"worker {self._settings.worker_name} stopped"))
+                code=messages.WORKER_STOPPED, retryable=True, message=f"worker {self._settings.worker_name} stopped"))
             return
         except JobLost:
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from shared import broker, metrics
+from shared import broker, messages, metrics
 from shared.errors import DomainError
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
@@ -20,8 +20,8 @@ log = get_logger(__name__)
 
 
 def failure_of(exc: DomainError) -> FailureReason:
-    """The wire form of a domain error (its class name is the code the frontend maps back)."""
-    return FailureReason(code=type(exc).__name__, message=exc.message, retryable=exc.retryable)
+    """The wire form of a domain error: its stable code (shared/errors.py), which the frontend maps back."""
+    return FailureReason(code=exc.code, message=exc.message, retryable=exc.retryable)
 
 
 class Outcomes:
@@ -49,7 +49,7 @@ class Outcomes:
         already). Past ``max_attempts`` the job fails instead with ``error``; a record without its request
         (written by an older version) fails too, as it cannot be published again."""
         if record.request is None:
-            missing = FailureReason(code="JobRecordIncomplete", retryable=False,
+            missing = FailureReason(code=messages.JOB_RECORD_INCOMPLETE, retryable=False,
                                     message="the job record holds no request to publish again; retry the attach")
             await self.failed(record, missing, reason="failed")
             return

@@ -14,6 +14,7 @@ import structlog
 
 from services.migrator.outcome import Outcomes
 from services.migrator.settings import MigratorSettings
+from shared import messages
 from shared.errors import DomainError
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
@@ -65,7 +66,7 @@ class Reaper:
         silent_s = ((mine.heartbeat_ms or 0) - (record.heartbeat_ms or 0)) / 1000
         log.warning("job_reaped", previous_worker=record.worker, attempt=record.attempt,
                     heartbeat_age_s=round(silent_s, 1))
-        lost = FailureReason(code="WorkerLost", retryable=True,
+        lost = FailureReason(code=messages.WORKER_LOST, retryable=True,
                              message=f"worker {record.worker} stopped heartbeating the job")
         try:
             await self._outcomes.hand_back(mine, reason="reaped", error=lost)

@@ -2,7 +2,7 @@
 
 Tree (each leaf also inherits the domain error that the edges map to a code)::
 
-    XoError (BackendFailure)            any XO answer we do not classify further; keeps code/xapi_code
+    XoError (BackendFailure)            any XO answer we do not classify further; keeps rpc_code/xapi_code
     ├── XoUnavailable (BackendUnavailable)   connect/sign-in/call timeout, socket closed, XO code 9
     ├── XoAuthError (BackendUnavailable)     XO codes 2, 3, 8: the credentials are wrong or lack rights
     ├── XoNotFound                            XO code 1 (no such object), XAPI HANDLE_INVALID / UUID_INVALID
@@ -30,19 +30,22 @@ from shared.errors import (
 
 
 class XoError(BackendFailure):
-    """An error answered by XO (or XAPI through XO). ``code`` is XO's JSON-RPC code."""
+    """An error answered by XO (or XAPI through XO). ``rpc_code`` is XO's JSON-RPC code (``code`` is the class's
+    stable code, shared/errors.py)."""
+
+    code = "xo_error"
 
     def __init__(
         self,
         message: str,
         *,
-        code: int | None = None,
+        rpc_code: int | None = None,
         xapi_code: str | None = None,
         method: str | None = None,
         data: Any = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.rpc_code = rpc_code
         self.xapi_code = xapi_code
         self.method = method
         self.data = data
@@ -51,39 +54,52 @@ class XoError(BackendFailure):
 class XoUnavailable(BackendUnavailable, XoError):
     """XO cannot be reached: connect or call timed out, or the socket closed."""
 
+    code = "xo_unavailable"
     retryable = True
 
 
 class XoAuthError(BackendUnavailable, XoError):
     """XO refused the credentials (codes 2, 3, 8). Fix XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD."""
 
+    code = "xo_auth_failed"
     retryable = True
 
 
 class XoNotFound(XoError):
     """The object does not exist (code 1)."""
 
+    code = "xo_not_found"
+
 
 class XoBusy(OperationPending, XoError):
     """XAPI is busy with another operation on the object; retry later."""
 
+    code = "xo_busy"
     retryable = True
 
 
 class XoVdiInUse(PreconditionFailed, XoError):
     """The VDI is attached (code 17)."""
 
+    code = "xo_vdi_in_use"
+
 
 class XoInvalidParameters(XoError):
     """XO rejected the parameters (code 10)."""
+
+    code = "xo_invalid_parameters"
 
 
 class XoNoSpace(CapacityExhausted, XoError):
     """The SR has not enough free space."""
 
+    code = "xo_no_space"
+
 
 class XoMethodNotFound(XoError):
     """XO does not know the method (-32601)."""
+
+    code = "xo_method_not_found"
 
 
 _BY_XO_CODE: dict[int, type[XoError]] = {
@@ -125,4 +141,4 @@ def from_rpc_error(error: Any, method: str) -> XoError:
     data = error.get("data")
     xapi_code = xapi_code_of(message, data)
     cls = _BY_XAPI_CODE.get(xapi_code or "") or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError)
-    return cls(f"XO {method} failed: {message}", code=code, xapi_code=xapi_code, method=method, data=data)
+    return cls(f"XO {method} failed: {message}", rpc_code=code, xapi_code=xapi_code, method=method, data=data)

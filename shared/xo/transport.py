@@ -259,7 +259,7 @@ class RpcSession:
             raise XoAuthError(
                 f"XO refused the sign-in ({error.message.removeprefix('XO session.signIn failed: ')}); "
                 "check XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD",
-                code=error.code,
+                rpc_code=error.rpc_code,
                 method="session.signIn",
             )
 

@@ -167,10 +167,10 @@ async def test_attempts_exhausted_dead_letter_the_job_and_announce_the_failure(e
     failed = messages.parse_finished(event.body)
 
     assert isinstance(failed, MigrationFinished) and failed.outcome == "failed"
-    assert failed.error is not None and (failed.error.code, failed.error.retryable) == ("XoBusy", True)
+    assert failed.error is not None and (failed.error.code, failed.error.retryable) == ("xo_busy", True)
     headers = letter.headers or {}
     assert headers[messages.HEADER_REASON] == "attempts_exhausted"
-    assert headers[messages.HEADER_ERROR_CODE] == "XoBusy"
+    assert headers[messages.HEADER_ERROR_CODE] == "xo_busy"
     assert headers[messages.HEADER_ATTEMPT] == 3
     assert messages.parse_requested(letter.body).job_id == failed.job_id == letter.message_id
     record = await env.jobs.get(DISK)

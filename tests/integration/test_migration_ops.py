@@ -159,7 +159,7 @@ async def test_jobs_list_shows_jobs_in_flight(env: Env) -> None:
 
 async def test_jobs_dead_lists_dead_letters_and_leaves_them_in_place(env: Env) -> None:
     request = _request(job_id="job-dead")
-    error = FailureReason(code="CapacityExhausted", message="no SR has room", retryable=False)
+    error = FailureReason(code="capacity_exhausted", message="no SR has room", retryable=False)
     await env.publisher.dead_letter(request, reason="failed", error=error, worker="w9")
 
     for _ in range(2):
@@ -168,11 +168,11 @@ async def test_jobs_dead_lists_dead_letters_and_leaves_them_in_place(env: Env) -
         [letter] = json.loads(out)
         assert (letter["job_id"], letter["disk_name"], letter["reason"], letter["worker"]) == (
             "job-dead", DISK, "failed", "w9")
-        assert letter["error"] == "CapacityExhausted: no SR has room"
+        assert letter["error"] == "capacity_exhausted: no SR has room"
     assert await dead_letters(env.amqp_url) == 1
 
     status, out, _ = await _jobs_cli(env, "dead")
-    assert status == 0 and "job-dead" in out and "CapacityExhausted: no SR has room" in out
+    assert status == 0 and "job-dead" in out and "capacity_exhausted: no SR has room" in out
 
 
 @pytest.mark.parametrize("sim_options", [{

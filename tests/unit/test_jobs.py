@@ -62,9 +62,9 @@ def test_the_scan_pattern_matches_job_keys_and_escapes_the_prefix() -> None:
     assert disk_job_pattern("t[1]*:") == "t\\[1\\]\\*:job:disk:*"
 
 
-def test_failure_of_a_domain_error_keeps_class_message_and_retryability() -> None:
+def test_failure_of_a_domain_error_keeps_code_message_and_retryability() -> None:
     assert failure_of(OperationPending("busy")).model_dump() == {
-        "code": "OperationPending", "message": "busy", "retryable": True}
+        "code": "operation_pending", "message": "busy", "retryable": True}
     assert failure_of(CapacityExhausted("full")).retryable is False
 
 

@@ -32,7 +32,7 @@ def test_request_round_trip_keeps_every_field_and_version() -> None:
         MigrationFinished(job_id="j", disk_name="csi-a", outcome="succeeded", vdi_id="v2", sr_id="sr-b",
                           duration_s=1.5),
         MigrationFinished(job_id="j", disk_name="csi-a", outcome="failed",
-                          error=FailureReason(code="CapacityExhausted", message="no room", retryable=False)),
+                          error=FailureReason(code="capacity_exhausted", message="no room", retryable=False)),
     ],
 )
 def test_finished_round_trip(event: MigrationFinished) -> None:

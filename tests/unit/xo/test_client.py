@@ -226,7 +226,7 @@ def test_error_translation(error: dict[str, Any], cls: type[XoError], domain: ty
     assert type(translated) is cls
     if domain is not None:
         assert isinstance(translated, domain)
-    assert translated.code == error["code"]
+    assert translated.rpc_code == error["code"]
 
 
 def test_xapi_code_from_data_wins_over_message() -> None:
