@@ -9,9 +9,12 @@ import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+from aio_pika.abc import AbstractRobustConnection
+
 from services.csi_frontend.attach import Attacher
 from services.csi_frontend.controller import ControllerServicer
 from services.csi_frontend.disks import DiskLocator
+from services.csi_frontend.events import MigrationEvents
 from services.csi_frontend.identity import IdentityServicer
 from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.csi_frontend.node import NodeConfig, NodeServicer
@@ -41,11 +44,13 @@ class Frontend:
     settings: FrontendSettings
     xo: XoClient
     inventory: Inventory
+    disks: DiskLocator
     attacher: Attacher
     servicers: Servicers
     provisioner: Provisioner | None = None
     gate: QueueMigrationGate | None = None
     jobs: JobStore | None = None
+    connection: AbstractRobustConnection | None = None
     publisher: broker.Publisher | None = None
     node: NodeServicer | None = field(default=None)
 
@@ -77,7 +82,8 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     stack.push_async_callback(xo.close)
     inventory = Inventory(xo)
     disks = DiskLocator(xo, settings.disk_name_prefix)
-    frontend = Frontend(settings, xo, inventory, Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s),
+    frontend = Frontend(settings, xo, inventory, disks,
+                        Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s),
                         [(IdentityServicer(settings.driver_name, controller=settings.serves_controller,
                                            probe=xo.ping if settings.serves_controller else None),
                           csi_pb2_grpc.add_IdentityServicer_to_server)])
@@ -100,11 +106,12 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
                                                         name=f"csi-frontend:{settings.node_id}")
     jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                     result_ttl_s=settings.job_result_ttl_s)
-    gate = QueueMigrationGate(connection, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
-    stack.push_async_callback(gate.close)
+    events = MigrationEvents(connection, setup_timeout_s=rabbit.connect_timeout_s)
+    stack.push_async_callback(events.close)
+    gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
     frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
                                  migrations=gate)
-    frontend.gate, frontend.jobs, frontend.publisher = gate, jobs, publisher
+    frontend.gate, frontend.jobs, frontend.connection, frontend.publisher = gate, jobs, connection, publisher
     log.info("migrations_enabled")
 
 

@@ -1,28 +1,20 @@
 """QueueMigrationGate: the Attacher's MigrationGate over RabbitMQ + Redis (the work runs in xo-csi-migrator).
 
-Create-or-join the disk's job in Redis, subscribe to its events *before* reading the job state (no lost
-wake-up), publish the request only when this call created the job, then wait until the RPC deadline
-minus a margin. The migration never runs on the gRPC call's task, so a timeout does not disturb it.
+Register as a waiter for the disk's events (services/csi_frontend/events.py: one consumer per frontend) *before*
+reading the job state (no lost wake-up), create-or-join the disk's job in Redis, publish the request only when
+this call created the job, then wait until the RPC deadline minus a margin. The migration never runs on the gRPC
+call's task, so a timeout does not disturb it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
-
-import aiormq
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-    AbstractRobustQueue,
-)
 
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk, DiskLocator
+from services.csi_frontend.events import MigrationEvents
 from shared import broker, messages, metrics, placement
 from shared.backoff import Backoff
 from shared.errors import (
@@ -57,19 +49,16 @@ class QueueMigrationGate:
     """
 
     def __init__(
-        self, connection: AbstractRobustConnection, publisher: broker.Publisher, jobs: JobStore,
-        disks: DiskLocator, xo: XoClient, *, margin_s: float = 2.0, poll_max_s: float = 2.0,
-        setup_timeout_s: float = 10.0,
+        self, events: MigrationEvents, publisher: broker.Publisher, jobs: JobStore, disks: DiskLocator,
+        xo: XoClient, *, margin_s: float = 2.0, poll_max_s: float = 2.0,
     ) -> None:
-        self._connection = connection
+        self._events = events
         self._publisher = publisher
         self._jobs = jobs
         self._disks = disks
         self._xo = xo
         self._margin_s = margin_s
         self._poll_max_s = poll_max_s
-        self._setup_timeout_s = setup_timeout_s
-        self._channel: AbstractRobustChannel | None = None
 
     async def migrate_for(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
         name = disk.vdi.name_label
@@ -79,7 +68,7 @@ class QueueMigrationGate:
         timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
         started, outcome = time.monotonic(), "error"
         try:
-            async with timer, self._events(name) as events:
+            async with timer, self._events.waiting(name) as events:
                 record, created = await self._jobs.create_or_join(_request(disk, place))
                 job_id = record.job_id
                 if created:
@@ -103,8 +92,13 @@ class QueueMigrationGate:
         try:
             await self._publisher.request(record.request)
         except BaseException:
-            # Unpublished: drop the record so the next try (ours or another replica's) publishes again.
-            await asyncio.shield(self._jobs.abandon(record.disk_name, record.job_id))
+            # Unpublished: drop the record so the next try (ours or another replica's) publishes again. What
+            # stopped the publish (a cancellation above all) is what propagates, not a failure of this cleanup.
+            try:
+                await asyncio.shield(self._jobs.abandon(record.disk_name, record.job_id))
+            except DomainError as exc:
+                log.warning("migration_job_not_abandoned", disk_name=record.disk_name, job_id=record.job_id,
+                            error=exc.message, note="the queued record expires after its TTL")
             raise
 
     async def _wait(self, name: str, record: JobRecord, events: asyncio.Queue[MigrationFinished]) -> MigrationFinished:
@@ -140,48 +134,6 @@ class QueueMigrationGate:
             raise OperationPending(f"{where} finished, but the disk is on SR {moved.vdi.sr_id}, not usable from "
                                    "that host (another node asked for it meanwhile); retry")
         return moved
-
-    @contextlib.asynccontextmanager
-    async def _events(self, name: str) -> AsyncIterator[asyncio.Queue[MigrationFinished]]:
-        """An exclusive auto-delete queue bound to the disk's events, consumed into an asyncio.Queue."""
-        received: asyncio.Queue[MigrationFinished] = asyncio.Queue()
-
-        async def on_event(message: AbstractIncomingMessage) -> None:
-            try:
-                received.put_nowait(messages.parse_finished(message.body))
-            except messages.MessageError as exc:
-                log.warning("migration_event_unreadable", reason=str(exc))
-
-        try:
-            async with asyncio.timeout(self._setup_timeout_s):
-                channel = await self._channel_open()
-                exchange = await channel.get_exchange(messages.EVENTS_EXCHANGE, ensure=False)
-                queue = await channel.declare_queue(exclusive=True, auto_delete=True, robust=False)
-                await queue.bind(exchange, routing_key=messages.events_routing_key(name), robust=False)
-                tag = await queue.consume(on_event, no_ack=True, robust=False)
-        except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
-            raise BackendUnavailable(f"cannot subscribe to migration events of disk {name} "
-                                     f"({type(exc).__name__}); retry later") from exc
-        try:
-            yield received
-        finally:
-            await asyncio.shield(self._unsubscribe(queue, tag))
-
-    async def _unsubscribe(self, queue: AbstractRobustQueue, tag: str) -> None:
-        with contextlib.suppress(TimeoutError, RuntimeError, aiormq.exceptions.AMQPError):
-            async with asyncio.timeout(self._setup_timeout_s):
-                await queue.cancel(tag)
-                await queue.delete(if_unused=False, if_empty=False)
-
-    async def _channel_open(self) -> AbstractRobustChannel:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
-            await broker.declare(self._channel)
-        return self._channel
-
-    async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await asyncio.shield(self._channel.close())
 
 
 def failed_job_error(where: str, error: FailureReason | None) -> DomainError:

@@ -202,14 +202,13 @@ class Provisioner:
     async def list_volumes(self) -> list[VolumeEntry]:
         """Every driver disk (temporary ones excluded), sorted by volume id, with the VMs it is attached to and
         its condition (a migrating volume has two VDIs while a copy runs: one entry)."""
-        vdis, vbds = await asyncio.gather(self._xo.get_objects({"type": "VDI"}), self._xo.find_vbds())
+        vdis, vbds = await asyncio.gather(self._xo.find_vdis(), self._xo.find_vbds())
         attached: dict[str, set[str]] = {}
         for vbd in vbds:
             if vbd.attached and vbd.vdi_id:
                 attached.setdefault(vbd.vdi_id, set()).add(vbd.vm_id)
         found: dict[str, tuple[vid.VolumeId, list[Vdi]]] = {}
-        for raw in vdis:
-            vdi = Vdi.model_validate(raw)
+        for vdi in vdis:
             volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
             info = vdi_metadata.parse(vdi.name_description)
             if volume_name is None or info is None:

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from shared.errors import DomainError
 from shared.logging import get_logger
 from shared.xo.client import XoClient
-from shared.xo.models import Vdi
 
 log = get_logger(__name__)
 MARK_PREFIX = "csi:deletion-candidate: "
@@ -35,8 +34,7 @@ async def sweep(xo: XoClient, prefix: str, delete_after_s: float, now: datetime 
     now = now or datetime.now(UTC)
     temp_prefix = f"{prefix}temp-"
     deleted: list[str] = []
-    for raw in await xo.get_objects({"type": "VDI"}):
-        vdi = Vdi.model_validate(raw)
+    for vdi in await xo.find_vdis():
         if not vdi.name_label.startswith(temp_prefix) or vdi.vbd_ids:
             continue
         since = _marked_since(vdi.name_description)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -271,7 +272,8 @@ async def _send_back(connection: AbstractRobustConnection, jobs: JobStore, reque
     try:
         await publisher.request(request)
     except BaseException:
-        await asyncio.shield(jobs.abandon(request.disk_name, request.job_id))
+        with contextlib.suppress(DomainError):  # what stopped the publish is the error to report, not this cleanup
+            await asyncio.shield(jobs.abandon(request.disk_name, request.job_id))
         raise
     finally:
         await publisher.close()

@@ -72,7 +72,8 @@ class XoClient:
         await self.get_objects({"type": "pool"}, limit=1)
 
     async def find_vdis(self, *, name_label: str | None = None, sr_id: str | None = None) -> list[Vdi]:
-        """VDIs (type ``VDI``, snapshots excluded) with this exact name and/or on this SR."""
+        """VDIs (type ``VDI``, snapshots excluded) with this exact name and/or on this SR (every VDI without either).
+        XoError when XO sends one we cannot read."""
         query: dict[str, Any] = {"type": "VDI"}
         if name_label is not None:
             query["name_label"] = name_label
