@@ -420,6 +420,24 @@ async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_onl
         await sim.stop()
 
 
+async def test_without_a_limit_the_handler_takes_no_slot(redis: aioredis.Redis, redis_prefix: str) -> None:
+    sim = await start_simulator(two_hosts(), admin=True, migration_rate_bps=4 * GiB)
+    xo = XoClient.from_settings(sim_settings(sim))
+    deps = handler_deps(MigratorSettings(lock_ttl_s=3, lock_wait_s=1, migrate_timeout_s=30), xo, redis, redis_prefix)
+    try:
+        [vdi] = vdis_named(sim)
+        async with held(_slots(redis, redis_prefix, SR_A2)):  # with a limit of 1 this copy would have to wait
+            async with asyncio.timeout(TIMEOUT_S):
+                result = await handle(_request(DISK, vdi["id"]), deps)
+            assert (result.outcome, result.sr_id) == ("succeeded", SR_A2)
+            assert [h.split(":")[0] for h in await _holders(redis, redis_prefix, SR_A2)] == ["test"]
+        assert await _holders(redis, redis_prefix, SR_A1) == []
+        assert sim.simulator.stats.migrations[DISK] == 1
+    finally:
+        await xo.close()
+        await sim.stop()
+
+
 async def _limited_worker(env: Env, name: str, limit: int) -> Worker:
     """A migrator built like every other, with the per-SR limit set."""
     return await env.worker(name, per_sr_limit=limit, sr_slot_wait_s=TIMEOUT_S)

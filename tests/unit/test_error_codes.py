@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-import services.csi_frontend.mounter  # noqa: F401  (registers MountError)
-import shared.locks  # noqa: F401  (registers LockLost)
-import shared.xo.errors  # noqa: F401  (registers the XoError tree)
 from services.csi_frontend.migration_gate import failed_job_error
 from services.migrator.outcome import failure_of
 from shared import errors
 from shared.errors import DomainError, error_class
 from shared.messages import FailureReason, MigrationFinished
+from tests.support.errors import all_error_classes, bare_instance
 
 # Every error class of the project and its code on the wire. A new class fails here until it is listed: its code
 # is a promise to every other process (and to records already in Redis), so it is chosen once, on purpose.
@@ -44,32 +42,22 @@ CODES = {
 }
 
 
-def _all_classes() -> list[type[DomainError]]:
-    found, todo = [DomainError], [DomainError]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            found.append(sub)
-            todo.append(sub)
-    return found
-
-
 def test_every_error_class_has_its_listed_code() -> None:
-    assert {cls.__name__: cls.code for cls in _all_classes()} == CODES
+    assert {cls.__name__: cls.code for cls in all_error_classes()} == CODES
     assert {code: cls.__name__ for code, cls in errors.registered().items()} == {v: k for k, v in CODES.items()}
 
 
-@pytest.mark.parametrize("cls", _all_classes(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda cls: cls.__name__)
 def test_a_code_round_trips_through_a_finished_event(cls: type[DomainError]) -> None:
-    error = cls.__new__(cls)
-    DomainError.__init__(error, "why")  # whatever the class's own constructor takes (MountError: argv, detail)
-    sent = MigrationFinished(job_id="j", disk_name="csi-a", outcome="failed", error=failure_of(error))
+    error = failure_of(bare_instance(cls, "why"))
+    sent = MigrationFinished(job_id="j", disk_name="csi-a", outcome="failed", error=error)
     received = MigrationFinished.model_validate_json(sent.model_dump_json())
     assert received.error is not None
     assert error_class(received.error.code) is cls
     assert (received.error.message, received.error.retryable) == ("why", cls.retryable)
 
 
-@pytest.mark.parametrize("cls", _all_classes(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda cls: cls.__name__)
 def test_the_class_name_an_older_version_wrote_is_still_read(cls: type[DomainError]) -> None:
     assert error_class(cls.__name__) is cls
 

@@ -1,5 +1,5 @@
 """The per-SR migration limit without a network: SrSlots' arguments and keys, and how
-the setting reaches the migrator (env, flag, handler deps). The Redis side is in tests/integration/test_sr_limit.py."""
+the setting reaches the migrator's handler (env, flag). The Redis side is in tests/integration/test_sr_limit.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.migrator.__main__ import build_parser, load_settings
-from services.migrator.migrate import HandlerDeps
+from services.migrator.app import handler_deps
 from services.migrator.settings import MigratorSettings
 from shared.keys import sr_slots_key
 from shared.locks import SrSlots
@@ -32,16 +32,15 @@ def test_nonsense_arguments_are_refused(sr_ids: list[str], limit: int, lease_s: 
         SrSlots(aioredis.Redis(), "xocsi:", sr_ids, limit=limit, lease_s=lease_s, wait_s=wait_s)
 
 
-def test_the_limit_is_off_by_default() -> None:
-    assert MigratorSettings().per_sr_limit == 0
-    assert HandlerDeps.__dataclass_fields__["per_sr_limit"].default == 0
+def test_the_limit_reaches_the_handler_from_the_env_or_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    def handler_limit(settings: MigratorSettings) -> int:
+        return handler_deps(settings, xo=None, redis=aioredis.Redis(), key_prefix="xocsi:").per_sr_limit  # type: ignore[arg-type]
 
-
-def test_the_limit_comes_from_the_env_or_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert handler_limit(MigratorSettings()) == 0  # unset: no limit (integration: the handler then takes no slot)
     monkeypatch.setenv("MIGRATOR_PER_SR_LIMIT", "3")
-    assert MigratorSettings().per_sr_limit == 3
+    assert handler_limit(MigratorSettings()) == 3
     settings, *_ = load_settings(build_parser().parse_args(["--per-sr-limit", "2"]))
-    assert settings.per_sr_limit == 2  # the flag overrides the env
+    assert handler_limit(settings) == 2  # the flag overrides the env
 
 
 def test_a_negative_limit_is_refused() -> None:

@@ -1,0 +1,25 @@
+"""Every DomainError class of the project, the modules that define them imported, for the table-driven tests of
+the error codes and the gRPC status table."""
+
+from __future__ import annotations
+
+import services.csi_frontend.mounter  # noqa: F401  (MountError)
+import shared.locks  # noqa: F401  (LockLost)
+import shared.xo.errors  # noqa: F401  (the XoError tree)
+from shared.errors import DomainError
+
+
+def all_error_classes() -> list[type[DomainError]]:
+    found, todo = [DomainError], [DomainError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def bare_instance(cls: type[DomainError], message: str = "x") -> DomainError:
+    """An instance whatever the class's own constructor takes (MountError: argv, detail)."""
+    error = cls.__new__(cls)
+    DomainError.__init__(error, message)
+    return error
