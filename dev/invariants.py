@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 
 import httpx
 import redis.asyncio as aioredis
@@ -31,7 +32,7 @@ def _disk(name: str) -> str:
     return f"csi-{name}"
 
 
-async def check_during(stack: Stack, volumes: list[Any], report: Any) -> None:
+async def check_during(stack: Stack, volumes: Sequence[_Volume], report: _Report) -> None:
     """At any time: no volume has more than two VDIs (a copy in flight), and no VDI is foreign to the soak."""
     names = Counter(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"}))
     known = {_disk(v.name) for v in volumes}
@@ -42,7 +43,7 @@ async def check_during(stack: Stack, volumes: list[Any], report: Any) -> None:
             report.violations.append(f"after a fault: unexpected VDI {name}")
 
 
-async def check_final(stack: Stack, volumes: list[Any], host_of: dict[str, str], report: Any) -> None:
+async def check_final(stack: Stack, volumes: Sequence[_Volume], host_of: dict[str, str], report: _Report) -> None:
     """Everything, once the workload and faults have stopped and the system settled."""
     checks = {
         "one_vdi_per_volume_on_a_usable_sr": _volumes_in_place(stack, volumes, host_of),
@@ -60,7 +61,7 @@ async def check_final(stack: Stack, volumes: list[Any], host_of: dict[str, str],
             report.violations.append(f"{name}: {exc}")
 
 
-async def _volumes_in_place(stack: Stack, volumes: list[Any], host_of: dict[str, str]) -> None:
+async def _volumes_in_place(stack: Stack, volumes: Sequence[_Volume], host_of: dict[str, str]) -> None:
     srs = {sr.id: placement.view(sr) for sr in await stack.xo.find_srs()}
     problems = []
     for volume in volumes:
@@ -76,13 +77,13 @@ async def _volumes_in_place(stack: Stack, volumes: list[Any], host_of: dict[str,
     assert not problems, "; ".join(problems)
 
 
-async def _no_orphans(stack: Stack, volumes: list[Any]) -> None:
+async def _no_orphans(stack: Stack, volumes: Sequence[_Volume]) -> None:
     known = {_disk(v.name) for v in volumes}
     extra = sorted(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"}) if v["name_label"] not in known)
     assert not extra, f"VDIs outside the soak's volumes: {extra}"
 
 
-async def _queues(stack: Stack, report: Any) -> None:
+async def _queues(stack: Stack, report: _Report) -> None:
     assert stack.management_url is not None
 
     async def depth(http: httpx.AsyncClient, queue: str) -> int:

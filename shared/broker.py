@@ -74,7 +74,8 @@ class Publisher:
         )
 
     async def dead_letter(
-        self, request: messages.MigrationRequested, *, reason: str, error: messages.FailureReason, worker: str
+        self, request: messages.MigrationRequested, *, reason: messages.DeadReason, error: messages.FailureReason,
+        worker: str
     ) -> None:
         """Publish a failed job's request to the dead-letter exchange (so it lands in the dead-letter queue,
         where ``xocsi jobs requeue`` can send it back), with why in the ``x-xocsi-*`` headers. Mandatory and

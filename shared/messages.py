@@ -30,12 +30,12 @@ HEADER_ATTEMPT = "attempt"
 HEADER_DELIVERY_COUNT = "x-delivery-count"
 # Headers of a request the migrator itself dead-letters (a failed job); the broker's own dead-lettering
 # (unreadable body, delivery limit) sets x-death / x-first-death-reason instead.
-HEADER_REASON = "x-xocsi-reason"  # one of DEAD_REASONS
+HEADER_REASON = "x-xocsi-reason"  # a DeadReason
 HEADER_ERROR_CODE = "x-xocsi-error-code"  # FailureReason.code, e.g. capacity_exhausted
 HEADER_ERROR = "x-xocsi-error"  # the error message
 HEADER_WORKER = "x-xocsi-worker"  # the worker that gave up
 HEADER_FIRST_DEATH_REASON = "x-first-death-reason"  # set by RabbitMQ: rejected, delivery_limit, expired ...
-DEAD_REASONS = ("failed", "attempts_exhausted")  # permanent error / retryable error on the last attempt
+DeadReason = Literal["failed", "attempts_exhausted"]  # permanent error / retryable error on the last attempt
 
 
 def jobs_queue_arguments(delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
@@ -94,9 +94,10 @@ class MigrationRequested(_Message):
     correlation_id: str
     attempt: int = Field(default=1, ge=1)
 
-    def next_attempt(self) -> MigrationRequested:
-        """The same request, to be published once more (``attempt`` + 1)."""
-        return self.model_copy(update={"attempt": self.attempt + 1})
+    def with_attempt(self, attempt: int) -> MigrationRequested:
+        """The same request as publish number ``attempt`` of its job (hand-backs count up from the job record's
+        attempt, which may be ahead of the stored request's)."""
+        return self.model_copy(update={"attempt": attempt})
 
 
 M = TypeVar("M", bound="_Message")

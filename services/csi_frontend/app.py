@@ -84,8 +84,7 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     disks = DiskLocator(xo, settings.disk_name_prefix)
     frontend = Frontend(settings, xo, inventory, disks,
                         Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s),
-                        [(IdentityServicer(settings.driver_name, controller=settings.serves_controller,
-                                           probe=xo.ping if settings.serves_controller else None),
+                        [(IdentityServicer(settings.driver_name, probe=xo.ping if settings.serves_controller else None),
                           csi_pb2_grpc.add_IdentityServicer_to_server)])
     if settings.serves_controller:
         if rabbit is not None and redis is not None:

@@ -29,13 +29,9 @@ CAPABILITIES = (
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     """``probe`` is None when nothing remote must answer (node mode); else it raises when not ready.
+    The capabilities are plugin-wide: every instance, whatever its mode, answers the same."""
 
-    ``controller`` (does this instance serve the Controller service) changes nothing the CO sees, since
-    the capabilities are plugin-wide; it is accepted so that the wiring in __main__ stays as it is.
-    """
-
-    def __init__(self, driver_name: str, *, controller: bool = True,
-                 probe: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(self, driver_name: str, *, probe: Callable[[], Awaitable[None]] | None) -> None:
         self._name = driver_name
         self._probe = probe
 

@@ -60,18 +60,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return await behavior(request, context)
         except DomainError as exc:
             code = code_for(exc)
-            await _abort(context, code, exc.message, method, started, exc)
+            await _abort(context, code, exc.message, started)
         except TimeoutError:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await _abort(context, code, f"{method} did not finish before the caller's deadline; retry", method,
-                         started, None)
+            await _abort(context, code, f"{method} did not finish before the caller's deadline; retry", started)
         except NotImplementedError:
             # the generated base servicers raise it for RPCs this driver leaves out (snapshots, modify):
             # spec "Call not implemented" is UNIMPLEMENTED, not a crash
             code = grpc.StatusCode.UNIMPLEMENTED
             await _abort(context, code, f"{method} is not implemented by this driver; see its capabilities "
-                         "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities)", method, started,
-                         None)
+                         "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities)", started)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED
             raise
@@ -88,14 +86,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         raise AssertionError("unreachable")
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext,
-    code: grpc.StatusCode,
-    message: str,
-    method: str,
-    started: float,
-    exc: DomainError | None,
-) -> None:
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, started: float) -> None:
     level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) else "info"
     getattr(log, level)("rpc_finished", grpc_code=code.name, error=message, duration_ms=_ms(started))
     await context.abort(code, message)

@@ -1,6 +1,7 @@
 """CSI Node service: stage, publish, expand and report XO disks attached to this VM (e.g. /dev/xvdb).
 
-The node never talks to XO: ControllerPublishVolume names the device in publish_context["device"].
+No RPC here calls XO: ControllerPublishVolume names the device in publish_context["device"]. XO is read once, at
+startup, to find this node's VM and topology (build_frontend, node_identity.py).
 Request parsing lives in validation.py; OS work lives in mounter.py.
 """
 
@@ -156,7 +157,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         """Unmount target_path and delete the directory or file there; already gone is success.
 
-        A non-empty unmounted directory is never deleted (it would be user data): INTERNAL.
+        A non-empty unmounted directory or file is never deleted (it would be user data): FAILED_PRECONDITION.
         """
         cmd = PathCommand(parse_volume_id(request.volume_id), parse_path(request.target_path, "target_path"))
         async with self._locks.hold(cmd.volume_id):

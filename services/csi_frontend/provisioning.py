@@ -237,13 +237,6 @@ class Provisioner:
         """(available bytes, largest volume that fits) for the class within the topology segment."""
         return placement.capacity(await self._class_srs(params), term)
 
-    def topology_of(self, disk: Disk, srs: Sequence[Sr]) -> list[dict[str, str]]:
-        """Where a volume is accessible: every tagged SR's segment for migrating volumes, else its SR's."""
-        views = [placement.view(sr) for sr in srs]
-        if not disk.is_migrating_volume:
-            views = [v for v in views if v.id == disk.vdi.sr_id]
-        return placement.accessible_segments(views, self._host_topology)
-
     @contextlib.asynccontextmanager
     async def _exclusive(self, key: str) -> AsyncIterator[None]:
         # The provisioner and resizer are leader-elected, so one controller acts at a time; this guards

@@ -67,7 +67,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         current = placement.view(sr) if sr is not None else None
     if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
-        return await _clear_mark(xo, vdi, info, lock), vdi.sr_id
+        return await _clear_mark(xo, vdi, lock), vdi.sr_id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
                                        from_pool=current.pool_id if current is not None else None)
     new_id = await _copy(deps, request, vdi, target.id, info, lock)
@@ -77,7 +77,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         raise BackendFailure(f"XO migrated disk {request.disk_name} to VDI {new_id}, but that VDI {where}, "
                              f"not on target SR {target.id}")
     lock.ensure_held()
-    return await _clear_mark(xo, moved, info, lock), target.id
+    return await _clear_mark(xo, moved, lock), target.id
 
 
 async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
@@ -97,7 +97,7 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         try:
             new_id = await xo.migrate_vdi(vdi.id, target_id, timeout_s=deps.migrate_timeout_s)
         except DomainError:
-            await _unmark_unmoved(xo, vdi, info, lock)
+            await _unmark_unmoved(xo, vdi, lock)
             raise
     metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
     metrics.MIGRATION_BYTES.inc(vdi.size)
@@ -114,7 +114,7 @@ def _sr_slots(
                    wait_s=deps.sr_slot_wait_s, owner=disk_name)
 
 
-async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock) -> Vdi:
+async def _clear_mark(xo: XoClient, vdi: Vdi, lock: DiskLock) -> Vdi:
     current = vdi_metadata.parse(vdi.name_description)
     if current is None or current.in_progress_to_sr is None:
         return vdi
@@ -123,7 +123,7 @@ async def _clear_mark(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock)
     return vdi
 
 
-async def _unmark_unmoved(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskLock) -> None:
+async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:
     """vdi.migrate failed: when XO left the disk on its SR and runs no copy of it, drop the mark set just before.
     A kept mark makes every later attach where the disk is answer ABORTED "being migrated" (attach.py), for good
     once the job has failed for good (e.g. a target SR in another pool: HANDLE_INVALID). A retry marks it again.
@@ -131,7 +131,7 @@ async def _unmark_unmoved(xo: XoClient, vdi: Vdi, info: StorageInfo, lock: DiskL
     try:
         current = await xo.get_vdi(vdi.id)
         if current is not None and current.sr_id == vdi.sr_id and not current.current_operations:
-            await _clear_mark(xo, current, info, lock)
+            await _clear_mark(xo, current, lock)
     except DomainError as exc:
         log.warning("migration_mark_kept", disk_name=vdi.name_label, vdi=vdi.id, error=exc.message)
 

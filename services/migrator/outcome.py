@@ -57,16 +57,16 @@ class Outcomes:
         if attempt > self._max_attempts:
             await self.failed(record, error, reason="attempts_exhausted")
             return
-        await self._publisher.request(record.request.model_copy(update={"attempt": attempt}))
+        await self._publisher.request(record.request.with_attempt(attempt))
         queued = await self._jobs.requeue(record, attempt)
         metrics.JOBS_FINISHED.labels("requeued").inc()
         log.info("migration_finished", outcome="requeued", reason=reason, attempt=attempt,
                  error=error.message, recorded=queued is not None)
 
-    async def failed(self, record: JobRecord, error: FailureReason, *, reason: str) -> None:
+    async def failed(self, record: JobRecord, error: FailureReason, *, reason: messages.DeadReason) -> None:
         """Dead-letter the request (``reason`` and the error in its headers), record the failure, announce it."""
         if record.request is not None:
-            request = record.request.model_copy(update={"attempt": record.attempt})
+            request = record.request.with_attempt(record.attempt)
             await self._publisher.dead_letter(request, reason=reason, error=error, worker=self._worker)
             metrics.JOBS_FINISHED.labels("dead_lettered").inc()
         age = max(utc_now() - record.created_at, timedelta(0))

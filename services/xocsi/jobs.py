@@ -263,7 +263,7 @@ async def _send_back(connection: AbstractRobustConnection, jobs: JobStore, reque
                      timeout_s: float) -> None:
     """Reset the record to queued first (a worker's claim needs it), then publish with confirms; undo the
     record when the publish fails. A fresh attempt count: the operator decided the job deserves more tries."""
-    request = request.model_copy(update={"attempt": 1})
+    request = request.with_attempt(1)
     record, created = await jobs.create_or_join(request)
     if not created:
         raise JobsError(f"disk {request.disk_name} already has an active job {record.job_id} ({record.state}); "

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from shared.backoff import Backoff
 from shared.config import XoSettings
 from shared.xo.errors import XoError, XoNotFound
-from shared.xo.models import Host, Pool, Sr, Vbd, Vdi, Vm, XoObject
+from shared.xo.models import Sr, Vbd, Vdi, Vm, XoObject
 from shared.xo.transport import Credentials, RpcSession, WebSocketConnector, api_url, tls_context
 
 T = TypeVar("T")
@@ -97,12 +97,6 @@ class XoClient:
     async def get_vm(self, vm_id: str) -> Vm | None:
         return await self._one(Vm, {"type": "VM", "id": vm_id})
 
-    async def get_host(self, host_id: str) -> Host | None:
-        return await self._one(Host, {"type": "host", "id": host_id})
-
-    async def get_pool(self, pool_id: str) -> Pool | None:
-        return await self._one(Pool, {"type": "pool", "id": pool_id})
-
     async def find_vbds(self, *, vm_id: str | None = None, vdi_id: str | None = None) -> list[Vbd]:
         """VBDs of a VM and/or a VDI."""
         query: dict[str, Any] = {"type": "VBD"}
@@ -165,9 +159,6 @@ class XoClient:
 
     async def connect_vbd(self, vbd_id: str) -> None:
         await self._session.call("vbd.connect", {"id": vbd_id})
-
-    async def disconnect_vbd(self, vbd_id: str) -> None:
-        await self._session.call("vbd.disconnect", {"id": vbd_id}, idempotent=True)
 
     async def delete_vbd(self, vbd_id: str) -> None:
         """``vbd.delete`` (unplug then destroy; the VDI stays). Already gone counts as success."""

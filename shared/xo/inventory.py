@@ -1,4 +1,4 @@
-"""A cache of XO's slowly changing objects (SRs, VMs, hosts, pools), kept current by XO's ``all``
+"""A cache of XO's slowly changing objects the driver reads (SRs, VMs), kept current by XO's ``all``
 notifications and reloaded when it is older than ``max_age_s`` or after a reconnect.
 
 VDIs and VBDs are never cached: every decision about a disk re-reads XO.
@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from shared.xo.client import XoClient
-from shared.xo.models import Host, Pool, Sr, Vm, XoObject
+from shared.xo.models import Sr, Vm, XoObject
 
 M = TypeVar("M", bound=XoObject)
-_MODELS: dict[str, type[XoObject]] = {"SR": Sr, "VM": Vm, "host": Host, "pool": Pool}
+_MODELS: dict[str, type[XoObject]] = {"SR": Sr, "VM": Vm}
 
 
 class Inventory:
@@ -42,9 +42,6 @@ class Inventory:
 
     async def vm(self, vm_id: str) -> Vm | None:
         return await self._read_through("VM", Vm, vm_id, self._client.get_vm)
-
-    async def host(self, host_id: str) -> Host | None:
-        return await self._read_through("host", Host, host_id, self._client.get_host)
 
     async def _read_through(self, kind: str, model: type[M], obj_id: str,
                             fetch: Callable[[str], Awaitable[M | None]]) -> M | None:

@@ -21,14 +21,6 @@ class XoObject(BaseModel):
     pool_id: str = Field(default="", alias="$pool")
 
 
-class Pool(XoObject):
-    name_label: str = ""
-
-
-class Host(XoObject):
-    name_label: str = ""
-
-
 class Sr(XoObject):
     name_label: str = ""
     size: int = 0

@@ -211,12 +211,15 @@ async def test_list_volumes_refuses_a_token_it_did_not_make_with_aborted(setup: 
         await _page(setup, 0, token)
 
 
-async def test_plugin_capabilities_are_the_same_whatever_the_instance_serves() -> None:
-    answers = [await IdentityServicer("csi.example", controller=serves, probe=None).GetPluginCapabilities(
+async def test_plugin_capabilities_are_plugin_wide_the_node_plugin_answers_them_too() -> None:
+    # The node plugin (no probe: nothing remote to ask) announces the Controller service too: csi-sanity asks the
+    # node endpoint, and told "no controller" it skips ControllerPublishVolume and then fails NodeStageVolume.
+    answer = await IdentityServicer("csi.example", probe=None).GetPluginCapabilities(
         csi_pb2.GetPluginCapabilitiesRequest(), FakeContext())  # type: ignore[arg-type]
-        for serves in (True, False)]
-    assert answers[0] == answers[1]
-    assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE in [c.service.type for c in answers[0].capabilities]
+    service, expansion = csi_pb2.PluginCapability.Service, csi_pb2.PluginCapability.VolumeExpansion
+    assert [(c.service.type, c.volume_expansion.type) for c in answer.capabilities] == [
+        (service.CONTROLLER_SERVICE, expansion.UNKNOWN), (service.VOLUME_ACCESSIBILITY_CONSTRAINTS, expansion.UNKNOWN),
+        (service.UNKNOWN, expansion.ONLINE)]
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ def test_a_request_without_attempt_is_the_first_attempt() -> None:
     assert messages.parse_requested(json.dumps(body)).attempt == 1
 
 
-def test_next_attempt_keeps_everything_else() -> None:
-    again = _request(attempt=2).next_attempt()
-    assert again.attempt == 3
+def test_with_attempt_keeps_everything_else() -> None:
+    again = _request(attempt=2).with_attempt(5)
+    assert again.attempt == 5
     assert again.model_dump(exclude={"attempt"}) == _request().model_dump(exclude={"attempt"})
     assert messages.parse_requested(again.to_body()) == again
 
