@@ -46,6 +46,7 @@ class StackOptions:
     node_args: tuple[str, ...] = ()
     metrics: bool = False  # serve /metrics from the controller and every migrator on free ports
     nodes: bool = True  # a node plugin per node VM (the benchmarks need only the controller)
+    all_in_one: str | None = None  # this VM's node plugin runs inside the controller (--mode all), as csi-sanity wants
     log_level: str = "info"
 
 
@@ -105,7 +106,11 @@ class Stack:
         return ["--metrics-port", str(port)]
 
     async def start_controller(self) -> ServiceProcess:
-        args = ["--mode", "controller", *(["--host-topology"] if self.options.host_topology else []),
+        """The controller frontend; with ``options.all_in_one`` a frontend in mode all, also that VM's node plugin."""
+        mode = ["--mode", "controller"]
+        if self.options.all_in_one is not None:
+            mode = ["--mode", "all", *self._node_args(self.options.all_in_one)]
+        args = [*mode, *(["--host-topology"] if self.options.host_topology else []),
                 *self._metrics_args("controller"), *self.options.controller_args]
         proc = await self._frontend("controller", self.controller_socket, *args)
         self.processes["controller"] = proc
@@ -140,12 +145,14 @@ class Stack:
         for vm_name in sorted(self.vm_ids):
             await self._start_node(vm_name)
 
-    async def _start_node(self, vm_name: str) -> ServiceProcess:
+    def _node_args(self, vm_name: str) -> list[str]:
         vm_id = self.vm_ids[vm_name]
-        args = ["--mode", "node", "--node-id", vm_id, "--device-dir", str(self.device_root / vm_id)]
+        return ["--node-id", vm_id, "--device-dir", str(self.device_root / vm_id), *self.options.node_args]
+
+    async def _start_node(self, vm_name: str) -> ServiceProcess:
+        args = ["--mode", "node", *self._node_args(vm_name)]
         if self.options.host_topology:
             args.append("--host-topology")
-        args += self.options.node_args
         proc = await self._frontend(f"node-{vm_name}", self.node_sockets[vm_name], *args)
         self.processes[f"node-{vm_name}"] = proc
         return proc
@@ -230,7 +237,7 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
                       rabbit, redis, processes={"xo-sim": sim}, exits=exits)
         exits.push_async_callback(stack.close_channels)
         await stack.start_controller()
-        if options.nodes:
+        if options.nodes and options.all_in_one is None:
             await stack.start_nodes()
         for n in range(options.migrators):
             await stack.start_migrator(f"migrator-{n + 1}")

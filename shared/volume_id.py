@@ -7,10 +7,17 @@
 An id of any other form was not made by this driver, so it names no volume: ``parse`` answers VolumeNotFound
 (CSI "Volume does not exist"; csi-sanity sends such ids and expects NOT_FOUND), and only an empty or
 oversized id is a malformed request.
+
+Long names (``volume_name_for_id``): a CO may name a volume with up to 128 bytes, but ``name:<name>`` must fit
+the same 128 bytes (CSI: volume_id at most 128 bytes). A migrating volume whose name is longer than 123 bytes
+is known by the name ``<its first 102 bytes>-<the first 20 hex digits of the SHA-256 of the whole name>``
+(exactly 123 bytes): its id is ``name:`` and that, its disk ``<prefix>`` and that. The rule depends only on the
+name, so a retried CreateVolume finds the same disk; names of 123 bytes or less are used as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -99,14 +106,18 @@ def validate_volume_name(name: str, field: str = "name") -> None:
         )
 
 
-def check_name_fits_id(name: str, field: str = "name") -> None:
-    """A volume known by name has the id ``name:<name>``, which must fit the CSI limit of 128 bytes too."""
-    room = MAX_ID_BYTES - len(f"{NAME_KIND}:")
-    if len(name.encode()) > room:
-        raise InvalidRequest(
-            f"{field} is {len(name.encode())} bytes, but a migrating volume's id is 'name:<{field}>' and must fit "
-            f"{MAX_ID_BYTES} bytes: use at most {room} bytes"
-        )
+NAME_ROOM_BYTES = MAX_ID_BYTES - len(f"{NAME_KIND}:")  # 123: the longest name kept as it is in an id
+_HASH_HEX = 20  # 80 bits of SHA-256: a collision between two long names is not a practical concern
+
+
+def volume_name_for_id(name: str) -> str:
+    """The name a volume known by name goes by: ``name`` itself when ``name:<name>`` fits 128 bytes, else its
+    first 102 bytes, ``-`` and 20 hex digits of the SHA-256 of the whole name (123 bytes; see the module doc).
+    ``name`` is a valid volume name (``validate_volume_name``), so ASCII."""
+    if len(name.encode()) <= NAME_ROOM_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_HEX]
+    return f"{name[:NAME_ROOM_BYTES - _HASH_HEX - 1]}-{digest}"
 
 
 def disk_name(prefix: str, volume_name: str) -> str:

@@ -58,12 +58,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise InvalidRequest("mutable_parameters are not supported (no MODIFY_VOLUME capability): "
                                  "drop the VolumeAttributesClass")
         params = storage_class.parse(request.parameters)
-        if params.migrating:
-            vid.check_name_fits_id(request.name)
+        name = vid.volume_name_for_id(request.name) if params.migrating else request.name
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
         created = await self._provisioner.create(
-            request.name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
+            name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
         )
         return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
             volume_id=str(created.volume_id),

@@ -1,20 +1,18 @@
-"""csi-sanity, ported: the checks of kubernetes-csi/csi-test pkg/sanity (identity.go, controller.go, node.go,
-resources.go, util.go) run against the stack as separate processes (XO simulator in real data mode, the
-controller frontend, the node frontend of node-a1).
+"""CSI spec checks that the upstream conformance suite (csi-sanity: tests/e2e/test_csi_sanity.py runs it) does not
+make, against the stack deployed as in production, as separate processes: the XO simulator in real data mode,
+the controller frontend and the node frontend of node-a1 (a split csi-sanity's all-in-one run does not exercise).
 
-Configured as ``csi-sanity --csi.endpoint=<node-a1 socket> --csi.controllerendpoint=<controller socket>
---csi.testvolumeparameters=<srsWithTag: k8s-shared> --csi.testvolumesize=1073741824`` would be, with
-csi-sanity's default IDGenerator ("fake-vol-id-...", "fake-node-id-..."). Test names follow csi-sanity's
-``It(...)`` text; tests whose docstring says "beyond csi-sanity" check rows of the CSI spec's error tables that
-csi-sanity leaves out (pagination, published nodes, ControllerGetVolume, UNIMPLEMENTED snapshot RPCs).
-One stack serves the module; every test cleans up what it made exactly as resources.go does (LIFO:
-NodeUnpublish, NodeUnstage, ControllerUnpublish, DeleteVolume), so the tests stay independent.
+Kept from the former hand port of csi-sanity only where upstream stops: rows of the spec's error tables it leaves
+out (UNIMPLEMENTED RPCs, unsupported fields, parameters of another class, ids of our own forms that name no
+volume, negative max_entries), pagination (upstream's pagination spec is pending), published nodes and volume
+condition (ListVolumes, ControllerGetVolume), unpublishing from every node, expansion that never shrinks, and
+that real filesystems of the right size are mounted and grown. Each test cleans up what it made (LIFO, as
+csi-sanity's resources.go does) and, at the end, XO holds no disk of ours.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import uuid
@@ -41,8 +39,6 @@ GiB = 1024**3
 TEST_VOLUME_SIZE = 1 * GiB
 TEST_VOLUME_EXPAND_SIZE = TEST_VOLUME_SIZE + 1 * GiB  # csi-sanity's DefTestExpandIncrement
 TEST_VOLUME_PARAMETERS = {"srsWithTag": "k8s-shared"}  # the shared SR: usable from every node VM
-IDEMPOTENT_COUNT = 10  # csi-sanity's default (--csi.idempotentcount)
-MAX_NAME_LENGTH = 128
 SANITY_NODE = "node-a1"
 RPC_TIMEOUT_S = 30.0
 
@@ -51,22 +47,7 @@ MODE = csi_pb2.VolumeCapability.AccessMode
 CONTROLLER_RPC = csi_pb2.ControllerServiceCapability.RPC
 NODE_RPC = csi_pb2.NodeServiceCapability.RPC
 SERVICE = csi_pb2.PluginCapability.Service
-EXPANSION = csi_pb2.PluginCapability.VolumeExpansion
 
-KNOWN_CONTROLLER_CAPS = {
-    CONTROLLER_RPC.CREATE_DELETE_VOLUME, CONTROLLER_RPC.PUBLISH_UNPUBLISH_VOLUME, CONTROLLER_RPC.LIST_VOLUMES,
-    CONTROLLER_RPC.GET_CAPACITY, CONTROLLER_RPC.CREATE_DELETE_SNAPSHOT, CONTROLLER_RPC.LIST_SNAPSHOTS,
-    CONTROLLER_RPC.PUBLISH_READONLY, CONTROLLER_RPC.CLONE_VOLUME, CONTROLLER_RPC.EXPAND_VOLUME,
-    CONTROLLER_RPC.MODIFY_VOLUME, CONTROLLER_RPC.LIST_VOLUMES_PUBLISHED_NODES, CONTROLLER_RPC.GET_VOLUME,
-    CONTROLLER_RPC.VOLUME_CONDITION, CONTROLLER_RPC.SINGLE_NODE_MULTI_WRITER,
-}
-KNOWN_NODE_CAPS = {
-    NODE_RPC.UNKNOWN, NODE_RPC.STAGE_UNSTAGE_VOLUME, NODE_RPC.GET_VOLUME_STATS, NODE_RPC.EXPAND_VOLUME,
-    NODE_RPC.VOLUME_CONDITION, NODE_RPC.SINGLE_NODE_MULTI_WRITER, NODE_RPC.VOLUME_MOUNT_GROUP,
-}
-PLUGIN_NAME_RE = re.compile(r"^[a-zA-Z][A-Za-z0-9-\\.\\_]{0,61}[a-zA-Z]$")  # identity.go, verbatim
-
-# sanity.go: uniqueSuffix = "-" + PseudoUUID(), one per run
 _UNIQUE_SUFFIX = f"-{secrets.token_hex(4).upper()}-{secrets.token_hex(4).upper()}"
 
 
@@ -74,30 +55,13 @@ def unique_string(prefix: str) -> str:
     return prefix + _UNIQUE_SUFFIX
 
 
-def unique_string_with_length(prefix: str, length: int) -> str:
-    name = unique_string(prefix)
-    return name + "x" * (length - len(name))
-
-
-class IdGen:
-    """csi-sanity's DefaultIDGenerator (pkg/sanity/util.go)."""
-
-    @staticmethod
-    def unique_valid_volume_id() -> str:
-        return f"fake-vol-id-{str(uuid.uuid4())[:10]}"
-
-    @staticmethod
-    def invalid_volume_id() -> str:
-        return "fake-vol-id"
-
-    @staticmethod
-    def unique_valid_node_id() -> str:
-        return f"fake-node-id-{str(uuid.uuid4())[:10]}"
+def unknown_node_id() -> str:
+    return f"fake-node-id-{str(uuid.uuid4())[:10]}"
 
 
 # Ids of volumes that do not exist: csi-sanity's (not of a form this driver makes) and well-formed ones.
 MISSING_VOLUME_IDS = {
-    "sanity-default-idgen": lambda: IdGen.unique_valid_volume_id(),
+    "sanity-default-idgen": lambda: f"fake-vol-id-{str(uuid.uuid4())[:10]}",
     "uuid-form": lambda: f"uuid:{uuid.uuid4()}",
     "bare-vdi-uuid": lambda: str(uuid.uuid4()),
     "name-form": lambda: f"name:{unique_string('never-created')}",
@@ -109,14 +73,10 @@ def capability(mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(), access_mode=MODE(mode=mode))
 
 
-def create_request(name: str, *, required: int = TEST_VOLUME_SIZE, limit: int = 0,
-                   topology: csi_pb2.Topology | None = None) -> csi_pb2.CreateVolumeRequest:
-    request = csi_pb2.CreateVolumeRequest(
+def create_request(name: str, *, required: int = TEST_VOLUME_SIZE, limit: int = 0) -> csi_pb2.CreateVolumeRequest:
+    return csi_pb2.CreateVolumeRequest(
         name=name, volume_capabilities=[capability()], parameters=TEST_VOLUME_PARAMETERS,
         capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit))
-    if topology is not None:
-        request.accessibility_requirements.requisite.append(topology)
-    return request
 
 
 def make_create_volume_req(name: str) -> csi_pb2.CreateVolumeRequest:
@@ -295,20 +255,7 @@ async def r(sc: Sanity) -> AsyncIterator[Resources]:
         sc.staging_path.rmdir()
 
 
-# --- Identity Service ------------------------------------------------------------------------------------
-
-
-async def test_identity_get_plugin_capabilities_should_return_appropriate_capabilities(sc: Sanity) -> None:
-    for identity in sc.identities.values():
-        response = await identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
-        for cap in response.capabilities:
-            kind = cap.WhichOneof("type")
-            if kind == "service":
-                assert cap.service.type in (SERVICE.CONTROLLER_SERVICE, SERVICE.VOLUME_ACCESSIBILITY_CONSTRAINTS,
-                                            SERVICE.GROUP_CONTROLLER_SERVICE), cap
-            else:
-                assert kind == "volume_expansion", cap
-                assert cap.volume_expansion.type in (EXPANSION.ONLINE, EXPANSION.OFFLINE), cap
+# --- Identity ---------------------------------------------------------------------------------------------
 
 
 async def test_identity_plugin_capabilities_are_the_same_on_every_endpoint(sc: Sanity) -> None:
@@ -321,83 +268,20 @@ async def test_identity_plugin_capabilities_are_the_same_on_every_endpoint(sc: S
     assert await sc.provides_controller_service()
 
 
-async def test_identity_probe_should_return_appropriate_information(sc: Sanity) -> None:
-    for identity in sc.identities.values():
-        response = await identity.Probe(csi_pb2.ProbeRequest())
-        assert not response.HasField("ready") or response.ready.value in (True, False)
-
-
-async def test_identity_get_plugin_info_should_return_appropriate_information(sc: Sanity) -> None:
-    for identity in sc.identities.values():
-        response = await identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
-        assert response.name and len(response.name) <= 63
-        assert PLUGIN_NAME_RE.match(response.name), response.name
-
-
-# --- Requests missing a REQUIRED field: INVALID_ARGUMENT (controller.go and node.go, table-driven) ----------
+# --- Requests missing a REQUIRED field (rows csi-sanity's table leaves out): INVALID_ARGUMENT -------------
 
 Call = Callable[[Sanity], Awaitable[Any]]
-_ID = IdGen.unique_valid_volume_id
 MISSING_FIELD_CASES: dict[str, Call] = {
-    "CreateVolume should fail when no name is provided": lambda sc: sc.controller.CreateVolume(
-        csi_pb2.CreateVolumeRequest(parameters=TEST_VOLUME_PARAMETERS)),
-    "CreateVolume should fail when no volume capabilities are provided": lambda sc: sc.controller.CreateVolume(
-        csi_pb2.CreateVolumeRequest(name=unique_string("sanity-controller-create-no-volume-capabilities"),
-                                    parameters=TEST_VOLUME_PARAMETERS)),
-    "DeleteVolume should fail when no volume id is provided": lambda sc: sc.controller.DeleteVolume(
-        csi_pb2.DeleteVolumeRequest()),
-    "ValidateVolumeCapabilities should fail when no volume id is provided":
-        lambda sc: sc.controller.ValidateVolumeCapabilities(csi_pb2.ValidateVolumeCapabilitiesRequest()),
-    "ValidateVolumeCapabilities no capabilities for a missing volume (beyond csi-sanity)":
+    "ValidateVolumeCapabilities without capabilities, for a volume that does not exist":
         lambda sc: sc.controller.ValidateVolumeCapabilities(csi_pb2.ValidateVolumeCapabilitiesRequest(
-            volume_id=_ID())),
-    "ControllerPublishVolume should fail when no volume id is provided":
-        lambda sc: sc.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest()),
-    "ControllerPublishVolume should fail when no node id is provided":
-        lambda sc: sc.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(volume_id=_ID())),
-    "ControllerPublishVolume should fail when no volume capability is provided":
-        lambda sc: sc.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=_ID(), node_id=IdGen.unique_valid_node_id())),
-    "ControllerUnpublishVolume should fail when no volume id is provided":
-        lambda sc: sc.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest()),
-    "ControllerGetVolume no volume id (beyond csi-sanity)":
+            volume_id=MISSING_VOLUME_IDS["name-form"]())),
+    "ControllerGetVolume without volume id":
         lambda sc: sc.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest()),
-    "ListVolumes negative max_entries (beyond csi-sanity)":
+    "ListVolumes with a negative max_entries":
         lambda sc: sc.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=-1)),
-    "ExpandVolume should fail if no volume id is given": lambda sc: sc.controller.ControllerExpandVolume(
-        csi_pb2.ControllerExpandVolumeRequest(
-            capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_VOLUME_EXPAND_SIZE),
-            volume_capability=capability())),
-    "ExpandVolume should fail if no capacity range is given": lambda sc: sc.controller.ControllerExpandVolume(
-        csi_pb2.ControllerExpandVolumeRequest()),
-    "ExpandVolume no capacity range for a missing volume (beyond csi-sanity)":
-        lambda sc: sc.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(volume_id=_ID())),
-    "NodePublishVolume should fail when no volume id is provided": lambda sc: sc.node.NodePublishVolume(
-        csi_pb2.NodePublishVolumeRequest()),
-    "NodePublishVolume should fail when no target path is provided": lambda sc: sc.node.NodePublishVolume(
-        csi_pb2.NodePublishVolumeRequest(volume_id=_ID())),
-    "NodePublishVolume should fail when no volume capability is provided": lambda sc: sc.node.NodePublishVolume(
-        csi_pb2.NodePublishVolumeRequest(volume_id=_ID(), target_path=sc.target_path)),
-    "NodeUnpublishVolume should fail when no volume id is provided": lambda sc: sc.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest()),
-    "NodeUnpublishVolume should fail when no target path is provided": lambda sc: sc.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=_ID())),
-    "NodeStageVolume should fail when no volume id is provided": lambda sc: sc.node.NodeStageVolume(
-        csi_pb2.NodeStageVolumeRequest(staging_target_path=str(sc.staging_path), volume_capability=capability(),
-                                       publish_context={"device": "/dev/mock"})),
-    "NodeStageVolume should fail when no staging target path is provided": lambda sc: sc.node.NodeStageVolume(
-        csi_pb2.NodeStageVolumeRequest(volume_id=_ID(), volume_capability=capability(),
-                                       publish_context={"device": "/dev/mock"})),
-    "NodeUnstageVolume should fail when no volume id is provided": lambda sc: sc.node.NodeUnstageVolume(
-        csi_pb2.NodeUnstageVolumeRequest(staging_target_path=str(sc.staging_path))),
-    "NodeUnstageVolume should fail when no staging target path is provided": lambda sc: sc.node.NodeUnstageVolume(
-        csi_pb2.NodeUnstageVolumeRequest(volume_id=_ID())),
-    "NodeGetVolumeStats should fail when no volume id is provided": lambda sc: sc.node.NodeGetVolumeStats(
-        csi_pb2.NodeGetVolumeStatsRequest(volume_path="some/path")),
-    "NodeGetVolumeStats should fail when no volume path is provided": lambda sc: sc.node.NodeGetVolumeStats(
-        csi_pb2.NodeGetVolumeStatsRequest(volume_id=_ID())),
-    "NodeExpandVolume should fail when no volume id is provided": lambda sc: sc.node.NodeExpandVolume(
-        csi_pb2.NodeExpandVolumeRequest(volume_path=str(sc.target_root), volume_capability=capability())),
+    "ControllerExpandVolume without capacity range, for a volume that does not exist":
+        lambda sc: sc.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=MISSING_VOLUME_IDS["name-form"]())),
 }
 
 
@@ -407,16 +291,7 @@ async def test_a_missing_required_field_is_invalid_argument(r: Resources, case: 
     assert message, "the message names the field and the fix"
 
 
-# --- Controller Service -----------------------------------------------------------------------------------
-
-
-async def test_controller_get_capabilities_should_return_appropriate_capabilities(sc: Sanity) -> None:
-    caps = await sc.controller_caps()
-    assert caps and caps <= KNOWN_CONTROLLER_CAPS, caps
-
-
-async def test_get_capacity_should_return_capacity_no_optional_values_added(r: Resources) -> None:
-    await r.sc.controller.GetCapacity(csi_pb2.GetCapacityRequest())
+# --- Controller -------------------------------------------------------------------------------------------
 
 
 async def test_get_capacity_for_the_class_within_the_node_topology(r: Resources) -> None:
@@ -428,26 +303,6 @@ async def test_get_capacity_for_the_class_within_the_node_topology(r: Resources)
     assert response.maximum_volume_size.value >= TEST_VOLUME_SIZE
     await expect_code(r.sc.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"srsWithTags": "typo"})),
                       CODE.INVALID_ARGUMENT)
-
-
-async def test_list_volumes_should_return_appropriate_values_no_optional_values_added(r: Resources) -> None:
-    response = await r.sc.controller.ListVolumes(csi_pb2.ListVolumesRequest())
-    assert all(entry.volume.volume_id for entry in response.entries)
-
-
-async def test_list_volumes_should_fail_when_an_invalid_starting_token_is_passed(r: Resources) -> None:
-    await expect_code(r.sc.controller.ListVolumes(csi_pb2.ListVolumesRequest(starting_token="invalid-token")),
-                      CODE.ABORTED)
-
-
-async def test_list_volumes_check_the_presence_of_new_volumes_and_absence_of_deleted_ones(r: Resources) -> None:
-    total = len((await r.sc.controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries)
-    request = csi_pb2.CreateVolumeRequest(name="sanity", volume_capabilities=[capability()],
-                                          parameters=TEST_VOLUME_PARAMETERS)  # no capacity_range: the default
-    volume = await r.must_create_volume(request)
-    assert len((await r.sc.controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries) == total + 1
-    await r.delete_volume(volume.volume_id)
-    assert len((await r.sc.controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries) == total
 
 
 async def _list_ids(sc: Sanity, max_entries: int = 0, starting_token: str = "") -> tuple[list[str], str]:
@@ -514,34 +369,6 @@ async def test_list_volumes_reports_the_nodes_a_volume_is_published_to(r: Resour
     assert entry.volume.capacity_bytes == TEST_VOLUME_SIZE
 
 
-async def test_create_volume_should_return_appropriate_values_single_node_writer_no_capacity(r: Resources) -> None:
-    await r.must_create_volume(create_request(unique_string("sanity-controller-create-single-no-capacity")))
-
-
-async def test_create_volume_should_return_appropriate_values_single_node_writer_with_capacity_1gi(
-        r: Resources) -> None:
-    volume = await r.must_create_volume(create_request(unique_string("sanity-controller-create-single-with-capacity")))
-    assert volume.capacity_bytes == 0 or volume.capacity_bytes >= TEST_VOLUME_SIZE
-
-
-async def test_create_volume_should_not_fail_when_requesting_to_create_a_volume_with_already_existing_name_and_same_capacity(  # noqa: E501
-        r: Resources) -> None:
-    name = unique_string("sanity-controller-create-twice")
-    first = await r.must_create_volume(create_request(name))
-    second = await r.must_create_volume(create_request(name))
-    for volume in (first, second):
-        assert volume.capacity_bytes == 0 or volume.capacity_bytes >= TEST_VOLUME_SIZE
-    assert first.volume_id == second.volume_id
-
-
-async def test_create_volume_should_fail_when_requesting_to_create_a_volume_with_already_existing_name_and_different_capacity(  # noqa: E501
-        r: Resources) -> None:
-    name = unique_string("sanity-controller-create-twice-different")
-    await r.must_create_volume(create_request(name, limit=TEST_VOLUME_SIZE))
-    size2 = 2 * TEST_VOLUME_SIZE
-    await expect_code(r.create_volume(create_request(name, required=size2, limit=size2)), CODE.ALREADY_EXISTS)
-
-
 async def test_create_volume_with_already_existing_name_and_other_parameters_is_already_exists(r: Resources) -> None:
     """Beyond csi-sanity (spec, CreateVolume): same name, incompatible ``parameters`` -> ALREADY_EXISTS."""
     name = unique_string("sanity-controller-create-other-class")
@@ -549,12 +376,6 @@ async def test_create_volume_with_already_existing_name_and_other_parameters_is_
     other = create_request(name)
     other.parameters["migrating"] = "true"
     await expect_code(r.create_volume(other), CODE.ALREADY_EXISTS)
-
-
-async def test_create_volume_should_not_fail_when_creating_volume_with_maximum_length_name(r: Resources) -> None:
-    name = unique_string_with_length("sanity-controller-create-maxlen", MAX_NAME_LENGTH)
-    volume = await r.must_create_volume(create_request(name))
-    assert volume.capacity_bytes == 0 or volume.capacity_bytes >= TEST_VOLUME_SIZE
 
 
 async def test_create_volume_from_a_source_or_with_mutable_parameters_is_invalid_argument(r: Resources) -> None:
@@ -568,30 +389,10 @@ async def test_create_volume_from_a_source_or_with_mutable_parameters_is_invalid
     await expect_code(r.create_volume(mutable), CODE.INVALID_ARGUMENT)
 
 
-async def test_delete_volume_should_succeed_when_an_invalid_volume_id_is_used(r: Resources) -> None:
-    await r.sc.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=IdGen.invalid_volume_id()))
-
-
-async def test_delete_volume_should_return_appropriate_values_no_optional_values_added(r: Resources) -> None:
-    volume = await r.must_create_volume(create_request(unique_string("sanity-controller-create-appropriate")))
+async def test_deleting_a_volume_twice_is_ok(r: Resources) -> None:
+    volume = await r.must_create_volume(create_request(unique_string("sanity-controller-delete-twice")))
     await r.delete_volume(volume.volume_id)
-    await r.delete_volume(volume.volume_id)  # beyond csi-sanity: deleting twice is OK too
-
-
-async def test_validate_volume_capabilities_should_fail_when_no_volume_capabilities_are_provided(
-        r: Resources) -> None:
-    volume = await r.must_create_volume(create_request(unique_string("sanity-controller-validate-nocaps")))
-    await expect_code(r.sc.controller.ValidateVolumeCapabilities(csi_pb2.ValidateVolumeCapabilitiesRequest(
-        volume_id=volume.volume_id)), CODE.INVALID_ARGUMENT)
-
-
-async def test_validate_volume_capabilities_should_return_appropriate_values_no_optional_values_added(
-        r: Resources) -> None:
-    volume = await r.must_create_volume(create_request(unique_string("sanity-controller-validate")))
-    response = await r.sc.controller.ValidateVolumeCapabilities(csi_pb2.ValidateVolumeCapabilitiesRequest(
-        volume_id=volume.volume_id, volume_capabilities=[capability()]))
-    if response.HasField("confirmed"):
-        assert response.confirmed.volume_capabilities
+    await r.delete_volume(volume.volume_id)
 
 
 async def test_validate_volume_capabilities_with_unsupported_capabilities_is_not_confirmed(r: Resources) -> None:
@@ -622,7 +423,7 @@ async def test_lookups_of_a_volume_that_does_not_exist_are_not_found(r: Resource
         lambda: controller.ValidateVolumeCapabilities(csi_pb2.ValidateVolumeCapabilitiesRequest(
             volume_id=volume_id, volume_capabilities=[capability()])),
         lambda: controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=volume_id, node_id=IdGen.unique_valid_node_id(), volume_capability=capability())),
+            volume_id=volume_id, node_id=unknown_node_id(), volume_capability=capability())),
         lambda: controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=node_id, volume_capability=capability())),
         lambda: controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id)),
@@ -637,62 +438,8 @@ async def test_lookups_of_a_volume_that_does_not_exist_are_not_found(r: Resource
     # ...while deleting or unpublishing what does not exist is success (spec: idempotent)
     await controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
     await controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
-        volume_id=volume_id, node_id=IdGen.unique_valid_node_id()))
+        volume_id=volume_id, node_id=unknown_node_id()))
     await controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume_id))
-
-
-async def test_controller_publish_volume_should_fail_when_the_node_does_not_exist(r: Resources) -> None:
-    volume = await r.must_create_volume(csi_pb2.CreateVolumeRequest(
-        name=unique_string("sanity-controller-wrong-node"), volume_capabilities=[capability()],
-        parameters=TEST_VOLUME_PARAMETERS))
-    await expect_code(r.controller_publish(csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=volume.volume_id, node_id=IdGen.unique_valid_node_id(), volume_capability=capability())),
-        CODE.NOT_FOUND)
-
-
-async def test_controller_publish_volume_should_fail_when_the_volume_is_already_published_but_is_incompatible(
-        r: Resources) -> None:
-    if CONTROLLER_RPC.PUBLISH_READONLY not in await r.sc.controller_caps():
-        pytest.skip("ControllerPublishVolume.readonly field not supported")
-    volume = await r.must_create_volume(csi_pb2.CreateVolumeRequest(
-        name=unique_string("sanity-controller-published-incompatible"), volume_capabilities=[capability()],
-        parameters=TEST_VOLUME_PARAMETERS))
-    request = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=volume.volume_id, node_id=(await r.sc.node_info()).node_id, volume_capability=capability())
-    await r.controller_publish(request)
-    request.readonly = True
-    await expect_code(r.controller_publish(request), CODE.ALREADY_EXISTS)
-
-
-async def _volume_lifecycle(r: Resources, count: int) -> None:
-    """VolumeLifecycle (controller.go), with csi-test v4's explicit unpublish and delete, each ``count`` times."""
-    info = await r.sc.node_info()
-    request = csi_pb2.CreateVolumeRequest(
-        name=unique_string(f"sanity-controller-publish-{count}"), volume_capabilities=[capability()],
-        parameters=TEST_VOLUME_PARAMETERS)
-    if info.HasField("accessible_topology"):
-        request.accessibility_requirements.requisite.append(info.accessible_topology)
-    volume = await r.must_create_volume(request)
-    contexts = []
-    for _ in range(count):
-        response = await r.controller_publish(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=volume.volume_id, node_id=info.node_id, volume_capability=capability(),
-            volume_context=volume.volume_context))
-        contexts.append(response.publish_context)
-    assert all(ctx == contexts[0] for ctx in contexts), "a repeated publish answers the same publish_context"
-    for _ in range(count):
-        await r.sc.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
-            volume_id=volume.volume_id, node_id=info.node_id))
-    for _ in range(count):
-        await r.delete_volume(volume.volume_id)
-
-
-async def test_volume_lifecycle_should_work(r: Resources) -> None:
-    await _volume_lifecycle(r, 1)
-
-
-async def test_volume_lifecycle_should_be_idempotent(r: Resources) -> None:
-    await _volume_lifecycle(r, IDEMPOTENT_COUNT)
 
 
 async def test_controller_get_volume_reports_published_nodes_and_condition(r: Resources) -> None:
@@ -720,21 +467,19 @@ async def test_controller_unpublish_volume_without_node_id_unpublishes_from_ever
     assert list(got.status.published_node_ids) == []
 
 
-async def test_expand_volume_should_work(r: Resources) -> None:
+async def test_expansion_repeated_or_smaller_keeps_the_size_and_never_shrinks(r: Resources) -> None:
     volume = await r.must_create_volume(create_request(unique_string("sanity-expand-volume")))
     request = csi_pb2.ControllerExpandVolumeRequest(
         volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_VOLUME_EXPAND_SIZE),
         volume_capability=capability())
-    response = await r.sc.controller.ControllerExpandVolume(request)
-    assert response.capacity_bytes == TEST_VOLUME_EXPAND_SIZE and response.node_expansion_required
-    # beyond csi-sanity: repeating it, or asking for less, is OK and keeps the size (spec: no shrink)
+    for _ in range(2):  # repeating it is OK (spec: idempotent)
+        response = await r.sc.controller.ControllerExpandVolume(request)
+        assert response.capacity_bytes == TEST_VOLUME_EXPAND_SIZE and response.node_expansion_required
+    request.capacity_range.required_bytes = TEST_VOLUME_SIZE  # asking for less keeps the size (no shrink)
     assert (await r.sc.controller.ControllerExpandVolume(request)).capacity_bytes == TEST_VOLUME_EXPAND_SIZE
-    request.capacity_range.required_bytes = TEST_VOLUME_SIZE
-    assert (await r.sc.controller.ControllerExpandVolume(request)).capacity_bytes == TEST_VOLUME_EXPAND_SIZE
-    request.capacity_range.limit_bytes = TEST_VOLUME_SIZE
+    request.capacity_range.limit_bytes = TEST_VOLUME_SIZE  # ...and a limit below it is OUT_OF_RANGE
     await expect_code(r.sc.controller.ControllerExpandVolume(request), CODE.OUT_OF_RANGE)
-    # ...and a capability the driver cannot serve is INVALID_ARGUMENT ("Exceeds capabilities")
-    request.capacity_range.limit_bytes = 0
+    request.capacity_range.limit_bytes = 0  # a capability the driver cannot serve: "Exceeds capabilities"
     request.volume_capability.CopyFrom(capability(MODE.MULTI_NODE_MULTI_WRITER))
     await expect_code(r.sc.controller.ControllerExpandVolume(request), CODE.INVALID_ARGUMENT)
 
@@ -760,94 +505,37 @@ async def test_rpcs_without_their_capability_are_unimplemented(r: Resources, rpc
     await expect_code(UNIMPLEMENTED_CASES[rpc](r.sc), CODE.UNIMPLEMENTED)
 
 
-# --- Node Service -----------------------------------------------------------------------------------------
+# --- Node ---------------------------------------------------------------------------------------------------
 
 
-async def test_node_get_capabilities_should_return_appropriate_capabilities(sc: Sanity) -> None:
-    assert await sc.node_caps() <= KNOWN_NODE_CAPS
-
-
-async def test_node_get_info_should_return_appropriate_values(sc: Sanity) -> None:
-    info = await sc.node_info()
-    assert info.max_volumes_per_node >= 0
-    services = await sc.identities["Node Service"].GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
-    if any(cap.service.type == SERVICE.VOLUME_ACCESSIBILITY_CONSTRAINTS for cap in services.capabilities):
-        assert info.HasField("accessible_topology")
-
-
-async def test_node_unpublish_volume_should_remove_target_path(r: Resources) -> None:
-    volume = await r.must_create_volume(make_create_volume_req(unique_string("sanity-node-unpublish-volume")))
-    await r.publish_on_node(volume)
-    assert Path(r.sc.target_path).exists(), "the driver creates target_path"
-    await r.sc.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-        volume_id=volume.volume_id, target_path=r.sc.target_path))
-    assert not Path(r.sc.target_path).exists(), "NodeUnpublishVolume removes target_path"
-
-
-async def test_node_stage_volume_should_fail_when_no_volume_capability_is_provided(r: Resources) -> None:
-    volume = await r.must_create_volume(make_create_volume_req(unique_string("sanity-node-stage-nocaps")))
-    await expect_code(r.sc.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-        volume_id=volume.volume_id, staging_target_path=str(r.sc.staging_path),
-        publish_context={"device": "/dev/mock"})), CODE.INVALID_ARGUMENT)
-
-
-async def test_node_get_volume_stats_should_fail_when_volume_does_not_exist_on_the_specified_path(
-        r: Resources) -> None:
+async def test_volume_stats_of_an_absolute_path_where_nothing_is_are_not_found(r: Resources) -> None:
     volume = await r.must_create_volume(make_create_volume_req(unique_string("sanity-node-get-volume-stats")))
     await r.publish_on_node(volume)
-    await expect_code(r.sc.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
-        volume_id=volume.volume_id, volume_path="some/path")), CODE.NOT_FOUND)
-    # beyond csi-sanity: an absolute path where nothing is is NOT_FOUND too
     await expect_code(r.sc.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=volume.volume_id, volume_path=f"{r.sc.target_root}/nothing-here")), CODE.NOT_FOUND)
 
 
-async def test_node_expand_volume_should_fail_when_no_volume_path_is_provided(r: Resources) -> None:
-    volume = await r.must_create_volume(make_create_volume_req(unique_string("sanity-node-expand-volume-valid-id")))
-    await expect_code(r.sc.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-        volume_id=volume.volume_id, volume_capability=capability())), CODE.INVALID_ARGUMENT)
-
-
-async def test_node_expand_volume_should_work_if_node_expand_is_called_after_node_publish(r: Resources) -> None:
+async def test_node_expansion_really_grows_the_mounted_filesystem(r: Resources) -> None:
     volume = await r.must_create_volume(make_create_volume_req(unique_string("sanity-node-expand-volume")))
-    if CONTROLLER_RPC.EXPAND_VOLUME in await r.sc.controller_caps():
-        response = await r.sc.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=volume.volume_id,
-            capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_VOLUME_EXPAND_SIZE)))
-        assert response.capacity_bytes == TEST_VOLUME_EXPAND_SIZE
+    response = await r.sc.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_VOLUME_EXPAND_SIZE)))
+    assert response.capacity_bytes == TEST_VOLUME_EXPAND_SIZE
     await r.publish_on_node(volume)
     expanded = await r.sc.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
         volume_id=volume.volume_id, volume_path=r.sc.target_path,
         capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_VOLUME_EXPAND_SIZE)), timeout=RPC_TIMEOUT_S)
-    assert expanded.capacity_bytes in (0, TEST_VOLUME_EXPAND_SIZE)
-    # beyond csi-sanity: the mounted filesystem really grew past the original size
+    assert expanded.capacity_bytes == TEST_VOLUME_EXPAND_SIZE
     assert shutil.disk_usage(r.sc.target_path).total > TEST_VOLUME_SIZE + TEST_VOLUME_EXPAND_SIZE // 4
 
 
-async def _run_controller_test(r: Resources, count: int) -> None:
-    """runControllerTest (node.go): create in the node's topology, publish, stage and publish ``count``
-    times, then NodeGetVolumeStats on the target path."""
-    if not await r.sc.provides_controller_service():
-        pytest.fail("the node endpoint's Identity hides the Controller service: csi-sanity would skip this")
+async def test_a_published_volume_is_a_real_filesystem_of_its_size(r: Resources) -> None:
     info = await r.sc.node_info()
-    request = make_create_volume_req(unique_string(f"sanity-node-full-{count}"))
-    if info.HasField("accessible_topology"):
-        request.accessibility_requirements.requisite.append(info.accessible_topology)
+    request = make_create_volume_req(unique_string("sanity-node-full"))
+    request.accessibility_requirements.requisite.append(info.accessible_topology)
     volume = await r.must_create_volume(request)
-    await r.publish_on_node(volume, count=count)
-    if NODE_RPC.GET_VOLUME_STATS in await r.sc.node_caps():
-        stats = await r.sc.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
-            volume_id=volume.volume_id, volume_path=r.sc.target_path))
-        assert stats.usage
-        assert not stats.volume_condition.abnormal, stats.volume_condition.message
-        # beyond csi-sanity: a real filesystem of about the volume's size is mounted at the target path
-        total = next(u.total for u in stats.usage if u.unit == csi_pb2.VolumeUsage.BYTES)
-        assert TEST_VOLUME_SIZE * 0.9 < total <= TEST_VOLUME_SIZE
-
-
-async def test_node_service_should_work(r: Resources) -> None:
-    await _run_controller_test(r, 1)
-
-
-async def test_node_service_should_be_idempotent(r: Resources) -> None:
-    await _run_controller_test(r, IDEMPOTENT_COUNT)
+    await r.publish_on_node(volume)
+    stats = await r.sc.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=volume.volume_id, volume_path=r.sc.target_path))
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    total = next(u.total for u in stats.usage if u.unit == csi_pb2.VolumeUsage.BYTES)
+    assert TEST_VOLUME_SIZE * 0.9 < total <= TEST_VOLUME_SIZE

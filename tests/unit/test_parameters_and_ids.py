@@ -62,11 +62,32 @@ def test_ids_of_a_form_this_driver_never_makes_name_no_volume(foreign: str) -> N
         vid.parse(foreign)
 
 
-def test_a_migrating_volume_name_must_leave_room_for_its_id() -> None:
-    vid.check_name_fits_id("a" * 123)
+def test_a_name_that_fits_the_id_is_kept_as_it_is() -> None:
+    assert vid.volume_name_for_id("pvc-1") == "pvc-1"
+    assert vid.volume_name_for_id("a" * 123) == "a" * 123
     assert len(str(vid.by_name("a" * 123))) == vid.MAX_ID_BYTES
-    with pytest.raises(InvalidRequest, match="at most 123 bytes"):
-        vid.check_name_fits_id("a" * 124)
+
+
+@pytest.mark.parametrize("length", [124, 127, 128])
+def test_a_name_too_long_for_its_id_maps_to_a_fitting_name_the_same_every_time(length: int) -> None:
+    name = ("pvc-" + "0123456789abcdef" * 8)[:length]
+    short = vid.volume_name_for_id(name)
+    assert short == vid.volume_name_for_id(name)  # a retried CreateVolume finds the same disk
+    assert len(short) == 123 and short.startswith(name[:102] + "-")
+    volume_id = str(vid.by_name(short))
+    assert len(volume_id.encode()) == vid.MAX_ID_BYTES and vid.parse(volume_id) == vid.by_name(short)
+    vid.validate_volume_name(short)  # still a valid volume (and disk) name
+
+
+def test_the_long_name_rule_is_the_documented_one() -> None:
+    # docs and volume_id.py: first 102 bytes, '-', first 20 hex digits of the SHA-256 of the whole name
+    name = ("pvc-" + "0123456789abcdef" * 8)[:128]
+    assert vid.volume_name_for_id(name) == name[:102] + "-bd0c0f2cb31ac0910272"
+
+
+def test_long_names_that_share_their_first_bytes_map_to_different_names() -> None:
+    a, b = "x" * 127 + "a", "x" * 127 + "b"
+    assert vid.volume_name_for_id(a) != vid.volume_name_for_id(b)
 
 
 def test_disk_names() -> None:
