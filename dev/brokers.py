@@ -158,6 +158,15 @@ def _run_script(*args: str, env: dict[str, str] | None = None) -> str:
     return lines[-1] if lines else ""
 
 
+def _stop(base_dir: Path | None, script: str, *, keep_state: bool, crash: bool) -> Path | None:
+    """Run a server's stop script (SIGKILL with ``crash``; its state dir kept with ``keep_state``); the state
+    dir the server keeps afterwards. Nothing to do when it is not running."""
+    if base_dir is None:
+        return None
+    _run_script(script, str(base_dir), *(["kill"] if crash else []), *(["keep"] if keep_state else []))
+    return base_dir if keep_state else None
+
+
 def wait_ready(check: Callable[[], bool], description: str, logs: Callable[[], str]) -> None:
     """Block until ``check()`` is true; BrokerStartError carrying ``logs()`` after READY_TIMEOUT_S."""
     try:
@@ -219,12 +228,7 @@ class LocalRabbit:
         """Stop the node: SIGKILL with crash (1-2 s), else SIGTERM (a clean shutdown, ~8 s). With keep_state,
         keep its state dir (durable queues, vhosts) for `start()`; without, remove it and the epmd this node
         started. Idempotent."""
-        if self.base_dir is None:
-            return
-        args = [*(["kill"] if crash else []), *(["keep"] if keep_state else [])]
-        _run_script("rmq/stop.sh", str(self.base_dir), *args)
-        if not keep_state:
-            self.base_dir = None
+        self.base_dir = _stop(self.base_dir, "rmq/stop.sh", keep_state=keep_state, crash=crash)
 
     def restart(self, *, crash: bool = False) -> None:
         """Stop (SIGTERM, or SIGKILL with crash) and start again on the same ports with the state kept.
@@ -269,12 +273,7 @@ class LocalRedis:
     def stop(self, *, keep_state: bool = False, crash: bool = False) -> None:
         """SHUTDOWN (SAVE with keep_state, keeping the dir for `start()`), or SIGKILL with crash (unsaved
         data lost). Idempotent."""
-        if self.base_dir is None:
-            return
-        args = [*(["kill"] if crash else []), *(["keep"] if keep_state else [])]
-        _run_script("redis/stop.sh", str(self.base_dir), *args)
-        if not keep_state:
-            self.base_dir = None
+        self.base_dir = _stop(self.base_dir, "redis/stop.sh", keep_state=keep_state, crash=crash)
 
     def restart(self, *, keep_data: bool = True) -> None:
         """Restart on the same port: with keep_data a clean SHUTDOWN SAVE + start (data kept), else a crash

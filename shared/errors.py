@@ -36,7 +36,8 @@ _CODE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class DomainError(Exception):
-    """Base of every error a handler may raise on purpose. Subclasses MUST declare ``code`` (unique, snake_case)."""
+    """Base of every error a handler may raise on purpose. Subclasses MUST declare their code, unique and
+    snake_case, in the class statement: ``class VolumeNotFound(DomainError, code="volume_not_found")``."""
 
     retryable: ClassVar[bool] = False
     code: ClassVar[str] = "domain_error"
@@ -45,14 +46,17 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
+    def __init_subclass__(cls, *, code: str = "", retryable: bool | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
+        cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
         _register(cls)
 
 
 def _register(cls: type[DomainError]) -> None:
-    code = cls.__dict__.get("code")
-    if not isinstance(code, str) or not _CODE_RE.match(code):
+    code = cls.code
+    if not _CODE_RE.match(code):
         raise TypeError(f"{cls.__qualname__} must declare its own stable snake_case `code`")
     if code in _BY_CODE:
         raise TypeError(f"{cls.__qualname__}.code {code!r} is already the code of {_BY_CODE[code].__qualname__}")
@@ -71,78 +75,52 @@ def registered() -> dict[str, type[DomainError]]:
     return dict(_BY_CODE)
 
 
-class InvalidRequest(DomainError):
+class InvalidRequest(DomainError, code="invalid_request"):
     """The request is malformed; the message says which field and how to fix it."""
 
-    code = "invalid_request"
 
-
-class OutOfRange(DomainError):
+class OutOfRange(DomainError, code="out_of_range"):
     """The requested capacity cannot be served (e.g. limit below required, or a shrink)."""
 
-    code = "out_of_range"
 
-
-class VolumeNotFound(DomainError):
+class VolumeNotFound(DomainError, code="volume_not_found"):
     """The volume does not exist (no VDI with that name or UUID)."""
 
-    code = "volume_not_found"
 
-
-class NodeNotFound(DomainError):
+class NodeNotFound(DomainError, code="node_not_found"):
     """The node (XO VM) does not exist."""
 
-    code = "node_not_found"
 
-
-class AlreadyExistsIncompatible(DomainError):
+class AlreadyExistsIncompatible(DomainError, code="already_exists_incompatible"):
     """A volume with this name exists with incompatible parameters."""
 
-    code = "already_exists_incompatible"
 
-
-class OperationPending(DomainError):
+class OperationPending(DomainError, code="operation_pending", retryable=True):
     """Another operation on the same volume is in progress; retry later."""
 
-    code = "operation_pending"
-    retryable = True
 
-
-class CapacityExhausted(DomainError):
+class CapacityExhausted(DomainError, code="capacity_exhausted"):
     """No SR has enough free space, or a node has no free device slot."""
 
-    code = "capacity_exhausted"
 
-
-class PlacementImpossible(DomainError):
+class PlacementImpossible(DomainError, code="placement_impossible"):
     """No SR satisfies the requested parameters and topology."""
 
-    code = "placement_impossible"
 
-
-class PreconditionFailed(DomainError):
+class PreconditionFailed(DomainError, code="precondition_failed"):
     """The request is valid but cannot be served in the current state."""
 
-    code = "precondition_failed"
 
-
-class AttachedElsewhere(PreconditionFailed):
+class AttachedElsewhere(PreconditionFailed, code="attached_elsewhere"):
     """The volume is attached to another node and does not allow multi-node access."""
 
-    code = "attached_elsewhere"
 
-
-class BackendUnavailable(DomainError):
+class BackendUnavailable(DomainError, code="backend_unavailable", retryable=True):
     """A backend (XO, broker, Redis) is unreachable or timed out."""
 
-    code = "backend_unavailable"
-    retryable = True
 
-
-class BackendFailure(DomainError):
+class BackendFailure(DomainError, code="backend_failure"):
     """A backend answered with an error that has no better classification."""
-
-    code = "backend_failure"
 
 
 _BY_CODE[DomainError.code] = DomainError

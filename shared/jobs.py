@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import BackendFailure, BackendUnavailable
 from shared.keys import disk_job_key, disk_job_pattern
+from shared.locks import LUA_NOW_MS
 from shared.messages import MigrationFinished, MigrationRequested, utc_now
 
 DEFAULT_ACTIVE_TTL_S = 900.0  # a queued/running record (workers refresh it while running)
@@ -33,11 +34,7 @@ ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
 ClaimOutcome = Literal["claimed", "duplicate", "finished", "superseded"]
 
 # Shared by every script: Redis server time in ms, and reading/writing a record (unreadable counts as absent).
-_PRELUDE = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_PRELUDE = LUA_NOW_MS + """
 local function load(key)
   local raw = redis.call('GET', key)
   if not raw then return nil, nil end

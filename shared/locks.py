@@ -42,10 +42,8 @@ async def _end_heartbeat(task: asyncio.Task[None] | None) -> None:
         log.error("heartbeat_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
 
-class LockLost(OperationPending):
+class LockLost(OperationPending, code="lock_lost"):
     """The lock expired or was taken over while held (heartbeat failed); stop before the next XO write."""
-
-    code = "lock_lost"
 
 
 class _Leased:
@@ -128,13 +126,17 @@ class DiskLock(_Leased):
                 log.warning("lock_heartbeat_failed", lock_key=self.key, reason=type(exc).__name__)
 
 
-# Shared by the slot scripts: Redis server time in ms, and a set's TTL kept at its longest lease, so that a set
-# nobody extends any more (every holder gone) disappears by itself.
-_SLOTS_PRELUDE = """
+# Redis server time in ms, for every Lua script of the project (slots here, job records in shared/jobs.py):
+# leases and heartbeats never depend on a pod's clock.
+LUA_NOW_MS = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+"""
+# Shared by the slot scripts: a set's TTL kept at its longest lease, so that a set nobody extends any more (every
+# holder gone) disappears by itself.
+_SLOTS_PRELUDE = LUA_NOW_MS + """
 local function expire_with_leases(key)
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   if last[2] then redis.call('PEXPIREAT', key, last[2]) end

@@ -42,10 +42,8 @@ _MKFS_ARGV = {
 }
 
 
-class MountError(BackendFailure):
+class MountError(BackendFailure, code="mount_failed"):
     """An OS tool failed, timed out or was missing; the message holds the command and a short stderr."""
-
-    code = "mount_failed"
 
     def __init__(self, argv: Sequence[str], detail: str) -> None:
         detail = detail.strip()

@@ -263,14 +263,14 @@ def get_snapshot(args: argparse.Namespace) -> csi_pb2.GetSnapshotRequest:
     return csi_pb2.GetSnapshotRequest(snapshot_id=args.snapshot_id)
 
 
+def _attached_volume(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields NodeStageVolume and NodePublishVolume share: the volume, its contexts and capability."""
+    return {"volume_id": args.volume_id, "publish_context": dict(args.publish_context),
+            "volume_context": dict(args.context), "volume_capability": capability(args)}
+
+
 def node_stage(args: argparse.Namespace) -> csi_pb2.NodeStageVolumeRequest:
-    return csi_pb2.NodeStageVolumeRequest(
-        volume_id=args.volume_id,
-        staging_target_path=args.staging_path,
-        publish_context=dict(args.publish_context),
-        volume_context=dict(args.context),
-        volume_capability=capability(args),
-    )
+    return csi_pb2.NodeStageVolumeRequest(staging_target_path=args.staging_path, **_attached_volume(args))
 
 
 def node_unstage(args: argparse.Namespace) -> csi_pb2.NodeUnstageVolumeRequest:
@@ -278,15 +278,8 @@ def node_unstage(args: argparse.Namespace) -> csi_pb2.NodeUnstageVolumeRequest:
 
 
 def node_publish(args: argparse.Namespace) -> csi_pb2.NodePublishVolumeRequest:
-    return csi_pb2.NodePublishVolumeRequest(
-        volume_id=args.volume_id,
-        staging_target_path=args.staging_path or "",
-        target_path=args.target_path,
-        readonly=args.readonly,
-        publish_context=dict(args.publish_context),
-        volume_context=dict(args.context),
-        volume_capability=capability(args),
-    )
+    return csi_pb2.NodePublishVolumeRequest(staging_target_path=args.staging_path or "", target_path=args.target_path,
+                                            readonly=args.readonly, **_attached_volume(args))
 
 
 def node_unpublish(args: argparse.Namespace) -> csi_pb2.NodeUnpublishVolumeRequest:

@@ -29,11 +29,9 @@ from shared.errors import (
 )
 
 
-class XoError(BackendFailure):
+class XoError(BackendFailure, code="xo_error"):
     """An error answered by XO (or XAPI through XO). ``rpc_code`` is XO's JSON-RPC code (``code`` is the class's
     stable code, shared/errors.py)."""
-
-    code = "xo_error"
 
     def __init__(
         self,
@@ -51,55 +49,36 @@ class XoError(BackendFailure):
         self.data = data
 
 
-class XoUnavailable(BackendUnavailable, XoError):
+class XoUnavailable(BackendUnavailable, XoError, code="xo_unavailable", retryable=True):
     """XO cannot be reached: connect or call timed out, or the socket closed."""
 
-    code = "xo_unavailable"
-    retryable = True
 
-
-class XoAuthError(BackendUnavailable, XoError):
+class XoAuthError(BackendUnavailable, XoError, code="xo_auth_failed", retryable=True):
     """XO refused the credentials (codes 2, 3, 8). Fix XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD."""
 
-    code = "xo_auth_failed"
-    retryable = True
 
-
-class XoNotFound(XoError):
+class XoNotFound(XoError, code="xo_not_found"):
     """The object does not exist (code 1)."""
 
-    code = "xo_not_found"
 
-
-class XoBusy(OperationPending, XoError):
+class XoBusy(OperationPending, XoError, code="xo_busy", retryable=True):
     """XAPI is busy with another operation on the object; retry later."""
 
-    code = "xo_busy"
-    retryable = True
 
-
-class XoVdiInUse(PreconditionFailed, XoError):
+class XoVdiInUse(PreconditionFailed, XoError, code="xo_vdi_in_use"):
     """The VDI is attached (code 17)."""
 
-    code = "xo_vdi_in_use"
 
-
-class XoInvalidParameters(XoError):
+class XoInvalidParameters(XoError, code="xo_invalid_parameters"):
     """XO rejected the parameters (code 10)."""
 
-    code = "xo_invalid_parameters"
 
-
-class XoNoSpace(CapacityExhausted, XoError):
+class XoNoSpace(CapacityExhausted, XoError, code="xo_no_space"):
     """The SR has not enough free space."""
 
-    code = "xo_no_space"
 
-
-class XoMethodNotFound(XoError):
+class XoMethodNotFound(XoError, code="xo_method_not_found"):
     """XO does not know the method (-32601)."""
-
-    code = "xo_method_not_found"
 
 
 _BY_XO_CODE: dict[int, type[XoError]] = {

@@ -10,7 +10,6 @@ a fault must not change: one copy in XO, one VDI, the data, no lost job.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tests.support.e2e import (
     mounted,
     publish,
     queue_contents,
+    require_root,
     sha256_of,
     sim_stats,
     srs_of,
@@ -65,10 +65,7 @@ class Faulty:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faulty]:
-    if os.geteuid() != 0:
-        reason = "migration fault tests need root: the simulator attaches loop devices and the node mounts filesystems"
-        print(reason)
-        pytest.skip(reason)
+    require_root("migration fault tests")
     options = StackOptions(migrators=2, management=True, host_topology=True,
                            sim_args=("--migration-rate", MIGRATION_RATE))
     with pytest.MonkeyPatch.context() as env:

@@ -12,7 +12,6 @@ csi-sanity's resources.go does) and, at the end, XO holds no disk of ours.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import uuid
@@ -27,6 +26,7 @@ import pytest_asyncio
 
 from dev.stack import running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
+from tests.support.e2e import require_root
 
 pytestmark = [
     pytest.mark.e2e,
@@ -218,10 +218,7 @@ class Resources:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def sc(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sanity]:
-    if os.geteuid() != 0:
-        reason = "csi-sanity port needs root: the simulator attaches loop devices and the node mounts filesystems"
-        print(reason)
-        pytest.skip(reason)
+    require_root("the CSI spec checks beyond csi-sanity")
     work = tmp_path_factory.mktemp("sanity")
     async with running_stack(work) as stack:
         yield Sanity(

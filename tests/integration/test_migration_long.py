@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
@@ -19,7 +18,7 @@ from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
 from shared.volume_id import by_name
 from tests.support import brokers
-from tests.support.brokers import LocalRabbit, RabbitEndpoint, RedisEndpoint
+from tests.support.brokers import LocalRabbit, RabbitEndpoint
 from tests.support.migration import (
     DESCRIPTION,
     DISK,
@@ -29,7 +28,6 @@ from tests.support.migration import (
     Env,
     copying,
     dead_letters,
-    open_env,
     ready_jobs,
     two_hosts,
     vdis_named,
@@ -60,22 +58,16 @@ def strict_rabbitmq() -> Iterator[RabbitEndpoint]:
 
 
 @pytest.fixture
-def strict_vhost(strict_rabbitmq: RabbitEndpoint, request: pytest.FixtureRequest) -> Iterator[str]:
+def copy_s() -> float:
+    return COPY_S
+
+
+@pytest.fixture
+def env_vhost(strict_rabbitmq: RabbitEndpoint, request: pytest.FixtureRequest) -> Iterator[str]:
     with brokers.temporary_vhost(strict_rabbitmq, "t-" + brokers.unique_name(request.node.name)) as url:
         yield url
 
 
-@pytest.fixture
-def sim_options() -> dict[str, Any]:
-    return {"migration_rate_bps": 2 * GiB // COPY_S}
-
-
-@pytest.fixture
-async def env(
-    sim_options: dict[str, Any], strict_vhost: str, redis_server: RedisEndpoint, redis_prefix: str
-) -> AsyncIterator[Env]:
-    async with open_env(strict_vhost, redis_server, redis_prefix, **sim_options) as env:
-        yield env
 
 
 def _migrations(env: Env) -> int:

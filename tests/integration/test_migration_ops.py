@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiormq
 import httpx
@@ -16,7 +14,7 @@ from services.xo_simulator.faults import FaultRule
 from services.xocsi import cli
 from shared import messages
 from shared.messages import FailureReason, MigrationRequested
-from tests.support.brokers import RedisEndpoint, pick_free_port
+from tests.support.brokers import pick_free_port
 from tests.support.migration import (
     DISK,
     HOST_A2,
@@ -27,7 +25,6 @@ from tests.support.migration import (
     Env,
     copying,
     dead_letters,
-    open_env,
     ready_jobs,
     vdis_named,
 )
@@ -37,20 +34,8 @@ pytestmark = pytest.mark.integration
 
 GiB = 1024**3
 TIMEOUT_S = 30.0
-COPY_S = 3
 
 
-@pytest.fixture
-def sim_options() -> dict[str, Any]:
-    return {"migration_rate_bps": 2 * GiB // COPY_S}
-
-
-@pytest.fixture
-async def env(
-    sim_options: dict[str, Any], amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str
-) -> AsyncIterator[Env]:
-    async with open_env(amqp_vhost, redis_server, redis_prefix, **sim_options) as env:
-        yield env
 
 
 def _request(disk_name: str = DISK, job_id: str | None = None) -> MigrationRequested:

@@ -25,6 +25,8 @@ from shared.errors import (
     PreconditionFailed,
     VolumeNotFound,
 )
+from tests.support.capabilities import block_capability as _block_cap
+from tests.support.capabilities import mount_capability as _mount_cap
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -105,18 +107,6 @@ def _servicer(host: Host) -> NodeServicer:
     return NodeServicer(NodeConfig(node_id="vm-test", device_dir=host.device_dir, device_wait_s=2.0))
 
 
-def _mount_cap(
-    fs_type: str = "", mode: csi_pb2.VolumeCapability.AccessMode.Mode = _Mode.SINGLE_NODE_WRITER
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type), access_mode=_Mode(mode=mode)
-    )
-
-
-def _block_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER)
-    )
 
 
 async def _stage(

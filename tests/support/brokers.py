@@ -12,8 +12,9 @@ import functools
 import gc
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
@@ -142,41 +143,38 @@ class ContainerRedis(_Container):
 
 
 @contextlib.contextmanager
+def _running(container: Callable[[], ContainerRabbit | ContainerRedis], local: LocalRabbit | LocalRedis,
+             stop_local: Callable[[], None]) -> Iterator[Any]:
+    """A container when a Docker engine is to be used, else the local server; always stopped on exit."""
+    if use_containers():
+        started = container()
+        try:
+            started.wait_ready()
+            yield started
+        finally:
+            started.stop()
+        return
+    try:
+        local.start()
+        yield local
+    finally:
+        stop_local()
+
+
+@contextlib.contextmanager
 def running_rabbitmq() -> Iterator[LocalRabbit | ContainerRabbit]:
     """A started RabbitMQ (container or local node), always stopped and removed on exit."""
-    if use_containers():
-        container = ContainerRabbit()
-        try:
-            container.wait_ready()
-            yield container
-        finally:
-            container.stop()
-        return
     node = LocalRabbit()
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
+    with _running(ContainerRabbit, node, node.stop) as server:
+        yield server
 
 
 @contextlib.contextmanager
 def running_redis() -> Iterator[LocalRedis | ContainerRedis]:
     """A started Redis (container or local server), always stopped and removed on exit."""
-    if use_containers():
-        container = ContainerRedis()
-        try:
-            container.wait_ready()
-            yield container
-        finally:
-            container.stop()
-        return
     server = LocalRedis()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop(crash=True)
+    with _running(ContainerRedis, server, lambda: server.stop(crash=True)) as started:
+        yield started
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote
 
 import grpc
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from dev.brokers import RabbitEndpoint, RedisEndpoint, management_client
@@ -22,6 +23,14 @@ from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
+
+
+def require_root(what: str) -> None:
+    """Skip, saying why, unless we are root: ``what`` needs the simulator's loop devices and the node's mounts."""
+    if os.geteuid() != 0:
+        reason = f"{what} need root: the simulator attaches loop devices and the node mounts filesystems"
+        print(reason)
+        pytest.skip(reason)
 
 
 def mount_cap(fs_type: str = "ext4", mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:

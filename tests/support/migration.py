@@ -132,20 +132,21 @@ def copying(sim: SimulatorHandle) -> bool:
     return any(o.get("current_operations") for o in vdis_named(sim))
 
 
-async def dead_letters(amqp_url: str) -> int:
+async def ready_messages(amqp_url: str, queue_name: str) -> int:
+    """The messages ready in ``queue_name`` now (a passive declare: no statistics lag)."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(messages.DEAD_LETTER_QUEUE, passive=True)
+        queue = await channel.declare_queue(queue_name, passive=True)
         return int(queue.declaration_result.message_count or 0)
+
+
+async def dead_letters(amqp_url: str) -> int:
+    return await ready_messages(amqp_url, messages.DEAD_LETTER_QUEUE)
 
 
 async def ready_jobs(amqp_url: str) -> int:
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(messages.JOBS_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
+    return await ready_messages(amqp_url, messages.JOBS_QUEUE)
 
 
 @dataclass

@@ -3,6 +3,8 @@ names older versions wrote) back, and a failed job's code reaches the attach as 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from services.csi_frontend.migration_gate import failed_job_error
@@ -68,9 +70,9 @@ def test_an_unknown_code_maps_to_nothing() -> None:
 
 def test_a_subclass_without_its_own_code_is_refused() -> None:
     with pytest.raises(TypeError, match="must declare its own stable snake_case `code`"):
-        type("Unnamed", (errors.CapacityExhausted,), {})
+        types.new_class("Unnamed", (errors.CapacityExhausted,))
     with pytest.raises(TypeError, match="already the code of CapacityExhausted"):
-        type("Twin", (errors.CapacityExhausted,), {"code": "capacity_exhausted"})
+        types.new_class("Twin", (errors.CapacityExhausted,), {"code": "capacity_exhausted"})
 
 
 @pytest.mark.parametrize(("code", "retryable", "expected"), [

@@ -17,6 +17,8 @@ from shared.errors import (
     PreconditionFailed,
     VolumeNotFound,
 )
+from tests.support.capabilities import block_capability as _block
+from tests.support.capabilities import mount_capability as _mount
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
 _Rpc = csi_pb2.NodeServiceCapability.RPC
@@ -41,18 +43,6 @@ def _node(tmp_path: Path, **overrides: Any) -> NodeServicer:
     return NodeServicer(NodeConfig(**settings))
 
 
-def _mount(
-    fs_type: str = "", mode: csi_pb2.VolumeCapability.AccessMode.Mode = _Mode.SINGLE_NODE_WRITER
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type), access_mode=_Mode(mode=mode)
-    )
-
-
-def _block() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER)
-    )
 
 
 def _stage(**fields: Any) -> csi_pb2.NodeStageVolumeRequest:

@@ -34,7 +34,7 @@ def test_nonsense_arguments_are_refused(sr_ids: list[str], limit: int, lease_s: 
 
 def test_the_limit_reaches_the_handler_from_the_env_or_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     def handler_limit(settings: MigratorSettings) -> int:
-        return handler_deps(settings, xo=None, redis=aioredis.Redis(), key_prefix="xocsi:").per_sr_limit  # type: ignore[arg-type]
+        return handler_deps(settings, xo=None, redis=None, key_prefix="xocsi:").per_sr_limit  # type: ignore[arg-type]
 
     assert handler_limit(MigratorSettings()) == 0  # unset: no limit (integration: the handler then takes no slot)
     monkeypatch.setenv("MIGRATOR_PER_SR_LIMIT", "3")
