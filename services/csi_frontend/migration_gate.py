@@ -69,10 +69,8 @@ class QueueMigrationGate:
         started, outcome = time.monotonic(), "error"
         try:
             async with timer, self._events.waiting(name) as events:
-                record, created = await self._jobs.create_or_join(_request(disk, place))
+                record, created = await self._enqueue(_request(disk, place))
                 job_id = record.job_id
-                if created:
-                    await self._publish(record)
                 (metrics.JOBS_ENQUEUED if created else metrics.JOBS_JOINED).inc()
                 log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created)
                 result = await self._wait(name, record, events)
@@ -87,19 +85,27 @@ class QueueMigrationGate:
             metrics.PUBLISH_WAIT.labels(outcome).observe(time.monotonic() - started)
         return await self._outcome(disk, place, result)
 
-    async def _publish(self, record: JobRecord) -> None:
-        assert record.request is not None, "create_or_join stores the request"
+    async def _enqueue(self, request: MigrationRequested) -> tuple[JobRecord, bool]:
+        """Create-or-join the disk's job, and publish ``request`` when it created the job. Interrupted anywhere
+        (the deadline, a cancellation, RabbitMQ or Redis failing), it drops the record it may have created
+        unpublished, so the next try (ours or another replica's) publishes again instead of joining a job no
+        worker will ever see; a record of another job is left alone."""
         try:
-            await self._publisher.request(record.request)
+            record, created = await self._jobs.create_or_join(request)
+            if created:
+                await self._publisher.request(request)
         except BaseException:
-            # Unpublished: drop the record so the next try (ours or another replica's) publishes again. What
-            # stopped the publish (a cancellation above all) is what propagates, not a failure of this cleanup.
-            try:
-                await asyncio.shield(self._jobs.abandon(record.disk_name, record.job_id))
-            except DomainError as exc:
-                log.warning("migration_job_not_abandoned", disk_name=record.disk_name, job_id=record.job_id,
-                            error=exc.message, note="the queued record expires after its TTL")
+            await self._abandon(request)
             raise
+        return record, created
+
+    async def _abandon(self, request: MigrationRequested) -> None:
+        # What stopped the enqueue (a cancellation above all) is what propagates, not a failure of this cleanup.
+        try:
+            await asyncio.shield(self._jobs.abandon(request.disk_name, request.job_id))
+        except DomainError as exc:
+            log.warning("migration_job_not_abandoned", disk_name=request.disk_name, job_id=request.job_id,
+                        error=exc.message, note="the queued record expires after its TTL")
 
     async def _wait(self, name: str, record: JobRecord, events: asyncio.Queue[MigrationFinished]) -> MigrationFinished:
         job_id = record.job_id

@@ -1,5 +1,6 @@
 """The migration gate's own rules, with fakes for the broker and Redis sides (those are covered for real in
-tests/integration/test_migration_gate.py): a cancelled publish stays cancelled, even when cleaning up fails."""
+tests/integration/test_migration_gate.py): a cancelled publish stays cancelled, even when cleaning up fails, and an
+interrupted enqueue leaves no unpublished job behind."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
+
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk
 from services.csi_frontend.migration_gate import QueueMigrationGate
 from shared import vdi_metadata
-from shared.errors import BackendUnavailable
+from shared.errors import BackendUnavailable, OperationPending
 from shared.jobs import JobRecord
 from shared.messages import MigrationFinished, MigrationRequested, utc_now
 from shared.volume_id import by_name
@@ -70,3 +73,33 @@ async def test_a_publish_cancelled_while_the_request_is_sent_stays_cancelled_whe
 
     assert call.cancelled()  # not BackendUnavailable from the cleanup: the caller asked to stop, and it did
     assert len(jobs.abandoned) == 1
+
+
+class CreatedThenSlow(RedisGoneAfterCreate):
+    """Redis stores the new record, but its answer comes too late for the caller's deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, str] = {}
+
+    async def create_or_join(self, request: MigrationRequested) -> tuple[JobRecord, bool]:
+        self.records[request.disk_name] = request.job_id
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def abandon(self, disk_name: str, job_id: str) -> None:
+        self.abandoned.append(job_id)
+        if self.records.get(disk_name) == job_id:
+            del self.records[disk_name]
+
+
+async def test_a_deadline_that_passes_while_the_job_is_created_leaves_no_record_behind() -> None:
+    # A record created but never published would be joined by every later publish, and no worker would ever
+    # run it: it must go, so that the attacher's retry creates and publishes the job anew.
+    jobs = CreatedThenSlow()
+    gate = QueueMigrationGate(NoEvents(), StuckPublisher(), jobs, disks=None, xo=None,  # type: ignore[arg-type]
+                              margin_s=0)
+    place = NodePlace(Vm.model_validate({"id": "vm-a2", "type": "VM"}), "host-a2", "pool-a")
+    with pytest.raises(OperationPending, match="still running"):
+        await gate.migrate_for(_disk(), place, deadline_s=0.05)
+    assert len(jobs.abandoned) == 1 and jobs.records == {}
