@@ -44,6 +44,8 @@ class _MemoryLink:
         if item is _CLOSE:
             self.closed = True
             raise LinkClosed("peer closed")
+        if isinstance(item, Exception):
+            raise item
         assert isinstance(item, str)
         return item
 
@@ -57,6 +59,10 @@ class _MemoryLink:
 
     def drop(self) -> None:
         self.inbox.put_nowait(_CLOSE)
+
+    def unreadable(self) -> None:
+        """The next recv fails as a frame that is not valid UTF-8 would (the link stays open)."""
+        self.inbox.put_nowait(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
 
 
 class MemoryPeer:
