@@ -88,8 +88,14 @@ class MemoryPeer:
         task.add_done_callback(self._tasks.discard)
 
     def notify(self, items: dict[str, Any]) -> None:
+        """An ``all`` notification of objects that entered or changed (full objects, as XO sends them)."""
         for link in self.links:
             link.push({"jsonrpc": "2.0", "method": "all", "params": {"type": "enter", "items": items}})
+
+    def notify_exit(self, *ids: str) -> None:
+        """An ``all`` notification of removed objects: XO sends ``0`` as each one's value."""
+        for link in self.links:
+            link.push({"jsonrpc": "2.0", "method": "all", "params": {"type": "exit", "items": dict.fromkeys(ids, 0)}})
 
     async def _answer(self, link: _MemoryLink, request: dict[str, Any]) -> None:
         method, params = request["method"], request.get("params") or {}
