@@ -106,6 +106,8 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings) -> None:
     disks = DiskLocator(xo, settings.disk_name_prefix)
     stack = AsyncExitStack()
     try:
+        if settings.serves_controller:
+            await xo.require_admin("controller")  # XoAuthError ends the process with the reason
         servicers: list[tuple[object, object]] = [(
             IdentityServicer(settings.driver_name, controller=settings.serves_controller,
                              probe=xo.ping if settings.serves_controller else None),

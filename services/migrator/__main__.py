@@ -78,6 +78,7 @@ async def run(settings: MigratorSettings, rabbit: RabbitSettings, redis_settings
     async with AsyncExitStack() as stack:
         xo = XoClient.from_settings(xo_settings)
         stack.push_async_callback(xo.close)
+        await xo.require_admin("migrator")  # XoAuthError ends the process with the reason
         redis, connection, publisher = await open_messaging(stack, rabbit, redis_settings, name=settings.worker_name)
         jobs = JobStore(redis, redis_settings.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                         result_ttl_s=settings.job_result_ttl_s)

@@ -214,6 +214,17 @@ class RpcSession:
         self._on_connect: list[Callable[[], Awaitable[None]]] = []
         self.connections_opened = 0
         self.user: dict[str, Any] | None = None
+        self._required: tuple[str, str] | None = None
+
+    async def require_admin(self, component: str) -> None:
+        """From now on every sign-in must be an XO admin's, else every call fails with XoAuthError saying why:
+        XO hides the XAPI errors the driver must classify (busy, no space, in use) from other users. A session
+        already signed in with another account is closed at once (XoAuthError)."""
+        self._required = ("admin", component)
+        if self._connection is not None and (self.user or {}).get("permission") != "admin":
+            connection, self._connection = self._connection, None
+            await connection.close()
+            self._permission_error(self.user or {})
 
     def subscribe(self, handler: NotificationHandler) -> Callable[[], None]:
         """Call ``handler(method, params)`` for each notification; returns an unsubscribe function."""
@@ -287,6 +298,7 @@ class RpcSession:
                 async with asyncio.timeout(self._connect_timeout_s):
                     link = await self._connector.connect()
                     self.user = await self._sign_in(link)
+                    await self._check_permission(link)
             except TimeoutError as exc:
                 raise XoUnavailable(f"connecting to XO timed out after {self._connect_timeout_s:g}s") from exc
             except (OSError, LinkClosed) as exc:
@@ -298,6 +310,22 @@ class RpcSession:
         for callback in self._on_connect:
             await callback()
         return connection
+
+    async def _check_permission(self, link: Link) -> None:
+        if self._required is None:
+            return
+        if (self.user or {}).get("permission") != "admin":
+            await _quiet_close(link)
+            self._permission_error(self.user or {})
+
+    def _permission_error(self, user: dict[str, Any]) -> None:
+        component = self._required[1] if self._required else "driver"
+        raise XoAuthError(
+            f"the XO account {user.get('email') or user.get('id') or '?'} has permission {user.get('permission')!r}; "
+            f"the {component} needs an XO admin account (XO hides the XAPI errors it must classify, such as busy or "
+            "no space, from other users): use an admin user's token",
+            method="session.signIn",
+        )
 
     def _forget(self, connection: _Connection) -> None:
         if self._connection is connection:

@@ -74,6 +74,7 @@ class MemoryPeer:
         self.received: list[dict[str, Any]] = []
         self.links: list[_MemoryLink] = []
         self.connects = 0
+        self.user: dict[str, Any] = {"id": "user", "email": "admin@example.org", "permission": "admin"}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> Link:
@@ -103,7 +104,7 @@ class MemoryPeer:
         try:
             if method == "session.signIn":
                 if params.get("token") in self.tokens or params.get("password") == "pw":
-                    reply["result"] = {"id": "user", "email": "admin@example.org"}
+                    reply["result"] = dict(self.user)
                 else:
                     raise RpcFault(3, "invalid credentials")
             else:

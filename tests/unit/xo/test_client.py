@@ -256,6 +256,8 @@ async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
 
 async def test_delete_of_a_missing_vdi_is_success() -> None:
     async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "server.getAll":
+            return [{"id": "s1", "label": "Pool A", "status": "connected", "enabled": True}]
         raise RpcFault(1, "no such object v9", {"id": "v9", "type": "VDI"})
 
     peer = MemoryPeer(handler)
@@ -417,3 +419,22 @@ async def eventually_true(predicate: Any, timeout_s: float = 2.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.001)
+
+
+async def test_a_non_admin_account_is_refused_with_what_to_do() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {}
+
+    peer = MemoryPeer(handler)
+    peer.user = {"id": "u2", "email": "viewer@example.org", "permission": "none"}
+    client = make_client(peer)
+    await client.ping()  # reading needs no role
+    with pytest.raises(XoAuthError, match=r"viewer@example.org has permission 'none'; the controller needs an XO "
+                                          r"admin account"):
+        await client.require_admin("controller")
+    with pytest.raises(XoAuthError):
+        await client.ping()  # every later sign-in is checked too
+    peer.user = {"id": "u1", "email": "admin@example.org", "permission": "admin"}
+    await client.require_admin("controller")
+    await client.close()
+    await peer.aclose()
