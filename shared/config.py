@@ -24,7 +24,12 @@ class XoSettings(BaseSettings):
     token: SecretStr | None = Field(default=None, description="XO authentication token")
     username: str | None = Field(default=None, description="XO user (email) when no token is set")
     password: SecretStr | None = Field(default=None, description="password of XOA_USERNAME")
-    timeout_s: float = Field(default=60.0, gt=0, description="bound on one XO call (--xoa-timeout)")
+    timeout_s: float = Field(default=300.0, gt=0, description="bound on one mutating XO call (--xoa-timeout; 300 s "
+                             "as m4rCsi: XAPI may queue a disk operation behind others)")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="bound on one XO read (xo.getAllObjects ...); "
+                                  "never above timeout_s")
+    settle_timeout_s: float = Field(default=30.0, gt=0, description="how long a write waits for XO's object cache "
+                                    "to show its effect before the RPC is answered UNAVAILABLE (retryable)")
     connect_timeout_s: float = Field(default=10.0, gt=0, description="bound on connect and sign-in")
     ca_file: Path | None = Field(default=None, description="CA bundle to verify XO's TLS certificate")
     insecure: bool = Field(default=False, description="skip TLS verification (testing only)")

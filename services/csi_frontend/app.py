@@ -76,10 +76,13 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     """Wire the frontend for ``settings.mode``; every client it opens is closed when ``stack`` closes.
 
     Migrations are enabled (controller mode) when both ``rabbit`` and ``redis`` are given: it connects to both
-    now (BackendUnavailable when it cannot). Node mode resolves this node's VM in XO now (NodeNotFound).
+    now (BackendUnavailable when it cannot). Controller mode refuses a non-admin XO account (XoAuthError).
+    Node mode resolves this node's VM in XO now (NodeNotFound).
     """
     xo = XoClient.from_settings(xo_settings)
     stack.push_async_callback(xo.close)
+    if settings.serves_controller:
+        await xo.require_admin("controller")  # XoAuthError: a non-admin account is refused, with the reason
     inventory = Inventory(xo)
     disks = DiskLocator(xo, settings.disk_name_prefix)
     frontend = Frontend(settings, xo, inventory, disks,

@@ -72,9 +72,10 @@ class Attacher:
         if existing is not None:
             return await self._plugged(existing)
         disk = await self._ensure_usable(disk, place, deadline_s)
-        await self._xo.attach_disk(place.vm.id, disk.vdi.id, read_only=read_only)
-        log.info("disk_attached", vdi=disk.vdi.id, node_id=node_id)
-        return await self._wait_device(place.vm.id, disk.vdi.id)
+        vbd = await self._xo.attach_disk(place.vm.id, disk.vdi.id, read_only=read_only,
+                                         known_vbd_ids=frozenset(disk.vdi.vbd_ids))
+        log.info("disk_attached", vdi=disk.vdi.id, node_id=node_id, vbd=vbd.id)
+        return _context(vbd)
 
     async def _copy_to_join(self, volume_id: VolumeId, pending: OperationPending) -> Disk:
         """A retried publish that lands while XO copies the disk joins the disk's migration job (the gate waits
@@ -122,9 +123,9 @@ class Attacher:
 
     async def _plugged(self, vbd: Vbd) -> dict[str, str]:
         if vbd.attached and vbd.device:
-            return {"device": vbd.device, "vbd": vbd.id}
+            return _context(vbd)
         if not vbd.attached:
-            await self._xo.connect_vbd(vbd.id)
+            return _context(await self._xo.connect_vbd(vbd.id))
         return await self._wait_device(vbd.vm_id, vbd.vdi_id or "")
 
     async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
@@ -170,10 +171,18 @@ class Attacher:
                     return {"device": vbd.device, "vbd": vbd.id}
             return None
 
-        context = await self._xo.wait_until(plugged, timeout_s=self._device_wait_s)
+        def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
+            return obj is not None and obj.get("type") == "VBD" and obj.get("VM") == vm_id and obj.get("VDI") == vdi_id
+
+        context = await self._xo.wait_until(plugged, timeout_s=self._device_wait_s, relevant=relevant)
         if context is None:
             raise BackendFailure(
                 f"XO created the VBD of VDI {vdi_id} on VM {vm_id} but it was not plugged with a device "
                 f"within {self._device_wait_s:g}s; check the VM's PV drivers"
             )
         return context
+
+
+def _context(vbd: Vbd) -> dict[str, str]:
+    """The publish context of a plugged VBD: its device (e.g. xvdb) for the node, and its id."""
+    return {"device": vbd.device or "", "vbd": vbd.id}

@@ -72,9 +72,10 @@ def handler_deps(settings: MigratorSettings, xo: XoClient, redis: aioredis.Redis
 async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, rabbit: RabbitSettings,
                          redis: RedisSettings, xo: XoSettings) -> Migrator:
     """Connect to Redis and RabbitMQ (BackendUnavailable when RabbitMQ cannot be reached) and wire the worker;
-    every client is closed when ``stack`` closes."""
+    every client is closed when ``stack`` closes. A non-admin XO account is refused (XoAuthError)."""
     xo_client = XoClient.from_settings(xo)
     stack.push_async_callback(xo_client.close)
+    await xo_client.require_admin("migrator")  # XoAuthError: a non-admin account is refused, with the reason
     redis_client, connection, publisher = await open_messaging(stack, rabbit, redis, name=settings.worker_name)
     jobs = JobStore(redis_client, redis.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                     result_ttl_s=settings.job_result_ttl_s)

@@ -160,11 +160,17 @@ async def _settled(xo: XoClient, disk_name: str, timeout_s: float) -> list[Vdi]:
     failing or starting another one. OperationPending when XO is still busy after ``timeout_s``."""
     log.info("migration_in_flight_awaited", disk_name=disk_name, timeout_s=timeout_s)
 
+    known: set[str] = set()
+
     async def idle() -> list[Vdi] | None:
         vdis = await xo.find_vdis(name_label=disk_name)
+        known.update(v.id for v in vdis)
         return None if any(v.current_operations for v in vdis) else vdis
 
-    vdis = await xo.wait_until(idle, timeout_s=timeout_s, max_interval_s=2.0)
+    def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
+        return obj_id in known or (obj is not None and obj.get("type") == "VDI" and obj.get("name_label") == disk_name)
+
+    vdis = await xo.wait_until(idle, timeout_s=timeout_s, max_interval_s=2.0, relevant=relevant)
     if vdis is None:
         raise OperationPending(f"disk {disk_name}: XO is still copying it after {timeout_s:g} s")
     return vdis

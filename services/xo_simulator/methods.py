@@ -64,6 +64,7 @@ class Api:
             "session.signInWithPassword": Method(self._sign_in, {"email": STR, "password": STR}, None),
             "session.getUser": Method(self._get_user, {}, ""),
             "system.getServerVersion": Method(self._server_version, {}, None),
+            "server.getAll": Method(self._servers, {}),
             "xo.getAllObjects": Method(self._get_all_objects, {
                 "filter": Param("filter", optional=True), "limit": Param("integer", optional=True),
                 "ndjson": OPT_BOOL}, ""),
@@ -96,6 +97,18 @@ class Api:
 
     async def _server_version(self, session: Session, params: dict[str, Any]) -> Any:
         return SERVER_VERSION
+
+    async def _servers(self, session: Session, params: dict[str, Any]) -> Any:
+        """XO's connections to its pools (admin only): one server per pool, ``connected``, as xo-server shows
+        them (``getAllXenServers``: no password; ``poolId`` only while connected)."""
+        servers = []
+        for pool in self.store.of_type("pool"):
+            master = self.store.find(pool["master"]) if pool.get("master") else None
+            servers.append({"id": f"server-{pool['id']}", "label": pool["name_label"],
+                            "host": master["address"] if master else pool["name_label"], "username": "root",
+                            "enabled": True, "readOnly": False, "allowUnauthorized": False,
+                            "status": "connected", "poolId": pool["id"]})
+        return servers
 
     # -- objects -------------------------------------------------------------------------------------
     async def _get_all_objects(self, session: Session, params: dict[str, Any]) -> Any:

@@ -1,34 +1,45 @@
 """XoClient: the typed XO calls the driver needs, over one RpcSession.
 
-Every call is bounded (the session's timeout, or an explicit one for long calls such as vdi.migrate).
+Every call is bounded: reads by ``read_timeout_s``, writes by the session's timeout (``--xoa-timeout``, 300 s
+like m4rCsi), long calls such as vdi.migrate by an explicit one. A write returns once XO's object cache shows
+its effect (shared/xo/cache.py), so no caller decides from a read that predates its own write. A lookup that
+comes back empty is conclusive only after ``confirm_absent``: XO drops every object of a pool it lost.
 Raises only the XoError tree (shared/xo/errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from shared.backoff import Backoff
 from shared.config import XoSettings
-from shared.xo.errors import XoError, XoNotFound
+from shared.logging import get_logger
+from shared.xo.cache import FIRST_RECHECK_S, Expectation, MatchState, Obj, ObjectState, Watch
+from shared.xo.errors import XoAuthError, XoError, XoMethodNotFound, XoNotFound, XoPoolDisconnected, XoUnavailable
 from shared.xo.models import Sr, Vbd, Vdi, Vm, XoObject
 from shared.xo.transport import Credentials, RpcSession, WebSocketConnector, api_url, tls_context
 
+log = get_logger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=XoObject)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+Relevant = Callable[[str, Obj | None], bool]
 
 
 class XoClient:
     """Typed XO JSON-RPC methods. Lookups return models; ``None``/``[]`` when nothing matches."""
 
-    def __init__(self, session: RpcSession) -> None:
+    def __init__(self, session: RpcSession, *, read_timeout_s: float | None = None,
+                 settle_timeout_s: float = 30.0) -> None:
         self._session = session
+        self._read_timeout_s = read_timeout_s
+        self._settle_timeout_s = settle_timeout_s
 
     @classmethod
     def from_settings(cls, settings: XoSettings) -> XoClient:
@@ -46,7 +57,8 @@ class XoClient:
         session = RpcSession(
             connector, credentials, timeout_s=settings.timeout_s, connect_timeout_s=settings.connect_timeout_s
         )
-        return cls(session)
+        return cls(session, read_timeout_s=min(settings.read_timeout_s, settings.timeout_s),
+                   settle_timeout_s=settings.settle_timeout_s)
 
     @property
     def session(self) -> RpcSession:
@@ -62,7 +74,8 @@ class XoClient:
         params: dict[str, Any] = {"filter": filter}
         if limit is not None:
             params["limit"] = limit
-        result = await self._session.call("xo.getAllObjects", params, idempotent=True)
+        result = await self._session.call("xo.getAllObjects", params, idempotent=True,
+                                          timeout_s=self._read_timeout_s)
         if not isinstance(result, dict):
             raise XoError("XO xo.getAllObjects returned something other than an object map", method="xo.getAllObjects")
         return [obj for obj in result.values() if isinstance(obj, dict)]
@@ -106,10 +119,59 @@ class XoClient:
             query["VDI"] = vdi_id
         return await self._typed(Vbd, query)
 
-    # -- writes --------------------------------------------------------------------------------
+    # -- account and completeness -------------------------------------------------------------
+
+    async def current_user(self) -> dict[str, Any]:
+        """The signed-in user's public fields (``session.getUser``): id, email, permission."""
+        user = await self._session.call("session.getUser", {}, idempotent=True, timeout_s=self._read_timeout_s)
+        if not isinstance(user, dict):
+            raise XoError("XO session.getUser returned no user", method="session.getUser")
+        return user
+
+    async def require_admin(self, component: str) -> None:
+        """Refuse to work for a non-admin account: from now on every sign-in is checked (XoAuthError naming the
+        account and the fix), starting with one now. When XO cannot be reached yet this logs and returns: the
+        check runs at the first connection, and a service starts without waiting for XO."""
+        await self._session.require_admin(component)
+        try:
+            await self.ping()
+        except XoAuthError:
+            raise
+        except XoUnavailable as exc:
+            log.warning("xo_unreachable_at_start", component=component, error=exc.message)
+
+    async def check_view_complete(self, what: str) -> None:
+        """XoPoolDisconnected unless XO is connected to every pool (XO server) it manages.
+
+        While XO has lost a pool, every object of that pool is missing from its cache, so ``what`` (a lookup
+        that came back empty) cannot be told absent from unreachable.
+        """
+        try:
+            servers = await self._session.call("server.getAll", {}, idempotent=True, timeout_s=self._read_timeout_s)
+        except XoMethodNotFound:
+            log.warning("xo_server_status_unknown", reason="server.getAll is not available")
+            return
+        lost = [s for s in servers if isinstance(s, dict) and s.get("status") != "connected"] \
+            if isinstance(servers, list) else []
+        if lost:
+            names = ", ".join(str(s.get("label") or s.get("host") or s.get("id")) for s in lost)
+            raise XoPoolDisconnected(
+                f"XO is not connected to {names} ({', '.join(str(s.get('status')) for s in lost)}): {what} may be "
+                "there but invisible until XO reconnects; retry later",
+                method="server.getAll",
+            )
+
+    async def confirm_absent(self, what: str, lookup: Callable[[], Awaitable[T]]) -> T:
+        """A lookup came back empty: check that XO sees every pool, then look once more (a pool that came back
+        meanwhile brings its objects back) and return that answer. XoPoolDisconnected while a pool is lost."""
+        await self.check_view_complete(what)
+        return await lookup()
+
+    # -- writes (each returns once XO's cache shows its effect) -------------------------------------
 
     async def create_disk(self, name: str, size_bytes: int, sr_id: str) -> str:
-        """``disk.create``; returns the new VDI UUID. Not idempotent: callers look up by name first."""
+        """``disk.create``; returns the new VDI UUID (XO answers once its cache has it). Not idempotent: callers
+        look up by name first."""
         result = await self._session.call("disk.create", {"name": name, "size": size_bytes, "sr": sr_id})
         return _expect_str(result, "disk.create")
 
@@ -121,25 +183,30 @@ class XoClient:
         name_description: str | None = None,
         size_bytes: int | None = None,
     ) -> None:
-        """``vdi.set``: rename, describe or grow (size only grows)."""
+        """``vdi.set``: rename, describe or grow (size only grows); returns once the cache shows the new values."""
         params: dict[str, Any] = {"id": vdi_id}
+        wanted: dict[str, Any] = {}
         if name_label is not None:
-            params["name_label"] = name_label
+            params["name_label"] = wanted["name_label"] = name_label
         if name_description is not None:
-            params["name_description"] = name_description
+            params["name_description"] = wanted["name_description"] = name_description
         if size_bytes is not None:
             params["size"] = size_bytes
-        await self._session.call("vdi.set", params, idempotent=True)
+
+        def shows(obj: Obj | None) -> bool:
+            return obj is not None and all(obj.get(k) == v for k, v in wanted.items()) and (
+                size_bytes is None or int(obj.get("size") or 0) >= size_bytes)
+
+        await self._write("vdi.set", params, ObjectState(vdi_id, shows), idempotent=True)
 
     async def delete_vdi(self, vdi_id: str) -> None:
-        """``vdi.delete``; an already-deleted VDI counts as success. Attached -> XoVdiInUse."""
-        try:
-            await self._session.call("vdi.delete", {"id": vdi_id}, idempotent=True)
-        except XoNotFound:
-            return
+        """``vdi.delete``; returns once the VDI left the cache. Already deleted counts as success, but only once
+        XO is known to see every pool (XoPoolDisconnected otherwise). Attached -> XoVdiInUse."""
+        await self._delete("vdi.delete", vdi_id, f"VDI {vdi_id}")
 
     async def migrate_vdi(self, vdi_id: str, sr_id: str, *, timeout_s: float) -> str:
-        """``vdi.migrate`` to ``sr_id``; returns the VDI UUID afterwards (it changes on a copy).
+        """``vdi.migrate`` to ``sr_id``; returns the VDI UUID afterwards (it changes on a copy). XO answers once
+        its cache shows the new VDI.
 
         XO before 5.104.1 returns ``true``: the copy is then found by name on the target SR.
         """
@@ -153,30 +220,96 @@ class XoClient:
                 return copies[0].id
         raise XoError(f"XO vdi.migrate returned {type(result).__name__}, not the new VDI UUID", method="vdi.migrate")
 
-    async def attach_disk(self, vm_id: str, vdi_id: str, *, read_only: bool = False) -> None:
-        """``vm.attachDisk`` (creates the VBD and plugs it on a running VM). Not idempotent."""
-        await self._session.call("vm.attachDisk", {"vm": vm_id, "vdi": vdi_id, "mode": "RO" if read_only else "RW"})
+    async def attach_disk(self, vm_id: str, vdi_id: str, *, read_only: bool = False,
+                          known_vbd_ids: frozenset[str] = frozenset()) -> Vbd:
+        """``vm.attachDisk`` on a running VM: creates the VBD and plugs it; returns the VBD once the cache shows
+        it plugged with its device. Not idempotent.
 
-    async def connect_vbd(self, vbd_id: str) -> None:
-        await self._session.call("vbd.connect", {"id": vbd_id})
+        When the plug fails XO keeps the VBD it created: that VBD (one not in ``known_vbd_ids``, the VBDs of the
+        VM and VDI before the call) is deleted before the error is raised, so a failed attach leaves nothing.
+        """
+        fields = {"type": "VBD", "VM": vm_id, "VDI": vdi_id}
+        plugged = MatchState(fields, lambda vbd: bool(vbd.get("attached") and vbd.get("device")))
+        async with self._watching(MatchState(fields, lambda vbd: vbd.get("id") not in known_vbd_ids)) as created:
+            try:
+                obj = await self._write("vm.attachDisk", {"vm": vm_id, "vdi": vdi_id, "mode": "RO" if read_only
+                                                          else "RW"}, plugged)
+            except XoError as exc:
+                if not isinstance(exc, XoUnavailable):  # XO answered: the VBD exists or not, and we can look
+                    await self._remove_created_vbd(created, exc)
+                raise
+        return _parse(Vbd, obj or {})
+
+    async def _remove_created_vbd(self, created: Watch, cause: XoError) -> None:
+        found, obj = await created.settle(self._read, timeout_s=min(self._settle_timeout_s, 5.0))
+        if found and obj is not None:
+            log.warning("failed_attach_vbd_removed", vbd=obj.get("id"), error=cause.message)
+            await self.delete_vbd(str(obj["id"]))
+
+    async def connect_vbd(self, vbd_id: str) -> Vbd:
+        """``vbd.connect`` (plug); returns the VBD once the cache shows it plugged with its device."""
+        obj = await self._write("vbd.connect", {"id": vbd_id}, ObjectState(
+            vbd_id, lambda vbd: vbd is not None and bool(vbd.get("attached") and vbd.get("device"))))
+        return _parse(Vbd, obj or {})
 
     async def delete_vbd(self, vbd_id: str) -> None:
-        """``vbd.delete`` (unplug then destroy; the VDI stays). Already gone counts as success."""
+        """``vbd.delete`` (unplug then destroy; the VDI stays); returns once the VBD left the cache. Already gone
+        counts as success once XO is known to see every pool."""
+        await self._delete("vbd.delete", vbd_id, f"VBD {vbd_id}")
+
+    async def _delete(self, method: str, obj_id: str, what: str) -> None:
         try:
-            await self._session.call("vbd.delete", {"id": vbd_id}, idempotent=True)
+            await self._write(method, {"id": obj_id}, ObjectState(obj_id, lambda obj: obj is None), idempotent=True)
         except XoNotFound:
-            return
+            await self.check_view_complete(what)  # "no such object" from a pool XO lost is not "deleted"
+
+    async def _write(self, method: str, params: dict[str, Any], expected: Expectation, *,
+                     idempotent: bool = False) -> Obj | None:
+        """Call ``method``, then wait until the cache shows ``expected``; XoUnavailable when it does not within
+        ``settle_timeout_s`` (the call succeeded: a retry finds its effect)."""
+        async with self._watching(expected) as watch:
+            await self._session.call(method, params, idempotent=idempotent)
+            met, obj = await watch.settle(self._read, timeout_s=self._settle_timeout_s)
+        if not met:
+            raise XoUnavailable(f"XO's object cache has not shown the result of {method} "
+                                f"{self._settle_timeout_s:g}s after the call; retry", method=method)
+        return obj
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, expected: Expectation) -> AsyncIterator[Watch]:
+        watch = Watch(expected)
+        unsubscribe = self._session.subscribe(watch)
+        try:
+            yield watch
+        finally:
+            unsubscribe()
+
+    async def _read(self, filter: Mapping[str, Any]) -> list[Obj]:
+        return await self.get_objects(dict(filter))
 
     # -- waiting -------------------------------------------------------------------------------
 
     async def wait_until(
-        self, check: Callable[[], Awaitable[T | None]], *, timeout_s: float, max_interval_s: float = 0.5
+        self, check: Callable[[], Awaitable[T | None]], *, timeout_s: float, max_interval_s: float = 0.5,
+        relevant: Relevant | None = None,
     ) -> T | None:
-        """Re-run ``check`` after each XO object notification (or a capped backoff) until it returns
-        something other than None; returns None when ``timeout_s`` passes first."""
+        """Re-run ``check`` on a capped backoff, and early when a notification item that ``relevant(id, obj)``
+        accepts arrives (``obj`` None: the id left the cache), until it returns something other than None;
+        returns None when ``timeout_s`` passes first. Unrelated notifications never cause a read."""
         changed = asyncio.Event()
-        unsubscribe = self._session.subscribe(lambda method, _params: changed.set() if method == "all" else None)
-        polls = Backoff(start_s=0.005, cap_s=max_interval_s, jitter=False).delays()
+
+        def on_notification(method: str, params: Any) -> None:
+            items = params.get("items") if isinstance(params, dict) else None
+            if method != "all" or relevant is None or not isinstance(items, dict):
+                return
+            gone = params.get("type") == "exit"
+            if any(relevant(str(k), None if gone or not isinstance(v, dict) else v) for k, v in items.items()):
+                changed.set()
+
+        unsubscribe = self._session.subscribe(on_notification)
+        # With notifications to wake it, re-reading early only wastes calls (XO's cache moves every ~200 ms).
+        first_s = 0.005 if relevant is None else min(FIRST_RECHECK_S, max_interval_s)
+        polls = Backoff(start_s=first_s, cap_s=max_interval_s, jitter=False).delays()
         interval_s = next(polls)
         try:
             async with asyncio.timeout(timeout_s):

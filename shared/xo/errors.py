@@ -4,6 +4,7 @@ Tree (each leaf also inherits the domain error that the edges map to a code)::
 
     XoError (BackendFailure)            any XO answer we do not classify further; keeps rpc_code/xapi_code
     ├── XoUnavailable (BackendUnavailable)   connect/sign-in/call timeout, socket closed, XO code 9
+    │   └── XoPoolDisconnected                XO lost a pool: its objects are missing, not deleted
     ├── XoAuthError (BackendUnavailable)     XO codes 2, 3, 8: the credentials are wrong or lack rights
     ├── XoNotFound                            XO code 1 (no such object), XAPI HANDLE_INVALID / UUID_INVALID
     ├── XoBusy (OperationPending)             XAPI OTHER_OPERATION_IN_PROGRESS, TOO_MANY_STORAGE_MIGRATES
@@ -51,6 +52,11 @@ class XoError(BackendFailure, code="xo_error"):
 
 class XoUnavailable(BackendUnavailable, XoError, code="xo_unavailable", retryable=True):
     """XO cannot be reached: connect or call timed out, or the socket closed."""
+
+
+class XoPoolDisconnected(XoUnavailable, code="xo_pool_disconnected", retryable=True):
+    """XO is not connected to every pool it manages (``server.getAll``): objects of a lost pool vanish from its
+    cache, so an empty lookup proves nothing until XO reconnects."""
 
 
 class XoAuthError(BackendUnavailable, XoError, code="xo_auth_failed", retryable=True):

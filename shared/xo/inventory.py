@@ -78,14 +78,15 @@ class Inventory:
     def _on_notification(self, method: str, params: Any) -> None:
         if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
             return
-        leaving = params.get("type") == "exit"
+        if params.get("type") == "exit":
+            # XO sends each removed object's value as 0 (not the object): forget the id whatever its kind.
+            for obj_id in params["items"]:
+                for objects in self._objects.values():
+                    objects.pop(obj_id, None)
+            return
         for obj_id, obj in params["items"].items():
             kind = obj.get("type") if isinstance(obj, dict) else None
-            if kind not in self._objects:
-                continue
-            if leaving:
-                self._objects[kind].pop(obj_id, None)
-            elif (model := _parse(kind, obj)) is not None:
+            if kind in self._objects and (model := _parse(kind, obj)) is not None:
                 self._objects[kind][obj_id] = model
 
 

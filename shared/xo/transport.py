@@ -34,7 +34,8 @@ class LinkClosed(Exception):
 
 
 class Link(Protocol):
-    """One open message connection."""
+    """One open message connection. ``recv`` raises LinkClosed when the peer closed it; any other exception
+    (e.g. a frame that is not valid UTF-8) makes the session drop this link."""
 
     async def send(self, text: str) -> None: ...
     async def recv(self) -> str: ...
@@ -127,13 +128,71 @@ class WebSocketConnector:
         return _WsLink(conn)
 
 
+class _Connection:
+    """One signed-in link with its own reader task and its own calls in flight.
+
+    When its reader stops (the peer closed, a frame could not be read, anything unexpected), it fails only
+    its own pending calls and tells the session, which forgets it; the next call opens a new connection. A
+    late close of an old connection can therefore never fail calls running on a newer one.
+    """
+
+    def __init__(self, link: Link, dispatch: Callable[[dict[str, Any]], None],
+                 gone: Callable[[_Connection], None]) -> None:
+        self.link = link
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self._dispatch = dispatch
+        self._gone = gone
+        self.reader = asyncio.create_task(self._read(), name="xo-rpc-reader")
+
+    async def _read(self) -> None:
+        reason = "closed by XO"
+        try:
+            while True:
+                message = _parse(await self.link.recv())
+                if message is not None:
+                    self._route(message)
+        except LinkClosed as exc:
+            reason = str(exc) or reason
+            log.info("xo_connection_closed", reason=reason)
+        except asyncio.CancelledError:
+            reason = "client closed"
+            raise
+        except Exception as exc:  # a frame we cannot read: drop this link only, the next call reconnects
+            reason = f"unreadable message from XO ({type(exc).__name__})"
+            log.warning("xo_connection_dropped", reason=reason)
+            await _quiet_close(self.link)
+        finally:
+            self.fail(_ConnectionLost(reason))
+            self._gone(self)
+
+    def _route(self, message: dict[str, Any]) -> None:
+        call_id = message.get("id")
+        if call_id is None:
+            self._dispatch(message)
+            return
+        future = self.pending.get(call_id) if isinstance(call_id, int) else None
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def fail(self, exc: Exception) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        await _quiet_close(self.link)
+
+
 class RpcSession:
     """JSON-RPC calls multiplexed by id over one signed-in Link, reconnecting on demand.
 
     ``call`` is bounded by ``timeout_s``; connect plus sign-in by ``connect_timeout_s``. When the socket
     closes (XO closes it silently when a token expires), pending calls fail with XoUnavailable and the
     next call reconnects and signs in again. A call flagged ``idempotent`` is retried once on a fresh
-    connection when the socket closed under it. Notifications (no id) go to ``subscribe``d handlers.
+    connection when the socket closed under it. Notifications (no id) go to ``subscribe``d handlers; a
+    handler that raises is logged and the others still run.
     """
 
     def __init__(
@@ -149,13 +208,23 @@ class RpcSession:
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._link: Link | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._connection: _Connection | None = None
         self._connecting = asyncio.Lock()
         self._handlers: list[NotificationHandler] = []
         self._on_connect: list[Callable[[], Awaitable[None]]] = []
         self.connections_opened = 0
+        self.user: dict[str, Any] | None = None
+        self._required: tuple[str, str] | None = None
+
+    async def require_admin(self, component: str) -> None:
+        """From now on every sign-in must be an XO admin's, else every call fails with XoAuthError saying why:
+        XO hides the XAPI errors the driver must classify (busy, no space, in use) from other users. A session
+        already signed in with another account is closed at once (XoAuthError)."""
+        self._required = ("admin", component)
+        if self._connection is not None and (self.user or {}).get("permission") != "admin":
+            connection, self._connection = self._connection, None
+            await connection.close()
+            self._permission_error(self.user or {})
 
     def subscribe(self, handler: NotificationHandler) -> Callable[[], None]:
         """Call ``handler(method, params)`` for each notification; returns an unsubscribe function."""
@@ -192,60 +261,77 @@ class RpcSession:
 
     async def close(self) -> None:
         """Close the socket and fail pending calls. Safe to call twice."""
-        link, reader = self._link, self._reader
-        self._link, self._reader = None, None
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        if link is not None:
-            await _quiet_close(link)
-        self._fail_pending(_ConnectionLost("client closed"))
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
     async def _call_once(self, method: str, params: dict[str, Any], timeout_s: float) -> Any:
-        link = await self._ensure_link()
+        connection = await self._ensure_connection()
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
+        connection.pending[call_id] = future
         try:
+            if connection.reader.done():  # it died after we picked it: its reader will never answer
+                raise _ConnectionLost("the connection closed before the call was sent")
             payload = json.dumps({"jsonrpc": "2.0", "id": call_id, "method": method, "params": params})
             try:
                 async with asyncio.timeout(timeout_s):
-                    await link.send(payload)
+                    await connection.link.send(payload)
                     answer = await future
             except LinkClosed as exc:
-                self._drop_link(link)
                 raise _ConnectionLost(str(exc)) from exc
             except TimeoutError as exc:
                 raise XoUnavailable(f"XO did not answer {method} within {timeout_s:g}s", method=method) from exc
         finally:
-            self._pending.pop(call_id, None)
+            connection.pending.pop(call_id, None)
         if "error" in answer:
             raise from_rpc_error(answer["error"], method)
         return answer.get("result")
 
-    async def _ensure_link(self) -> Link:
-        if self._link is not None:
-            return self._link
+    async def _ensure_connection(self) -> _Connection:
+        if self._connection is not None:
+            return self._connection
         async with self._connecting:
-            if self._link is not None:
-                return self._link
+            if self._connection is not None:
+                return self._connection
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
                     link = await self._connector.connect()
-                    await self._sign_in(link)
+                    self.user = await self._sign_in(link)
+                    await self._check_permission(link)
             except TimeoutError as exc:
                 raise XoUnavailable(f"connecting to XO timed out after {self._connect_timeout_s:g}s") from exc
             except (OSError, LinkClosed) as exc:
                 raise XoUnavailable(f"cannot connect to XO: {_describe(exc)}") from exc
-            self._link = link
-            self._reader = asyncio.create_task(self._read_loop(link), name="xo-rpc-reader")
+            connection = _Connection(link, self._notify, self._forget)
+            self._connection = connection
             self.connections_opened += 1
             log.debug("xo_connected", connections=self.connections_opened)
         for callback in self._on_connect:
             await callback()
-        return link
+        return connection
 
-    async def _sign_in(self, link: Link) -> None:
+    async def _check_permission(self, link: Link) -> None:
+        if self._required is None:
+            return
+        if (self.user or {}).get("permission") != "admin":
+            await _quiet_close(link)
+            self._permission_error(self.user or {})
+
+    def _permission_error(self, user: dict[str, Any]) -> None:
+        component = self._required[1] if self._required else "driver"
+        raise XoAuthError(
+            f"the XO account {user.get('email') or user.get('id') or '?'} has permission {user.get('permission')!r}; "
+            f"the {component} needs an XO admin account (XO hides the XAPI errors it must classify, such as busy or "
+            "no space, from other users): use an admin user's token",
+            method="session.signIn",
+        )
+
+    def _forget(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    async def _sign_in(self, link: Link) -> dict[str, Any] | None:
         # Sign-in runs before the reader task exists, so it reads its own answer (skipping notifications).
         params = self._credentials.sign_in_params()
         await link.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "session.signIn", "params": params}))
@@ -255,45 +341,31 @@ class RpcSession:
                 break
         if "error" in message:
             await _quiet_close(link)
-            error = from_rpc_error(message["error"], "session.signIn")
-            raise XoAuthError(
-                f"XO refused the sign-in ({error.message.removeprefix('XO session.signIn failed: ')}); "
-                "check XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD",
-                rpc_code=error.rpc_code,
-                method="session.signIn",
-            )
+            raise _sign_in_error(from_rpc_error(message["error"], "session.signIn"), self._credentials)
+        user = message.get("result")
+        return user if isinstance(user, dict) else None
 
-    async def _read_loop(self, link: Link) -> None:
-        try:
-            while True:
-                message = _parse(await link.recv())
-                if message is not None:
-                    self._dispatch(message)
-        except LinkClosed as exc:
-            log.info("xo_connection_closed", reason=str(exc) or "closed by XO")
-            self._drop_link(link)
-            self._fail_pending(_ConnectionLost(str(exc) or "closed by XO"))
+    def _notify(self, message: dict[str, Any]) -> None:
+        method = str(message.get("method"))
+        params = message.get("params")
+        for handler in list(self._handlers):
+            try:
+                handler(method, params)
+            except Exception:  # one broken subscriber must not take the connection down
+                log.exception("xo_notification_handler_failed", method=method)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        call_id = message.get("id")
-        if call_id is None:
-            method = message.get("method")
-            for handler in list(self._handlers):
-                handler(str(method), message.get("params"))
-            return
-        future = self._pending.get(call_id) if isinstance(call_id, int) else None
-        if future is None or future.done():
-            return
-        future.set_result(message)
 
-    def _drop_link(self, link: Link) -> None:
-        if self._link is link:
-            self._link = None
-
-    def _fail_pending(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
+def _sign_in_error(error: XoError, credentials: Credentials) -> XoAuthError:
+    reason = error.message.removeprefix("XO session.signIn failed: ")
+    if error.rpc_code == 3 and credentials.token:
+        hint = ("XO refused XOA_TOKEN: it is invalid or has expired (XO tokens expire, 30 days by default). "
+                "Create a new one with `xo-cli token.create expiresIn=<ms>` (JSON-RPC token.create) or in XO's "
+                "user settings, and update the secret")
+    elif error.rpc_code == 3:
+        hint = "XO refused XOA_USERNAME/XOA_PASSWORD (invalid credentials); check them"
+    else:
+        hint = f"XO refused the sign-in ({reason}); check XOA_TOKEN or XOA_USERNAME/XOA_PASSWORD"
+    return XoAuthError(hint, rpc_code=error.rpc_code, method="session.signIn")
 
 
 class _ConnectionLost(Exception):

@@ -32,6 +32,7 @@ CODES = {
     "BackendFailure": "backend_failure",
     "XoError": "xo_error",
     "XoUnavailable": "xo_unavailable",
+    "XoPoolDisconnected": "xo_pool_disconnected",
     "XoAuthError": "xo_auth_failed",
     "XoNotFound": "xo_not_found",
     "XoBusy": "xo_busy",

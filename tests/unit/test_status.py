@@ -29,6 +29,7 @@ EXPECTED = {
     "MountError": Code.INTERNAL,
     "XoError": Code.INTERNAL,
     "XoUnavailable": Code.UNAVAILABLE,
+    "XoPoolDisconnected": Code.UNAVAILABLE,
     "XoAuthError": Code.UNAVAILABLE,
     "XoNotFound": Code.INTERNAL,  # an object vanished under a call: not the volume (handlers answer NOT_FOUND)
     "XoBusy": Code.ABORTED,

@@ -44,6 +44,8 @@ class _MemoryLink:
         if item is _CLOSE:
             self.closed = True
             raise LinkClosed("peer closed")
+        if isinstance(item, Exception):
+            raise item
         assert isinstance(item, str)
         return item
 
@@ -58,6 +60,10 @@ class _MemoryLink:
     def drop(self) -> None:
         self.inbox.put_nowait(_CLOSE)
 
+    def unreadable(self) -> None:
+        """The next recv fails as a frame that is not valid UTF-8 would (the link stays open)."""
+        self.inbox.put_nowait(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+
 
 class MemoryPeer:
     """Answers each request with ``handler(method, params)``; records what it received."""
@@ -68,6 +74,7 @@ class MemoryPeer:
         self.received: list[dict[str, Any]] = []
         self.links: list[_MemoryLink] = []
         self.connects = 0
+        self.user: dict[str, Any] = {"id": "user", "email": "admin@example.org", "permission": "admin"}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> Link:
@@ -82,8 +89,14 @@ class MemoryPeer:
         task.add_done_callback(self._tasks.discard)
 
     def notify(self, items: dict[str, Any]) -> None:
+        """An ``all`` notification of objects that entered or changed (full objects, as XO sends them)."""
         for link in self.links:
             link.push({"jsonrpc": "2.0", "method": "all", "params": {"type": "enter", "items": items}})
+
+    def notify_exit(self, *ids: str) -> None:
+        """An ``all`` notification of removed objects: XO sends ``0`` as each one's value."""
+        for link in self.links:
+            link.push({"jsonrpc": "2.0", "method": "all", "params": {"type": "exit", "items": dict.fromkeys(ids, 0)}})
 
     async def _answer(self, link: _MemoryLink, request: dict[str, Any]) -> None:
         method, params = request["method"], request.get("params") or {}
@@ -91,7 +104,7 @@ class MemoryPeer:
         try:
             if method == "session.signIn":
                 if params.get("token") in self.tokens or params.get("password") == "pw":
-                    reply["result"] = {"id": "user", "email": "admin@example.org"}
+                    reply["result"] = dict(self.user)
                 else:
                     raise RpcFault(3, "invalid credentials")
             else:

@@ -256,6 +256,8 @@ async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
 
 async def test_delete_of_a_missing_vdi_is_success() -> None:
     async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "server.getAll":
+            return [{"id": "s1", "label": "Pool A", "status": "connected", "enabled": True}]
         raise RpcFault(1, "no such object v9", {"id": "v9", "type": "VDI"})
 
     peer = MemoryPeer(handler)
@@ -336,3 +338,103 @@ def test_settings_name_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XOA_URL", "https://xo")
     with pytest.raises(ValueError, match="XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD"):
         XoSettings().require_credentials()
+
+
+async def test_a_failing_notification_handler_does_not_wedge_the_session() -> None:
+    peer_ref: list[MemoryPeer] = []
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        peer_ref[0].notify({"x": {"id": "x", "type": "VM"}})
+        return {"v1": VDI}
+
+    peer = MemoryPeer(handler)
+    peer_ref.append(peer)
+    client = make_client(peer, timeout_s=1.0)
+    seen: list[str] = []
+
+    def broken(method: str, params: Any) -> None:
+        raise RuntimeError("subscriber bug")
+
+    client.session.subscribe(broken)
+    client.session.subscribe(lambda method, params: seen.append(method))
+    for _ in range(3):
+        assert (await client.get_vdi("v1")) is not None
+    assert peer.connects == 1
+    assert seen == ["all", "all", "all"]
+    await client.close()
+    await peer.aclose()
+
+
+async def test_an_unreadable_frame_drops_only_that_link_and_the_next_call_reconnects() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {"v1": VDI}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer, timeout_s=1.0)
+    await client.ping()
+    peer.links[0].unreadable()
+    await eventually_true(lambda: client.session.connections_opened == 1 and client.session._connection is None)
+    assert (await client.get_vdi("v1")) is not None
+    assert peer.connects == 2
+    await client.close()
+    await peer.aclose()
+
+
+async def test_a_late_close_of_an_old_link_does_not_fail_calls_on_the_new_one() -> None:
+    release = asyncio.Event()
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if params.get("filter", {}).get("slow"):
+            await release.wait()
+        return {"v1": VDI}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer, timeout_s=2.0)
+    await client.ping()
+    old = peer.links[0]
+    old.unreadable()  # the reader of link 1 stops; the link itself is not closed yet
+    await eventually_true(lambda: client.session._connection is None)
+    slow = asyncio.create_task(client.get_objects({"type": "VDI", "slow": True}))
+    await eventually_true(lambda: peer.connects == 2 and len(peer.received) >= 4)
+    await old.close()  # the old link finally closes: the call on link 2 must not notice
+    release.set()
+    assert [o["id"] for o in await slow] == ["v1"]
+    await client.close()
+    await peer.aclose()
+
+
+async def test_an_expired_token_says_so_and_how_to_make_a_new_one() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {}
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer, token="expired-token")
+    with pytest.raises(XoAuthError, match=r"invalid or has expired.*token\.create expiresIn"):
+        await client.ping()
+    await client.close()
+    await peer.aclose()
+
+
+async def eventually_true(predicate: Any, timeout_s: float = 2.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def test_a_non_admin_account_is_refused_with_what_to_do() -> None:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        return {}
+
+    peer = MemoryPeer(handler)
+    peer.user = {"id": "u2", "email": "viewer@example.org", "permission": "none"}
+    client = make_client(peer)
+    await client.ping()  # reading needs no role
+    with pytest.raises(XoAuthError, match=r"viewer@example.org has permission 'none'; the controller needs an XO "
+                                          r"admin account"):
+        await client.require_admin("controller")
+    with pytest.raises(XoAuthError):
+        await client.ping()  # every later sign-in is checked too
+    peer.user = {"id": "u1", "email": "admin@example.org", "permission": "admin"}
+    await client.require_admin("controller")
+    await client.close()
+    await peer.aclose()
