@@ -1,0 +1,122 @@
+"""The real Kubernetes machinery drives the driver (issue 11): kube-apiserver + the PV controllers, and
+csi-provisioner, csi-attacher and csi-resizer run with exactly the args of k8s/base/controller.yaml, two controller
+replicas electing leaders through Leases, against the frontends, migrators and node plugins as separate processes.
+
+The test plays scheduler (selected-node annotation), kubelet (Node/CSINode from NodeGetInfo, NodeStage/NodePublish,
+the PVC's filesystem-resize status) and attach-detach controller (VolumeAttachments). Each scenario asserts what a
+user sees with kubectl and what XO holds, and prints its timing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from services.devstack.wait import eventually
+from tests.k8s.cluster import Obj
+from tests.k8s.deployment import Deployed
+from tests.k8s.objects import APPS, DRIVER, NAMESPACE, claim, storage_class
+
+pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+
+MIGRATING_CLASS = "xoa-migrating"
+MiB = 1024**2
+_QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_FACTOR = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 10**3, "M": 10**6, "G": 10**9,
+           "T": 10**12}
+
+
+def quantity(text: str) -> int:
+    """Bytes of a Kubernetes quantity as the API server prints storage sizes ("256Mi", "107374182400")."""
+    match = _QUANTITY.match(text)
+    assert match, f"unexpected quantity {text!r}"
+    return int(match.group(1)) * _FACTOR[match.group(2)]
+
+
+async def segments_of(env: Deployed) -> dict[str, dict[str, str]]:
+    """Node name -> the topology segment its node plugin reports (NodeGetInfo), as the Node labels carry it."""
+    return {vm: dict((await env.node_info(vm)).accessible_topology.segments) for vm in sorted(env.stack.vm_ids)}
+
+
+async def capacities(env: Deployed, storage_class_name: str, count: int) -> dict[str, Obj]:
+    """The CSIStorageCapacity objects of a class keyed by their segment's host, once there are ``count``."""
+    async def listed() -> dict[str, Obj]:
+        items = [c for c in await env.cluster.list("csistoragecapacity", NAMESPACE)
+                 if c["storageClassName"] == storage_class_name]
+        assert len(items) == count, [c["nodeTopology"] for c in items]
+        return {c["nodeTopology"]["matchLabels"]["host"]: c for c in items}
+    return await eventually(listed, 60, interval_s=0.5, description=f"{count} capacities of {storage_class_name}")
+
+
+def affinity_terms(pv: Obj) -> list[dict[str, list[str]]]:
+    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    out = []
+    for term in terms:
+        assert all(e["operator"] == "In" for e in term["matchExpressions"]), term
+        out.append({e["key"]: e["values"] for e in term["matchExpressions"]})
+    return _sorted(out)
+
+
+def _sorted(dicts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return sorted(dicts, key=lambda d: sorted(d.items()))
+
+
+async def free_of(env: Deployed, sr_name: str) -> int:
+    (sr,) = [sr for sr in await env.stack.xo.find_srs() if sr.name_label == sr_name]
+    return sr.free_bytes
+
+
+async def delete_claim(env: Deployed, pvc: str, pv: str) -> None:
+    await env.cluster.delete("pvc", pvc, APPS)
+    await env.gone("pv", pv)
+
+
+def provisioner_reasons(events: list[Obj]) -> list[str]:
+    """Reasons of the events the external-provisioner reported, sorted (ties in time are common)."""
+    return sorted(e["reason"] for e in events
+                  if (e.get("source", {}).get("component") or e.get("reportingComponent", "")).startswith(DRIVER))
+
+
+# --- 1. WaitForFirstConsumer, topology, capacity ------------------------------------------------------------
+
+
+async def test_wait_for_first_consumer_claim_binds_near_its_node_and_capacity_follows(driver: Deployed, timer: None
+                                                                                       ) -> None:
+    env = driver
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
+    segments = await segments_of(env)
+    hosts = {vm: seg["host"] for vm, seg in segments.items()}
+    # capacity tracking: one object per topology segment of the class, owned by the controller Deployment
+    before = await capacities(env, MIGRATING_CLASS, len(segments))
+    assert _sorted(c["nodeTopology"]["matchLabels"] for c in before.values()) == _sorted(segments.values())
+    for capacity in before.values():
+        (owner,) = capacity["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("Deployment", "xo-csi-controller")
+    assert quantity(before[hosts["node-a1"]]["capacity"]) == await free_of(env, "Local A1")
+
+    await env.cluster.apply(claim("data-wffc", MIGRATING_CLASS, "256Mi", node="node-a1"))
+    pvc, pv = await env.bound("data-wffc")
+    name = pv["metadata"]["name"]
+    assert pv["spec"]["csi"]["volumeHandle"] == f"name:{name}"
+    assert pv["spec"]["capacity"]["storage"] == "256Mi" and pvc["status"]["capacity"]["storage"] == "256Mi"
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+    # the disk sits next to the selected node; a migrating volume may be attached anywhere in its pool
+    assert [sr.name_label for sr in await env.stack.xo.find_srs() for v in await env.stack.xo.find_vdis(
+        name_label=f"csi-{name}") if v.sr_id == sr.id] == ["Local A1"]
+    assert affinity_terms(pv) == _sorted({k: [v] for k, v in seg.items()} for seg in segments.values())
+    # provisioned at the first try: no ProvisioningFailed, no retry
+    assert provisioner_reasons(await env.cluster.events(APPS, "data-wffc")) == ["Provisioning", "ProvisioningSucceeded"]
+
+    # the provisioner refreshes the capacity of the PV's segments after provisioning
+    async def shrunk() -> dict[str, Obj]:
+        now = await capacities(env, MIGRATING_CLASS, len(segments))
+        assert quantity(now[hosts["node-a1"]]["capacity"]) == quantity(
+            before[hosts["node-a1"]]["capacity"]) - 256 * MiB
+        return now
+    after = await eventually(shrunk, 30, interval_s=0.5, description="capacity of node-a1's segment shrunk")
+    assert after[hosts["node-a2"]]["capacity"] == before[hosts["node-a2"]]["capacity"]
+    await delete_claim(env, "data-wffc", name)
+    assert await env.vdis(f"csi-{name}") == []
