@@ -80,17 +80,17 @@ class Deployed:
         return [line for r in self.all_replicas() for name in SIDECARS if name in r.processes
                 for line in r.log(name).splitlines() if regex.search(line)]
 
-    def rpc_calls(self, rpc: str, volume_id: str | None = None) -> int:
-        """How many ``rpc`` calls the frontends of every replica finished (their rpc_finished lines)."""
-        count = 0
+    def rpc_codes(self, rpc: str, volume_id: str | None = None) -> list[str]:
+        """The gRPC codes of the ``rpc`` calls the frontends of every replica finished (their rpc_finished
+        lines), in order."""
+        codes = []
         for replica in self.all_replicas():
             for line in replica.log("xo-csi-frontend").splitlines():
-                if '"rpc_finished"' not in line:
-                    continue
-                entry = json.loads(line)
-                if entry.get("rpc", "").endswith(f"/{rpc}") and volume_id in (None, entry.get("volume_id")):
-                    count += 1
-        return count
+                if '"rpc_finished"' in line:
+                    entry = json.loads(line)
+                    if entry.get("rpc") == rpc and volume_id in (None, entry.get("volume_id")):
+                        codes.append(str(entry["grpc_code"]))
+        return codes
 
     def log_tails(self) -> str:
         return "\n".join(r.log_tails() for r in self.all_replicas())

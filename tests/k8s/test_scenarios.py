@@ -9,14 +9,19 @@ user sees with kubectl and what XO holds, and prints its timing.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
 
+from services.devstack.stack import Stack
 from services.devstack.wait import eventually
+from tests.e2e.stack import migrations_of, mounted, sha256_of, srs_of, write_file
 from tests.k8s.cluster import Obj
+from tests.k8s.conftest import MIGRATION_RATE, record
 from tests.k8s.deployment import Deployed
 from tests.k8s.objects import APPS, DRIVER, NAMESPACE, claim, storage_class
 
@@ -24,6 +29,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.
 
 MIGRATING_CLASS = "xoa-migrating"
 MiB = 1024**2
+DATA_BYTES = 64 * MiB  # written before a move: the sparse copy moves about this much (~2 s)
 _QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _FACTOR = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 10**3, "M": 10**6, "G": 10**9,
            "T": 10**12}
@@ -120,3 +126,59 @@ async def test_wait_for_first_consumer_claim_binds_near_its_node_and_capacity_fo
     assert after[hosts["node-a2"]]["capacity"] == before[hosts["node-a2"]]["capacity"]
     await delete_claim(env, "data-wffc", name)
     assert await env.vdis(f"csi-{name}") == []
+
+
+# --- 2. attach, detach, attach elsewhere through a migration ------------------------------------------------
+
+
+async def test_volume_attachment_attaches_detaches_and_follows_its_pod_through_a_migration(
+        driver: Deployed, timer: None) -> None:
+    env, stack = driver, driver.stack
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
+    await env.cluster.apply(claim("data-move", MIGRATING_CLASS, "256Mi", node="node-a1"))
+    _, pv = await env.bound("data-move")
+    name = pv["metadata"]["name"]
+    disk, handle = f"csi-{name}", pv["spec"]["csi"]["volumeHandle"]
+
+    va, _ = await env.attach(name, "node-a1")
+    assert va["metadata"]["annotations"]["csi.alpha.kubernetes.io/node-id"] == stack.vm_ids["node-a1"]
+    assert await env.vbds(disk) == [(stack.vm_ids["node-a1"], True)]
+    assert await migrations_of(stack, disk) == 0  # created on node-a1's host: attach only
+    async with mounted(stack, "node-a1", handle, va["status"].get("attachmentMetadata", {})) as target:
+        checksum = await asyncio.to_thread(write_file, target / "data.bin", DATA_BYTES)
+    await env.detach(name, "node-a1")
+    assert await env.vbds(disk) == []  # detached: the VBD is gone in XO
+
+    # node-a2 is on the other host: the attacher's one ControllerPublishVolume (--timeout=300s) waits for the copy
+    va, attach_s = await env.attach(name, "node-a2")
+    assert await migrations_of(stack, disk) == 1
+    assert await srs_of(stack, disk) == ["Local A2"]
+    assert await env.vbds(disk) == [(stack.vm_ids["node-a2"], True)]
+    # every call answered OK: the one that waited for the copy did not time out nor answer ABORTED (no backoff).
+    # (The attacher may publish an attached volume twice: it re-syncs the VA on its own status update.)
+    assert set(env.rpc_codes("ControllerPublishVolume", handle)) == {"OK"}
+    assert env.rpc_codes("ControllerUnpublishVolume", handle) == ["OK"]
+    async with mounted(stack, "node-a2", handle, va["status"].get("attachmentMetadata", {})) as target:
+        assert await asyncio.to_thread(sha256_of, target / "data.bin") == checksum
+    record("VolumeAttachment created -> attached on the other host", attach_s,
+           f"(copy {copy_seconds(stack, disk):.1f} s of {DATA_BYTES // MiB} MiB at {MIGRATION_RATE}/s)")
+
+    await env.detach(name, "node-a2")
+    assert await env.vbds(disk) == []
+    await delete_claim(env, "data-move", name)
+    assert await env.vdis(disk) == []
+
+
+def copy_seconds(stack: Stack, disk: str) -> float:
+    """The copy time the migrator logged for the disk's (one) successful migration."""
+    durations = []
+    for name, process in stack.processes.items():
+        if not name.startswith("migrator"):
+            continue
+        for line in process.log_text().splitlines():
+            if '"migration_finished"' in line and disk in line:
+                entry = json.loads(line)
+                if entry.get("outcome") == "succeeded":
+                    durations.append(entry["duration_ms"] / 1000)
+    (seconds,) = durations
+    return float(seconds)
