@@ -23,9 +23,13 @@ from shared.csi import csi_pb2, csi_pb2_grpc
 from tests.k8s import objects
 from tests.k8s.cluster import Cluster, Obj
 from tests.k8s.objects import APPS, NAMESPACE
-from tests.k8s.sidecars import SIDECARS, Replica, ReplicaConfig, controller_deployment, start_replica
+from tests.k8s.sidecars import SIDECARS, Replica, ReplicaConfig, controller_deployment, start_replica, start_sidecar
 
 PODS = ("xo-csi-controller-0", "xo-csi-controller-1")  # replica A (first leader), replica B
+# the sidecars' leader-election locks (csi-lib-utils names them after the driver)
+LEASES = {"csi-provisioner": "csi-xen-orchestra-marcsi-ch",
+          "csi-attacher": "external-attacher-leader-csi-xen-orchestra-marcsi-ch",
+          "csi-resizer": "external-resizer-csi-xen-orchestra-marcsi-ch"}
 LEASE_WAIT_S = 60.0  # a lease held by a dead pod expires after 15 s (the sidecars' default), retried every 5 s
 
 
@@ -44,6 +48,18 @@ class Deployed:
     async def start(self, pod: str, extra_args: Mapping[str, Sequence[str]] | None = None) -> Replica:
         self.replicas[pod] = await start_replica(self.config, pod, extra_args)
         return self.replicas[pod]
+
+    async def restart_sidecars(self, name: str, extra: Sequence[str] = ()) -> None:
+        """Restart sidecar ``name`` of every replica with ``extra`` flags on top of the manifest's; replica A
+        leads again. Its Lease is deleted between stop and start: a stopped sidecar does not release it, and
+        waiting 15 s for it to expire tells nothing."""
+        for replica in self.replicas.values():
+            await replica.processes[name].stop()
+        await self.cluster.delete("lease", LEASES[name], NAMESPACE)
+        for pod in sorted(self.replicas):
+            await start_sidecar(self.config, self.replicas[pod], name, extra)
+            if pod == PODS[0]:
+                await self.wait_leader(PODS[0])
 
     async def stop(self, pod: str) -> None:
         replica = self.replicas.pop(pod)
@@ -67,7 +83,7 @@ class Deployed:
         """Until the three sidecars' leases are all held by ``pod``."""
         async def held() -> dict[str, str]:
             holders = await self.lease_holders()
-            assert len(holders) == len(SIDECARS) and set(holders.values()) == {pod}, holders
+            assert holders == dict.fromkeys(LEASES.values(), pod), holders
             return holders
         return await eventually(held, timeout_s, interval_s=0.5, description=f"every lease held by {pod}")
 
@@ -180,6 +196,7 @@ async def deployed(cluster: Cluster, stack: Stack, kubeconfig_dir: Path, fronten
     env = Deployed(cluster, stack, config)
     try:
         await env.start(PODS[0])
+        stack.controller_socket = env.replicas[PODS[0]].socket  # direct CSI calls of the tests go to replica A
         await env.wait_leader(PODS[0])
         await env.start(PODS[1])
         yield env

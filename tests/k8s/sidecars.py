@@ -87,10 +87,13 @@ class Replica:
     pod: str
     socket: Path
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    replaced: list[tuple[str, ServiceProcess]] = field(default_factory=list)  # restarted containers, for their logs
     exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     def log(self, container: str) -> str:
-        return self.processes[container].log_text()
+        """The container's log, its restarted instances' included."""
+        former = [p.log_text() for name, p in self.replaced if name == container]
+        return "".join([*former, self.processes[container].log_text()])
 
     def log_tails(self, lines: int = 25) -> str:
         return "\n".join(p.log_tail(lines) for p in self.processes.values())
@@ -125,6 +128,17 @@ class ReplicaConfig:
         return [str(self.cluster.binary(name)), *args, *extra]
 
 
+async def start_sidecar(config: ReplicaConfig, replica: Replica, name: str, extra: Sequence[str] = ()) -> None:
+    """Start (or restart: the running instance is stopped first) one sidecar of the replica."""
+    if name in replica.processes:
+        await replica.processes[name].stop()
+        replica.replaced.append((name, replica.processes.pop(name)))
+    argv = in_pod_uts(replica.pod, config.sidecar_argv(name, replica.socket, extra))
+    replica.processes[name] = await replica.exits.enter_async_context(service_process(
+        argv, log_dir=config.log_dir, env=pod_env(config.containers[name], replica.pod, config.namespace),
+        name=f"{replica.pod}-{name}", ready_line_regex=SIDECAR_READY, timeout_s=60))
+
+
 async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str, Sequence[str]] | None = None
                         ) -> Replica:
     """Start the frontend on ``<log_dir>/<pod>.sock``, then the sidecars against it (each ready once it
@@ -137,10 +151,7 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
             argv, log_dir=config.log_dir, env=config.frontend_env, name=f"{pod}-{FRONTEND}",
             ready=lambda: _answers(replica.socket), timeout_s=60))
         for name in SIDECARS:
-            argv = in_pod_uts(pod, config.sidecar_argv(name, replica.socket, (extra_args or {}).get(name, ())))
-            replica.processes[name] = await replica.exits.enter_async_context(service_process(
-                argv, log_dir=config.log_dir, env=pod_env(config.containers[name], pod, config.namespace),
-                name=f"{pod}-{name}", ready_line_regex=SIDECAR_READY, timeout_s=60))
+            await start_sidecar(config, replica, name, (extra_args or {}).get(name, ()))
     except BaseException:
         await replica.close()
         raise

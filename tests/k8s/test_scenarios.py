@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from services.devstack.stack import Stack
 from services.devstack.wait import eventually
-from tests.e2e.stack import migrations_of, mounted, sha256_of, srs_of, write_file
+from tests.e2e.stack import create, host_segment, migrations_of, mounted, sha256_of, srs_of, write_file
 from tests.k8s.cluster import Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
 from tests.k8s.deployment import Deployed
-from tests.k8s.objects import APPS, DRIVER, NAMESPACE, claim, storage_class
+from tests.k8s.objects import APPS, DRIVER, NAMESPACE, attachment_name, claim, static_volume, storage_class
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -182,3 +183,73 @@ def copy_seconds(stack: Stack, disk: str) -> float:
                     durations.append(entry["duration_ms"] / 1000)
     (seconds,) = durations
     return float(seconds)
+
+
+# --- 3. the attacher's reconcile (LIST_VOLUMES_PUBLISHED_NODES) ----------------------------------------------
+
+RECONCILE_SYNC = "--reconcile-sync=2s"  # ON TOP of the manifest's attacher args, for these tests only (default 1m)
+RECONCILE_PERIODS = 4
+ISSUE_10 = ("issue 10 (handles as m4rCsi writes them): ListVolumes reports a non-migrating disk as uuid:<VDI>, not "
+            "the PV's handle (name:<pv> or the bare VDI UUID), so every reconcile period the attacher logs 'attached "
+            "status and actual state do not match' and forces a ControllerPublishVolume")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def short_reconcile(driver: Deployed) -> AsyncIterator[Deployed]:
+    """The attachers restarted with --reconcile-sync=2s on top of the manifest's args; restored afterwards."""
+    await driver.restart_sidecars("csi-attacher", [RECONCILE_SYNC])
+    try:
+        yield driver
+    finally:
+        await driver.restart_sidecars("csi-attacher")  # back to exactly the manifest's args
+
+
+async def assert_left_alone(env: Deployed, handles: Mapping[str, str], node: str = "node-a1") -> None:
+    """For RECONCILE_PERIODS reconcile periods (counted by the attacher's ListVolumes calls) the attacher finds
+    each volume published to ``node``: no "do not match" report, no forced re-publish, VA status untouched."""
+    published_before = {h: len(env.rpc_codes("ControllerPublishVolume", h)) for h in handles.values()}
+    mismatches_before = len(env.sidecar_log_lines("do not match"))
+    lists_before = len(env.rpc_codes("ListVolumes"))
+    await eventually(lambda: len(env.rpc_codes("ListVolumes")) >= lists_before + RECONCILE_PERIODS,
+                     RECONCILE_PERIODS * 2 * 3, interval_s=0.5, description=f"{RECONCILE_PERIODS} reconciles")
+    for pv in handles:
+        va = await env.cluster.get("volumeattachment", attachment_name(pv, node))
+        assert va["status"]["attached"] is True, (pv, va["status"])
+    assert env.sidecar_log_lines("do not match")[mismatches_before:] == []
+    assert {h: len(env.rpc_codes("ControllerPublishVolume", h)) for h in handles.values()} == published_before
+
+
+async def test_attacher_reconcile_leaves_provisioned_attachments_alone(short_reconcile: Deployed, timer: None
+                                                                       ) -> None:
+    env = short_reconcile
+    await env.cluster.apply(claim("data-reconcile", MIGRATING_CLASS, "128Mi", node="node-a1"))
+    _, pv = await env.bound("data-reconcile")
+    name, handle = pv["metadata"]["name"], pv["spec"]["csi"]["volumeHandle"]
+    await env.attach(name, "node-a1")
+    await assert_left_alone(env, {name: handle})
+    await env.detach(name, "node-a1")
+    await delete_claim(env, "data-reconcile", name)
+
+
+@pytest.mark.xfail(reason=ISSUE_10, raises=AssertionError, strict=True)
+async def test_attacher_reconcile_leaves_m4rcsi_and_static_handles_alone(short_reconcile: Deployed, timer: None
+                                                                          ) -> None:
+    """An m4rCsi-made local, non-migrating volume (disk csi-<pv>, "csi:info: {}", handle name:<pv>) and a static
+    PV naming a fixed shared disk by its bare VDI UUID (m4rCsi's handle for fixed shared volumes)."""
+    env, stack = short_reconcile, short_reconcile.stack
+    await create(stack, "m4r-local", 128 * MiB, {"srsWithTag": "k8s-migrating"}, await host_segment(stack, "node-a1"))
+    shared_id = await create(stack, "static-shared", 128 * MiB, {"srsWithTag": "k8s-shared"})
+    for disk in ("csi-m4r-local", "csi-static-shared"):
+        (vdi,) = await stack.xo.find_vdis(name_label=disk)
+        await stack.xo.set_vdi(vdi.id, name_description="csi:info: {}")  # as m4rCsi writes non-migrating disks
+    handles = {"m4r-local": "name:m4r-local", "static-shared": shared_id.removeprefix("uuid:")}
+    await env.cluster.apply(*(static_volume(pv, handle, "128Mi") for pv, handle in handles.items()))
+    try:
+        for pv in handles:
+            await env.attach(pv, "node-a1")
+        await assert_left_alone(env, handles)
+    finally:
+        for pv in handles:
+            await env.detach(pv, "node-a1")
+            await env.cluster.delete("pv", pv)
+        assert [await env.vbds(disk) for disk in ("csi-m4r-local", "csi-static-shared")] == [[], []]
