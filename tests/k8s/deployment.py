@@ -168,6 +168,14 @@ class Deployed:
     async def node_info(self, vm: str) -> csi_pb2.NodeGetInfoResponse:
         return await self.stack.node(vm).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
 
+    async def controller_capabilities(self) -> list[int]:
+        """The RPC capabilities of the controller service (ControllerGetCapabilities)."""
+        replica = next(iter(self.replicas.values()))
+        async with grpc.aio.insecure_channel(f"unix://{replica.socket}") as channel:
+            response = await csi_pb2_grpc.ControllerStub(channel).ControllerGetCapabilities(
+                csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10)
+        return [c.rpc.type for c in response.capabilities]
+
     async def plugin_expansion(self) -> int:
         """The VolumeExpansion type the plugin advertises (csi_pb2.PluginCapability.VolumeExpansion.ONLINE or
         OFFLINE), as the sidecars read it (Identity.GetPluginCapabilities)."""

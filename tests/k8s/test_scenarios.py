@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,21 @@ import pytest_asyncio
 from services.devstack.stack import Stack
 from services.devstack.wait import eventually
 from shared.csi import csi_pb2
-from tests.e2e.stack import create, host_segment, migrations_of, sha256_of, srs_of, write_file
+from tests.e2e.stack import create, host_segment, migrations_of, sha256_of, sim_stats, srs_of, write_file
 from tests.k8s import kubelet
 from tests.k8s.cluster import Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
-from tests.k8s.deployment import Deployed
-from tests.k8s.objects import APPS, DRIVER, NAMESPACE, attachment_name, claim, static_volume, storage_class
+from tests.k8s.deployment import PODS, Deployed
+from tests.k8s.objects import APPS, DRIVER, NAMESPACE, attachment, attachment_name, claim, static_volume, storage_class
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
 MIGRATING_CLASS = "xoa-migrating"
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
+_Cap = csi_pb2.ControllerServiceCapability.RPC
 MiB = 1024**2
 DATA_BYTES = 64 * MiB  # written before a move: the sparse copy moves about this much (~2 s)
+FAILOVER_DATA_BYTES = 160 * MiB  # ~5 s of copy: the leader dies while it runs
 _QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _FACTOR = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 10**3, "M": 10**6, "G": 10**9,
            "T": 10**12}
@@ -325,3 +328,137 @@ async def resized_by_the_resizer(env: Deployed, pvc: str, pv: str, size: str) ->
 def filesystem_bytes(path: Path) -> int:
     stats = os.statvfs(path)
     return stats.f_blocks * stats.f_frsize
+
+
+# --- 5. reclaim policies ------------------------------------------------------------------------------------
+
+RETAIN_CLASS = "xoa-migrating-retain"
+
+
+async def test_reclaim_delete_removes_the_disk_once_detached_and_retain_keeps_it(driver: Deployed, timer: None
+                                                                                 ) -> None:
+    env = driver
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"),
+                            storage_class("storageclass-xoa-migrating.yaml", RETAIN_CLASS, reclaimPolicy="Retain"))
+    await env.cluster.apply(claim("data-delete", MIGRATING_CLASS, "64Mi", node="node-a1"),
+                            claim("data-retain", RETAIN_CLASS, "64Mi", node="node-a1"))
+    _, deleted = await env.bound("data-delete")
+    _, retained = await env.bound("data-retain")
+    gone, kept = deleted["metadata"]["name"], retained["metadata"]["name"]
+    assert retained["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+
+    # Delete: the claim goes at once, the PV and its disk only once the volume is detached
+    await env.attach(gone, "node-a1")
+    await env.cluster.delete("pvc", "data-delete", APPS)
+    await env.gone("pvc", "data-delete", APPS)
+
+    async def released() -> Obj:
+        pv = await env.cluster.get("pv", gone)
+        assert pv["status"]["phase"] == "Released", pv["status"]
+        return pv
+    await eventually(released, 30, interval_s=0.25, description=f"PV {gone} Released")
+    assert len(await env.vdis(f"csi-{gone}")) == 1  # still attached: not deleted
+    await env.detach(gone, "node-a1")
+    await env.gone("pv", gone)
+    assert await env.vdis(f"csi-{gone}") == []
+    assert env.rpc_codes("DeleteVolume", f"name:{gone}")[-1] == "OK"
+
+    # Retain: the claim goes, the PV stays Released and the disk stays in XO; DeleteVolume is never called
+    await env.cluster.delete("pvc", "data-retain", APPS)
+    await env.gone("pvc", "data-retain", APPS)
+    await eventually(lambda: _phase(env, kept, "Released"), 30, interval_s=0.25, description=f"PV {kept} Released")
+    assert len(await env.vdis(f"csi-{kept}")) == 1
+    assert env.rpc_codes("DeleteVolume", f"name:{kept}") == []
+    await env.cluster.delete("pv", kept, wait=True)
+    assert len(await env.vdis(f"csi-{kept}")) == 1  # the admin deletes a retained disk in XO, if ever
+    (vdi,) = await env.stack.xo.find_vdis(name_label=f"csi-{kept}")
+    await env.stack.xo.delete_vdi(vdi.id)
+
+
+async def _phase(env: Deployed, pv: str, phase: str) -> bool:
+    return bool((await env.cluster.get("pv", pv))["status"]["phase"] == phase)
+
+
+# --- 6. controller failover mid migrating attach ----------------------------------------------------------
+
+
+async def test_leader_killed_mid_migrating_attach_the_other_replica_finishes_it(driver: Deployed, timer: None
+                                                                               ) -> None:
+    env, stack = driver, driver.stack
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
+    await env.cluster.apply(claim("data-failover", MIGRATING_CLASS, "512Mi", node="node-a1"))
+    _, pv = await env.bound("data-failover")
+    name = pv["metadata"]["name"]
+    disk, handle = f"csi-{name}", pv["spec"]["csi"]["volumeHandle"]
+    await env.attach(name, "node-a1")
+    async with kubelet.mounted(env, "node-a1", name) as target:
+        checksum = await asyncio.to_thread(write_file, target / "data.bin", FAILOVER_DATA_BYTES)
+    await env.detach(name, "node-a1")
+    leader, follower = PODS
+    assert set((await env.lease_holders()).values()) == {leader}
+
+    started = time.monotonic()
+    await env.cluster.apply(attachment(name, "node-a2"))
+    await eventually(lambda: _copying(stack, disk), 30, interval_s=0.1, description=f"{disk} being copied")
+    await env.kill(leader)  # frontend and sidecars at once, mid copy, its ControllerPublishVolume waiting
+    killed = time.monotonic()
+    await env.wait_leader(follower)
+    took_over = time.monotonic()
+    stack.controller_socket = env.replicas[follower].socket
+    await env.attached(name, "node-a2")
+    attached = time.monotonic()
+    record("failover: leader killed -> every lease held by the other replica", took_over - killed)
+    record("failover: VolumeAttachment created -> attached", attached - started,
+           f"(copy {copy_seconds(stack, disk):.1f} s)")
+
+    assert len(await env.vdis(disk)) == 1 and await srs_of(stack, disk) == ["Local A2"]
+    assert await migrations_of(stack, disk) == 1
+    assert await env.vbds(disk) == [(stack.vm_ids["node-a2"], True)]  # exactly one VBD: none left by the dead pod
+    assert "OK" in env.rpc_codes("ControllerPublishVolume", handle)
+    async with kubelet.mounted(env, "node-a2", name) as target:
+        assert await asyncio.to_thread(sha256_of, target / "data.bin") == checksum
+    await env.detach(name, "node-a2")
+    await delete_claim(env, "data-failover", name)
+    await env.start(leader)  # the Deployment's second replica again, now a follower
+
+
+async def _copying(stack: Stack, disk: str) -> bool:
+    return bool((await sim_stats(stack))["active_migrations"] >= 1 and len(
+        await stack.xo.find_vdis(name_label=disk)) == 2)
+
+
+# --- 7. clones ----------------------------------------------------------------------------------------------
+
+
+async def test_claim_cloned_from_a_claim_binds_with_its_data(driver: Deployed, timer: None) -> None:
+    env = driver
+    if _Cap.CLONE_VOLUME not in await env.controller_capabilities():
+        reason = "CLONE_VOLUME not advertised"
+        print(reason)
+        pytest.skip(reason)
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
+    await env.cluster.apply(claim("data-source", MIGRATING_CLASS, "64Mi", node="node-a1"))
+    _, source = await env.bound("data-source")
+    await env.attach(source["metadata"]["name"], "node-a1")
+    async with kubelet.mounted(env, "node-a1", source["metadata"]["name"]) as target:
+        checksum = await asyncio.to_thread(write_file, target / "data.bin", 8 * MiB)
+    await env.detach(source["metadata"]["name"], "node-a1")
+    clone = claim("data-clone", MIGRATING_CLASS, "64Mi", node="node-a1")
+    clone["spec"]["dataSource"] = {"kind": "PersistentVolumeClaim", "name": "data-source"}
+    await env.cluster.apply(clone)
+    _, cloned = await env.bound("data-clone")
+    await env.attach(cloned["metadata"]["name"], "node-a1")
+    async with kubelet.mounted(env, "node-a1", cloned["metadata"]["name"]) as target:
+        assert await asyncio.to_thread(sha256_of, target / "data.bin") == checksum
+    await env.detach(cloned["metadata"]["name"], "node-a1")
+    await delete_claim(env, "data-clone", cloned["metadata"]["name"])
+    await delete_claim(env, "data-source", source["metadata"]["name"])
+
+
+# --- the manifests' RBAC -------------------------------------------------------------------------------------
+
+
+async def test_no_sidecar_was_ever_forbidden(driver: Deployed, timer: None) -> None:
+    """Run last: over every scenario above, the sidecars (with the ServiceAccount's token, so the RBAC of
+    k8s/base/rbac-controller.yaml applies) were never refused an API call."""
+    assert driver.sidecar_log_lines(r"(?i)forbidden") == []
