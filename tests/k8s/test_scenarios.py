@@ -26,10 +26,11 @@ from services.devstack.wait import eventually
 from shared.csi import csi_pb2
 from tests.e2e.stack import create, host_segment, migrations_of, sha256_of, sim_stats, srs_of, write_file
 from tests.k8s import kubelet
-from tests.k8s.cluster import Obj
+from tests.k8s.cluster import KubectlError, Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
-from tests.k8s.deployment import PODS, Deployed
+from tests.k8s.deployment import LEASES, PODS, Deployed
 from tests.k8s.objects import APPS, DRIVER, NAMESPACE, attachment, attachment_name, claim, static_volume, storage_class
+from tests.k8s.sidecars import SIDECARS
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -93,6 +94,18 @@ def provisioner_reasons(events: list[Obj]) -> list[str]:
     """Reasons of the events the external-provisioner reported, sorted (ties in time are common)."""
     return sorted(e["reason"] for e in events
                   if (e.get("source", {}).get("component") or e.get("reportingComponent", "")).startswith(DRIVER))
+
+
+# --- the controller pods ----------------------------------------------------------------------------------
+
+
+async def test_running_sidecars_have_the_manifest_args_and_lead_as_their_pod(driver: Deployed, timer: None) -> None:
+    """What runs is what test_manifest_args checks (the process's own argv); each lease names its pod."""
+    for replica in driver.replicas.values():
+        for name in SIDECARS:
+            cmdline = Path(f"/proc/{replica.processes[name].pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            assert [part.decode() for part in cmdline] == driver.config.sidecar_argv(name, replica.socket)
+    assert await driver.lease_holders() == dict.fromkeys(LEASES.values(), PODS[0])
 
 
 # --- 1. WaitForFirstConsumer, topology, capacity ------------------------------------------------------------
@@ -462,3 +475,6 @@ async def test_no_sidecar_was_ever_forbidden(driver: Deployed, timer: None) -> N
     """Run last: over every scenario above, the sidecars (with the ServiceAccount's token, so the RBAC of
     k8s/base/rbac-controller.yaml applies) were never refused an API call."""
     assert driver.sidecar_log_lines(r"(?i)forbidden") == []
+    # ... and the RBAC does apply to them: the ServiceAccount may not read Secrets (no StorageClass uses any)
+    with pytest.raises(KubectlError, match="(?i)forbidden"):
+        await driver.cluster.kubectl("get", "secrets", "-n", NAMESPACE, kubeconfig=driver.config.kubeconfig)
