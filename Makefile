@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test demo lint bench-xo bench-attach bench-migration soak proto
+.PHONY: bootstrap venv test test-k8s demo lint bench-xo bench-attach bench-migration soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -12,6 +12,9 @@ venv:                ## .venv + editable install only
 
 test: bootstrap      ## all of tests/; e.g. make test PYTEST_ARGS="tests/unit -q"
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-k8s: bootstrap  ## the real kube-apiserver and CSI sidecars drive the driver (docs/deploy.md "Tested with")
+	$(VENV)/bin/pytest tests/k8s -m k8s $(PYTEST_ARGS)
 
 demo: bootstrap
 	$(PY) -m services.demo $(DEMO_ARGS)

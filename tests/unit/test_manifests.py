@@ -24,7 +24,7 @@ from shared import messages, storage_class
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUSTOMIZATIONS = ("base", "brokers", "keda")
-OLDEST_KUBERNETES = "1.30"  # the Go driver is tested on 1.30-1.34; kubernetes-validate adds its newest below
+OLDEST_KUBERNETES = "1.34"  # csi-provisioner v6 needs it (docs/deploy.md); kubernetes-validate adds its newest below
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 KEDA_API = "keda.sh/v1alpha1"
 SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
