@@ -61,11 +61,6 @@ class Deployed:
             if pod == PODS[0]:
                 await self.wait_leader(PODS[0])
 
-    async def stop(self, pod: str) -> None:
-        replica = self.replicas.pop(pod)
-        self.retired.append(replica)
-        await replica.close()
-
     async def kill(self, pod: str) -> Replica:
         """kill -9 the pod's frontend and sidecars at once (a node or pod dies)."""
         replica = self.replicas.pop(pod)

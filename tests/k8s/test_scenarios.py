@@ -10,27 +10,34 @@ user sees with kubectl and what XO holds, and prints its timing.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from services.devstack.stack import Stack
 from services.devstack.wait import eventually
 from shared.csi import csi_pb2
-from tests.e2e.stack import create, host_segment, migrations_of, sha256_of, sim_stats, srs_of, write_file
+from tests.e2e.stack import create, host_segment, migrations_of, sha256_of, srs_of, write_file
 from tests.k8s import kubelet
 from tests.k8s.cluster import KubectlError, Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
 from tests.k8s.deployment import LEASES, PODS, Deployed
-from tests.k8s.objects import APPS, DRIVER, NAMESPACE, attachment, attachment_name, claim, static_volume, storage_class
+from tests.k8s.objects import APPS, NAMESPACE, attachment, attachment_name, claim, static_volume, storage_class
 from tests.k8s.sidecars import SIDECARS
+from tests.k8s.views import (
+    affinity_terms,
+    capacities,
+    copy_seconds,
+    copying,
+    filesystem_bytes,
+    free_of,
+    provisioner_reasons,
+    quantity,
+    segments_of,
+    sorted_dicts,
+)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -40,60 +47,11 @@ _Cap = csi_pb2.ControllerServiceCapability.RPC
 MiB = 1024**2
 DATA_BYTES = 64 * MiB  # written before a move: the sparse copy moves about this much (~2 s)
 FAILOVER_DATA_BYTES = 160 * MiB  # ~5 s of copy: the leader dies while it runs
-_QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_FACTOR = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 10**3, "M": 10**6, "G": 10**9,
-           "T": 10**12}
-
-
-def quantity(text: str) -> int:
-    """Bytes of a Kubernetes quantity as the API server prints storage sizes ("256Mi", "107374182400")."""
-    match = _QUANTITY.match(text)
-    assert match, f"unexpected quantity {text!r}"
-    return int(match.group(1)) * _FACTOR[match.group(2)]
-
-
-async def segments_of(env: Deployed) -> dict[str, dict[str, str]]:
-    """Node name -> the topology segment its node plugin reports (NodeGetInfo), as the Node labels carry it."""
-    return {vm: dict((await env.node_info(vm)).accessible_topology.segments) for vm in sorted(env.stack.vm_ids)}
-
-
-async def capacities(env: Deployed, storage_class_name: str, count: int) -> dict[str, Obj]:
-    """The CSIStorageCapacity objects of a class keyed by their segment's host, once there are ``count``."""
-    async def listed() -> dict[str, Obj]:
-        items = [c for c in await env.cluster.list("csistoragecapacity", NAMESPACE)
-                 if c["storageClassName"] == storage_class_name]
-        assert len(items) == count, [c["nodeTopology"] for c in items]
-        return {c["nodeTopology"]["matchLabels"]["host"]: c for c in items}
-    return await eventually(listed, 60, interval_s=0.5, description=f"{count} capacities of {storage_class_name}")
-
-
-def affinity_terms(pv: Obj) -> list[dict[str, list[str]]]:
-    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
-    out = []
-    for term in terms:
-        assert all(e["operator"] == "In" for e in term["matchExpressions"]), term
-        out.append({e["key"]: e["values"] for e in term["matchExpressions"]})
-    return _sorted(out)
-
-
-def _sorted(dicts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(dicts, key=lambda d: sorted(d.items()))
-
-
-async def free_of(env: Deployed, sr_name: str) -> int:
-    (sr,) = [sr for sr in await env.stack.xo.find_srs() if sr.name_label == sr_name]
-    return sr.free_bytes
 
 
 async def delete_claim(env: Deployed, pvc: str, pv: str) -> None:
     await env.cluster.delete("pvc", pvc, APPS)
     await env.gone("pv", pv)
-
-
-def provisioner_reasons(events: list[Obj]) -> list[str]:
-    """Reasons of the events the external-provisioner reported, sorted (ties in time are common)."""
-    return sorted(e["reason"] for e in events
-                  if (e.get("source", {}).get("component") or e.get("reportingComponent", "")).startswith(DRIVER))
 
 
 # --- the controller pods ----------------------------------------------------------------------------------
@@ -119,7 +77,7 @@ async def test_wait_for_first_consumer_claim_binds_near_its_node_and_capacity_fo
     hosts = {vm: seg["host"] for vm, seg in segments.items()}
     # capacity tracking: one object per topology segment of the class, owned by the controller Deployment
     before = await capacities(env, MIGRATING_CLASS, len(segments))
-    assert _sorted(c["nodeTopology"]["matchLabels"] for c in before.values()) == _sorted(segments.values())
+    assert sorted_dicts(c["nodeTopology"]["matchLabels"] for c in before.values()) == sorted_dicts(segments.values())
     for capacity in before.values():
         (owner,) = capacity["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"]) == ("Deployment", "xo-csi-controller")
@@ -134,7 +92,7 @@ async def test_wait_for_first_consumer_claim_binds_near_its_node_and_capacity_fo
     # the disk sits next to the selected node; a migrating volume may be attached anywhere in its pool
     assert [sr.name_label for sr in await env.stack.xo.find_srs() for v in await env.stack.xo.find_vdis(
         name_label=f"csi-{name}") if v.sr_id == sr.id] == ["Local A1"]
-    assert affinity_terms(pv) == _sorted({k: [v] for k, v in seg.items()} for seg in segments.values())
+    assert affinity_terms(pv) == sorted_dicts({k: [v] for k, v in seg.items()} for seg in segments.values())
     # provisioned at the first try: no ProvisioningFailed, no retry
     assert provisioner_reasons(await env.cluster.events(APPS, "data-wffc")) == ["Provisioning", "ProvisioningSucceeded"]
 
@@ -189,21 +147,6 @@ async def test_volume_attachment_attaches_detaches_and_follows_its_pod_through_a
     assert await env.vbds(disk) == []
     await delete_claim(env, "data-move", name)
     assert await env.vdis(disk) == []
-
-
-def copy_seconds(stack: Stack, disk: str) -> float:
-    """The copy time the migrator logged for the disk's (one) successful migration."""
-    durations = []
-    for name, process in stack.processes.items():
-        if not name.startswith("migrator"):
-            continue
-        for line in process.log_text().splitlines():
-            if '"migration_finished"' in line and disk in line:
-                entry = json.loads(line)
-                if entry.get("outcome") == "succeeded":
-                    durations.append(entry["duration_ms"] / 1000)
-    (seconds,) = durations
-    return float(seconds)
 
 
 # --- 3. the attacher's reconcile (LIST_VOLUMES_PUBLISHED_NODES) ----------------------------------------------
@@ -338,11 +281,6 @@ async def resized_by_the_resizer(env: Deployed, pvc: str, pv: str, size: str) ->
     assert env.rpc_codes("ControllerExpandVolume", f"name:{pv}") == ["OK"]
 
 
-def filesystem_bytes(path: Path) -> int:
-    stats = os.statvfs(path)
-    return stats.f_blocks * stats.f_frsize
-
-
 # --- 5. reclaim policies ------------------------------------------------------------------------------------
 
 RETAIN_CLASS = "xoa-migrating-retain"
@@ -412,7 +350,7 @@ async def test_leader_killed_mid_migrating_attach_the_other_replica_finishes_it(
 
     started = time.monotonic()
     await env.cluster.apply(attachment(name, "node-a2"))
-    await eventually(lambda: _copying(stack, disk), 30, interval_s=0.1, description=f"{disk} being copied")
+    await eventually(lambda: copying(stack, disk), 30, interval_s=0.1, description=f"{disk} being copied")
     await env.kill(leader)  # frontend and sidecars at once, mid copy, its ControllerPublishVolume waiting
     killed = time.monotonic()
     await env.wait_leader(follower)
@@ -433,11 +371,6 @@ async def test_leader_killed_mid_migrating_attach_the_other_replica_finishes_it(
     await env.detach(name, "node-a2")
     await delete_claim(env, "data-failover", name)
     await env.start(leader)  # the Deployment's second replica again, now a follower
-
-
-async def _copying(stack: Stack, disk: str) -> bool:
-    return bool((await sim_stats(stack))["active_migrations"] >= 1 and len(
-        await stack.xo.find_vdis(name_label=disk)) == 2)
 
 
 # --- 7. clones ----------------------------------------------------------------------------------------------
