@@ -351,6 +351,9 @@ async def test_leader_killed_mid_migrating_attach_the_other_replica_finishes_it(
     started = time.monotonic()
     await env.cluster.apply(attachment(name, "node-a2"))
     await eventually(lambda: copying(stack, disk), 30, interval_s=0.1, description=f"{disk} being copied")
+    waiting = [line for line in env.replicas[leader].log("xo-csi-frontend").splitlines()
+               if '"migration_waiting"' in line and disk in line]
+    assert len(waiting) == 1, waiting  # the leader's ControllerPublishVolume is waiting for this copy
     await env.kill(leader)  # frontend and sidecars at once, mid copy, its ControllerPublishVolume waiting
     killed = time.monotonic()
     await env.wait_leader(follower)
