@@ -153,9 +153,9 @@ async def test_volume_attachment_attaches_detaches_and_follows_its_pod_through_a
 
 RECONCILE_SYNC = "--reconcile-sync=2s"  # ON TOP of the manifest's attacher args, for these tests only (default 1m)
 RECONCILE_PERIODS = 4
-ISSUE_10 = ("issue 10 (handles as m4rCsi writes them): ListVolumes reports a non-migrating disk as uuid:<VDI>, not "
-            "the PV's handle (name:<pv> or the bare VDI UUID), so every reconcile period the attacher logs 'attached "
-            "status and actual state do not match' and forces a ControllerPublishVolume")
+ISSUE_10 = ("issue 10 (handles as m4rCsi writes them, ListVolumes reports the PV's handle, static volumes included): "
+            "a fixed disk made by this driver is listed as uuid:<VDI>, so a static PV naming it by its bare UUID is "
+            "'attached status and actual state do not match' for the attacher, which re-publishes it every period")
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -183,40 +183,48 @@ async def assert_left_alone(env: Deployed, handles: Mapping[str, str], node: str
     assert {h: len(env.rpc_codes("ControllerPublishVolume", h)) for h in handles.values()} == published_before
 
 
-async def test_attacher_reconcile_leaves_provisioned_attachments_alone(short_reconcile: Deployed, timer: None
-                                                                       ) -> None:
-    env = short_reconcile
+async def test_attacher_reconcile_leaves_provisioned_and_m4rcsi_made_attachments_alone(
+        short_reconcile: Deployed, timer: None) -> None:
+    """Three volumes attached to node-a1, one per handle form: a provisioned migrating one (name:<pv>), an m4rCsi-made
+    local, non-migrating one (disk csi-<pv>, "csi:info: {}", handle name:<pv>) and an m4rCsi-made fixed shared one
+    in a static PV by its bare VDI UUID (m4rCsi's handle for fixed shared volumes)."""
+    env, stack = short_reconcile, short_reconcile.stack
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
     await env.cluster.apply(claim("data-reconcile", MIGRATING_CLASS, "128Mi", node="node-a1"))
     _, pv = await env.bound("data-reconcile")
-    name, handle = pv["metadata"]["name"], pv["spec"]["csi"]["volumeHandle"]
-    await env.attach(name, "node-a1")
-    await assert_left_alone(env, {name: handle})
-    await env.detach(name, "node-a1")
-    await delete_claim(env, "data-reconcile", name)
+    await create(stack, "m4r-local", 128 * MiB, {"srsWithTag": "k8s-migrating"}, await host_segment(stack, "node-a1"))
+    shared_id = await create(stack, "m4r-shared", 128 * MiB, {"srsWithTag": "k8s-shared"})
+    for disk in ("csi-m4r-local", "csi-m4r-shared"):
+        (vdi,) = await stack.xo.find_vdis(name_label=disk)
+        await stack.xo.set_vdi(vdi.id, name_description="csi:info: {}")  # as m4rCsi writes non-migrating disks
+    static = {"m4r-local": "name:m4r-local", "m4r-shared": shared_id.removeprefix("uuid:")}
+    await env.cluster.apply(*(static_volume(name, handle, "128Mi") for name, handle in static.items()))
+    handles = {pv["metadata"]["name"]: pv["spec"]["csi"]["volumeHandle"], **static}
+    for name in handles:
+        await env.attach(name, "node-a1")
+    await assert_left_alone(env, handles)
+    for name in handles:
+        await env.detach(name, "node-a1")
+    await delete_claim(env, "data-reconcile", pv["metadata"]["name"])
+    for name in static:
+        await env.cluster.delete("pv", name, wait=True)
+    assert [await env.vbds(f"csi-{name}") for name in static] == [[], []]
 
 
 @pytest.mark.xfail(reason=ISSUE_10, raises=AssertionError, strict=True)
-async def test_attacher_reconcile_leaves_m4rcsi_and_static_handles_alone(short_reconcile: Deployed, timer: None
-                                                                          ) -> None:
-    """An m4rCsi-made local, non-migrating volume (disk csi-<pv>, "csi:info: {}", handle name:<pv>) and a static
-    PV naming a fixed shared disk by its bare VDI UUID (m4rCsi's handle for fixed shared volumes)."""
+async def test_attacher_reconcile_leaves_a_static_pv_naming_this_drivers_disk_by_bare_uuid_alone(
+        short_reconcile: Deployed, timer: None) -> None:
+    """A static PV naming a fixed disk made by this driver (its csi:info records the class) by its bare VDI UUID:
+    ListVolumes reports that disk as uuid:<VDI>, the id this driver's CreateVolume returned."""
     env, stack = short_reconcile, short_reconcile.stack
-    await create(stack, "m4r-local", 128 * MiB, {"srsWithTag": "k8s-migrating"}, await host_segment(stack, "node-a1"))
-    shared_id = await create(stack, "static-shared", 128 * MiB, {"srsWithTag": "k8s-shared"})
-    for disk in ("csi-m4r-local", "csi-static-shared"):
-        (vdi,) = await stack.xo.find_vdis(name_label=disk)
-        await stack.xo.set_vdi(vdi.id, name_description="csi:info: {}")  # as m4rCsi writes non-migrating disks
-    handles = {"m4r-local": "name:m4r-local", "static-shared": shared_id.removeprefix("uuid:")}
-    await env.cluster.apply(*(static_volume(pv, handle, "128Mi") for pv, handle in handles.items()))
+    bare = (await create(stack, "static-bare", 128 * MiB, {"srsWithTag": "k8s-shared"})).removeprefix("uuid:")
+    await env.cluster.apply(static_volume("static-bare", bare, "128Mi"))
+    await env.attach("static-bare", "node-a1")
     try:
-        for pv in handles:
-            await env.attach(pv, "node-a1")
-        await assert_left_alone(env, handles)
+        await assert_left_alone(env, {"static-bare": bare})
     finally:
-        for pv in handles:
-            await env.detach(pv, "node-a1")
-            await env.cluster.delete("pv", pv)
-        assert [await env.vbds(disk) for disk in ("csi-m4r-local", "csi-static-shared")] == [[], []]
+        await env.detach("static-bare", "node-a1")
+        await env.cluster.delete("pv", "static-bare", wait=True)
 
 
 # --- 4. expansion through the resizer, as the plugin advertises it ------------------------------------------
