@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def _skip_without_root_tools() -> None:
-    missing = [tool for tool in ("losetup", "unshare", "mkfs.ext4") if shutil.which(tool) is None]
+    missing = [tool for tool in ("losetup", "unshare", "mkfs.ext4", "mkfs.xfs") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         reason = (f"the k8s suite needs root and {', '.join(missing) or 'util-linux'}: the simulator attaches loop "
                   "devices, the node plugins mount filesystems, each controller pod gets its own hostname")
