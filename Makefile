@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test demo lint bench-xo bench-attach bench-migration soak proto
+.PHONY: bootstrap venv test test-k8s demo lint bench-xo bench-attach bench-migration soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -14,6 +14,9 @@ test: bootstrap      ## lint (ruff, mypy --strict), then all of tests/; e.g. mak
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-k8s: bootstrap  ## the real kube-apiserver and CSI sidecars drive the driver (docs/deploy.md "Tested with")
+	$(VENV)/bin/pytest tests/k8s -m k8s $(PYTEST_ARGS)
 
 demo: bootstrap
 	$(PY) -m dev.demo $(DEMO_ARGS)

@@ -89,6 +89,21 @@ def _parse_form(volume_id: str) -> VolumeId | None:
     return None
 
 
+def listed_handle(volume_name: str, vdi_id: str, *, migrating: bool, class_recorded: bool, shared_sr: bool) -> str:
+    """The handle a PV of this disk carries, which ListVolumes must report: external-attacher reconciles each
+    VolumeAttachment by looking its PV's handle up in ListVolumes, and re-publishes every period when it is absent.
+
+    Migrating volumes: ``name:<volume>``. This driver's fixed volumes (their csi:info records the class):
+    ``uuid:<VDI>``, what its CreateVolume returns. m4rCsi's fixed volumes (``csi:info: {}``) as m4rCsi names them:
+    ``name:<volume>`` on a local SR, the bare VDI UUID on a shared one.
+    """
+    if migrating or (not class_recorded and not shared_sr):
+        return str(by_name(volume_name))
+    if not class_recorded:
+        return vdi_id.lower()
+    return str(by_uuid(vdi_id))
+
+
 def is_volume_name(name: str) -> bool:
     """Could CreateVolume have accepted ``name``? (see validate_volume_name)"""
     return bool(name) and len(name.encode()) <= MAX_ID_BYTES and bool(_NAME_RE.match(name))

@@ -136,14 +136,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.max_entries < 0:
             raise InvalidRequest("max_entries must not be negative; use 0 for no limit")
         after = _page_start(request.starting_token)
-        entries = [e for e in await self._provisioner.list_volumes() if str(e.volume_id) > after]
+        entries = [e for e in await self._provisioner.list_volumes() if e.listed_id > after]
         has_more = 0 < request.max_entries < len(entries)
         if has_more:
             entries = entries[:request.max_entries]
-        response = csi_pb2.ListVolumesResponse(next_token=str(entries[-1].volume_id) if has_more else "")
+        response = csi_pb2.ListVolumesResponse(next_token=entries[-1].listed_id if has_more else "")
         for entry in entries:
             item = response.entries.add()
-            item.volume.volume_id = str(entry.volume_id)
+            item.volume.volume_id = entry.listed_id
             item.volume.capacity_bytes = entry.vdi.size
             item.status.published_node_ids.extend(entry.published_vms)
             item.status.volume_condition.abnormal = entry.abnormal
@@ -197,11 +197,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
 
 def _page_start(token: str) -> str:
-    """The volume id a ListVolumes page starts after ("" for the first page)."""
+    """The listed id a ListVolumes page starts after ("" for the first page): the token as given, once it is
+    one of our id forms (a listed id may be a bare VDI UUID, which must not be rewritten to uuid:<VDI>)."""
     if not token:
         return ""
     try:
-        return str(vid.parse(token, "starting_token"))
+        vid.parse(token, "starting_token")
+        return token
     except (InvalidRequest, VolumeNotFound) as exc:
         raise OperationPending(
             f"starting_token {token!r} is not a token this driver returned; restart the listing without it"

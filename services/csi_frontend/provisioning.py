@@ -47,6 +47,12 @@ class VolumeEntry:
     published_vms: list[str]
     abnormal: bool
     condition: str
+    handle: str | None = None  # the PV's handle when it is not str(volume_id): an m4rCsi-made fixed volume
+
+    @property
+    def listed_id(self) -> str:
+        """The id ListVolumes reports: the handle the volume's PV carries (vid.listed_handle)."""
+        return self.handle or str(self.volume_id)
 
 
 @dataclass(frozen=True)
@@ -200,28 +206,40 @@ class Provisioner:
     # -- list / capacity -------------------------------------------------------------------------
 
     async def list_volumes(self) -> list[VolumeEntry]:
-        """Every driver disk (temporary ones excluded), sorted by volume id, with the VMs it is attached to and
-        its condition (a migrating volume has two VDIs while a copy runs: one entry)."""
-        vdis, vbds = await asyncio.gather(self._xo.find_vdis(), self._xo.find_vbds())
+        """Every driver disk (temporary ones excluded), sorted by the id ListVolumes reports (the handle its PV
+        carries, see vid.listed_handle), with the VMs it is attached to and its condition (a migrating volume
+        has two VDIs while a copy runs: one entry)."""
+        vdis, vbds, srs = await asyncio.gather(self._xo.find_vdis(), self._xo.find_vbds(), self._xo.find_srs())
         attached: dict[str, set[str]] = {}
         for vbd in vbds:
             if vbd.attached and vbd.vdi_id:
                 attached.setdefault(vbd.vdi_id, set()).add(vbd.vm_id)
+        shared = {sr.id for sr in srs if placement.view(sr).is_shared}
         found: dict[str, tuple[vid.VolumeId, list[Vdi]]] = {}
         for vdi in vdis:
-            volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
-            info = vdi_metadata.parse(vdi.name_description)
-            if volume_name is None or info is None:
-                continue
-            volume = vid.by_name(volume_name) if info.migrating else vid.by_uuid(vdi.id)
-            found.setdefault(str(volume), (volume, []))[1].append(vdi)
+            listed = self._listed(vdi, shared)
+            if listed is not None:
+                found.setdefault(listed[0], (listed[1], []))[1].append(vdi)
         entries = []
         for key in sorted(found):
             volume, copies = found[key]
             vms = sorted(set().union(*(attached.get(v.id, set()) for v in copies)))
             abnormal, condition = _condition(copies)
-            entries.append(VolumeEntry(volume, max(copies, key=lambda v: v.size), vms, abnormal, condition))
+            entries.append(VolumeEntry(volume, max(copies, key=lambda v: v.size), vms, abnormal, condition,
+                                       None if key == str(volume) else key))
         return entries
+
+    def _listed(self, vdi: Vdi, shared_srs: set[str]) -> tuple[str, vid.VolumeId] | None:
+        """(handle its PV carries, volume id) of a driver disk, None for other disks."""
+        volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
+        info = vdi_metadata.parse(vdi.name_description)
+        if volume_name is None or info is None:
+            return None
+        volume = vid.by_name(volume_name) if info.migrating else vid.by_uuid(vdi.id)
+        handle = vid.listed_handle(volume_name, vdi.id, migrating=info.migrating,
+                                   class_recorded=bool(info.srs_with_tag or info.sr_uuid),
+                                   shared_sr=vdi.sr_id in shared_srs)
+        return handle, volume
 
     async def describe(self, volume_id: vid.VolumeId) -> VolumeState:
         """Size, attached nodes and condition (abnormal: missing on its SR, or a stray same-named copy)."""

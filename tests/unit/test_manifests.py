@@ -24,7 +24,7 @@ from shared import messages, storage_class
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUSTOMIZATIONS = ("base", "brokers", "keda")
-OLDEST_KUBERNETES = "1.30"  # the Go driver is tested on 1.30-1.34; kubernetes-validate adds its newest below
+OLDEST_KUBERNETES = "1.34"  # csi-provisioner v6 needs it (docs/deploy.md); kubernetes-validate adds its newest below
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 KEDA_API = "keda.sh/v1alpha1"
 SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
@@ -276,7 +276,9 @@ def test_provisioner_tracks_topology_and_capacity() -> None:
     controller = _find("Deployment", "xo-csi-controller")
     provisioner = _sidecar(controller, "csi-provisioner")
     flags = _flags(provisioner)
-    assert "Topology=true" in flags["feature-gates"].split(","), "Topology is off by default in the provisioner"
+    # Topology is GA and on by default since external-provisioner v5: the gate must not be turned off (setting it
+    # on only earns a "will be removed" warning); tests/k8s proves CreateVolume gets its topology without it
+    assert "Topology=false" not in flags.get("feature-gates", ""), "WaitForFirstConsumer needs the topology"
     assert "enable-capacity" in flags and "extra-create-metadata" in flags
     assert flags["capacity-ownerref-level"] == "2", "Pod -> ReplicaSet -> Deployment owns the capacity objects"
     assert flags["default-fstype"] in storage_class.FS_TYPES

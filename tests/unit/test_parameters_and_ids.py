@@ -90,6 +90,29 @@ def test_long_names_that_share_their_first_bytes_map_to_different_names() -> Non
     assert vid.volume_name_for_id(a) != vid.volume_name_for_id(b)
 
 
+VDI = "0f8e4d2c-1a2b-4c3d-8e9f-00aa11bb22cc"
+
+
+@pytest.mark.parametrize(
+    ("migrating", "class_recorded", "shared_sr", "handle"),
+    [
+        (True, True, False, "name:pvc-1"),  # migrating: by name, whoever made it
+        (True, True, True, "name:pvc-1"),
+        (False, True, False, f"uuid:{VDI}"),  # this driver's fixed volumes: what its CreateVolume returned
+        (False, True, True, f"uuid:{VDI}"),
+        (False, False, False, "name:pvc-1"),  # m4rCsi's fixed volume on a local SR ("csi:info: {}")
+        (False, False, True, VDI),  # m4rCsi's fixed volume on a shared SR: the bare VDI UUID
+    ],
+)
+def test_listed_handle_is_the_handle_the_pv_carries(migrating: bool, class_recorded: bool, shared_sr: bool,
+                                                    handle: str) -> None:
+    """external-attacher reconciles VolumeAttachments by looking the PV's handle up in ListVolumes (tests/k8s)."""
+    listed = vid.listed_handle("pvc-1", VDI.upper(), migrating=migrating, class_recorded=class_recorded,
+                               shared_sr=shared_sr)
+    assert listed == handle
+    assert vid.parse(listed) == (vid.by_name("pvc-1") if handle.startswith("name:") else vid.by_uuid(VDI))
+
+
 def test_disk_names() -> None:
     assert vid.disk_name("csi-", "pvc-1") == "csi-pvc-1"
     assert vid.temp_disk_name("csi-", "pvc-1") == "csi-temp-pvc-1"
