@@ -291,8 +291,17 @@ def bitmap_of(sector_ranges: Iterable[tuple[int, int]]) -> bytes:
     """The sector bitmap of one block: bit set (MSB first) for each sector in the [first, end) ranges."""
     bits = bytearray(BITMAP_BYTES)
     for first, end in sector_ranges:
-        for sector in range(max(0, first), min(end, SECTORS_PER_BLOCK)):
-            bits[sector >> 3] |= 0x80 >> (sector & 7)
+        first, end = max(0, first), min(end, SECTORS_PER_BLOCK)
+        while first < end and first & 7:
+            bits[first >> 3] |= 0x80 >> (first & 7)
+            first += 1
+        whole_end = end & ~7
+        if first < whole_end:
+            bits[first >> 3:whole_end >> 3] = b"\xff" * ((whole_end - first) >> 3)
+            first = whole_end
+        while first < end:
+            bits[first >> 3] |= 0x80 >> (first & 7)
+            first += 1
     return bytes(bits)
 
 

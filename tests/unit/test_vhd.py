@@ -260,3 +260,10 @@ async def test_a_missing_final_footer_is_truncation() -> None:
     with pytest.raises(VhdTruncated, match="before the final VHD footer"):
         _ = [block async for block in iter_blocks(head, reader)]
 
+
+
+@pytest.mark.parametrize("ranges", [[(0, 4096)], [(3, 21)], [(5, 6)], [(8, 16), (17, 40)], [(4000, 5000)], []])
+def test_bitmap_sets_exactly_the_sectors_of_the_ranges(ranges: list[tuple[int, int]]) -> None:
+    bits = vhd.bitmap_of(ranges)
+    wanted = {s for first, end in ranges for s in range(first, min(end, 4096))}
+    assert {s for s in range(4096) if bits[s >> 3] & (0x80 >> (s & 7))} == wanted
