@@ -176,6 +176,10 @@ class RestApi:
                 blocks = None
         except (VhdError, content.ContentError) as exc:
             raise XapiError("VDI_IO_ERROR", [str(exc)], method="VDI.import_raw_vdi") from exc
+        except ConnectionError as exc:  # the client dropped the connection mid-body; what was written stays
+            log.info("vdi_import_aborted", vdi=vdi["id"], format=kind, reason=str(exc))
+            raise XapiError("VDI_IO_ERROR", ["the connection closed before the end of the body"],
+                            method="VDI.import_raw_vdi") from exc
         finally:
             self.sim.xapi.unlock(vdi["id"])
         log.debug("vdi_content_imported", vdi=vdi["id"], format=kind, length=length, blocks=blocks)
@@ -209,6 +213,7 @@ class RestApi:
         source = (content.export_vhd(path, vdi["size"], _uuid_bytes(vdi["id"])) if fmt == "vhd"
                   else content.export_raw(path, vdi["size"]))
         self.sim.xapi.lock(vdi["id"])
+        sent = 0
         try:
             async with aclosing(source) as chunks:
                 try:
@@ -222,15 +227,15 @@ class RestApi:
                     "Content-Disposition": f"attachment; filename={vdi['id']}.{fmt}"})
                 response.enable_chunked_encoding()
                 await response.prepare(request)
-                sent = len(first)
                 await response.write(first)
+                sent = len(first)
                 async for chunk in chunks:
                     await response.write(chunk)
                     sent += len(chunk)
             await response.write_eof()
-        except ConnectionResetError:
-            log.info("vdi_export_aborted", vdi=vdi["id"], reason="client went away")
-            raise
+        except ConnectionError:  # the client went away (closed or cancelled its download): nothing to answer
+            log.info("vdi_export_aborted", vdi=vdi["id"], format=fmt, bytes=sent)
+            return response
         finally:
             self.sim.xapi.unlock(vdi["id"])
         log.debug("vdi_content_exported", vdi=vdi["id"], format=fmt, bytes=sent)
