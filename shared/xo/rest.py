@@ -31,6 +31,7 @@ log = get_logger(__name__)
 Format = Literal["vhd", "raw"]
 FORMATS: tuple[Format, ...] = ("vhd", "raw")
 MAX_ERROR_BODY_BYTES = 64 * 1024
+SEND_BYTES = 1024 * 1024
 
 
 def rest_url(base_url: str) -> str:
@@ -213,15 +214,24 @@ async def _body(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
 
 
 async def _exactly(chunks: AsyncIterable[bytes], length: int, what: str) -> AsyncIterator[bytes]:
-    """Pass ``chunks`` through, failing clearly (before h11 does) when they are not ``length`` bytes."""
+    """Pass ``chunks`` through in pieces of at least SEND_BYTES (fewer, larger socket writes: each write costs
+    far more than copying), failing clearly, before h11 does, when they are not ``length`` bytes."""
     sent = 0
+    pending: list[bytes] = []
+    pending_bytes = 0
     async for chunk in chunks:
         sent += len(chunk)
         if sent > length:
             raise XoError(f"the body of the {what} is longer than its announced {length} bytes", method=what)
-        yield chunk
+        pending.append(chunk)
+        pending_bytes += len(chunk)
+        if pending_bytes >= SEND_BYTES:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, pending_bytes = [], 0
     if sent < length:
         raise XoUnavailable(f"the body of the {what} ended after {sent} of {length} bytes", method=what)
+    if pending:
+        yield b"".join(pending)
 
 
 def _describe(exc: BaseException) -> str:
