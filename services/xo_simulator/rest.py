@@ -136,7 +136,7 @@ class RestApi:
         vdi_id, fmt = _split(request.match_info["ref"])
         vdi = self.view.get(vdi_id, "VDI")
         if fmt is None:
-            return _json(200, {**vdi, "href": f"{PREFIX}/vdis/{vdi['id']}"})
+            return _json(200, vdi)
         kind = _format(fmt)
         return await self._export(request, self._writable(vdi, "export"), kind)
 
