@@ -52,8 +52,12 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
     app.router.add_delete(f"{PREFIX}/vdis/{{ref}}", rest.wrap(rest.delete_vdi))
 
 
-class RestBadRequest(Exception):
-    """A 400 answered before authentication (both a cookie and an Authorization header)."""
+class RestAnswer(Exception):
+    """An answer outside XO's error mapping: 400 (two authentication methods, bad JSON), 404 (no such route)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RestApi:
@@ -82,8 +86,8 @@ class RestApi:
             try:
                 user = self.authenticate(request)
                 return await handler(request, user)
-            except RestBadRequest as exc:
-                return _json(400, {"error": str(exc)})
+            except RestAnswer as exc:
+                return _json(exc.status, {"error": str(exc)})
             except SimError as exc:
                 return error_response(exc)
 
@@ -99,7 +103,7 @@ class RestApi:
         token = request.cookies.get("authenticationToken") or request.cookies.get("token")
         authorization = request.headers.get("Authorization")
         if token and authorization is not None:
-            raise RestBadRequest(MULTIPLE_AUTH)
+            raise RestAnswer(400, MULTIPLE_AUTH)
         if token:
             credentials: dict[str, Any] = {"token": token}
         elif authorization is not None:
@@ -145,7 +149,7 @@ class RestApi:
         vdi_id, fmt = _split(request.match_info["ref"])
         vdi = self.view.get(vdi_id, "VDI")
         if fmt is not None:
-            raise PlainError(f"Cannot DELETE {request.path}")
+            raise RestAnswer(404, f"Cannot DELETE {request.path}")
         self._xapi_vdi(vdi)
         await self.sim.xapi.destroy_vdi(vdi["id"])
         return web.Response(status=204)
@@ -159,7 +163,7 @@ class RestApi:
         vdi_id, fmt = _split(request.match_info["ref"])
         vdi = self.view.get(vdi_id, "VDI")
         if fmt is None:
-            raise PlainError(f"Cannot PUT {request.path}")
+            raise RestAnswer(404, f"Cannot PUT {request.path}")
         kind = _format(fmt)
         length = request.content_length
         if length is None:
@@ -294,7 +298,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.text())
     except ValueError as exc:
-        raise RestBadRequest(f"invalid JSON body: {exc}") from exc
+        raise RestAnswer(400, f"invalid JSON body: {exc}") from exc
     if not isinstance(body, dict):
         raise invalid_parameters([{"instancePath": "", "message": "must be object"}])
     return body

@@ -137,6 +137,10 @@ async def test_unknown_ids_and_formats() -> None:
             answer = await http.request(method, f"/vdis/{vdi_id}.qcow2", content=b"x" if method == "PUT" else None)
             assert answer.status_code == 422
             assert answer.json()["error"] == "invalid format 'qcow2'"
+        no_route = [await http.delete(f"/vdis/{vdi_id}.vhd"), await http.put(f"/vdis/{vdi_id}", content=b"x")]
+        assert [(a.status_code, a.json()["error"]) for a in no_route] == [
+            (404, f"Cannot DELETE /rest/v0/vdis/{vdi_id}.vhd"), (404, f"Cannot PUT /rest/v0/vdis/{vdi_id}")]
+        assert vdi_id in sim.state
 
 
 async def test_an_import_without_content_length_is_refused_as_xo_does() -> None:
