@@ -58,12 +58,13 @@ async def stream_copy(rest: XoRest, src_vdi: str, dst_vdi: str, fmt: Format, *,
     the content: the caller deletes or rewrites it.
     """
     started = time.monotonic()
+    raw_length = await _raw_length(rest, src_vdi) if fmt == "raw" else 0
     async with rest.export(src_vdi, fmt) as chunks:
         with _source_errors(src_vdi):
             if fmt == "vhd":
                 length, body = await with_exact_length(chunks)
             else:
-                length, body = await _raw_length(rest, src_vdi), chunks
+                length, body = raw_length, chunks
             meter = _Meter(length, started, progress, progress_interval_s)
             await meter.report(0)
             await rest.import_(dst_vdi, fmt, length, meter.count(body))
