@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test test-k8s demo lint bench-xo bench-attach bench-migration soak proto
+.PHONY: bootstrap venv test test-k8s demo lint bench-xo bench-attach bench-migration bench-stream soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -33,6 +33,9 @@ bench-attach: bootstrap
 
 bench-migration: bootstrap
 	$(PY) -m bench.migration $(BENCH_ARGS)
+
+bench-stream: bootstrap  ## disk content through XO REST export/import (root: real data mode)
+	$(PY) -m bench.stream $(BENCH_ARGS)
 
 soak: bootstrap      ## e.g. make soak DURATION=15m SEED=1
 	$(PY) -m dev.soak --duration $(or $(DURATION),2m) --seed $(or $(SEED),1) $(SOAK_ARGS)

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(rabbitmq-server redis-server e2fsprogs xfsprogs util-linux)
+APT_PACKAGES=(rabbitmq-server redis-server e2fsprogs xfsprogs util-linux qemu-utils)
 PYTHON=${BOOTSTRAP_PYTHON:-python3}   # the interpreter .venv is created from
 VENV=.venv
 STAMP=$VENV/.xo-csi-installed   # touched after a successful `pip install -e .[dev]`

@@ -12,6 +12,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 _SECRET_KEYS = ("token", "password", "secret", "authorization", "cookie")
 _REDACTED = "**redacted**"
@@ -43,9 +44,11 @@ def configure_logging(level: str = "info", *, json: bool | None = None, service:
         _redact,
     ]
     if use_json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        # Tracebacks without frame locals: a local (a sign-in payload, an HTTP request's headers) may hold a token.
+        tracebacks = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        processors += [tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=False)]
+        processors += [structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),

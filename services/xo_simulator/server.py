@@ -16,7 +16,7 @@ from aiohttp import web
 
 from shared.logging import get_logger
 
-from . import admin
+from . import admin, rest
 from .auth import Authenticator
 from .faults import FaultRule, Faults, Latency
 from .inventory import populate
@@ -128,10 +128,11 @@ class Simulator:
 
     # -- web -----------------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        """The aiohttp application: ``/api/`` WebSocket, ``/api/<token>`` one-shot NDJSON, admin routes."""
+        """The aiohttp app: ``/api/`` WebSocket, ``/api/<token>`` one-shot NDJSON, ``/rest/v0`` REST, admin routes."""
         app = web.Application()
         app.router.add_get("/api/", self._websocket)
         app.router.add_get("/api/{token}", self._one_shot)
+        rest.add_routes(app, self)
         if self.options.admin:
             admin.add_routes(app, self)
         return app

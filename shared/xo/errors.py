@@ -13,8 +13,10 @@ Tree (each leaf also inherits the domain error that the edges map to a code)::
     ├── XoNoSpace (CapacityExhausted)         XAPI SR_BACKEND_FAILURE_44 (insufficient space)
     └── XoMethodNotFound                      JSON-RPC -32601: this XO is too old for a method
 
-No websockets or ssl exception type escapes shared/xo/. Messages never contain call parameters,
-so a token or password cannot leak through an error.
+No websockets, httpx or ssl exception type escapes shared/xo/. Messages never contain call parameters or
+headers, so a token or password cannot leak through an error. JSON-RPC answers go through from_rpc_error,
+REST answers (shared/xo/rest.py) through from_rest_error: 404 -> XoNotFound, 401/403 -> XoAuthError,
+422 -> XoInvalidParameters, 503 -> XoUnavailable, a XAPI code in the message -> its class, else XoError.
 """
 
 from __future__ import annotations
@@ -127,3 +129,22 @@ def from_rpc_error(error: Any, method: str) -> XoError:
     xapi_code = xapi_code_of(message, data)
     cls = _BY_XAPI_CODE.get(xapi_code or "") or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError)
     return cls(f"XO {method} failed: {message}", rpc_code=code, xapi_code=xapi_code, method=method, data=data)
+
+
+_BY_HTTP_STATUS: dict[int, type[XoError]] = {
+    401: XoAuthError,
+    403: XoAuthError,
+    404: XoNotFound,
+    422: XoInvalidParameters,
+    503: XoUnavailable,
+}
+
+
+def from_rest_error(status: int, body: Any, what: str) -> XoError:
+    """Build the XoError for a REST answer with HTTP ``status`` and JSON ``body`` (``{error, data?, info?}``)."""
+    message = str(body.get("error") or "") if isinstance(body, dict) else ""
+    message = (message or f"HTTP {status}")[:500]
+    data = body.get("data") if isinstance(body, dict) else None
+    xapi_code = xapi_code_of(message, None) if status >= 500 else None
+    cls = _BY_XAPI_CODE.get(xapi_code or "") or _BY_HTTP_STATUS.get(status, XoError)
+    return cls(f"XO {what} failed (HTTP {status}): {message}", xapi_code=xapi_code, method=what, data=data)
