@@ -1,5 +1,7 @@
 """The object store: XO objects by id, indexes by type/name/ref, filtered queries and change notifications.
 
+The simulator keeps two: the truth (what XAPI knows) and XO's cache (what callers see, see cache.py).
+
 Objects are copy-on-write: a stored dict is never mutated once stored, ``update`` stores a new dict, so
 a snapshot can be handed out (to JSON encoding, to notifications) without copying. Callers MUST NOT
 mutate what they get back. XO semantics (XAPI checks, errors) live in xapi.py, not here.
@@ -104,6 +106,20 @@ class ObjectStore:
         if obj_id in self._objects:
             raise ValueError(f"object {obj_id} already exists")
         self._order[obj_id] = next(self._counter)
+        self._by_ref[obj["_xapiRef"]] = obj_id
+        self._put(obj)
+        return obj
+
+    def put(self, obj: XoObject) -> XoObject:
+        """Store ``obj`` as the current version of its id (added at the end when new); returns it."""
+        obj_id = obj["id"]
+        old = self._objects.get(obj_id)
+        if old is None:
+            self._order[obj_id] = next(self._counter)
+        else:
+            self._unindex_name(old)
+            if old["_xapiRef"] != obj["_xapiRef"]:
+                self._by_ref.pop(old["_xapiRef"], None)
         self._by_ref[obj["_xapiRef"]] = obj_id
         self._put(obj)
         return obj
