@@ -97,14 +97,15 @@ class CacheMirror:
         return len(self._pending)
 
     # -- following the truth -------------------------------------------------------------------------
-    def _on_truth_change(self, kind: str, items: Mapping[str, XoObject]) -> None:
+    def _on_truth_change(self, entered: Mapping[str, XoObject], exited: Mapping[str, XoObject]) -> None:
+        changed = [*entered, *exited]
         if self.lag.is_instant:
-            self._apply(list(items))
+            self._apply(changed)
             return
         loop = asyncio.get_running_loop()
         due = max(loop.time() + self.lag.draw_s(self._rng), self._last_due)
         self._last_due = due
-        for obj_id in items:
+        for obj_id in changed:
             if obj_id not in self._pending:  # already scheduled: that poll will read the newest version
                 self._issued += 1
                 self._pending[obj_id] = (due, self._issued)

@@ -18,8 +18,9 @@ from .errors import no_such_object
 from .matching import compile_filter
 from .shapes import XoObject
 
-Listener = Callable[[str, Mapping[str, XoObject]], None]
-"""Called with ("enter"|"exit", {id: object}) after each batch of changes; must not raise."""
+Listener = Callable[[Mapping[str, XoObject], Mapping[str, XoObject]], None]
+"""Called once per batch of changes with ({id: object} entered or updated, {id: last version} removed), either
+possibly empty but not both; must not raise."""
 
 
 class ObjectStore:
@@ -173,7 +174,7 @@ class ObjectStore:
 
     # -- notifications -------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` after every change batch; returns the unsubscribe function."""
+        """Call ``listener(entered, exited)`` after every change batch; returns the unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -191,8 +192,8 @@ class ObjectStore:
         if self._batch_depth:
             return
         entered, exited = self._entered, self._exited
+        if not entered and not exited:
+            return
         self._entered, self._exited = {}, {}
-        for kind, items in (("enter", entered), ("exit", exited)):
-            if items:
-                for listener in list(self._listeners):
-                    listener(kind, items)
+        for listener in list(self._listeners):
+            listener(entered, exited)

@@ -138,14 +138,18 @@ class Simulator:
             await self.data.close()
 
     # -- sessions ------------------------------------------------------------------------------------
-    def _broadcast(self, kind: str, items: Mapping[str, Any]) -> None:
+    def _broadcast(self, entered: Mapping[str, Any], exited: Mapping[str, Any]) -> None:
+        """One ``enter`` (full objects) then one ``exit`` per cache batch, to every signed-in socket, unfiltered."""
         signed_in = [conn for conn in self.connections if conn.user is not None]
-        if signed_in:
-            # In ``exit`` every value is 0: "we don't care about the value here" (xo-server xo.mjs).
-            text = notification(kind, items if kind == "enter" else dict.fromkeys(items, 0))
-            for conn in signed_in:
+        if not signed_in:
+            return
+        # In ``exit`` every value is 0: "we don't care about the value here" (xo-server xo.mjs).
+        texts = [notification(kind, items) for kind, items in (("enter", entered), ("exit", dict.fromkeys(exited, 0)))
+                 if items]
+        for conn in signed_in:
+            for text in texts:
                 conn.notify(text)
-            self.stats.notifications += len(signed_in)
+        self.stats.notifications += len(signed_in) * len(texts)
 
     async def add_faults(self, rules: Iterable[FaultRule]) -> None:
         """Install fault rules and run the actions: ``expire_sessions`` closes every signed-in socket now,

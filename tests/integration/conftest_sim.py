@@ -121,14 +121,20 @@ class RpcClient:
             await self._changed.wait_for(lambda: len(self.raw_replies) > count or self.closed.is_set())
         return self.raw_replies[count]
 
-    async def wait_notification(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10) -> dict:
-        """Return the first notification (already received or upcoming) matching ``predicate``."""
+    async def wait_notification(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10,
+                                since: int = 0) -> dict:
+        """Return the first notification (received from index ``since`` on, or upcoming) matching ``predicate``."""
         async with asyncio.timeout(timeout_s), self._changed:
             while True:
-                for message in self.notifications:
+                for message in self.notifications[since:]:
                     if predicate(message):
                         return message
                 await self._changed.wait()
+
+    async def settled(self) -> int:
+        """The number of notifications received once all those queued so far arrived (replies follow them)."""
+        await self.call("system.getServerVersion")
+        return len(self.notifications)
 
     async def sign_in(self, token: str = TOKEN) -> Any:
         return await self.call("session.signIn", {"token": token})
