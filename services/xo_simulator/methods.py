@@ -180,7 +180,8 @@ class Api:
         changes: dict[str, Any] = {key: params[key] for key in ("name_label", "name_description") if key in params}
         if "cbt" in params:
             changes["cbt_enabled"] = params["cbt"]
-        self.xapi.set_vdi_fields(vdi["_xapiRef"], changes)
+        if changes:
+            self.xapi.set_vdi_fields(vdi["_xapiRef"], changes)
         return None
 
     async def _vdi_delete(self, session: Session, params: dict[str, Any], objects: dict[str, XoObject]) -> Any:

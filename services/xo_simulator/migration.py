@@ -180,6 +180,7 @@ class Migrator:
         source = self.store.find(job.source["id"])
         if source is None:
             return False  # destroyed meanwhile: XO's VDI destroy takes HANDLE_INVALID as done
+        self.xapi.ensure_idle(source)  # it was idle (and usable) between VDI.copy and here
         vbds = self.xapi.vbds_of(source)
         for vbd in vbds:
             if vbd["attached"]:

@@ -183,8 +183,7 @@ class Xapi:
     def set_vdi_fields(self, vdi_handle: str, changes: dict[str, Any]) -> None:
         """VDI.set_name_label and friends."""
         vdi = self.record(vdi_handle, "VDI")
-        if changes:
-            self.store.update(vdi["id"], changes)
+        self.store.update(vdi["id"], changes)
 
     async def resize_vdi(self, vdi_handle: str, size: int) -> None:
         """VDI.resize: refused with VDI_IN_USE (code 17) while any VBD is attached or reserved, unless the SR
