@@ -7,18 +7,28 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from shared.logging import configure_logging, get_logger
 from shared.units import parse_size
 
+from .cache import Lag
 from .faults import FaultRule, Faults, Latency
-from .server import DEFAULT_MIGRATION_RATE_BPS, start_simulator
+from .server import (
+    DEFAULT_CACHE_LAG,
+    DEFAULT_DESTROY_RETRY_MS,
+    DEFAULT_MIGRATE_RETRY_MS,
+    DEFAULT_MIGRATION_RATE_BPS,
+    DEFAULT_NOISE_EVENTS_PER_S,
+    start_simulator,
+)
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -28,18 +38,29 @@ def _listen(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _size(value: str) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises ValueError (its message becomes the error)."""
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return convert
 
 
-def _latency(value: str) -> Latency:
+_size = _argument(parse_size)
+_latency = _argument(Latency.parse)
+_lag = _argument(Lag.parse)
+
+
+def _non_negative(value: str) -> float:
     try:
-        return Latency.parse(value)
+        number = float(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from exc
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    return number
 
 
 def _fault(value: str) -> list[FaultRule]:
@@ -67,8 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="added latency: '5' for every method or 'vdi.migrate=50,*=2'")
     parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="JSON",
                         help='fault rule(s), repeatable: {"method":"vdi.migrate","xapi":"SR_BACKEND_FAILURE_44",'
-                             '"count":1} or {"kind":"drop_socket","method":"vbd.connect"}')
-    parser.add_argument("--fault-seed", type=int, default=None, help="seed for fault 'rate' draws")
+                             '"count":1}, {"kind":"drop_socket","method":"vbd.connect"} or '
+                             '{"kind":"pool_disconnect","pool":"<uuid>","duration_s":30}')
+    parser.add_argument("--fault-seed", type=int, default=None,
+                        help="seed for fault 'rate' draws, cache lags and noise")
+    parser.add_argument("--cache-lag-ms", type=_lag, default=Lag.parse(DEFAULT_CACHE_LAG), metavar="LOW-HIGH",
+                        help="how long XO's cache takes to show a change, uniform in LOW-HIGH ms "
+                             f"(default {DEFAULT_CACHE_LAG}); 0 = instant, for benchmarks only")
+    parser.add_argument("--noise-events-per-s", type=_non_negative, default=DEFAULT_NOISE_EVENTS_PER_S,
+                        metavar="N", help="background changes of unrelated objects per second "
+                                          f"(default {DEFAULT_NOISE_EVENTS_PER_S:g}); 0 = off, for benchmarks only")
+    parser.add_argument("--migrate-retry-ms", type=_non_negative, default=DEFAULT_MIGRATE_RETRY_MS, metavar="MS",
+                        help="delay between XO's 10 tries of a live migration refused with "
+                             f"TOO_MANY_STORAGE_MIGRATES (default {DEFAULT_MIGRATE_RETRY_MS:g})")
+    parser.add_argument("--destroy-retry-ms", type=_non_negative, default=DEFAULT_DESTROY_RETRY_MS, metavar="MS",
+                        help="delay between XO's 10 tries of vdi.delete on a VDI in use "
+                             f"(default {DEFAULT_DESTROY_RETRY_MS:g})")
     parser.add_argument("--backing-dir", type=Path, help="real data mode: folder for sparse VDI files (root)")
     parser.add_argument("--device-root", type=Path, help="real data mode: folder for <vm>/<device> symlinks (root)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -83,6 +118,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_storage_migrations=args.max_storage_migrations, plug_delay_ms=args.plug_delay_ms,
         latency=args.latency_ms, faults=[rule for rules in args.fault for rule in rules],
         fault_seed=args.fault_seed, backing_dir=args.backing_dir, device_root=args.device_root,
+        cache_lag_ms=args.cache_lag_ms, noise_events_per_s=args.noise_events_per_s,
+        migrate_retry_ms=args.migrate_retry_ms, destroy_retry_ms=args.destroy_retry_ms,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

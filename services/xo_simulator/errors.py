@@ -1,9 +1,12 @@
 """Errors the simulator sends to JSON-RPC clients, shaped as xo-server sends them.
 
 SimError
- +-- XoApiError   an xo-common api error: {code, message, data?} (codes 0..28, see XO-API.md §5)
- +-- XapiError    an XAPI failure as seen by an admin: code -32000, message "CODE(p1, p2)", data.code = CODE
- +-- PlainError   a plain JS Error: -32000 with the message for admins, "unknown error from the peer" otherwise
+ +-- XoApiError   an xo-common api error: {code, message, data?} (codes 0..28, see XO-API.md §5), sent to everyone
+ +-- XapiError    an XAPI failure: for an admin code -32000, message "CODE(p1, p2)", data.code = CODE
+ +-- PlainError   a plain JS Error: -32000 with the message for an admin
+
+Only admins see the last two: anyone else (a non-admin user, or a socket not signed in) gets json-rpc-peer's
+``{code: -32000, message: "unknown error from the peer"}`` without data (XO-STREAMS-AND-CACHE §E1).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ UNKNOWN_PEER_ERROR = {"code": -32000, "message": "unknown error from the peer"}
 class SimError(Exception):
     """Base of every error the simulator reports to a caller."""
 
-    def to_json(self, *, is_signed_in: bool) -> dict[str, Any]:
-        """Return the JSON-RPC ``error`` member for this error."""
+    def to_json(self, *, is_admin: bool) -> dict[str, Any]:
+        """Return the JSON-RPC ``error`` member for this error, as a caller with or without admin sees it."""
         raise NotImplementedError
 
 
@@ -31,7 +34,7 @@ class XoApiError(SimError):
         self.message = message
         self.data = data
 
-    def to_json(self, *, is_signed_in: bool) -> dict[str, Any]:
+    def to_json(self, *, is_admin: bool) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.data is not None:
             error["data"] = self.data
@@ -47,8 +50,8 @@ class XapiError(SimError):
         self.method = method
         super().__init__(f"{code}({', '.join(self.params)})")
 
-    def to_json(self, *, is_signed_in: bool) -> dict[str, Any]:
-        if not is_signed_in:
+    def to_json(self, *, is_admin: bool) -> dict[str, Any]:
+        if not is_admin:
             return dict(UNKNOWN_PEER_ERROR)
         message = str(self)
         return {
@@ -71,8 +74,8 @@ class PlainError(SimError):
         super().__init__(message)
         self.message = message
 
-    def to_json(self, *, is_signed_in: bool) -> dict[str, Any]:
-        if not is_signed_in:
+    def to_json(self, *, is_admin: bool) -> dict[str, Any]:
+        if not is_admin:
             return dict(UNKNOWN_PEER_ERROR)
         return {"code": -32000, "message": self.message, "data": {"name": "Error", "message": self.message}}
 
@@ -86,9 +89,12 @@ def no_such_object(obj_id: str, obj_type: str | list[str] | None = None) -> XoAp
     return XoApiError(1, f"no such {shown or 'object'} {obj_id}", {"id": obj_id, "type": obj_type})
 
 
-def unauthorized(permission: str | None) -> XoApiError:
-    """Code 2: the socket is not signed in (or lacks the permission)."""
-    return XoApiError(2, "not enough permissions", {"permission": permission, "object": {}})
+def unauthorized(permission: str | None, obj_id: str | None = None, obj_type: str | None = None) -> XoApiError:
+    """Code 2: the socket is not signed in, or its user lacks ``permission`` on the object."""
+    data: dict[str, Any] = {"object": {"id": obj_id, "type": obj_type} if obj_id is not None else {}}
+    if permission is not None:  # JSON drops xo-common's undefined permission
+        data["permission"] = permission
+    return XoApiError(2, "not enough permissions", data)
 
 
 def invalid_credentials() -> XoApiError:
@@ -97,8 +103,9 @@ def invalid_credentials() -> XoApiError:
 
 
 def invalid_parameters(errors: list[dict[str, Any]] | None = None, message: str = "invalid parameters") -> XoApiError:
-    """Code 10 with ajv-like ``errors``."""
-    return XoApiError(10, message, {"errors": errors or []})
+    """Code 10: with ajv-like ``errors`` for a schema failure; with data ``{}`` when a method throws it with a
+    message only (xo-common sets ``errors: undefined``, which JSON drops)."""
+    return XoApiError(10, message, {"errors": errors} if errors is not None else {})
 
 
 def vm_bad_power_state(vm_id: str, expected: str, actual: str) -> XoApiError:
@@ -115,6 +122,16 @@ def vdi_in_use(vdi_id: str, operation: str) -> XoApiError:
 def backend_failure(number: int, text: str) -> XapiError:
     """An SM failure such as ``SR_BACKEND_FAILURE_44(, There is insufficient space, )``."""
     return XapiError(f"SR_BACKEND_FAILURE_{number}", ["", text, ""])
+
+
+def handle_invalid(cls: str, handle: str) -> XapiError:
+    """XAPI HANDLE_INVALID(<class>, <ref>): the object is gone on the XAPI side."""
+    return XapiError("HANDLE_INVALID", [cls, handle])
+
+
+def no_connection(obj_id: str) -> PlainError:
+    """xo-server's getXapi() for an object of a pool it has no connection to."""
+    return PlainError(f"no connection found for object {obj_id}")
 
 
 def other_operation_in_progress(cls: str, ref: str) -> XapiError:

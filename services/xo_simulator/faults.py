@@ -1,7 +1,8 @@
-"""Latency and fault injection: per-method delays, injected errors, dropped sockets, expired sessions.
+"""Latency and fault injection: per-method delays, injected errors, dropped sockets, expired sessions, lost pools.
 
-Rules are checked before a method runs; ``expire_sessions`` is not a rule but an immediate action the
-server performs when it is added. Random draws come from a seedable generator for reproducible runs.
+Rules are checked before a method runs; ``expire_sessions`` and ``pool_disconnect`` are not rules but
+actions the server performs when they are added (outages.py times the lost pool). Random draws come from
+a seedable generator for reproducible runs.
 """
 
 from __future__ import annotations
@@ -56,14 +57,21 @@ class ErrorSpec(BaseModel):
     data: Any = None
 
 
-class FaultRule(BaseModel):
-    """One rule: ``{method, error|xapi, count?, rate?}``, ``{kind: drop_socket, ...}`` or ``{kind: expire_sessions}``.
+ACTION_KINDS = frozenset({"expire_sessions", "pool_disconnect"})
 
-    ``method`` None or ``"*"`` matches every method; ``count`` None means unlimited.
+
+class FaultRule(BaseModel):
+    """One rule: ``{method, error|xapi, count?, rate?}``, ``{kind: drop_socket, ...}``, ``{kind: expire_sessions}``
+    or ``{kind: pool_disconnect, pool, duration_s?}``.
+
+    ``method`` None or ``"*"`` matches every method; ``count`` None means unlimited; a pool_disconnect
+    without ``duration_s`` lasts until the faults are cleared.
     """
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["error", "drop_socket", "expire_sessions"] = "error"
+    kind: Literal["error", "drop_socket", "expire_sessions", "pool_disconnect"] = "error"
+    pool: str | None = None
+    duration_s: float | None = Field(default=None, gt=0)
     method: str | None = None
     error: ErrorSpec | None = None
     xapi: str | None = None
@@ -80,6 +88,10 @@ class FaultRule(BaseModel):
                 raise ValueError("an error rule needs a 'method' (use '*' for every method)")
         elif self.error is not None or self.xapi is not None:
             raise ValueError(f"a {self.kind} rule takes no 'error' or 'xapi'")
+        if (self.kind == "pool_disconnect") != (self.pool is not None):
+            raise ValueError("'pool' (a pool uuid) goes with, and only with, kind pool_disconnect")
+        if self.duration_s is not None and self.kind != "pool_disconnect":
+            raise ValueError("'duration_s' goes only with kind pool_disconnect")
         return self
 
     def matches(self, method: str) -> bool:
@@ -109,8 +121,8 @@ class Faults:
         return [FaultRule.model_validate(item) for item in items]
 
     def add(self, rules: Iterable[FaultRule]) -> None:
-        """Install rules (``expire_sessions`` rules are actions and are not stored)."""
-        self._rules.extend(rule for rule in rules if rule.kind != "expire_sessions")
+        """Install rules (``expire_sessions`` and ``pool_disconnect`` are actions and are not stored)."""
+        self._rules.extend(rule for rule in rules if rule.kind not in ACTION_KINDS)
 
     def clear(self) -> None:
         """Remove every rule (latency is kept)."""

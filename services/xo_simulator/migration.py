@@ -1,25 +1,32 @@
-"""VDI migration as XO's ``Xapi#moveVdi`` does it: a new VDI uuid every time.
+"""VDI migration as XO's ``Xapi#moveVdi`` does it: a new VDI uuid every time, then a cache barrier.
 
-Detached VDI: VDI.copy to the target SR (both VDIs visible, same names), then the source's VBDs are
-recreated on the copy and the source destroyed. VDI attached to a running VM: live storage migration,
-the VBDs follow (same VBD, still plugged). Migrations run in server-owned tasks, so a caller that goes
-away does not stop them; stop() cancels them and rolls the target back.
+VDI attached to a running VM: live storage migration (``VDI.pool_migrate``), the VBDs follow (same VBD,
+still plugged); XO retries it on TOO_MANY_STORAGE_MIGRATES (retry.py), so a caller sees that error only
+after the cap stayed full through every try. Detached VDI: ``VDI.copy`` to the target SR (no cap), then,
+after a barrier, the source's VBDs are recreated on the copy and the source destroyed; those last steps
+are not awaited by a barrier, so the cache may still show the source when the call returns. During
+either, source and target both show a current operation. Migrations run in server-owned tasks, so a
+caller that goes away does not stop them; close() cancels them and rolls back what was not committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shared.logging import get_logger
 
-from .errors import XapiError, other_operation_in_progress
+from .errors import XapiError, handle_invalid, other_operation_in_progress
+from .retry import RetryPolicy, has_xapi_code
 from .shapes import XoObject, opaque_ref
 from .stats import Stats
 from .xapi import Xapi
 
 log = get_logger(__name__)
+Barrier = Callable[[str], Awaitable[None]]
+"""Waits until XO's cache shows every change so far of a pool (CacheMirror.barrier)."""
 
 
 @dataclass
@@ -34,64 +41,84 @@ class _Job:
     result: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class Migrator:
-    """Runs VDI migrations with a per-pool cap on concurrent storage migrations."""
+async def _no_barrier(pool_id: str) -> None:
+    return None
 
-    def __init__(self, xapi: Xapi, stats: Stats, *, rate_bps: int, max_per_pool: int) -> None:
+
+class Migrator:
+    """Runs VDI migrations with a per-pool cap on concurrent live storage migrations."""
+
+    def __init__(self, xapi: Xapi, stats: Stats, *, rate_bps: int, max_per_pool: int,
+                 retry_delay_s: float = 1.0, barrier: Barrier = _no_barrier) -> None:
         self.xapi = xapi
         self.store = xapi.store
         self.stats = stats
         self.rate_bps = rate_bps
         self.max_per_pool = max_per_pool
-        self._active: Counter[str] = Counter()
+        self.retry = RetryPolicy(has_xapi_code("TOO_MANY_STORAGE_MIGRATES"), retry_delay_s)
+        self._barrier = barrier
+        self._live: Counter[str] = Counter()
+        self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
-        """Number of migrations in progress."""
-        return sum(self._active.values())
+        """Number of migrations in progress (live and copy)."""
+        return self._running
 
-    async def migrate(self, vdi_id: str, sr_id: str) -> str:
+    async def migrate(self, vdi_handle: str, sr_handle: str) -> str:
         """Move a VDI to an SR and return the new VDI uuid (the same uuid when already there).
 
-        Raises OTHER_OPERATION_IN_PROGRESS when the VDI is busy, TOO_MANY_STORAGE_MIGRATES above the
-        cap, SR_BACKEND_FAILURE_44 when the target is full, HANDLE_INVALID for an SR of another pool,
-        VM_REQUIRES_SR when a running VM using the VDI cannot see the target SR.
+        Raises OTHER_OPERATION_IN_PROGRESS when the VDI is busy, TOO_MANY_STORAGE_MIGRATES when the live cap
+        stays full through XO's retries, SR_BACKEND_FAILURE_44 when the target is full, HANDLE_INVALID for
+        a VDI or SR XAPI does not know (another pool's SR included), VM_REQUIRES_SR when a running VM using
+        the VDI cannot see the target SR.
         """
-        vdi = self.store.get(vdi_id, "VDI")
-        sr = self.store.get(sr_id, "SR")
-        if vdi["$SR"] == sr_id:
-            return vdi_id
-        job = self._prepare(vdi, sr)
+        vdi = self.xapi.record(vdi_handle, "VDI")
+        sr = self.xapi.record(sr_handle, "SR")
+        if vdi["$SR"] == sr["id"]:
+            return str(vdi["id"])
+
+        async def start() -> _Job:
+            return self._prepare(vdi_handle, sr_handle)
+
+        job = await self.retry.run(start)
         task = asyncio.create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(job.result)
 
-    def _prepare(self, vdi: XoObject, sr: XoObject) -> _Job:
+    def _prepare(self, vdi_handle: str, sr_handle: str) -> _Job:
+        vdi = self.xapi.record(vdi_handle, "VDI")
+        sr = self.xapi.record(sr_handle, "SR")
         self.xapi.ensure_idle(vdi)
         if self.xapi.has_vbd_in_flight(vdi):
             raise other_operation_in_progress("VDI", vdi["_xapiRef"])
         if sr["$pool"] != vdi["$pool"]:
-            raise XapiError("HANDLE_INVALID", ["SR", sr["_xapiRef"]], method="VDI.pool_migrate")
+            raise handle_invalid("SR", sr["_xapiRef"])
         live_vms = [vm for vbd in self.xapi.vbds_of(vdi) if vbd["attached"]
-                    if (vm := self.store.get(vbd["VM"], "VM"))["power_state"] == "Running"]
+                    if (vm := self.xapi.record(vbd["VM"], "VM"))["power_state"] == "Running"]
         for vm in live_vms:
             if not self.xapi.can_see(self.xapi.host_of(vm), sr):
                 raise XapiError("VM_REQUIRES_SR", [vm["_xapiRef"], sr["_xapiRef"]], method="VDI.pool_migrate")
         pool_id = vdi["$pool"]
-        if self._active[pool_id] >= self.max_per_pool:
-            raise XapiError("TOO_MANY_STORAGE_MIGRATES", [str(self._active[pool_id])], method="VDI.pool_migrate")
-        task_ref = opaque_ref()
         is_live = bool(live_vms)
+        if is_live and self._live[pool_id] >= self.max_per_pool:
+            raise XapiError("TOO_MANY_STORAGE_MIGRATES", [str(self._live[pool_id])], method="VDI.pool_migrate")
+        task_ref = opaque_ref()
+        operation = {task_ref: "mirror" if is_live else "copy"}
         with self.store.batch():
             target = self.xapi.add_vdi_record(
                 sr["id"], name_label=vdi["name_label"], name_description=vdi["name_description"],
                 size=vdi["size"], tags=vdi["tags"], other_config=vdi["other_config"],
+                usage=self.xapi.accounting.copy_usage(vdi, sr),
             )
-            source = self.store.update(vdi["id"], {"current_operations": {task_ref: "mirror" if is_live else "copy"}})
+            self.store.update(target["id"], {"current_operations": operation})
+            source = self.store.update(vdi["id"], {"current_operations": operation})
         self.xapi.lock(target["id"])
-        self._active[pool_id] += 1
+        self._running += 1
+        if is_live:
+            self._live[pool_id] += 1
         log.debug("migration_started", vdi=vdi["id"], target=target["id"], sr_to=sr["id"], live=is_live)
         return _Job(source, target["id"], sr["id"], pool_id, task_ref, is_live)
 
@@ -99,7 +126,7 @@ class Migrator:
         job.result.add_done_callback(_observe)
         try:
             if job.is_live:
-                await self._live(job)
+                await self._mirror(job)
             else:
                 await self._copy(job)
         except asyncio.CancelledError:
@@ -110,15 +137,21 @@ class Migrator:
                 job.result.set_exception(XapiError("TASK_CANCELLED", [job.task_ref], method="VDI.pool_migrate"))
             raise
         except Exception as exc:  # reported to the caller through job.result
-            await self._roll_back(job)
+            if not job.committed:
+                await self._roll_back(job)
             job.result.set_exception(exc)
         else:
             job.result.set_result(job.target_id)
             self.stats.migrations[job.source["name_label"]] += 1
             log.debug("migration_finished", vdi=job.source["id"], target=job.target_id, live=job.is_live)
         finally:
-            self._active[job.pool_id] -= 1
-            self.xapi.unlock(job.target_id)
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        self._running -= 1
+        if job.is_live:
+            self._live[job.pool_id] -= 1
+        self.xapi.unlock(job.target_id)
 
     def _duration_s(self, size_bytes: int) -> float:
         return size_bytes / self.rate_bps if self.rate_bps > 0 else 0.0
@@ -130,33 +163,53 @@ class Migrator:
             await data.copy((source["$SR"], source["id"]), (job.target_sr, job.target_id), self.rate_bps)
         else:
             await asyncio.sleep(self._duration_s(source["size"]))  # simulated copy time
+        with self.store.batch():  # VDI.copy returns: both VDIs idle, the copy is a VDI like any other
+            self.store.update(job.target_id, {"current_operations": {}})
+            if source["id"] in self.store:
+                self.store.update(source["id"], {"current_operations": {}})
+        job.committed = True
+        self.stats.copy_migrations += 1
+        self.xapi.unlock(job.target_id)
+        self.xapi.accounting.measure(job.target_id)
+        await self._barrier(job.pool_id)
+        if self._swap(job) and data is not None:
+            await data.delete(source["$SR"], source["id"])
+
+    def _swap(self, job: _Job) -> bool:
+        """Recreate the source's VBDs on the copy and destroy the source; False when the source is gone."""
+        source = self.store.find(job.source["id"])
+        if source is None:
+            return False  # destroyed meanwhile: XO's VDI destroy takes HANDLE_INVALID as done
+        self.xapi.ensure_idle(source)  # it was idle (and usable) between VDI.copy and here
+        vbds = self.xapi.vbds_of(source)
+        for vbd in vbds:
+            if vbd["attached"]:
+                raise XapiError("OPERATION_NOT_ALLOWED", ["VBD is currently attached"], method="VBD.destroy")
         with self.store.batch():
-            for vbd in self.xapi.vbds_of(self.store.get(source["id"])):
+            for vbd in vbds:
                 self.xapi.remove_vbd_record(vbd["id"])
                 self.xapi.add_vbd_record(vbd["VM"], job.target_id, position=vbd["position"],
                                          bootable=vbd["bootable"], read_only=vbd["read_only"])
             self.xapi.remove_vdi_record(source["id"])
-        job.committed = True
-        self.stats.copy_migrations += 1
-        if data is not None:
-            await data.delete(source["$SR"], source["id"])
+        return True
 
-    async def _live(self, job: _Job) -> None:
+    async def _mirror(self, job: _Job) -> None:
         source = job.source
         data = self.xapi.data
         size = data.allocated_bytes(source["$SR"], source["id"]) if data is not None else source["size"]
         await asyncio.sleep(self._duration_s(size))  # simulated mirror time
-        # From here on nothing awaits: the file rename and the records change together or not at all.
+        # From here on nothing awaits until committed: the file rename and the records change together.
         if data is not None:
             data.move_now((source["$SR"], source["id"]), (job.target_sr, job.target_id))
         with self.store.batch():
             current = self.store.get(source["id"])
             for vbd_id in current["$VBDs"]:
                 self.store.update(vbd_id, {"VDI": job.target_id})
-            self.store.update(job.target_id, {"$VBDs": list(current["$VBDs"])})
+            self.store.update(job.target_id, {"$VBDs": list(current["$VBDs"]), "current_operations": {}})
             self.xapi.remove_vdi_record(source["id"])
         job.committed = True
         self.stats.live_migrations += 1
+        await self._barrier(job.pool_id)
 
     async def _roll_back(self, job: _Job) -> None:
         with self.store.batch():
@@ -168,7 +221,7 @@ class Migrator:
             await self.xapi.data.delete(job.target_sr, job.target_id)
 
     async def close(self) -> None:
-        """Cancel running migrations (they roll back) and wait for them."""
+        """Cancel running migrations (they roll back unless committed) and wait for them."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

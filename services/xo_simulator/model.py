@@ -1,5 +1,7 @@
 """The object store: XO objects by id, indexes by type/name/ref, filtered queries and change notifications.
 
+The simulator keeps two: the truth (what XAPI knows) and XO's cache (what callers see, see cache.py).
+
 Objects are copy-on-write: a stored dict is never mutated once stored, ``update`` stores a new dict, so
 a snapshot can be handed out (to JSON encoding, to notifications) without copying. Callers MUST NOT
 mutate what they get back. XO semantics (XAPI checks, errors) live in xapi.py, not here.
@@ -16,8 +18,9 @@ from .errors import no_such_object
 from .matching import compile_filter
 from .shapes import XoObject
 
-Listener = Callable[[str, Mapping[str, XoObject]], None]
-"""Called with ("enter"|"exit", {id: object}) after each batch of changes; must not raise."""
+Listener = Callable[[Mapping[str, XoObject], Mapping[str, XoObject]], None]
+"""Called once per batch of changes with ({id: object} entered or updated, {id: last version} removed), either
+possibly empty but not both; must not raise."""
 
 
 class ObjectStore:
@@ -108,6 +111,20 @@ class ObjectStore:
         self._put(obj)
         return obj
 
+    def put(self, obj: XoObject) -> XoObject:
+        """Store ``obj`` as the current version of its id (added at the end when new); returns it."""
+        obj_id = obj["id"]
+        old = self._objects.get(obj_id)
+        if old is None:
+            self._order[obj_id] = next(self._counter)
+        else:
+            self._unindex_name(old)
+            if old["_xapiRef"] != obj["_xapiRef"]:
+                self._by_ref.pop(old["_xapiRef"], None)
+        self._by_ref[obj["_xapiRef"]] = obj_id
+        self._put(obj)
+        return obj
+
     def update(self, obj_id: str, changes: Mapping[str, Any]) -> XoObject:
         """Store a new version of the object with ``changes`` applied; returns it."""
         old = self.get(obj_id)
@@ -157,7 +174,7 @@ class ObjectStore:
 
     # -- notifications -------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` after every change batch; returns the unsubscribe function."""
+        """Call ``listener(entered, exited)`` after every change batch; returns the unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -175,8 +192,8 @@ class ObjectStore:
         if self._batch_depth:
             return
         entered, exited = self._entered, self._exited
+        if not entered and not exited:
+            return
         self._entered, self._exited = {}, {}
-        for kind, items in (("enter", entered), ("exit", exited)):
-            if items:
-                for listener in list(self._listeners):
-                    listener(kind, items)
+        for listener in list(self._listeners):
+            listener(entered, exited)

@@ -15,7 +15,7 @@ from shared.units import parse_size
 
 from .errors import invalid_parameters
 
-Kind = Literal["string", "string0", "boolean", "integer", "size", "filter", "object"]
+Kind = Literal["string", "string0", "boolean", "integer", "number", "number_or_string", "size", "filter", "object"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ _TYPE_NAMES: dict[Kind, str] = {
     "string0": "string",
     "boolean": "boolean",
     "integer": "integer",
+    "number": "number",
+    "number_or_string": "number,string",
     "size": "integer,string",
     "filter": "object,string",
     "object": "object",
@@ -87,11 +89,14 @@ def _has_type(kind: Kind, value: Any) -> bool:
     is_int = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer()
     )
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
     checks: dict[Kind, bool] = {
         "string": isinstance(value, str),
         "string0": isinstance(value, str),
         "boolean": isinstance(value, bool),
         "integer": is_int,
+        "number": is_number,
+        "number_or_string": is_number or isinstance(value, str),
         "size": is_int or isinstance(value, str),
         "filter": isinstance(value, Mapping | str),
         "object": isinstance(value, Mapping),

@@ -23,6 +23,7 @@ from .errors import XapiError, backend_failure
 log = get_logger(__name__)
 T = TypeVar("T")
 CHUNK_BYTES = 8 * 1024 * 1024
+RELEASE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -146,6 +147,7 @@ class RealData:
             return
         await asyncio.to_thread(loop.link.unlink, True)
         await _run("losetup", "-d", loop.device)
+        await _wait_released(loop.device, loop.backing)
         log.debug("loop_detached", vbd=vbd_id, device=loop.device)
 
     async def close(self) -> None:
@@ -167,6 +169,27 @@ async def _run(*argv: str) -> str:
     if proc.returncode != 0:
         raise backend_failure(46, f"The VDI is not available [opterr={argv[0]} {argv[1]}: {err.decode().strip()}]")
     return out.decode().strip()
+
+
+def _backing_of(device: str) -> str:
+    try:
+        return (Path("/sys/block") / Path(device).name / "loop" / "backing_file").read_text().strip()
+    except OSError:
+        return ""
+
+
+async def _wait_released(device: str, backing: Path) -> None:
+    """Wait (bounded) until the kernel lets ``device`` go: while another process (blkid, a device scanner) holds
+    it open, ``losetup -d`` only marks it for auto-clear and it stays attached to our file."""
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + RELEASE_TIMEOUT_S
+    delay_s = 0.005
+    while _backing_of(device).startswith(str(backing)):
+        if loop.time() > deadline_s:
+            log.warning("loop_release_pending", device=device, backing=str(backing))
+            return
+        await asyncio.sleep(delay_s)  # waiting on the kernel: capped backoff, bounded above
+        delay_s = min(delay_s * 2, 0.1)
 
 
 def _truncate(path: Path, size_bytes: int, create: bool) -> None:

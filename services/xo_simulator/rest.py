@@ -69,10 +69,9 @@ class RestApi:
     # -- hooks -----------------------------------------------------------------------------------------------
     @property
     def view(self) -> ObjectStore:
-        """CACHE HOOK: where REST resolves ids, i.e. XO's object cache (an id it does not show answers 404, a VDI
-        POSTed a moment ago included). Until the simulator models the cache lag this is the truth store; with
-        a cache, return the same cache store methods.py resolves ids through."""
-        return self.sim.store
+        """Where REST resolves ids: XO's object cache (an id it does not show answers 404, a VDI POSTed a moment
+        ago included, and every object of a pool XO lost)."""
+        return self.sim.cache
 
     @property
     def truth(self) -> ObjectStore:
@@ -111,7 +110,7 @@ class RestApi:
         else:
             raise invalid_credentials()
         try:
-            user = self.sim.api.auth.sign_in(credentials)
+            user, _expiry = self.sim.api.auth.sign_in(credentials)
         except SimError as exc:
             raise invalid_credentials() from exc
         if user.get("permission", "admin") != "admin":

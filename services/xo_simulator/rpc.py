@@ -1,7 +1,10 @@
 """JSON-RPC 2.0 over one WebSocket, as json-rpc-peer speaks it: framing, batches, dispatch, replies, notifications.
 
-Dispatch order for a call: method lookup (-32601), sign-in check (code 2), latency, injected faults,
-parameter validation (code 10), then the method. ``undefined`` results are sent as ``true``.
+Dispatch order for a call: method lookup (-32601), sign-in check (code 2), parameter validation (code 10),
+object resolution through XO's cache (code 1, then code 2 for non-admins), latency, injected faults, then
+the method. ``undefined`` results are sent as ``true``. XAPI and plain errors reach admins only; others
+get "unknown error from the peer". A message arriving after the session's token expired closes the socket
+without an answer (xo-server's index.mjs).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from shared.logging import get_logger
 
+from .access import is_admin, resolve
 from .errors import SimError, XoApiError, invalid_parameters, unauthorized
 from .faults import Faults
 from .methods import Method
+from .model import ObjectStore
 from .params import check
 from .stats import Stats
 
@@ -42,25 +47,35 @@ def notification(kind: str, items: Mapping[str, Any]) -> str:
 
 
 class Connection:
-    """One WebSocket peer: its session (``user``), its ordered outgoing queue and its in-flight calls."""
+    """One WebSocket peer: its session (``user``, token expiry), its ordered outgoing queue and its in-flight calls."""
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, dispatcher: Dispatcher) -> None:
         self.ws = ws
         self.request = request
         self.dispatcher = dispatcher
         self.user: dict[str, Any] | None = None
+        self.expires_at_s: float | None = None  # wall clock, like XO's connection 'expiration'
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self._calls: set[asyncio.Task[None]] = set()
+
+    @property
+    def is_expired(self) -> bool:
+        """Whether the token this socket signed in with has expired."""
+        return self.expires_at_s is not None and self.expires_at_s < time.time()
 
     async def serve(self) -> None:
         """Read messages until the socket closes; each message is handled in its own task."""
         writer = asyncio.create_task(self._write_loop())
         try:
             async for message in self.ws:
-                if message.type == WSMsgType.TEXT:
-                    self._spawn(message.data)
-                elif message.type == WSMsgType.BINARY:
-                    self._spawn(message.data.decode("utf-8", "replace"))
+                if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                if self.is_expired:
+                    self.dispatcher.stats.expired_sessions += 1
+                    await self.close(code=1000)  # no error: the client must reconnect and sign in again
+                    break
+                text = message.data if message.type == WSMsgType.TEXT else message.data.decode("utf-8", "replace")
+                self._spawn(text)
         finally:
             # Calls finish server-side even when the peer is gone (as XO does); their replies are dropped.
             if self._calls:
@@ -112,14 +127,20 @@ class Connection:
         """Close the socket with a close frame and no error (what an expired session looks like)."""
         await self.ws.close(code=code)
 
+    def cancel_calls(self) -> None:
+        """Cancel the calls still running (the simulator is stopping; normally they outlive their socket)."""
+        for task in list(self._calls):
+            task.cancel()
+
 
 class Dispatcher:
     """Turns JSON-RPC messages into method calls."""
 
-    def __init__(self, methods: Mapping[str, Method], faults: Faults, stats: Stats) -> None:
+    def __init__(self, methods: Mapping[str, Method], faults: Faults, stats: Stats, cache: ObjectStore) -> None:
         self.methods = methods
         self.faults = faults
         self.stats = stats
+        self.cache = cache
 
     async def handle_text(self, conn: Connection, text: str) -> str | None:
         """Return the reply text for a message (None for notifications and client responses)."""
@@ -149,7 +170,7 @@ class Dispatcher:
         try:
             result = await self.call(conn, method, message.get("params", {}))
         except SimError as exc:
-            reply = _error_reply(request_id, exc.to_json(is_signed_in=conn.user is not None))
+            reply = _error_reply(request_id, exc.to_json(is_admin=is_admin(conn.user)))
         except DropSocket:
             raise
         except Exception as exc:
@@ -169,10 +190,11 @@ class Dispatcher:
             if entry is None:
                 raise XoApiError(-32601, f"method not found: {method}", method)
             if entry.permission is not None and conn.user is None:
-                raise unauthorized(entry.permission)
-            await self._inject(method)
+                raise unauthorized(entry.permission or None)
             valid = self._validate(method, entry, params)
-            result = await entry.handler(conn, valid)
+            objects = resolve(self.cache, entry.resolve, valid, conn.user)
+            await self._inject(method)
+            result = await entry.handler(conn, valid, objects)
             return True if result is None else result
         except SimError as exc:
             outcome = str(getattr(exc, "code", "error"))

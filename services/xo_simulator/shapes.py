@@ -1,4 +1,4 @@
-"""Constructors of XO-shaped objects (XO-API.md §4): pool, host, PBD, SR, VM, VDI, VBD.
+"""Constructors of XO-shaped objects (XO-API.md §4): pool, host, PBD, SR, VM, VDI, VBD, task, message.
 
 Only shapes live here; which objects exist and how they change is the store's and xapi.py's business.
 """
@@ -109,6 +109,7 @@ def sr(
     tags: Sequence[str],
     container: str,
     pbds: Sequence[str],
+    is_thin: bool,
 ) -> XoObject:
     """An XO SR; ``$container`` is the pool for a shared SR, the host of its PBD otherwise."""
     return _common(obj_id, "SR", pool_id) | {
@@ -124,7 +125,7 @@ def sr(
         "VDIs": [],
         "$PBDs": list(pbds),
         "$container": container,
-        "allocationStrategy": "thin",
+        "allocationStrategy": "thin" if is_thin else "thick",
         "inMaintenanceMode": False,
         "current_operations": {},
         "other_config": {},
@@ -164,14 +165,14 @@ def vm(obj_id: str, pool_id: str, *, name_label: str, name_description: str, pow
 
 
 def vdi(obj_id: str, pool_id: str, *, sr_id: str, name_label: str, name_description: str,
-        size: int, tags: Sequence[str]) -> XoObject:
-    """A user VDI; ``usage`` equals ``size`` in this simulator."""
+        size: int, usage: int, tags: Sequence[str]) -> XoObject:
+    """A user VDI: ``size`` is its virtual size, ``usage`` what it occupies on its SR (see accounting.py)."""
     return _common(obj_id, "VDI", pool_id) | {
         "name_label": name_label,
         "name_description": name_description,
         "size": size,
-        "usage": size,
-        "chainPhysicalUsage": size,
+        "usage": usage,
+        "chainPhysicalUsage": usage,
         "$SR": sr_id,
         "$VBDs": [],
         "VDI_type": "user",
@@ -210,3 +211,30 @@ def device_name(position: int) -> str:
         n = n // 26 - 1
         if n < 0:
             return f"xvd{letters}"
+
+
+def task(obj_id: str, pool_id: str, *, name_label: str, host_id: str | None) -> XoObject:
+    """An XAPI task as XO shows it (``type: "task"``), pending at 0 %."""
+    return _common(obj_id, "task", pool_id) | {
+        "name_label": name_label,
+        "name_description": "",
+        "status": "pending",
+        "progress": 0.0,
+        "created": int(time.time()),
+        "finished": None,
+        "result": "",
+        "error_info": [],
+        "allowedOperations": [],
+        "current_operations": {},
+        "$host": host_id,
+    }
+
+
+def message(obj_id: str, pool_id: str, *, name: str, body: str, object_id: str) -> XoObject:
+    """An XAPI message (alarm, event) as XO shows it (``type: "message"``)."""
+    return _common(obj_id, "message", pool_id) | {
+        "name": name,
+        "body": body,
+        "time": int(time.time()),
+        "$object": object_id,
+    }

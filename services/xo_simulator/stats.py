@@ -20,6 +20,8 @@ class Stats:
     copy_migrations: int = 0
     connections: int = 0
     dropped_sockets: int = 0
+    expired_sessions: int = 0  # sockets closed at their first message after their token expired
+    notifications: int = 0  # ``all`` messages sent (one per socket and batch)
     started_at_s: float = field(default_factory=time.time)
 
     def reset(self) -> None:
@@ -29,6 +31,7 @@ class Stats:
         self.errors.clear()
         self.migrations.clear()
         self.live_migrations = self.copy_migrations = self.dropped_sockets = 0
+        self.expired_sessions = self.notifications = 0
         self.started_at_s = time.time()
 
     def snapshot(self, *, active_migrations: int, open_connections: int) -> dict[str, Any]:
@@ -45,5 +48,7 @@ class Stats:
             "connections": self.connections,
             "open_connections": open_connections,
             "dropped_sockets": self.dropped_sockets,
+            "expired_sessions": self.expired_sessions,
+            "notifications": self.notifications,
             "since_s": self.started_at_s,
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.units import parse_size
 
@@ -41,6 +41,7 @@ def _uuid(value: str) -> str:
 Size = Annotated[int, BeforeValidator(_size)]
 Uuid = Annotated[str, AfterValidator(_uuid)]
 PowerState = Literal["Running", "Halted", "Paused", "Suspended"]
+Permission = Literal["none", "read", "write", "admin"]
 
 
 class _Node(BaseModel):
@@ -56,6 +57,16 @@ class SrSpec(_Node):
     size: Size
     tags: list[str] = []
     SR_type: str | None = None
+    resize_online: bool = False  # its SM driver has VDI_RESIZE_ONLINE (none of XCP-ng's does)
+
+
+class RootDiskSpec(_Node):
+    """A VM's system disk, plugged at position 0; ``sr`` defaults to the host's first local SR, else the
+    pool's first shared SR."""
+
+    size: Size
+    sr: str | None = None
+    name_label: str | None = None
 
 
 class VmSpec(_Node):
@@ -68,6 +79,7 @@ class VmSpec(_Node):
     tags: list[str] = []
     cpus: int = 2
     memory: Size = 4 * 1024**3
+    root_disk: RootDiskSpec | None = None
 
 
 class HostSpec(_Node):
@@ -102,16 +114,29 @@ class VdiSpec(_Node):
 
 
 class UserSpec(_Node):
-    """A user that can sign in with email (or username) and password."""
+    """A user that can sign in with email (or username) and password; XO's default permission is ``none``."""
 
     email: str
     password: str
+    permission: Permission = "none"
+
+
+def _token(value: Any) -> Any:
+    return {"token": value} if isinstance(value, str) else value
+
+
+class TokenSpec(_Node):
+    """An authentication token of ``user`` (an email; default the first user), valid ``expires_in_s`` from start."""
+
+    token: str
+    user: str | None = None
+    expires_in_s: float | None = Field(default=None, gt=0)
 
 
 class Topology(_Node):
     """The whole simulated XO: credentials, pools and seed VDIs."""
 
-    tokens: list[str] = []
+    tokens: list[Annotated[TokenSpec, BeforeValidator(_token)]] = []
     users: list[UserSpec] = []
     pools: list[PoolSpec] = []
     vdis: list[VdiSpec] = []
@@ -150,6 +175,14 @@ class Topology(_Node):
             raise ValueError(f"duplicate ids in topology: {', '.join(duplicates)}")
         for vdi in self.vdis:
             self.resolve_sr(vdi.sr)
+        for pool, host in self.hosts():
+            for vm in host.vms:
+                if vm.root_disk is not None:
+                    self.root_disk_sr(pool, host, vm)
+        emails = {user.email for user in self.users}
+        for token in self.tokens:
+            if token.user is not None and token.user not in emails:
+                raise ValueError(f"token user {token.user!r} must be the email of one of the topology users")
         return self
 
     def hosts(self) -> Iterator[tuple[PoolSpec, HostSpec]]:
@@ -172,6 +205,17 @@ class Topology(_Node):
         for _, host in self.hosts():
             for vm in host.vms:
                 yield host, vm
+
+    def root_disk_sr(self, pool: PoolSpec, host: HostSpec, vm: VmSpec) -> str:
+        """The SR id of a VM's root disk; ValueError when the topology names none and has none nearby."""
+        if vm.root_disk is None:
+            raise ValueError(f"VM {vm.name_label!r} has no root_disk")
+        if vm.root_disk.sr is not None:
+            return self.resolve_sr(vm.root_disk.sr)
+        nearby = [*host.srs, *pool.shared_srs]
+        if not nearby:
+            raise ValueError(f"VM {vm.name_label!r} has a root_disk but its host has no SR and its pool no shared SR")
+        return nearby[0].id
 
     def resolve_sr(self, ref: str) -> str:
         """Return the id of the SR named by id or unique name_label; ValueError otherwise."""

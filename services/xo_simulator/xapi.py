@@ -1,8 +1,10 @@
-"""XAPI-like operations on the store: VDI and VBD create/resize/destroy/plug/unplug with XAPI's checks.
+"""XAPI-like operations on the truth store: VDI and VBD create/resize/destroy/plug/unplug with XAPI's checks.
 
-Errors are raised the way XO passes them to an admin: XapiError, or the XO translation for VDI_IN_USE
-(code 17) and VM_BAD_POWER_STATE (code 13). Real data side effects go through RealData when configured.
-Migration (migration.py) builds on the record-level helpers here.
+Everything here reads and writes the truth (what XAPI knows), never XO's cache. Objects are named by
+handle (XO id or OpaqueRef, as xo-server passes ``_xapiRef``); a handle XAPI no longer knows gives
+HANDLE_INVALID(<class>, <handle>). Errors are raised the way XO passes them on: XapiError, or the XO
+translation for VDI_IN_USE (code 17) and VM_BAD_POWER_STATE (code 13). Space is accounting.py's business;
+real data side effects go through RealData. Migration (migration.py) builds on the record helpers here.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 from shared.logging import get_logger
 
 from . import shapes
+from .accounting import Accounting
 from .errors import (
     SimError,
     XapiError,
     backend_failure,
+    handle_invalid,
     invalid_parameters,
     other_operation_in_progress,
     vdi_in_use,
@@ -31,6 +35,7 @@ log = get_logger(__name__)
 RESIDENT_STATES = frozenset({"Running", "Paused", "Suspended"})
 MAX_POSITION = 254
 CD_POSITION = "3"
+_CLASS_TYPES = {"VDI": ("VDI", "VDI-snapshot"), "VBD": ("VBD",), "VM": ("VM",), "SR": ("SR",)}
 
 
 class Xapi:
@@ -39,11 +44,20 @@ class Xapi:
     def __init__(self, store: ObjectStore, data: RealData | None = None, plug_delay_ms: float = 0) -> None:
         self.store = store
         self.data = data
+        self.accounting = Accounting(store, data)
         self.plug_delay_s = plug_delay_ms / 1000
+        self.online_resize_srs: set[str] = set()  # SRs whose SM driver has VDI_RESIZE_ONLINE
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- queries -------------------------------------------------------------------------------------
+    def record(self, handle: str, cls: str) -> XoObject:
+        """The object XAPI knows under ``handle`` (id or ref), or HANDLE_INVALID(cls, handle)."""
+        obj = self.store.find(handle)
+        if obj is None or obj["type"] not in _CLASS_TYPES[cls]:
+            raise handle_invalid(cls, handle)
+        return obj
+
     def host_of(self, vm: XoObject) -> str | None:
         """The host a VM is resident on, None when halted."""
         return vm["$container"] if vm["power_state"] in RESIDENT_STATES else None
@@ -62,7 +76,7 @@ class Xapi:
         return [vbd for vbd_id in vdi["$VBDs"] if (vbd := self.store.find(vbd_id)) is not None]
 
     def is_attached(self, vdi: XoObject) -> bool:
-        """Whether a VBD of the VDI is plugged or being plugged/unplugged."""
+        """Whether a VBD of the VDI is plugged or reserved (being plugged/unplugged)."""
         return any(vbd["attached"] or vbd["id"] in self._busy for vbd in self.vbds_of(vdi))
 
     def has_vbd_in_flight(self, vdi: XoObject) -> bool:
@@ -74,11 +88,6 @@ class Xapi:
         if vdi["current_operations"] or vdi["id"] in self._busy:
             raise other_operation_in_progress("VDI", vdi["_xapiRef"])
 
-    def ensure_space(self, sr: XoObject, extra_bytes: int) -> None:
-        """Raise SR_BACKEND_FAILURE_44 if the SR cannot hold ``extra_bytes`` more."""
-        if sr["usage"] + extra_bytes > sr["size"]:
-            raise backend_failure(44, "There is insufficient space")
-
     def lock(self, obj_id: str) -> None:
         """Mark an object as busy (OTHER_OPERATION_IN_PROGRESS for others) until unlock()."""
         self._busy.add(obj_id)
@@ -87,20 +96,24 @@ class Xapi:
         """Undo lock()."""
         self._busy.discard(obj_id)
 
-    # -- records (no checks, no data) ----------------------------------------------------------------
+    # -- records (no checks but space, no data) ------------------------------------------------------
     def add_vdi_record(self, sr_id: str, *, name_label: str, size: int, name_description: str = "",
                        tags: Sequence[str] = (), other_config: dict[str, Any] | None = None,
-                       vdi_id: str | None = None) -> XoObject:
-        """Add a VDI (new random uuid unless ``vdi_id``) to the store and its SR's accounting, after the space check."""
-        sr = self.store.get(sr_id, "SR")
-        self.ensure_space(sr, size)
-        vdi = shapes.vdi(vdi_id or shapes.new_uuid(), sr["$pool"], sr_id=sr_id, name_label=name_label,
-                         name_description=name_description, size=size, tags=tags)
+                       vdi_id: str | None = None, usage: int | None = None) -> XoObject:
+        """Add a VDI (new random uuid unless ``vdi_id``) to the store and its SR's accounting, after the space check.
+
+        ``usage`` (what it occupies) defaults to that of a new empty VDI on the SR.
+        """
+        sr = self.record(sr_id, "SR")
+        allocated = self.accounting.initial_usage(sr, size) if usage is None else usage
+        self.accounting.ensure_space(sr, size, allocated)
+        vdi = shapes.vdi(vdi_id or shapes.new_uuid(), sr["$pool"], sr_id=sr["id"], name_label=name_label,
+                         name_description=name_description, size=size, usage=allocated, tags=tags)
         if other_config:
             vdi["other_config"] = dict(other_config)
         with self.store.batch():
             self.store.add(vdi)
-            self._account(sr, size, add=vdi["id"])
+            self.accounting.refresh_sr(sr["id"], [*sr["VDIs"], vdi["id"]])
         return vdi
 
     def remove_vdi_record(self, vdi_id: str) -> XoObject:
@@ -109,154 +122,175 @@ class Xapi:
             vdi = self.store.remove(vdi_id)
             sr = self.store.find(vdi["$SR"])
             if sr is not None:
-                self._account(sr, -vdi["size"], remove=vdi_id)
+                self.accounting.refresh_sr(sr["id"], [v for v in sr["VDIs"] if v != vdi_id])
         return vdi
 
-    def _account(self, sr: XoObject, delta_bytes: int, add: str | None = None, remove: str | None = None) -> None:
-        vdis = [v for v in sr["VDIs"] if v != remove] + ([add] if add else [])
-        usage = max(0, sr["usage"] + delta_bytes)
-        self.store.update(sr["id"], {"VDIs": vdis, "usage": usage, "physical_usage": usage})
-
-    def add_vbd_record(self, vm_id: str, vdi_id: str, *, position: str, bootable: bool, read_only: bool) -> XoObject:
+    def add_vbd_record(self, vm_id: str, vdi_id: str, *, position: str, bootable: bool, read_only: bool,
+                       vbd_id: str | None = None) -> XoObject:
         """Add a detached VBD and link it from its VM and VDI."""
         vm = self.store.get(vm_id, "VM")
         vdi = self.store.get(vdi_id, "VDI")
-        vbd = shapes.vbd(shapes.new_uuid(), vm["$pool"], vm_id=vm_id, vdi_id=vdi_id, position=position,
+        vbd = shapes.vbd(vbd_id or shapes.new_uuid(), vm["$pool"], vm_id=vm_id, vdi_id=vdi_id, position=position,
                          bootable=bootable, read_only=read_only)
         with self.store.batch():
             self.store.add(vbd)
             self.store.update(vm_id, {"$VBDs": [*vm["$VBDs"], vbd["id"]]})
             self.store.update(vdi_id, {"$VBDs": [*vdi["$VBDs"], vbd["id"]]})
+            self.refresh_container(vm_id)
         return vbd
 
     def remove_vbd_record(self, vbd_id: str) -> None:
         """Remove a VBD and unlink it from its VM and VDI."""
         with self.store.batch():
             vbd = self.store.remove(vbd_id)
-            for owner_id, field in ((vbd["VM"], "$VBDs"), (vbd["VDI"], "$VBDs")):
+            for owner_id in (vbd["VM"], vbd["VDI"]):
                 owner = self.store.find(owner_id)
                 if owner is not None:
-                    self.store.update(owner_id, {field: [i for i in owner[field] if i != vbd_id]})
+                    self.store.update(owner_id, {"$VBDs": [i for i in owner["$VBDs"] if i != vbd_id]})
+            self.refresh_container(vbd["VM"])
+
+    def refresh_container(self, vm_id: str) -> None:
+        """A halted VM's ``$container``: the host of its first disk on a local SR, else its pool (XO-API §4)."""
+        vm = self.store.find(vm_id)
+        if vm is None or vm["power_state"] in RESIDENT_STATES:
+            return
+        container = vm["$pool"]
+        for vbd_id in vm["$VBDs"]:
+            vbd = self.store.find(vbd_id)
+            vdi = self.store.find(vbd["VDI"]) if vbd is not None else None
+            sr = self.store.find(vdi["$SR"]) if vdi is not None else None
+            if sr is not None and not sr["shared"]:
+                container = sr["$container"]
+                break
+        if container != vm["$container"]:
+            self.store.update(vm_id, {"$container": container})
 
     # -- VDI operations ------------------------------------------------------------------------------
-    async def create_vdi(self, sr_id: str, *, name_label: str, size: int, name_description: str = "",
+    async def create_vdi(self, sr_handle: str, *, name_label: str, size: int, name_description: str = "",
                          tags: Sequence[str] = ()) -> XoObject:
-        """VDI.create: a user VDI on the SR; SR_BACKEND_FAILURE_44 when it does not fit."""
-        vdi = self.add_vdi_record(sr_id, name_label=name_label, size=size, name_description=name_description,
+        """VDI.create: a user VDI on the SR; SR_BACKEND_FAILURE_44 when it does not fit (see accounting.py)."""
+        sr = self.record(sr_handle, "SR")
+        vdi = self.add_vdi_record(sr["id"], name_label=name_label, size=size, name_description=name_description,
                                   tags=tags)
         if self.data is not None:
             try:
-                await self.data.create(sr_id, vdi["id"], size)
+                await self.data.create(sr["id"], vdi["id"], size)
             except BaseException:
                 self.remove_vdi_record(vdi["id"])
                 raise
         return vdi
 
-    async def resize_vdi(self, vdi_id: str, size: int) -> None:
-        """VDI.resize (online resize allowed): grow only; the caller rejects shrinking."""
-        vdi = self.store.get(vdi_id, "VDI")
-        self.ensure_idle(vdi)
-        delta = size - vdi["size"]
-        if delta <= 0:
-            return
-        sr = self.store.get(vdi["$SR"], "SR")
-        self.ensure_space(sr, delta)
-        with self.store.batch():
-            self.store.update(vdi_id, {"size": size, "usage": size, "chainPhysicalUsage": size})
-            self._account(sr, delta)
-        if self.data is not None:
-            self.lock(vdi_id)
-            try:
-                await self.data.grow(sr["id"], vdi_id, size)
-            finally:
-                self.unlock(vdi_id)
+    def set_vdi_fields(self, vdi_handle: str, changes: dict[str, Any]) -> None:
+        """VDI.set_name_label and friends."""
+        vdi = self.record(vdi_handle, "VDI")
+        self.store.update(vdi["id"], changes)
 
-    async def destroy_vdi(self, vdi_id: str) -> None:
+    async def resize_vdi(self, vdi_handle: str, size: int) -> None:
+        """VDI.resize: refused with VDI_IN_USE (code 17) while any VBD is attached or reserved, unless the SR
+        supports online resize; SR_BACKEND_FAILURE_79 to shrink; space checked as the SR type does."""
+        vdi = self.record(vdi_handle, "VDI")
+        self.ensure_idle(vdi)
+        sr = self.record(vdi["$SR"], "SR")
+        if self.is_attached(vdi) and sr["id"] not in self.online_resize_srs:
+            raise vdi_in_use(vdi["id"], "resize")
+        delta = size - vdi["size"]
+        if delta < 0:
+            raise backend_failure(79, "VDI Invalid size [opterr=shrinking not allowed]")
+        if delta == 0:
+            return
+        usage = self.accounting.usage_after_resize(vdi, sr, size)
+        self.accounting.ensure_space(sr, delta, usage - vdi["usage"])
+        with self.store.batch():
+            self.store.update(vdi["id"], {"size": size, "usage": usage, "chainPhysicalUsage": usage})
+            self.accounting.refresh_sr(sr["id"])
+        if self.data is not None:
+            self.lock(vdi["id"])
+            try:
+                await self.data.grow(sr["id"], vdi["id"], size)
+            finally:
+                self.unlock(vdi["id"])
+
+    async def destroy_vdi(self, vdi_handle: str) -> None:
         """VDI.destroy: VDI_IN_USE (code 17) when attached; detached VBDs go with it."""
-        vdi = self.store.get(vdi_id, "VDI", "VDI-snapshot")
+        vdi = self.record(vdi_handle, "VDI")
         self.ensure_idle(vdi)
         if self.is_attached(vdi):
-            raise vdi_in_use(vdi_id, "destroy")
+            raise vdi_in_use(vdi["id"], "destroy")
         with self.store.batch():
             for vbd in self.vbds_of(vdi):
                 self.remove_vbd_record(vbd["id"])
-            self.remove_vdi_record(vdi_id)
+            self.remove_vdi_record(vdi["id"])
         if self.data is not None:
-            await self.data.delete(vdi["$SR"], vdi_id)
+            await self.data.delete(vdi["$SR"], vdi["id"])
 
     # -- VBD operations ------------------------------------------------------------------------------
-    def create_vbd(self, vm_id: str, vdi_id: str, *, position: str | None = None, bootable: bool = False,
+    def create_vbd(self, vm_handle: str, vdi_handle: str, *, position: str | None = None, bootable: bool = False,
                    read_only: bool = False) -> XoObject:
-        """VBD.create with XO's position choice (first free userdevice, avoiding 3)."""
-        vm = self.store.get(vm_id, "VM")
-        vdi = self.store.get(vdi_id, "VDI")
-        if vm["$pool"] != vdi["$pool"]:
-            raise invalid_parameters(
-                [{"instancePath": "/vdi", "message": "must be in the same pool as the VM"}],
-                "VM and VDI must be in the same pool",
-            )
+        """VBD.create with XO's position choice (first free userdevice from 0, avoiding 3)."""
+        vm = self.record(vm_handle, "VM")
+        vdi = self.record(vdi_handle, "VDI")
         self.ensure_idle(vdi)
-        sr = self.store.get(vdi["$SR"], "SR")
+        sr = self.record(vdi["$SR"], "SR")
         if vm["power_state"] == "Running" and not self.can_see(self.host_of(vm), sr):
             raise XapiError("VM_REQUIRES_SR", [vm["_xapiRef"], sr["_xapiRef"]], method="VBD.create")
         chosen = self._position(vm, position)
-        return self.add_vbd_record(vm_id, vdi_id, position=chosen, bootable=bootable, read_only=read_only)
+        return self.add_vbd_record(vm["id"], vdi["id"], position=chosen, bootable=bootable, read_only=read_only)
 
     def _position(self, vm: XoObject, requested: str | None) -> str:
-        used = {"0"} | {vbd["position"] for vbd_id in vm["$VBDs"] if (vbd := self.store.find(vbd_id))}
+        used = {vbd["position"] for vbd_id in vm["$VBDs"] if (vbd := self.store.find(vbd_id))}
         if requested is not None:
             if not requested.isdigit() or int(requested) > MAX_POSITION:
                 raise invalid_parameters([{"instancePath": "/position", "message": "must be a userdevice number"}])
             if str(int(requested)) in used:
                 raise XapiError("DEVICE_ALREADY_EXISTS", [requested], method="VBD.create")
             return str(int(requested))
-        free = (str(n) for n in range(1, MAX_POSITION + 1) if str(n) not in used and str(n) != CD_POSITION)
+        free = (str(n) for n in range(MAX_POSITION + 1) if str(n) not in used and str(n) != CD_POSITION)
         chosen = next(free, CD_POSITION if CD_POSITION not in used else None)
         if chosen is None:
             raise XapiError("INTERNAL_ERROR", ["no free userdevice"], method="VBD.create")
         return chosen
 
     def _check_plug(self, vbd: XoObject) -> tuple[XoObject, XoObject, str]:
-        vm = self.store.get(vbd["VM"], "VM")
+        vm = self.record(vbd["VM"], "VM")
         if vm["power_state"] != "Running":
             raise vm_bad_power_state(vm["id"], "Running", vm["power_state"])
         if vbd["attached"]:
             raise XapiError("DEVICE_ALREADY_ATTACHED", [vbd["_xapiRef"]], method="VBD.plug")
         if vbd["id"] in self._busy:
             raise other_operation_in_progress("VBD", vbd["_xapiRef"])
-        vdi = self.store.get(vbd["VDI"], "VDI")
+        vdi = self.record(vbd["VDI"], "VDI")
         self.ensure_idle(vdi)
-        sr = self.store.get(vdi["$SR"], "SR")
+        sr = self.record(vdi["$SR"], "SR")
         if not self.can_see(self.host_of(vm), sr):
             raise XapiError("VM_REQUIRES_SR", [vm["_xapiRef"], sr["_xapiRef"]], method="VBD.plug")
         if any(other["id"] != vbd["id"] for other in self.vbds_of(vdi) if other["attached"]):
             raise vdi_in_use(vdi["id"], "plug")
         return vm, vdi, shapes.device_name(int(vbd["position"]))
 
-    async def plug(self, vbd_id: str) -> None:
+    async def plug(self, vbd_handle: str) -> None:
         """VBD.plug now: attach (loop device in real data mode), then set ``attached`` and ``device``."""
-        vbd = self.store.get(vbd_id, "VBD")
+        vbd = self.record(vbd_handle, "VBD")
         vm, vdi, device = self._check_plug(vbd)
-        self.lock(vbd_id)
+        self.lock(vbd["id"])
         try:
-            await self._attach(vbd_id, vm, vdi, device)
+            await self._attach(vbd["id"], vm, vdi, device)
         finally:
-            self.unlock(vbd_id)
+            self.unlock(vbd["id"])
 
     async def _attach(self, vbd_id: str, vm: XoObject, vdi: XoObject, device: str) -> None:
         if self.data is not None:
             await self.data.plug(vbd_id, vm["id"], device, vdi["$SR"], vdi["id"])
         self.store.update(vbd_id, {"attached": True, "device": device})
 
-    async def connect(self, vbd_id: str) -> None:
+    async def connect(self, vbd_handle: str) -> None:
         """Plug now, or with a plug delay check now and plug later (an ``all`` event reports it)."""
         if self.plug_delay_s <= 0:
-            await self.plug(vbd_id)
+            await self.plug(vbd_handle)
             return
-        vbd = self.store.get(vbd_id, "VBD")
+        vbd = self.record(vbd_handle, "VBD")
         vm, vdi, device = self._check_plug(vbd)
-        self.lock(vbd_id)
-        task = asyncio.create_task(self._delayed_attach(vbd_id, vm, vdi, device))
+        self.lock(vbd["id"])
+        task = asyncio.create_task(self._delayed_attach(vbd["id"], vm, vdi, device))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -270,9 +304,9 @@ class Xapi:
         finally:
             self.unlock(vbd_id)
 
-    async def unplug(self, vbd_id: str) -> None:
+    async def unplug(self, vbd_handle: str) -> None:
         """VBD.unplug_force: DEVICE_ALREADY_DETACHED when not plugged; blocked while its VDI migrates."""
-        vbd = self.store.get(vbd_id, "VBD")
+        vbd = self.record(vbd_handle, "VBD")
         if vbd["id"] in self._busy:
             raise other_operation_in_progress("VBD", vbd["_xapiRef"])
         if not vbd["attached"]:
@@ -280,22 +314,23 @@ class Xapi:
         vdi = self.store.find(vbd["VDI"])
         if vdi is not None:
             self.ensure_idle(vdi)
-        self.lock(vbd_id)
+        self.lock(vbd["id"])
         try:
             if self.data is not None:
-                await self.data.unplug(vbd_id)
-            self.store.update(vbd_id, {"attached": False, "device": None})
+                await self.data.unplug(vbd["id"])
+            self.store.update(vbd["id"], {"attached": False, "device": None})
         finally:
-            self.unlock(vbd_id)
+            self.unlock(vbd["id"])
+        self.accounting.measure(vbd["VDI"])  # what the guest wrote now shows in the VDI's usage
 
-    async def destroy_vbd(self, vbd_id: str) -> None:
+    async def destroy_vbd(self, vbd_handle: str) -> None:
         """VBD.destroy of a detached VBD; the VDI is kept."""
-        vbd = self.store.get(vbd_id, "VBD")
-        if vbd_id in self._busy:
+        vbd = self.record(vbd_handle, "VBD")
+        if vbd["id"] in self._busy:
             raise other_operation_in_progress("VBD", vbd["_xapiRef"])
         if vbd["attached"]:
             raise XapiError("OPERATION_NOT_ALLOWED", ["VBD is currently attached"], method="VBD.destroy")
-        self.remove_vbd_record(vbd_id)
+        self.remove_vbd_record(vbd["id"])
 
     async def close(self) -> None:
         """Cancel delayed plugs and wait for them."""

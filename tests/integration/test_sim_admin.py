@@ -8,7 +8,19 @@ import time
 import aiohttp
 import pytest
 
-from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, VM_A1, RpcClient, RpcError, client, running
+from tests.support.sim import (
+    ROOT_A1,
+    ROOT_A2,
+    SR_LOCAL_A1,
+    SR_LOCAL_A2,
+    VM_A1,
+    GiB,
+    RpcClient,
+    RpcError,
+    cached,
+    client,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -22,25 +34,33 @@ async def test_admin_api_is_off_by_default() -> None:
             assert response.status == 404
 
 
-async def test_state_stats_and_reset() -> None:
-    async with running(admin=True, migration_rate_bps=0) as sim, client(sim) as rpc, aiohttp.ClientSession() as http:
+async def test_state_cache_stats_and_reset() -> None:
+    async with running(admin=True, migration_rate_bps=0, cache_lag_ms="300-300") as sim, client(sim) as rpc, \
+            aiohttp.ClientSession() as http:
         vdi_id = await rpc.call("disk.create", {"name": "pv-s", "size": 1024, "sr": SR_LOCAL_A1})
-        new_id = await rpc.call("vdi.migrate", {"id": vdi_id, "sr_id": SR_LOCAL_A2})
+        new_id = await rpc.call("vdi.migrate", {"id": vdi_id, "sr_id": SR_LOCAL_A2})  # a copy: source removal lags
         async with http.get(f"{sim.http_url}/_sim/state") as response:
             state = await response.json()
         assert state[new_id]["name_label"] == "pv-s" and vdi_id not in state
+        async with http.get(f"{sim.http_url}/_sim/cache") as response:
+            cache = await response.json()
+        assert cache[new_id]["name_label"] == "pv-s" and vdi_id in cache  # XO still shows the source
         async with http.get(f"{sim.http_url}/_sim/stats") as response:
             stats = await response.json()
         assert stats["calls"] == {"session.signIn": 1, "disk.create": 1, "vdi.migrate": 1}
         assert stats["migrations"] == {"pv-s": 1}
         assert stats["active_migrations"] == 0 and stats["open_connections"] == 1
+        assert (stats["cache_lag_ms"], stats["disconnected_pools"]) == ("300", [])
+        assert stats["cache_pending"] > 0 and stats["noise_events"] >= 0
         async with http.post(f"{sim.http_url}/_sim/reset") as response:
             assert (await response.json())["topology"] is False
         assert sim.simulator.stats.calls == {} and new_id in sim.state
         async with http.post(f"{sim.http_url}/_sim/reset", json={"topology": True}) as response:
             assert response.status == 200
-        assert new_id not in sim.state and sim.state.get(SR_LOCAL_A2)["usage"] == 0
-        assert await rpc.objects(type="VDI") == {}  # same socket still works after a reload
+        assert new_id not in sim.state and sim.state.get(SR_LOCAL_A2)["usage"] == 10 * GiB  # the root disk
+        assert new_id not in sim.cache and vdi_id not in sim.cache  # a reset brings the cache up to date at once
+        # same socket still works after a reload
+        assert set(await rpc.objects(type="VDI")) == {ROOT_A1, ROOT_A2}
 
 
 async def test_injected_errors_with_count_and_clear() -> None:
@@ -72,6 +92,7 @@ async def test_drop_socket_closes_without_answer_and_the_server_keeps_serving() 
         await rpc.sign_in()
         vdi_id = await rpc.call("disk.create", {"name": "d", "size": 1, "sr": SR_LOCAL_A1, "vm": VM_A1})
         vbd_id = sim.state.get(vdi_id)["$VBDs"][0]
+        await cached(sim, vbd_id)
         await rpc.call("vbd.disconnect", {"id": vbd_id})
         with pytest.raises(ConnectionError):
             await rpc.call("vbd.connect", {"id": vbd_id})
@@ -110,7 +131,7 @@ async def test_many_concurrent_calls_on_one_socket() -> None:
     async with running() as sim, client(sim) as rpc:
         results = await asyncio.gather(*(rpc.call("xo.getAllObjects", {"filter": {"type": "SR"}})
                                          for _ in range(200)))
-        assert all(len(r) == 3 for r in results)
+        assert [len(r) for r in results] == [3] * 200
 
 
 async def test_latency_can_be_changed_at_run_time() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
+from services.xo_simulator.topology import derived_id
 from tests.support.sim import RpcClient
 
 pytestmark = pytest.mark.integration
@@ -43,8 +45,37 @@ async def test_cli_prints_its_url_quickly_and_serves_json_rpc() -> None:
     assert "password" not in log and "sim-token" not in log
 
 
-async def test_cli_rejects_bad_flags() -> None:
-    proc = await _spawn("--fault", '{"method": "x"}')
+@pytest.mark.parametrize(("flag", "value"), [("--fault", '{"method": "x"}'), ("--cache-lag-ms", "150-20"),
+                                            ("--noise-events-per-s", "-1"), ("--migrate-retry-ms", "soon")])
+async def test_cli_rejects_bad_flags(flag: str, value: str) -> None:
+    proc = await _spawn(flag, value)
     _, stderr = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 2
-    assert b"--fault" in stderr
+    assert flag.encode() in stderr
+
+
+async def test_cli_starts_with_a_lost_pool_and_softened_knobs() -> None:
+    pool = derived_id("pool", "Shared Pool")
+    fault = json.dumps({"kind": "pool_disconnect", "pool": pool, "duration_s": 60})
+    proc = await _spawn("--topology", "shared-pool", "--listen", "127.0.0.1:0", "--fault", fault,
+                        "--cache-lag-ms", "0", "--noise-events-per-s", "0")
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 2.0)).decode().strip()
+        rpc = await RpcClient.open(line.rsplit(" ", 1)[1])
+        await rpc.sign_in()
+        assert await rpc.call("xo.getAllObjects") == {}  # the only pool is lost: XO shows nothing
+        await rpc.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0
+
+
+async def test_cli_help_lists_the_harsh_defaults_and_their_knobs() -> None:
+    proc = await _spawn("--help")
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 10)
+    text = " ".join(stdout.decode().split())
+    for expected in ("--cache-lag-ms LOW-HIGH", "(default 20-150); 0 = instant", "--noise-events-per-s N",
+                     "(default 20); 0 = off", "--migrate-retry-ms MS", "--destroy-retry-ms MS", "pool_disconnect"):
+        assert expected in text

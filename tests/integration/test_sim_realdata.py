@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, SR_NFS_A, VM_A1, VM_A2, MiB, client, running
+from tests.support.sim import (
+    SR_LOCAL_A1,
+    SR_LOCAL_A2,
+    SR_NFS_A,
+    VM_A1,
+    VM_A2,
+    MiB,
+    RpcError,
+    cached,
+    client,
+    running,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 SKIP_REASON = "real data mode needs root and losetup for loop devices"
@@ -63,7 +74,9 @@ async def test_bytes_survive_copy_and_live_migrations_and_nothing_leaks(tmp_path
             assert os.readlink(link).startswith("/dev/loop")
             await asyncio.to_thread(_write, link, 4 * MiB, payload)
             vbd_id = sim.state.get(vdi_id)["$VBDs"][0]
+            await cached(sim, vbd_id)
             await rpc.call("vbd.disconnect", {"id": vbd_id})
+            assert sim.state.get(vdi_id)["usage"] == image.stat().st_blocks * 512 >= MiB  # thin: allocated bytes
             assert not link.exists() and _loops_using(tmp_path) == []
 
             copy_id = await rpc.call("vdi.migrate", {"id": vdi_id, "sr_id": SR_LOCAL_A2})
@@ -81,8 +94,16 @@ async def test_bytes_survive_copy_and_live_migrations_and_nothing_leaks(tmp_path
             assert await asyncio.to_thread(_read, link2, 0, 4096) == more
             assert await asyncio.to_thread(_read, link2, 4 * MiB, MiB) == payload
 
-            await rpc.call("vdi.set", {"id": moved_id, "size": "128MiB"})  # online grow: losetup -c
+            with pytest.raises(RpcError) as info:  # no online resize on XCP-ng SRs
+                await rpc.call("vdi.set", {"id": moved_id, "size": "128MiB"})
+            assert info.value.error["code"] == 17
+            vbd2 = next(v["id"] for v in sim.state.of_type("VBD") if v["VM"] == VM_A2 and v["VDI"] == moved_id)
+            await rpc.call("vbd.disconnect", {"id": vbd2})
+            await rpc.call("vdi.set", {"id": moved_id, "size": "128MiB"})  # offline: the backing file grows
+            assert (backing / SR_NFS_A / f"{moved_id}.img").stat().st_size == 128 * MiB
+            await rpc.call("vbd.connect", {"id": vbd2})
             assert await asyncio.to_thread(_device_size, link2) == 128 * MiB
+            assert await asyncio.to_thread(_read, link2, 4 * MiB, MiB) == payload
             assert len(_loops_using(tmp_path)) == 1
         assert _loops_using(tmp_path) == []
         assert not link2.exists()

@@ -19,6 +19,8 @@ from services.xo_simulator.server import SimulatorHandle, start_simulator
 from services.xo_simulator.topology import derived_id
 
 TOKEN = "sim-token"
+VIEWER_TOKEN = "viewer-token"  # viewer@example.org, permission "none"
+INSTANT = {"cache_lag_ms": 0, "noise_events_per_s": 0}  # the softened simulator, where a test counts events
 GiB = 1024**3
 MiB = 1024**2
 
@@ -31,6 +33,8 @@ SR_LOCAL_A1 = derived_id("sr", "Pool A", "host-a1", "Local A1")
 SR_LOCAL_A2 = derived_id("sr", "Pool A", "host-a2", "Local A2")
 VM_A1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
 VM_A2 = derived_id("vm", "Pool A", "host-a2", "node-a2")
+ROOT_A1 = derived_id("vdi", "Pool A", "host-a1", "node-a1", "root")  # node-a1's 10 GiB system disk, xvda
+ROOT_A2 = derived_id("vdi", "Pool A", "host-a2", "node-a2", "root")
 
 
 class RpcError(Exception):
@@ -117,17 +121,23 @@ class RpcClient:
             await self._changed.wait_for(lambda: len(self.raw_replies) > count or self.closed.is_set())
         return self.raw_replies[count]
 
-    async def wait_notification(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10) -> dict:
-        """Return the first notification (already received or upcoming) matching ``predicate``."""
+    async def wait_notification(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10,
+                                since: int = 0) -> dict:
+        """Return the first notification (received from index ``since`` on, or upcoming) matching ``predicate``."""
         async with asyncio.timeout(timeout_s), self._changed:
             while True:
-                for message in self.notifications:
+                for message in self.notifications[since:]:
                     if predicate(message):
                         return message
                 await self._changed.wait()
 
-    async def sign_in(self) -> Any:
-        return await self.call("session.signIn", {"token": TOKEN})
+    async def settled(self) -> int:
+        """The number of notifications received once all those queued so far arrived (replies follow them)."""
+        await self.call("system.getServerVersion")
+        return len(self.notifications)
+
+    async def sign_in(self, token: str = TOKEN) -> Any:
+        return await self.call("session.signIn", {"token": token})
 
     async def objects(self, **filter_: Any) -> dict[str, Any]:
         return dict(await self.call("xo.getAllObjects", {"filter": filter_}))
@@ -135,6 +145,22 @@ class RpcClient:
     async def close(self) -> None:
         await self.ws.close()
         await self._reader
+
+
+async def cached(handle: SimulatorHandle, obj_id: str, predicate: Callable[[dict[str, Any]], bool] | None = None,
+                 timeout_s: float = 10) -> dict[str, Any]:
+    """Wait until XO's cache shows ``obj_id`` (matching ``predicate``) and return it."""
+    def shown() -> bool:
+        obj = handle.cache.find(obj_id)
+        return obj is not None and (predicate is None or predicate(obj))
+
+    await eventually(shown, timeout_s)
+    return handle.cache.get(obj_id)
+
+
+async def uncached(handle: SimulatorHandle, obj_id: str, timeout_s: float = 10) -> None:
+    """Wait until XO's cache no longer shows ``obj_id``."""
+    await eventually(lambda: obj_id not in handle.cache, timeout_s)
 
 
 def items_of(notification: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -168,12 +194,12 @@ async def running(topology: Any = "two-hosts", **options: Any) -> AsyncIterator[
 
 
 @contextlib.asynccontextmanager
-async def client(handle: SimulatorHandle, *, signed_in: bool = True) -> AsyncIterator[RpcClient]:
-    """A client connected (and by default signed in) to ``handle``."""
+async def client(handle: SimulatorHandle, *, signed_in: bool = True, token: str = TOKEN) -> AsyncIterator[RpcClient]:
+    """A client connected (and by default signed in with the admin token) to ``handle``."""
     rpc = await RpcClient.open(handle.url)
     try:
         if signed_in:
-            await rpc.sign_in()
+            await rpc.sign_in(token)
         yield rpc
     finally:
         await rpc.close()

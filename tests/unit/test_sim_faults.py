@@ -49,13 +49,19 @@ def test_rate_draws_are_reproducible_with_a_seed() -> None:
     {"kind": "drop_socket", "xapi": "X"},
     {"method": "m", "xapi": "X", "rate": 2},
     {"method": "m", "xapi": "X", "surprise": True},
+    {"kind": "pool_disconnect"},  # which pool?
+    {"kind": "pool_disconnect", "pool": "p", "duration_s": 0},
+    {"kind": "drop_socket", "method": "m", "pool": "p"},
+    {"kind": "expire_sessions", "duration_s": 5},
 ])
 def test_invalid_rules_are_rejected(spec: dict) -> None:
     with pytest.raises(ValidationError):
         Faults.parse(spec)
 
 
-def test_expire_sessions_is_not_stored_as_a_rule() -> None:
+def test_actions_are_not_stored_as_rules() -> None:
     faults = Faults()
-    faults.add(Faults.parse({"kind": "expire_sessions"}))
+    faults.add(Faults.parse([{"kind": "expire_sessions"}, {"kind": "pool_disconnect", "pool": "p", "duration_s": 2}]))
     assert faults.rules() == []
+    rule = Faults.parse({"kind": "pool_disconnect", "pool": "p"})[0]
+    assert (rule.pool, rule.duration_s) == ("p", None)  # until the faults are cleared

@@ -14,6 +14,8 @@ SCHEMA = {
     "size": Param("size", optional=True),
     "limit": Param("integer", optional=True),
     "flag": Param("boolean", optional=True),
+    "count": Param("number", optional=True),
+    "expiresIn": Param("number_or_string", optional=True),
 }
 
 
@@ -41,6 +43,13 @@ def test_missing_required_and_wrong_types_are_all_reported() -> None:
     assert {e["message"] for e in errors} == {
         "must have required property 'id'", "must be integer,string", "must be boolean", "must be integer"}
     assert {e["instancePath"] for e in errors} == {"", "/size", "/flag", "/limit"}
+
+
+def test_numbers_and_number_or_string() -> None:
+    assert check("vdi", SCHEMA, {"id": "x", "count": 1.5, "expiresIn": "1h"}) == {
+        "id": "x", "count": 1.5, "expiresIn": "1h"}
+    assert {e["message"] for e in _errors({"id": "x", "count": "1", "expiresIn": True})} == {
+        "must be number", "must be number,string"}
 
 
 def test_empty_string_is_rejected_unless_min_length_zero() -> None:

@@ -54,7 +54,8 @@ def test_get_raises_no_such_object_with_type(store: ObjectStore) -> None:
 
 def test_batch_coalesces_notifications_and_drops_enter_of_removed_objects(store: ObjectStore) -> None:
     events: list[tuple[str, list[str]]] = []
-    store.subscribe(lambda kind, items: events.append((kind, list(items))))
+    store.subscribe(lambda entered, exited: events.extend(
+        (kind, list(items)) for kind, items in (("enter", entered), ("exit", exited)) if items))
     with store.batch():
         store.add(_obj("tmp", "VDI", "x"))
         store.update("v0", {"name_label": "y"})

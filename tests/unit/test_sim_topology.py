@@ -45,6 +45,11 @@ def test_sizes_accept_units_and_ids_are_derived_from_names() -> None:
         ("vdis: [{name_label: x, size: 1, sr: nowhere}]", "exactly one SR"),
         ("pools: [{name_label: P, hosts: [{name_label: h, vms: [{name_label: v, power_state: On}]}]}]", "power_state"),
         ("pools: [{name_label: P}, {name_label: P}]", "duplicate ids"),
+        ("users: [{email: a, password: b, permission: root}]", "permission"),
+        ("tokens: [{token: t, user: nobody@example.org}]", "token user"),
+        ("tokens: [{token: t, expires_in_s: 0}]", "expires_in_s"),
+        ("pools: [{name_label: P, hosts: [{name_label: h, vms: [{name_label: v, root_disk: {size: 1GiB}}]}]}]",
+         "root_disk but its host has no SR"),
     ],
 )
 def test_invalid_topologies_are_rejected_with_a_reason(yaml_text: str, message: str) -> None:
@@ -55,10 +60,27 @@ def test_invalid_topologies_are_rejected_with_a_reason(yaml_text: str, message: 
 @pytest.mark.parametrize("name", ["two-hosts", "shared-pool", "two-pools"])
 def test_bundled_topologies_load_with_the_example_credentials(name: str) -> None:
     topology = load_topology(name)
-    assert topology.tokens == ["sim-token"]
-    assert topology.users[0].email == "admin@example.org"
+    assert [(t.token, t.user, t.expires_in_s) for t in topology.tokens] == [
+        ("sim-token", None, None), ("viewer-token", "viewer@example.org", None)]
+    assert [(u.email, u.permission) for u in topology.users] == [
+        ("admin@example.org", "admin"), ("viewer@example.org", "none")]
     assert all(pool.shared_srs and "k8s-shared" in pool.shared_srs[0].tags for pool in topology.pools)
     assert all(vm.power_state == "Running" for _, vm in topology.vms())
+    for pool, host in topology.hosts():  # every node VM has a system disk, on its host's SR if it has one
+        for vm in host.vms:
+            assert vm.root_disk is not None and vm.root_disk.size == 10 * 1024**3
+            expected = host.srs[0].id if host.srs else pool.shared_srs[0].id
+            assert topology.root_disk_sr(pool, host, vm) == expected
+
+
+def test_defaults_follow_xo_permission_none_tokens_of_the_first_user_and_no_online_resize() -> None:
+    topology = parse_topology(YAML)
+    assert topology.users[0].permission == "none"
+    assert [(t.token, t.user, t.expires_in_s) for t in topology.tokens] == [("t1", None, None)]
+    assert topology.pools[0].shared_srs[0].resize_online is False
+    assert topology.pools[0].hosts[0].vms[0].root_disk is None
+    explicit = parse_topology(YAML.replace("tokens: [t1]", "tokens: [t1, {token: t2, user: a@b.c, expires_in_s: 90}]"))
+    assert [(t.token, t.user, t.expires_in_s) for t in explicit.tokens] == [("t1", None, None), ("t2", "a@b.c", 90)]
 
 
 def test_two_pools_has_local_migrating_srs_on_every_host() -> None:
