@@ -95,7 +95,7 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
         copy_started = time.monotonic()
         try:
-            new_id = await xo.migrate_vdi(vdi.id, target_id, timeout_s=deps.migrate_timeout_s)
+            new_id = await xo.migrate_vdi(vdi, target_id, timeout_s=deps.migrate_timeout_s)
         except DomainError:
             await _unmark_unmoved(xo, vdi, lock)
             raise

@@ -204,21 +204,28 @@ class XoClient:
         XO is known to see every pool (XoPoolDisconnected otherwise). Attached -> XoVdiInUse."""
         await self._delete("vdi.delete", vdi_id, f"VDI {vdi_id}")
 
-    async def migrate_vdi(self, vdi_id: str, sr_id: str, *, timeout_s: float) -> str:
-        """``vdi.migrate`` to ``sr_id``; returns the VDI UUID afterwards (it changes on a copy). XO answers once
-        its cache shows the new VDI.
+    async def migrate_vdi(self, vdi: Vdi, sr_id: str, *, timeout_s: float) -> str:
+        """``vdi.migrate`` of ``vdi`` to ``sr_id``; returns the VDI UUID afterwards (it changes on a copy).
 
-        XO before 5.104.1 returns ``true``: the copy is then found by name on the target SR.
+        XO answers once its cache shows the new VDI, but on the copy path (a detached disk) it destroys the source
+        after that barrier: this returns only once the source has left the cache too, so a lookup by name right
+        after finds one VDI. XO before 5.104.1 returns ``true``: the copy is then found by name on the target SR.
         """
-        before = await self.get_vdi(vdi_id)
-        result = await self._session.call("vdi.migrate", {"id": vdi_id, "sr_id": sr_id}, timeout_s=timeout_s)
-        if isinstance(result, str) and result:
-            return result
-        if result is True and before is not None:
-            copies = await self.find_vdis(name_label=before.name_label, sr_id=sr_id)
-            if len(copies) == 1:
-                return copies[0].id
-        raise XoError(f"XO vdi.migrate returned {type(result).__name__}, not the new VDI UUID", method="vdi.migrate")
+        async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
+            result = await self._session.call("vdi.migrate", {"id": vdi.id, "sr_id": sr_id}, timeout_s=timeout_s)
+            new_id = result if isinstance(result, str) and result else None
+            if result is True:
+                copies = await self.find_vdis(name_label=vdi.name_label, sr_id=sr_id)
+                new_id = copies[0].id if len(copies) == 1 else None
+            if new_id is None:
+                raise XoError(f"XO vdi.migrate returned {type(result).__name__}, not the new VDI UUID",
+                              method="vdi.migrate")
+            if new_id != vdi.id:
+                met, _ = await source_gone.settle(self._read, timeout_s=self._settle_timeout_s)
+                if not met:
+                    raise XoUnavailable(f"XO migrated VDI {vdi.id} to {new_id} but its cache still shows the source "
+                                        f"{self._settle_timeout_s:g}s later; retry", method="vdi.migrate")
+        return new_id
 
     async def attach_disk(self, vm_id: str, vdi_id: str, *, read_only: bool = False,
                           known_vbd_ids: frozenset[str] = frozenset()) -> Vbd:

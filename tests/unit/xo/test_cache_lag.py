@@ -72,6 +72,11 @@ class LaggingXo:
                 raise self.plug_error
             self.later({"b1": {**vbd, "attached": True, "device": "xvdb"}})
             return True
+        if method == "vdi.migrate":  # XO's copy path: the copy is in the cache, the source leaves it later
+            copy = {**self.cache[params["id"]], "id": "v2", "$SR": params["sr_id"]}
+            self.cache["v2"] = copy
+            self.later({}, gone=params["id"])
+            return "v2"
         if method == "vbd.delete":
             self.later({}, gone=params["id"])
             return True
@@ -166,4 +171,13 @@ async def test_wait_until_reads_only_when_a_relevant_notification_arrives(xo: La
                                      relevant=lambda obj_id, obj: obj_id == "v1")
     assert result == "csi-b"
     assert xo.reads - before == 2  # the first check, then one on the relevant notification; none for the noise
+    await client.close()
+
+
+async def test_a_migration_returns_once_the_source_left_the_cache(xo: LaggingXo) -> None:
+    client = client_of(xo)
+    source = await client.get_vdi("v1")
+    assert source is not None
+    assert await client.migrate_vdi(source, "sr2", timeout_s=5) == "v2"
+    assert [v.id for v in await client.find_vdis(name_label="csi-temp-a")] == ["v2"]
     await client.close()

@@ -22,6 +22,7 @@ from shared.xo.errors import (
     XoVdiInUse,
     from_rpc_error,
 )
+from shared.xo.models import Vdi
 from shared.xo.transport import Credentials, RpcSession, api_url
 from tests.unit.xo.memory_peer import DropSocket, MemoryPeer, RpcFault
 
@@ -241,15 +242,16 @@ async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
         if method == "vdi.migrate":
             return state["answer"]
         if params["filter"].get("id") == "v1":
-            return {"v1": VDI}
+            return {}  # the source is gone once XO answered
         assert params["filter"] == {"type": "VDI", "name_label": "csi-a", "$SR": "sr2"}
         return {"v2": {**VDI, "id": "v2", "uuid": "v2", "$SR": "sr2"}}
 
     peer = MemoryPeer(handler)
     client = make_client(peer)
-    assert await client.migrate_vdi("v1", "sr2", timeout_s=5) == "new-uuid"
+    source = Vdi.model_validate(VDI)
+    assert await client.migrate_vdi(source, "sr2", timeout_s=5) == "new-uuid"
     state["answer"] = True  # type: ignore[assignment]
-    assert await client.migrate_vdi("v1", "sr2", timeout_s=5) == "v2"
+    assert await client.migrate_vdi(source, "sr2", timeout_s=5) == "v2"
     await client.close()
     await peer.aclose()
 

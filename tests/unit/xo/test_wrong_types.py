@@ -9,6 +9,7 @@ import pytest
 from shared.errors import BackendFailure
 from shared.xo.client import XoClient
 from shared.xo.errors import XoError
+from shared.xo.models import Vdi
 from shared.xo.transport import Credentials, RpcSession
 from tests.unit.xo.memory_peer import MemoryPeer, RpcFault
 
@@ -50,7 +51,7 @@ async def test_create_and_migrate_need_a_uuid_string(answer: Any) -> None:
     with pytest.raises(XoError, match="disk.create returned"):
         await client.create_disk("csi-x", 1024, "sr")
     with pytest.raises(XoError, match="vdi.migrate returned"):
-        await client.migrate_vdi("v", "sr", timeout_s=2)
+        await client.migrate_vdi(Vdi.model_validate({"id": "v", "type": "VDI", "$SR": "s"}), "sr", timeout_s=2)
     await client.close()
     await peer.aclose()
 
