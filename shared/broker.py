@@ -64,9 +64,9 @@ class Publisher:
                     await declare(self._channel)
             return self._channel
 
-    async def request(self, request: messages.MigrationRequested) -> None:
-        """Publish a migration request to the jobs queue (persistent, mandatory, confirmed); the ``attempt``
-        header repeats ``request.attempt``."""
+    async def request(self, request: messages.JobRequest) -> None:
+        """Publish a job request (migration or clone) to the jobs queue (persistent, mandatory, confirmed); the
+        ``attempt`` header repeats ``request.attempt``."""
         await self._publish(
             messages.JOBS_EXCHANGE, messages.JOBS_ROUTING_KEY, request.to_body(),
             message_id=request.job_id, correlation_id=request.correlation_id, headers=_request_headers(request),
@@ -74,7 +74,7 @@ class Publisher:
         )
 
     async def dead_letter(
-        self, request: messages.MigrationRequested, *, reason: messages.DeadReason, error: messages.FailureReason,
+        self, request: messages.JobRequest, *, reason: messages.DeadReason, error: messages.FailureReason,
         worker: str
     ) -> None:
         """Publish a failed job's request to the dead-letter exchange (so it lands in the dead-letter queue,
@@ -136,9 +136,10 @@ class Publisher:
             await asyncio.shield(self._channel.close())
 
 
-def _request_headers(request: messages.MigrationRequested) -> dict[str, Any]:
+def _request_headers(request: messages.JobRequest) -> dict[str, Any]:
     return {
         messages.HEADER_DISK_NAME: request.disk_name,
-        messages.HEADER_TARGET_HOST: request.host_id,
+        messages.HEADER_TARGET_HOST: request.target,
         messages.HEADER_ATTEMPT: request.attempt,
+        messages.HEADER_KIND: request.kind,
     }

@@ -1,5 +1,6 @@
-"""The per-disk migration job record in Redis: create-or-join, a worker's claim, heartbeat and hand-back, the
-reaper's takeover, the outcome. Every state change is one Lua script, so it is atomic across replicas.
+"""The per-disk job record in Redis (migrations and clones, shared/messages.py): create-or-join, a worker's claim,
+heartbeat and hand-back, the reaper's takeover, the outcome. Every state change is one Lua script, so it is atomic
+across replicas.
 
 One JSON record per disk name (key from ``shared/keys.py``), always with a TTL. While a job is queued or
 running, every requester joins it instead of publishing again; a finished record is kept ``result_ttl_s``.
@@ -25,7 +26,8 @@ from redis.exceptions import RedisError
 from shared.errors import BackendFailure, BackendUnavailable
 from shared.keys import disk_job_key, disk_job_pattern
 from shared.locks import LUA_NOW_MS
-from shared.messages import MigrationFinished, MigrationRequested, utc_now
+from shared.messages import JobRequest, MigrationFinished, utc_now
+from shared.progress import StreamProgress
 
 DEFAULT_ACTIVE_TTL_S = 900.0  # a queued/running record (workers refresh it while running)
 DEFAULT_RESULT_TTL_S = 120.0  # a finished record, for late waiters
@@ -88,13 +90,15 @@ record.heartbeat_ms = now
 return {'claimed', store(KEYS[1], record, ARGV[6])}
 """
 
-# ARGV: job id, claim token, ttl ms, the owner's record. 1 when the heartbeat was written (the claim still owns
-# the job; a record Redis lost, e.g. restarted without persistence, is written back from the owner's copy).
+# ARGV: job id, claim token, ttl ms, the owner's record, progress (JSON object, or "" for none). 1 when the
+# heartbeat was written (the claim still owns the job; a record Redis lost, e.g. restarted without persistence, is
+# written back from the owner's copy).
 _BEAT = _PRELUDE + """
 local record = load(KEYS[1])
 if not record then record = cjson.decode(ARGV[4]) end
 if record.job_id ~= ARGV[1] or record.state ~= 'running' or record.claim ~= ARGV[2] then return 0 end
 record.heartbeat_ms = now_ms()
+if ARGV[5] ~= '' then record.progress = cjson.decode(ARGV[5]) end
 store(KEYS[1], record, ARGV[3])
 return 1
 """
@@ -133,11 +137,12 @@ return 0
 
 
 class JobRecord(BaseModel):
-    """What Redis knows about a disk's current (or last) migration job.
+    """What Redis knows about a disk's current (or last) job: a migration, or a clone filling a new disk.
 
     ``attempt`` is the highest attempt published for it; ``claim`` and ``worker`` name the owner while
     running; ``heartbeat_ms`` is the Redis time of the last state change or heartbeat; ``request`` is the
-    full request, so that the job can be published again without its original message.
+    full request, so that the job can be published again without its original message; ``progress`` is how far
+    the job's content stream was at its last heartbeat (cross-pool moves and clones only).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -151,8 +156,14 @@ class JobRecord(BaseModel):
     heartbeat_ms: int | None = None
     worker: str | None = None
     claim: str | None = None
-    request: MigrationRequested | None = None
+    request: JobRequest | None = None
     result: MigrationFinished | None = None
+    progress: StreamProgress | None = None
+
+    @property
+    def kind(self) -> str:
+        """``migrate`` or ``clone`` (a record without its request: ``migrate``)."""
+        return self.request.kind if self.request is not None else "migrate"
 
     @property
     def is_active(self) -> bool:
@@ -191,9 +202,9 @@ class JobStore:
     def key(self, disk_name: str) -> str:
         return disk_job_key(self._prefix, disk_name)
 
-    async def create_or_join(self, request: MigrationRequested) -> tuple[JobRecord, bool]:
+    async def create_or_join(self, request: JobRequest) -> tuple[JobRecord, bool]:
         """The disk's active job, or a new queued one for ``request``; the flag says whether it was created."""
-        record = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.host_id,
+        record = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.target,
                            state="queued", created_at=utc_now(), attempt=request.attempt, request=request)
         created, raw = _pair(await self._call(_CREATE_OR_JOIN, request.disk_name, record.model_dump_json(),
                                               self._active_ttl_ms))
@@ -206,7 +217,7 @@ class JobStore:
             raise BackendUnavailable(f"Redis is unreachable while reading the job of disk {disk_name}") from exc
         return _decode(raw) if raw is not None else None
 
-    async def claim(self, request: MigrationRequested, worker: str, *, stale_after_s: float) -> Claim:
+    async def claim(self, request: JobRequest, worker: str, *, stale_after_s: float) -> Claim:
         """Claim the job of a delivered ``request`` for ``worker``, atomically.
 
         Claimed when the record is queued, or running with a heartbeat older than ``stale_after_s`` (its
@@ -214,7 +225,7 @@ class JobStore:
         absent (expired: it is recreated from the request). Otherwise nothing changes: ``duplicate``,
         ``finished`` or ``superseded``.
         """
-        fallback = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.host_id,
+        fallback = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.target,
                              state="queued", created_at=utc_now(), attempt=request.attempt, request=request)
         outcome, raw = _pair(await self._call(
             _CLAIM, request.disk_name, request.job_id, uuid.uuid4().hex, worker, request.attempt,
@@ -222,11 +233,13 @@ class JobStore:
         ))
         return Claim(outcome=_claim_outcome(outcome), record=_decode(raw))
 
-    async def beat(self, record: JobRecord) -> bool:
-        """Refresh the heartbeat of a running job; False once ``record.claim`` no longer owns it. A record
-        Redis lost (restart without persistence, expiry) is written back from ``record``: the job goes on."""
+    async def beat(self, record: JobRecord, progress: StreamProgress | None = None) -> bool:
+        """Refresh the heartbeat of a running job (and its ``progress``, when given); False once ``record.claim``
+        no longer owns it. A record Redis lost (restart without persistence, expiry) is written back from
+        ``record``: the job goes on."""
         return bool(await self._call(_BEAT, record.disk_name, record.job_id, record.claim or "",
-                                     self._active_ttl_ms, record.model_dump_json()))
+                                     self._active_ttl_ms, record.model_dump_json(),
+                                     progress.model_dump_json() if progress is not None else ""))
 
     async def requeue(self, record: JobRecord, attempt: int) -> JobRecord | None:
         """Hand a running job back to the queue (state queued, ``attempt``); None when the claim lost it

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SLOT_WAIT_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -37,6 +37,13 @@ MIGRATION_DURATION = Histogram("xocsi_migration_duration_seconds", "vdi.migrate 
 MIGRATION_BYTES = Counter("xocsi_migration_bytes", "virtual size of the disks migrated")
 LOCK_WAIT = Histogram("xocsi_disk_lock_wait_seconds", "time to acquire a disk's Redis lock",
                       buckets=_LATENCY_BUCKETS_S)
+STREAM_BYTES = Counter("xocsi_migration_stream_bytes", "bytes streamed into target disks by cross-pool moves and "
+                       "clones (REST export -> import)")
+STREAM_PROGRESS = Gauge("xocsi_migration_stream_progress_ratio", "how far each running content stream is (0..1), "
+                        "by the disk it fills; the series goes away when the stream ends", ["disk"])
+STREAMS_RUNNING = Gauge("xocsi_migration_streams_running", "content streams running in this process")
+STREAM_DURATION = Histogram("xocsi_migration_stream_duration_seconds", "time of one content stream (cross-pool "
+                            "move or clone)", buckets=_MIGRATION_BUCKETS_S)
 SR_SLOT_WAIT = Histogram("xocsi_sr_slot_wait_seconds", "time a migration waited for a slot on its source and target "
                          "SRs (per-SR limit on)", buckets=_SLOT_WAIT_BUCKETS_S)
 

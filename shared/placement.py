@@ -98,13 +98,24 @@ def choose_for_create(
 
 def choose_for_host(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_id: str,
                     from_pool: str | None = None) -> SrView:
-    """The SR a disk moves to so that a VM on ``host_id`` can attach it (the roomiest usable one).
+    """The SR a disk moves to with XO's vdi.migrate so that a VM on ``host_id`` can attach it (the roomiest
+    usable one).
 
-    ``from_pool``: the pool the disk is in now; XO moves disks only within a pool, so another pool is refused.
+    ``from_pool``: the pool the disk is in now; vdi.migrate moves disks only within a pool, so another pool is
+    refused (a move across pools streams the content instead: ``choose_across_pools``).
     """
     if from_pool is not None and from_pool != pool_id:
         raise PlacementImpossible(f"the disk is in pool {from_pool} and host {host_id} in pool {pool_id}: "
                                   "XO moves disks only within a pool")
+    return choose_across_pools(srs, size_bytes, host_id, pool_id)
+
+
+def choose_across_pools(srs: Sequence[SrView], size_bytes: int, host_id: str, pool_id: str) -> SrView:
+    """The SR a disk's content is streamed to so that a VM on ``host_id`` (in ``pool_id``) can attach it, wherever
+    the disk is now: the roomiest SR usable from the host, by the same rules as a move within a pool.
+
+    PlacementImpossible when no SR of ``srs`` is usable from the host, CapacityExhausted when none has room.
+    """
     usable = [sr for sr in srs if usable_from(sr, host_id, pool_id)]
     if not usable:
         raise PlacementImpossible(f"no SR of the tag is usable from host {host_id} in pool {pool_id}")

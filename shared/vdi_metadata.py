@@ -39,15 +39,21 @@ class StorageInfo:
         return StorageInfo(self.srs_with_tag, self.sr_uuid, self.migrating, sr_id)
 
 
-def parse(description: str) -> StorageInfo | None:
-    """The StorageInfo in ``description``, or None when it holds no (readable) csi:info."""
-    if not description.startswith(PREFIX):
+def prefixed_object(description: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON object after ``prefix`` in ``description`` (``csi:info: {...}``), None when there is none."""
+    if not description.startswith(prefix):
         return None
     try:
-        body = json.loads(description[len(PREFIX):])
+        body = json.loads(description[len(prefix):])
     except ValueError:
         return None
-    if not isinstance(body, dict):
+    return body if isinstance(body, dict) else None
+
+
+def parse(description: str) -> StorageInfo | None:
+    """The StorageInfo in ``description``, or None when it holds no (readable) csi:info."""
+    body = prefixed_object(description, PREFIX)
+    if body is None:
         return None
     migrating = body.get("migrating")
     mark = None

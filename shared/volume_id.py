@@ -146,7 +146,9 @@ def temp_disk_name(prefix: str, volume_name: str) -> str:
 
 
 def volume_name_of_disk(prefix: str, name_label: str) -> str | None:
-    """The volume name of a driver-made disk, or None for foreign and temporary disks."""
+    """The volume name of a driver-made disk, or None for foreign and temporary disks and for a disk being filled
+    (``<disk>~incoming``, shared/transfer_marks.py: no volume name holds ``~``)."""
     if not name_label.startswith(prefix) or name_label.startswith(f"{prefix}temp-"):
         return None
-    return name_label[len(prefix):] or None
+    name = name_label[len(prefix):]
+    return name if is_volume_name(name) else None

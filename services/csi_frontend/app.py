@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractRobustConnection
 
 from services.csi_frontend.attach import Attacher
+from services.csi_frontend.cloning import Cloner
 from services.csi_frontend.controller import ControllerServicer
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.events import MigrationEvents
@@ -93,8 +94,9 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         if rabbit is not None and redis is not None:
             await _enable_migrations(stack, frontend, disks, rabbit, redis)
         frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
-        frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory),
-                                   csi_pb2_grpc.add_ControllerServicer_to_server))
+        cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate) if frontend.gate is not None else None
+        frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory,
+                                                      cloner), csi_pb2_grpc.add_ControllerServicer_to_server))
     if settings.serves_node:
         frontend.node = await _node_servicer(settings, frontend.attacher, inventory)
         frontend.servicers.append((frontend.node, csi_pb2_grpc.add_NodeServicer_to_server))

@@ -1,7 +1,8 @@
 """ControllerPublish/Unpublish logic: attach a volume's VDI to a node VM, and detach it.
 
-A disk whose SR the node cannot use goes to the ``MigrationGate`` (disk migration through the queue);
-without one, such an attach fails with FAILED_PRECONDITION saying why.
+A disk whose SR the node cannot use goes to the ``MigrationGate`` (disk migration through the queue; a node of
+another pool gets the disk by a cross-pool move, services/migrator/transfer.py); without one, such an attach fails
+with FAILED_PRECONDITION saying why.
 """
 
 from __future__ import annotations
@@ -138,13 +139,6 @@ class Attacher:
                 f"volume {disk.volume_id} lives on {where}, which node {place.vm.id} (host {place.host_id}, "
                 f"pool {place.pool_id}) cannot use, and its StorageClass does not allow migration "
                 '(migrating: "true" with srsWithTag)'
-            )
-        if sr is not None and sr.pool_id != place.pool_id:
-            raise PreconditionFailed(
-                f"disk {disk.vdi.name_label} of volume {disk.volume_id} lives on {where} in pool {sr.pool_id}, "
-                f"and node {place.vm.id} runs in "
-                f"pool {place.pool_id}: XO moves disks only within a pool, so schedule the workload on a node of "
-                f"pool {sr.pool_id} (the volume's topology says so)"
             )
         if self._migrations is None:
             raise PreconditionFailed(

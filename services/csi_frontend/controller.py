@@ -14,6 +14,7 @@ from google.protobuf import wrappers_pb2
 
 from services.csi_frontend import validation as check
 from services.csi_frontend.attach import Attacher
+from services.csi_frontend.cloning import Cloner, CloneRequest
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.provisioning import Provisioner, class_mismatch
 from shared import storage_class
@@ -41,19 +42,20 @@ DEFAULT_DEADLINE_S = 120.0
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     """CSI Controller over XO."""
 
-    def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory) -> None:
+    def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory,
+                 cloner: Cloner | None = None) -> None:
         self._provisioner = provisioner
         self._attacher = attacher
         self._disks = disks
         self._inventory = inventory
+        self._cloner = cloner  # CLONE_VOLUME: only with the migration queue (RabbitMQ + Redis)
 
     async def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
                            ) -> csi_pb2.CreateVolumeResponse:
         vid.validate_volume_name(request.name, "name")
         check.check_capabilities(request.volume_capabilities)
         check.check_map(request.parameters, "parameters")
-        if request.HasField("volume_content_source"):
-            raise InvalidRequest("volume_content_source is not supported: this driver has no snapshots or clones")
+        source_id = self._clone_source(request)
         if request.mutable_parameters:
             raise InvalidRequest("mutable_parameters are not supported (no MODIFY_VOLUME capability): "
                                  "drop the VolumeAttributesClass")
@@ -61,15 +63,37 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         name = vid.volume_name_for_id(request.name) if params.migrating else request.name
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
-        created = await self._provisioner.create(
-            name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
-        )
-        return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
+        requisite, preferred = check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
+        if source_id is not None and self._cloner is not None:
+            sized = request.HasField("capacity_range") and request.capacity_range.required_bytes > 0
+            remaining = context.time_remaining()
+            clone = CloneRequest(name, size, sized, params, requisite, preferred, source_id)
+            created = await self._cloner.create(clone, DEFAULT_DEADLINE_S if remaining is None else remaining)
+        else:
+            created = await self._provisioner.create(name, size, params, requisite, preferred)
+        volume = csi_pb2.Volume(
             volume_id=str(created.volume_id),
             capacity_bytes=created.size_bytes,
             volume_context=created.context,
             accessible_topology=[csi_pb2.Topology(segments=s) for s in created.topology],
-        ))
+        )
+        if source_id is not None:
+            volume.content_source.volume.volume_id = source_id
+        return csi_pb2.CreateVolumeResponse(volume=volume)
+
+    def _clone_source(self, request: csi_pb2.CreateVolumeRequest) -> str | None:
+        """The source volume id of a clone request (None without a source); INVALID_ARGUMENT for snapshots, and
+        for clones when this controller has no migration queue to run them."""
+        if not request.HasField("volume_content_source"):
+            return None
+        source = request.volume_content_source
+        if not source.HasField("volume"):
+            raise InvalidRequest("volume_content_source.snapshot is not supported: this driver has no snapshots "
+                                 "(XO has no per-disk snapshot call); clone a volume instead")
+        if self._cloner is None:
+            raise InvalidRequest("volume_content_source.volume is not supported here: clones run on the migration "
+                                 "queue, and this controller has none configured (set AMQP_URL and REDIS_URL)")
+        return check.require(source.volume.volume_id, "volume_content_source.volume.volume_id")
 
     async def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
                            ) -> csi_pb2.DeleteVolumeResponse:
@@ -191,8 +215,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
                                         context: grpc.aio.ServicerContext
                                         ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        capabilities = CAPABILITIES + ((_Cap.CLONE_VOLUME,) if self._cloner is not None else ())
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
-            csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in CAPABILITIES
+            csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in capabilities
         ])
 
 

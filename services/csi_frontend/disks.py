@@ -1,14 +1,15 @@
 """Finding a volume's VDI in XO from its volume id, and what its description says.
 
 The one place that resolves ``name:``/``uuid:`` ids to VDIs and decides what two VDIs with one
-name mean (a migration copy in progress, or a stray duplicate an operator must remove).
+name mean (a migration copy in progress, or a stray duplicate an operator must remove). A VDI whose description
+is a transfer mark (shared/transfer_marks.py: a cross-pool move or clone finishing) is never the volume's disk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared import vdi_metadata
+from shared import transfer_marks, vdi_metadata
 from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
 from shared.vdi_metadata import StorageInfo
 from shared.volume_id import VolumeId
@@ -59,6 +60,9 @@ class DiskLocator:
         vdis = await self.candidates(volume_id)
         if not vdis:
             return None
+        if len(vdis) == 1 and transfer_marks.is_marked(vdis[0].name_description):
+            raise OperationPending(f"volume {volume_id} is being migrated: its copy {vdis[0].id} is being finished; "
+                                   "retry shortly")
         if len(vdis) == 1:
             return Disk(volume_id, vdis[0], vdi_metadata.parse(vdis[0].name_description))
         raise duplicate_error(self.disk_name(volume_id), vdis)
@@ -70,9 +74,12 @@ class DiskLocator:
             return None
         vdis = await self.candidates(volume_id)
         busy = [v for v in vdis if v.current_operations]
-        if len(vdis) != 2 or len(busy) != 1:
+        # A cross-pool copy that took the name is finishing: the source is the VDI without the transfer mark.
+        sources = [v for v in vdis if not transfer_marks.is_marked(v.name_description)]
+        if len(vdis) != 2 or (len(busy) != 1 and len(sources) != 1):
             return None
-        return Disk(volume_id, busy[0], vdi_metadata.parse(busy[0].name_description))
+        source = busy[0] if len(busy) == 1 else sources[0]
+        return Disk(volume_id, source, vdi_metadata.parse(source.name_description))
 
     async def get(self, volume_id: VolumeId) -> Disk:
         """Like ``find`` but VolumeNotFound when there is no VDI."""
@@ -88,7 +95,7 @@ class DiskLocator:
 def duplicate_error(name: str, vdis: list[Vdi]) -> OperationPending | PreconditionFailed:
     """The error for several VDIs carrying one disk name."""
     ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
-    copying = any(v.current_operations for v in vdis) or any(
+    copying = any(v.current_operations or transfer_marks.is_marked(v.name_description) for v in vdis) or any(
         (info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr for v in vdis
     )
     if copying:

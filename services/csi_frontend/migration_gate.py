@@ -29,7 +29,7 @@ from shared.errors import (
 )
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
-from shared.messages import FailureReason, MigrationFinished, MigrationRequested
+from shared.messages import FailureReason, JobRequest, MigrationFinished, MigrationRequested
 from shared.xo.client import XoClient
 
 log = get_logger(__name__)
@@ -64,28 +64,37 @@ class QueueMigrationGate:
         name = disk.vdi.name_label
         if disk.tag is None:
             raise PreconditionFailed(f"disk {name} has no srsWithTag in its description; it cannot migrate")
+        result = await self.run_job(_request(disk, place), deadline_s,
+                                    f"disk {name} is migrating to host {place.host_id}")
+        return await self._outcome(disk, place, result)
+
+    async def run_job(self, request: JobRequest, deadline_s: float, doing: str) -> MigrationFinished:
+        """Create-or-join the job of ``request.disk_name`` (a migration, or a clone: services/csi_frontend/cloning.py)
+        and wait for its outcome until ``deadline_s`` minus the margin; OperationPending "<doing> (job ...): still
+        running" when the deadline comes first (the caller's retry joins the same job)."""
+        name = request.disk_name
         job_id = "(not created)"
         timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
         started, outcome = time.monotonic(), "error"
         try:
             async with timer, self._events.waiting(name) as events:
-                record, created = await self._enqueue(_request(disk, place))
+                record, created = await self._enqueue(request)
                 job_id = record.job_id
                 (metrics.JOBS_ENQUEUED if created else metrics.JOBS_JOINED).inc()
-                log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created)
+                log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created, kind=request.kind)
                 result = await self._wait(name, record, events)
                 outcome = result.outcome
         except TimeoutError as exc:
             if not timer.expired():
                 raise
             outcome = "deadline"
-            raise OperationPending(f"disk {name} is migrating to host {place.host_id} (job {job_id}): still "
-                                   "running; the attacher's retry will pick it up") from exc
+            raise OperationPending(f"{doing} (job {job_id}): still running; the caller's retry will pick it "
+                                   "up") from exc
         finally:
             metrics.PUBLISH_WAIT.labels(outcome).observe(time.monotonic() - started)
-        return await self._outcome(disk, place, result)
+        return result
 
-    async def _enqueue(self, request: MigrationRequested) -> tuple[JobRecord, bool]:
+    async def _enqueue(self, request: JobRequest) -> tuple[JobRecord, bool]:
         """Create-or-join the disk's job, and publish ``request`` when it created the job. Interrupted anywhere
         (the deadline, a cancellation, RabbitMQ or Redis failing), it drops the record it may have created
         unpublished, so the next try (ours or another replica's) publishes again instead of joining a job no
@@ -99,7 +108,7 @@ class QueueMigrationGate:
             raise
         return record, created
 
-    async def _abandon(self, request: MigrationRequested) -> None:
+    async def _abandon(self, request: JobRequest) -> None:
         # What stopped the enqueue (a cancellation above all) is what propagates, not a failure of this cleanup.
         try:
             await asyncio.shield(self._jobs.abandon(request.disk_name, request.job_id))

@@ -138,8 +138,8 @@ class Provisioner:
         volume_id = vid.by_name(name) if params.migrating else vid.by_uuid(vdi.id)
         home = next((sr for sr in srs if sr.id == vdi.sr_id), None)
         if params.migrating and home is not None:
-            # XO moves a disk only within its pool (vdi.migrate / VDI.copy take an SR of the same pool).
-            reachable = [sr for sr in srs if sr.pool_id == home.pool_id]
+            # Every SR of the tag: the migrator moves the disk to any of them, across pools by streaming its content.
+            reachable = srs
         else:
             reachable = [home] if home is not None else []
         if requisite and not any(placement.matches(sr, term) for sr in reachable for term in requisite):
@@ -152,6 +152,17 @@ class Provisioner:
             context["fsType"] = params.fs_type
         return CreatedVolume(volume_id, vdi.size, context,
                              placement.accessible_segments(reachable, self._host_topology))
+
+    # -- for clones (services/csi_frontend/cloning.py) --------------------------------------------------
+
+    async def class_srs(self, params: StorageParams) -> list[placement.SrView]:
+        """The SRs a volume of the class may live on (InvalidRequest when the class names none XO has)."""
+        return await self._class_srs(params)
+
+    def describe_created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
+                         requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
+        """CreateVolume's answer for the volume's disk ``vdi``, as ``create`` gives it."""
+        return self._created(name, vdi, params, srs, requisite)
 
     async def _class_srs(self, params: StorageParams) -> list[placement.SrView]:
         if params.sr_uuid:
@@ -283,6 +294,10 @@ def _check_class(vdi: Vdi, params: StorageParams, disk_name: str) -> None:
     mismatch = class_mismatch(params, info) if info is not None else None
     if mismatch:
         raise AlreadyExistsIncompatible(f"volume {disk_name} already exists: {mismatch}; use another name")
+
+
+check_size = _check_size  # for clones (cloning.py): an existing disk must fit the request as in create
+check_class = _check_class
 
 
 def class_mismatch(params: StorageParams, info: StorageInfo) -> str | None:

@@ -20,6 +20,7 @@ from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.jobs import JobStore
 from shared.logging import get_logger
 from shared.xo.client import XoClient
+from shared.xo.rest import XoRest
 
 log = get_logger(__name__)
 
@@ -62,11 +63,12 @@ class Migrator:
         await self.consumer.abort()
 
 
-def handler_deps(settings: MigratorSettings, xo: XoClient, redis: aioredis.Redis, key_prefix: str) -> HandlerDeps:
+def handler_deps(settings: MigratorSettings, xo: XoClient, redis: aioredis.Redis, key_prefix: str,
+                 rest: XoRest | None = None) -> HandlerDeps:
     """What ``migrate.handle`` needs, from the worker's settings."""
     return HandlerDeps(xo=xo, redis=redis, key_prefix=key_prefix, lock_ttl_s=settings.lock_ttl_s,
                        lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s,
-                       per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s)
+                       per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s, rest=rest)
 
 
 async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, rabbit: RabbitSettings,
@@ -76,9 +78,11 @@ async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, r
     xo_client = XoClient.from_settings(xo)
     stack.push_async_callback(xo_client.close)
     await xo_client.require_admin("migrator")  # XoAuthError: a non-admin account is refused, with the reason
+    rest = XoRest.from_settings(xo, idle_timeout_s=settings.stream_idle_timeout_s)
+    stack.push_async_callback(rest.close)
     redis_client, connection, publisher = await open_messaging(stack, rabbit, redis, name=settings.worker_name)
     jobs = JobStore(redis_client, redis.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                     result_ttl_s=settings.job_result_ttl_s)
-    deps = handler_deps(settings, xo_client, redis_client, redis.key_prefix)
+    deps = handler_deps(settings, xo_client, redis_client, redis.key_prefix, rest)
     consumer = Consumer(connection, publisher, jobs, deps, settings)
     return Migrator(settings, stack, xo_client, redis_client, publisher, jobs, consumer)

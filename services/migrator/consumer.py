@@ -38,16 +38,17 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from services.migrator.migrate import HandlerDeps, handle
+from services.migrator.dispatch import handle
+from services.migrator.migrate import HandlerDeps
 from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
-from shared import broker, messages, metrics
+from shared import broker, messages, metrics, progress
 from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, DomainError
 from shared.jobs import Claim, JobRecord, JobStore
 from shared.logging import get_logger
-from shared.messages import FailureReason, MigrationRequested
+from shared.messages import FailureReason, JobRequest
 
 log = get_logger(__name__)
 
@@ -82,6 +83,7 @@ class ConsumerStats:
 class _Job:
     record: JobRecord
     work: asyncio.Task[Any] | None = None  # what _owned() runs now: the handler, or a backoff
+    stream: progress.ProgressBox = field(default_factory=progress.ProgressBox)  # how far the handler streamed
 
     def interrupt(self) -> None:
         """stop(): cancel the handler (or backoff) so the job is handed back; an outcome step in progress ends."""
@@ -272,7 +274,7 @@ class Consumer:
             if not spawned:
                 self._release_slot()
 
-    async def _claim(self, request: MigrationRequested, message: AbstractIncomingMessage) -> Claim | None:
+    async def _claim(self, request: JobRequest, message: AbstractIncomingMessage) -> Claim | None:
         try:
             return await self._jobs.claim(request, self._settings.worker_name,
                                           stale_after_s=self._settings.stale_after_s)
@@ -326,7 +328,8 @@ class Consumer:
         request = job.record.request
         assert request is not None, "a claimed record always holds its request"
         try:
-            result = await self._owned(job, handle(request, self._deps))
+            with progress.collecting(job.stream):  # the handler's task inherits it: see shared/progress.py
+                result = await self._owned(job, handle(request, self._deps))
         except Interrupted:
             await self._outcomes.hand_back(job.record, reason="shutdown", error=FailureReason(
                 code=messages.WORKER_STOPPED, retryable=True, message=f"worker {self._settings.worker_name} stopped"))
@@ -379,7 +382,7 @@ class Consumer:
 
     async def _beat(self, job: _Job) -> bool:
         try:
-            return await self._jobs.beat(job.record)
+            return await self._jobs.beat(job.record, job.stream.latest)
         except DomainError as exc:
             # Transient: the next beat retries; stale_after_s (3 beats and a margin) covers a short outage.
             log.warning("job_heartbeat_failed", error=exc.message)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.migrator import transfer
 from shared import metrics, placement, vdi_metadata
 from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock, SrSlots
@@ -22,6 +23,7 @@ from shared.messages import MigrationFinished, MigrationRequested
 from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
 from shared.xo.models import Vdi
+from shared.xo.rest import XoRest
 
 log = get_logger(__name__)
 
@@ -36,6 +38,7 @@ class HandlerDeps:
     migrate_timeout_s: float
     per_sr_limit: int = 0  # most migrations at once touching one SR (source or target), all replicas; 0 = off
     sr_slot_wait_s: float = 60.0
+    rest: XoRest | None = None  # XO's REST API: content streams of cross-pool moves and clones (transfer.py)
 
 
 async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
@@ -51,6 +54,7 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
+        await transfer.settle(deps.xo, request.disk_name, lock)  # what an interrupted cross-pool move left
         vdi = await _source_vdi(deps.xo, request, lock, deps.migrate_timeout_s)
         vdi, sr_id = await _move(deps, request, vdi, lock)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
@@ -68,6 +72,11 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
     if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
         return await _clear_mark(xo, vdi, lock), vdi.sr_id
+    if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
+        target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
+        async with _sr_slots(deps, request.disk_name, vdi.sr_id, target.id):
+            return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
+                                                    lock), target.id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
                                        from_pool=current.pool_id if current is not None else None)
     new_id = await _copy(deps, request, vdi, target.id, info, lock)
@@ -142,6 +151,9 @@ async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock,
     vdis = await xo.find_vdis(name_label=request.disk_name)
     if any(v.current_operations for v in vdis):
         vdis = await _settled(xo, request.disk_name, timeout_s)
+    if not vdis:  # absent is not deleted: XoPoolDisconnected while XO misses a pool
+        vdis = await xo.confirm_absent(f"disk {request.disk_name}",
+                                       lambda: xo.find_vdis(name_label=request.disk_name))
     if not vdis:
         raise VolumeNotFound(f"disk {request.disk_name} does not exist in XO (no VDI with that name)")
     if len(vdis) == 1:

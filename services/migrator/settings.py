@@ -25,6 +25,8 @@ class MigratorSettings(BaseSettings):
                              "see consumer.py)")
     worker_name: str = Field(default_factory=_default_worker_name, description="connection and job owner name")
     migrate_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="bound on one vdi.migrate call")
+    stream_idle_timeout_s: float = Field(default=300.0, gt=0, description="a content stream (cross-pool move, clone) "
+                                         "fails, retryable, when no byte moved for this long (xen-api's 5 min)")
     lock_ttl_s: float = Field(default=30.0, gt=0, description="disk lock TTL and per-SR slot lease; a "
                               "heartbeat resets them every third")
     lock_wait_s: float = Field(default=5.0, ge=0, description="how long to wait for a disk lock before requeueing")

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin", action="store_true", help="enable the /_sim/ admin HTTP API")
     parser.add_argument("--migration-rate", type=_size, default=DEFAULT_MIGRATION_RATE_BPS, metavar="BYTES_PER_S",
                         help="migration copy rate in bytes/s, units allowed (200MiB); 0 = instant (default 1GiB)")
+    parser.add_argument("--stream-rate", type=_size, default=0, metavar="BYTES_PER_S",
+                        help="pace of REST content exports (GET /rest/v0/vdis/{id}.vhd|raw) in bytes/s, units "
+                             "allowed; 0 = as fast as disk and socket go (default)")
     parser.add_argument("--max-storage-migrations", type=int, default=3, metavar="N",
                         help="concurrent storage migrations per pool before TOO_MANY_STORAGE_MIGRATES (default 3)")
     parser.add_argument("--plug-delay-ms", type=float, default=0, metavar="MS",
@@ -120,6 +123,7 @@ async def serve(args: argparse.Namespace) -> None:
         fault_seed=args.fault_seed, backing_dir=args.backing_dir, device_root=args.device_root,
         cache_lag_ms=args.cache_lag_ms, noise_events_per_s=args.noise_events_per_s,
         migrate_retry_ms=args.migrate_retry_ms, destroy_retry_ms=args.destroy_retry_ms,
+        stream_rate_bps=args.stream_rate,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -58,14 +58,18 @@ class ErrorSpec(BaseModel):
 
 
 ACTION_KINDS = frozenset({"expire_sessions", "pool_disconnect"})
+STREAM_METHODS = ("rest.vdi.export", "rest.vdi.import")  # REST content streams (streams.py)
 
 
 class FaultRule(BaseModel):
     """One rule: ``{method, error|xapi, count?, rate?}``, ``{kind: drop_socket, ...}``, ``{kind: expire_sessions}``
     or ``{kind: pool_disconnect, pool, duration_s?}``.
 
-    ``method`` None or ``"*"`` matches every method; ``count`` None means unlimited; a pool_disconnect
-    without ``duration_s`` lasts until the faults are cleared.
+    ``method`` None or ``"*"`` matches every JSON-RPC method; ``count`` None means unlimited; a pool_disconnect
+    without ``duration_s`` lasts until the faults are cleared. REST calls (``rest.vdi.*``, streams.py) match only
+    rules naming them; on the content streams (``rest.vdi.export``, ``rest.vdi.import``) ``after_bytes`` lets
+    that many bytes through first: then an error rule answers its error (an import: XO's 500 after the blocks
+    written so far) and a drop_socket rule cuts the connection.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -78,6 +82,7 @@ class FaultRule(BaseModel):
     xapi_params: list[str] = []
     count: int | None = Field(default=None, ge=0)
     rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    after_bytes: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _check_kind(self) -> FaultRule:
@@ -92,11 +97,14 @@ class FaultRule(BaseModel):
             raise ValueError("'pool' (a pool uuid) goes with, and only with, kind pool_disconnect")
         if self.duration_s is not None and self.kind != "pool_disconnect":
             raise ValueError("'duration_s' goes only with kind pool_disconnect")
+        if self.after_bytes is not None and self.method not in STREAM_METHODS:
+            raise ValueError(f"'after_bytes' goes only with a stream method: {', '.join(STREAM_METHODS)}")
         return self
 
-    def matches(self, method: str) -> bool:
-        """Whether this rule applies to a call of ``method`` (ignoring count and rate)."""
-        return self.method in (None, "*", method) and self.count != 0
+    def matches(self, method: str, *, exact: bool = False) -> bool:
+        """Whether this rule applies to a call of ``method`` (ignoring count and rate); ``exact``: only a rule
+        naming ``method`` (REST calls), not ``*``."""
+        return (self.method == method or (not exact and self.method in (None, "*"))) and self.count != 0
 
     def to_error(self, method: str) -> SimError:
         """The error this rule injects."""
@@ -132,10 +140,11 @@ class Faults:
         """JSON-ready view of the installed rules with their remaining counts."""
         return [rule.model_dump(exclude_none=True) for rule in self._rules]
 
-    def pick(self, method: str) -> FaultRule | None:
-        """Return the first rule that fires for this call, consuming one of its ``count``."""
+    def pick(self, method: str, *, exact: bool = False) -> FaultRule | None:
+        """Return the first rule that fires for this call, consuming one of its ``count`` (``exact``: see
+        FaultRule.matches)."""
         for rule in self._rules:
-            if not rule.matches(method):
+            if not rule.matches(method, exact=exact):
                 continue
             if rule.rate < 1.0 and self._random.random() >= rule.rate:
                 continue

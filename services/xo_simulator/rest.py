@@ -14,15 +14,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiohttp import web
 
 from shared.logging import get_logger
 from shared.vhd import VhdError
 
-from . import content
+from . import content, streams
 from .errors import PlainError, SimError, XapiError, XoApiError, invalid_credentials, invalid_parameters, unauthorized
+from .faults import FaultRule
 from .model import ObjectStore
 from .shapes import XoObject
 
@@ -122,6 +123,7 @@ class RestApi:
         """``POST /vdis {srId, virtual_size, name_label?, name_description?, tags?}``: 201 ``{id}`` + Location."""
         body = await _json_body(request)
         sr = self.view.get(_field(body, "srId", str), "SR")
+        self._inject(request, streams.CREATE)
         size = _field(body, "virtual_size", int)
         if size < 0:
             raise invalid_parameters([{"instancePath": "/virtual_size", "message": "must be >= 0"}])
@@ -139,9 +141,11 @@ class RestApi:
         vdi_id, fmt = _split(request.match_info["ref"])
         vdi = self.view.get(vdi_id, "VDI")
         if fmt is None:
+            self._inject(request, streams.GET)
             return _json(200, vdi)
         kind = _format(fmt)
-        return await self._export(request, self._writable(vdi, "export"), kind)
+        rule = self._inject(request, streams.EXPORT)
+        return await self._export(request, self._writable(vdi, "export"), kind, rule)
 
     async def delete_vdi(self, request: web.Request, user: dict[str, Any]) -> web.StreamResponse:
         """``DELETE /vdis/{id}``: VDI.destroy (VDI_IN_USE as a XAPI error while attached); 204."""
@@ -149,6 +153,7 @@ class RestApi:
         vdi = self.view.get(vdi_id, "VDI")
         if fmt is not None:
             raise RestAnswer(404, f"Cannot DELETE {request.path}")
+        self._inject(request, streams.DELETE)
         self._xapi_vdi(vdi)
         await self.sim.xapi.destroy_vdi(vdi["id"])
         return web.Response(status=204)
@@ -167,28 +172,46 @@ class RestApi:
         length = request.content_length
         if length is None:
             raise PlainError(NO_LENGTH)
+        rule = self._inject(request, streams.IMPORT)
         vdi = self._writable(vdi, "import")
-        chunks = request.content.iter_any()
         path = self._backing(vdi)
         self.sim.xapi.lock(vdi["id"])
         try:
-            if kind == "vhd":
-                blocks = await content.import_vhd(path, vdi["size"], chunks)
-            else:
-                await content.import_raw(path, vdi["size"], length, chunks)
-                blocks = None
+            with streams.StreamWatch(self.sim, streams.IMPORT, vdi["id"], vdi["$pool"], rule) as watch:
+                chunks = watch.counted(request.content.iter_any())
+                if kind == "vhd":
+                    blocks = await content.import_vhd(path, vdi["size"], chunks)
+                else:
+                    await content.import_raw(path, vdi["size"], length, chunks)
+                    blocks = None
         except (VhdError, content.ContentError) as exc:
             raise XapiError("VDI_IO_ERROR", [str(exc)], method="VDI.import_raw_vdi") from exc
         except ConnectionError as exc:  # the client dropped the connection mid-body; what was written stays
             log.info("vdi_import_aborted", vdi=vdi["id"], format=kind, reason=str(exc))
             raise XapiError("VDI_IO_ERROR", ["the connection closed before the end of the body"],
                             method="VDI.import_raw_vdi") from exc
+        except streams.StreamCut as cut:  # what was written before stays (XO does not roll back)
+            log.info("vdi_import_cut", vdi=vdi["id"], format=kind, reason=str(cut))
+            if cut.drops_connection or cut.rule is None:
+                _drop(request)
+            raise cut.rule.to_error(streams.IMPORT) from cut
         finally:
             self.sim.xapi.unlock(vdi["id"])
         log.debug("vdi_content_imported", vdi=vdi["id"], format=kind, length=length, blocks=blocks)
         return web.Response(status=204)
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _inject(self, request: web.Request, method: str) -> FaultRule | None:
+        """Count the call and apply a fault rule naming ``method`` (streams.py): an error rule raises its error, a
+        drop_socket rule cuts the connection; a rule with ``after_bytes`` is returned for the stream to apply."""
+        self.sim.stats.calls[method] += 1
+        rule = streams.pick(self.sim, method)
+        if rule is None or rule.after_bytes is not None:
+            return rule
+        if rule.kind == "drop_socket":
+            _drop(request)
+        raise rule.to_error(method)
+
     def _xapi_vdi(self, vdi: XoObject) -> XoObject:
         current = self.truth.find(vdi["id"])
         if current is None:
@@ -211,37 +234,42 @@ class RestApi:
         data = self.sim.data
         return data.path(vdi["$SR"], vdi["id"]) if data is not None else None
 
-    async def _export(self, request: web.Request, vdi: XoObject, fmt: str) -> web.StreamResponse:
+    async def _export(self, request: web.Request, vdi: XoObject, fmt: str,
+                      rule: FaultRule | None) -> web.StreamResponse:
         path = self._backing(vdi)
         source = (content.export_vhd(path, vdi["size"], _uuid_bytes(vdi["id"])) if fmt == "vhd"
                   else content.export_raw(path, vdi["size"]))
         self.sim.xapi.lock(vdi["id"])
-        sent = 0
+        watch = streams.StreamWatch(self.sim, streams.EXPORT, vdi["id"], vdi["$pool"], rule)
         try:
-            async with aclosing(source) as chunks:
-                try:
-                    first = await anext(chunks)
-                except content.ContentError as exc:
-                    raise XapiError("VDI_IO_ERROR", [str(exc)], method="VDI.export_raw_vdi") from exc
-                # From here on a failure can only cut the chunked body (XO destroys the stream): the client sees
-                # a truncated transfer, never a success.
-                response = web.StreamResponse(status=200, headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Disposition": f"attachment; filename={vdi['id']}.{fmt}"})
-                response.enable_chunked_encoding()
-                await response.prepare(request)
-                await response.write(first)
-                sent = len(first)
-                async for chunk in chunks:
-                    await response.write(chunk)
-                    sent += len(chunk)
-            await response.write_eof()
+            with watch:
+                async with aclosing(source) as chunks:
+                    try:
+                        first = await anext(chunks)
+                    except content.ContentError as exc:
+                        raise XapiError("VDI_IO_ERROR", [str(exc)], method="VDI.export_raw_vdi") from exc
+                    # From here on a failure can only cut the chunked body (XO destroys the stream): the client
+                    # sees a truncated transfer, never a success.
+                    response = web.StreamResponse(status=200, headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Disposition": f"attachment; filename={vdi['id']}.{fmt}"})
+                    response.enable_chunked_encoding()
+                    await response.prepare(request)
+                    await response.write(first)
+                    await watch.passed(len(first))
+                    async for chunk in chunks:
+                        await response.write(chunk)
+                        await watch.passed(len(chunk))
+                await response.write_eof()
         except ConnectionError:  # the client went away (closed or cancelled its download): nothing to answer
-            log.info("vdi_export_aborted", vdi=vdi["id"], format=fmt, bytes=sent)
+            log.info("vdi_export_aborted", vdi=vdi["id"], format=fmt, bytes=watch.bytes)
             return response
+        except streams.StreamCut as cut:  # the body stops short: the client sees a truncated transfer
+            log.info("vdi_export_cut", vdi=vdi["id"], format=fmt, bytes=watch.bytes, reason=str(cut))
+            _drop(request)
         finally:
             self.sim.xapi.unlock(vdi["id"])
-        log.debug("vdi_content_exported", vdi=vdi["id"], format=fmt, bytes=sent)
+        log.debug("vdi_content_exported", vdi=vdi["id"], format=fmt, bytes=watch.bytes)
         return response
 
 
@@ -260,6 +288,14 @@ def error_response(exc: SimError) -> web.Response:
     if isinstance(exc, XapiError):
         return _json(500, {"error": str(exc), "info": XAPI_INFO})
     return _json(500, {"error": str(exc)})
+
+
+def _drop(request: web.Request) -> NoReturn:
+    """Cut the TCP connection without an answer (a broken transfer, as the client sees it); ConnectionResetError
+    ends the handler (aiohttp takes it for the peer's disconnection)."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("connection cut by a fault")
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:

@@ -61,6 +61,7 @@ class SimulatorOptions:
     noise_events_per_s: float = DEFAULT_NOISE_EVENTS_PER_S
     migrate_retry_ms: float = DEFAULT_MIGRATE_RETRY_MS
     destroy_retry_ms: float = DEFAULT_DESTROY_RETRY_MS
+    stream_rate_bps: int = 0  # pace of REST exports (content streams); 0 = as fast as disk and socket go
 
 
 class Simulator:
@@ -92,6 +93,7 @@ class Simulator:
                        destroy_retry_delay_s=options.destroy_retry_ms / 1000)
         self.dispatcher = Dispatcher(self.api.methods(), self.faults, self.stats, self.cache)
         self.connections: set[Connection] = set()
+        self.stream_rate_bps = options.stream_rate_bps  # tests may change it while the simulator runs
         self.cache.subscribe(self._broadcast)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -295,6 +297,7 @@ async def start_simulator(
     noise_events_per_s: float = DEFAULT_NOISE_EVENTS_PER_S,
     migrate_retry_ms: float = DEFAULT_MIGRATE_RETRY_MS,
     destroy_retry_ms: float = DEFAULT_DESTROY_RETRY_MS,
+    stream_rate_bps: int = 0,
 ) -> SimulatorHandle:
     """Start a simulator listening on host:port (0 picks a free port) and return its handle.
 
@@ -307,6 +310,8 @@ async def start_simulator(
     rules = tuple(rule if isinstance(rule, FaultRule) else FaultRule.model_validate(rule) for rule in faults)
     if migrate_retry_ms < 0 or destroy_retry_ms < 0:
         raise ValueError("retry delays must be >= 0 ms")
+    if stream_rate_bps < 0:
+        raise ValueError("stream_rate_bps must be >= 0 (0 = unpaced)")
     options = SimulatorOptions(
         admin=admin, migration_rate_bps=migration_rate_bps, max_storage_migrations=max_storage_migrations,
         plug_delay_ms=plug_delay_ms, latency=latency if isinstance(latency, Latency) else Latency.parse(latency),
@@ -315,6 +320,7 @@ async def start_simulator(
         device_root=Path(device_root) if device_root is not None else None,
         cache_lag=cache_lag_ms if isinstance(cache_lag_ms, Lag) else Lag.parse(cache_lag_ms),
         noise_events_per_s=noise_events_per_s, migrate_retry_ms=migrate_retry_ms, destroy_retry_ms=destroy_retry_ms,
+        stream_rate_bps=stream_rate_bps,
     )
     simulator = Simulator(resolved, options, source)
     try:

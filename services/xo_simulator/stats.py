@@ -22,6 +22,8 @@ class Stats:
     dropped_sockets: int = 0
     expired_sessions: int = 0  # sockets closed at their first message after their token expired
     notifications: int = 0  # ``all`` messages sent (one per socket and batch)
+    streams: Counter[str] = field(default_factory=Counter)  # REST content streams started: rest.vdi.export|import
+    active_streams: int = 0  # REST content streams running now
     started_at_s: float = field(default_factory=time.time)
 
     def reset(self) -> None:
@@ -30,6 +32,7 @@ class Stats:
         self.busy_s.clear()
         self.errors.clear()
         self.migrations.clear()
+        self.streams.clear()
         self.live_migrations = self.copy_migrations = self.dropped_sockets = 0
         self.expired_sessions = self.notifications = 0
         self.started_at_s = time.time()
@@ -50,5 +53,7 @@ class Stats:
             "dropped_sockets": self.dropped_sockets,
             "expired_sessions": self.expired_sessions,
             "notifications": self.notifications,
+            "streams": dict(self.streams),
+            "active_streams": self.active_streams,
             "since_s": self.started_at_s,
         }

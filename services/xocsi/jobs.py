@@ -27,7 +27,7 @@ from shared import broker, messages
 from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
-from shared.messages import MigrationRequested
+from shared.messages import JobRequest
 
 MAX_DEAD_MESSAGES = 10_000  # requeue looks at this many dead letters at most
 
@@ -252,14 +252,14 @@ def _job_id(message: AbstractIncomingMessage) -> str | None:
         return None
 
 
-def _readable(message: AbstractIncomingMessage) -> MigrationRequested:
+def _readable(message: AbstractIncomingMessage) -> JobRequest:
     try:
         return messages.parse_requested(message.body)
     except messages.MessageError as exc:
         raise JobsError(f"{exc}; it stays in {messages.DEAD_LETTER_QUEUE}") from exc
 
 
-async def _send_back(connection: AbstractRobustConnection, jobs: JobStore, request: MigrationRequested,
+async def _send_back(connection: AbstractRobustConnection, jobs: JobStore, request: JobRequest,
                      timeout_s: float) -> None:
     """Reset the record to queued first (a worker's claim needs it), then publish with confirms; undo the
     record when the publish fails. A fresh attempt count: the operator decided the job deserves more tries."""
