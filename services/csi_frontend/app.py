@@ -54,6 +54,7 @@ class Frontend:
     connection: AbstractRobustConnection | None = None
     publisher: broker.Publisher | None = None
     node: NodeServicer | None = field(default=None)
+    cloner: Cloner | None = None  # CreateVolume from a volume (with the migration queue only)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve the CSI services on ``settings.endpoint`` (with /metrics and, when asked, the temp-disk
@@ -94,9 +95,10 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         if rabbit is not None and redis is not None:
             await _enable_migrations(stack, frontend, disks, rabbit, redis)
         frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
-        cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate) if frontend.gate is not None else None
+        if frontend.gate is not None:
+            frontend.cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate)
         frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory,
-                                                      cloner), csi_pb2_grpc.add_ControllerServicer_to_server))
+                                                      frontend.cloner), csi_pb2_grpc.add_ControllerServicer_to_server))
     if settings.serves_node:
         frontend.node = await _node_servicer(settings, frontend.attacher, inventory)
         frontend.servicers.append((frontend.node, csi_pb2_grpc.add_NodeServicer_to_server))

@@ -57,6 +57,7 @@ TICK_S = 1.0  # the consume loop wakes at least this often (liveness)
 HAND_BACK_TIMEOUT_S = 15.0  # stop(): bound on handing back the jobs still running after the grace period
 RESUME_BACKOFF = Backoff(start_s=0.1, cap_s=5.0)  # between tries to (re)subscribe the jobs queue
 RETRY_BACKOFF_START_S = 0.5  # before a retryable failure's hand-back (or a failed claim's requeue)
+LOOP_STOP_RETRY_S = 1.0  # stop(): how long a cancelled loop gets before it is cancelled again
 DRAIN_POLL = Backoff(start_s=0.01, cap_s=0.2, jitter=False)  # drain(): re-reading the queue depth
 _AMQP_ERRORS = (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError)
 
@@ -395,10 +396,14 @@ class Consumer:
     # -- shutdown ----------------------------------------------------------------------------------
 
     async def _stop_loops(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        if self._loops:
-            await asyncio.wait(self._loops)
+        """Cancel the consume loop and the reaper, again while they run: on Python 3.11 a cancellation that lands in
+        redis-py's ``asyncio.wait_for`` can be swallowed (python/cpython#86296, see shared/locks.py), and the
+        reaper would sleep on to its next sweep forever."""
+        pending = set(self._loops)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=LOOP_STOP_RETRY_S)
         self._loops = []
 
     async def _close_channel(self) -> None:

@@ -69,7 +69,8 @@ class FaultRule(BaseModel):
     without ``duration_s`` lasts until the faults are cleared. REST calls (``rest.vdi.*``, streams.py) match only
     rules naming them; on the content streams (``rest.vdi.export``, ``rest.vdi.import``) ``after_bytes`` lets
     that many bytes through first: then an error rule answers its error (an import: XO's 500 after the blocks
-    written so far) and a drop_socket rule cuts the connection.
+    written so far) and a drop_socket rule cuts the connection. ``after_calls`` lets that many matching calls
+    through before the rule fires (e.g. the third ``vdi.set``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +84,7 @@ class FaultRule(BaseModel):
     count: int | None = Field(default=None, ge=0)
     rate: float = Field(default=1.0, ge=0.0, le=1.0)
     after_bytes: int | None = Field(default=None, ge=0)
+    after_calls: int = Field(default=0, ge=0)  # let this many matching calls through before the rule fires
 
     @model_validator(mode="after")
     def _check_kind(self) -> FaultRule:
@@ -145,6 +147,9 @@ class Faults:
         FaultRule.matches)."""
         for rule in self._rules:
             if not rule.matches(method, exact=exact):
+                continue
+            if rule.after_calls > 0:
+                rule.after_calls -= 1
                 continue
             if rule.rate < 1.0 and self._random.random() >= rule.rate:
                 continue

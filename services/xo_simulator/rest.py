@@ -90,6 +90,8 @@ class RestApi:
                 return _json(exc.status, {"error": str(exc)})
             except SimError as exc:
                 return error_response(exc)
+            except Dropped:
+                return web.Response(status=500)
 
         return route
 
@@ -290,12 +292,16 @@ def error_response(exc: SimError) -> web.Response:
     return _json(500, {"error": str(exc)})
 
 
+class Dropped(Exception):
+    """The connection was cut on purpose (``_drop``): the route answers nothing more."""
+
+
 def _drop(request: web.Request) -> NoReturn:
-    """Cut the TCP connection without an answer (a broken transfer, as the client sees it); ConnectionResetError
-    ends the handler (aiohttp takes it for the peer's disconnection)."""
+    """Cut the TCP connection without an answer (a broken transfer, as the client sees it); Dropped ends the
+    handler (the route returns a response aiohttp cannot send, which it takes quietly)."""
     if request.transport is not None:
         request.transport.abort()
-    raise ConnectionResetError("connection cut by a fault")
+    raise Dropped()
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:

@@ -28,6 +28,7 @@ from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
 from shared.messages import JobRequest
+from shared.units import format_size
 
 MAX_DEAD_MESSAGES = 10_000  # requeue looks at this many dead letters at most
 
@@ -93,7 +94,8 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = top.add_parser("jobs", help=description, description=description + "; `xocsi jobs` alone = list")
     group.set_defaults(jobs_action=_list, all=False, redis_url=None, redis_key_prefix=None)
     leaves = group.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
-    list_ = leaves.add_parser("list", help="job records: disk, state, target host, worker, heartbeat age, attempt")
+    list_ = leaves.add_parser("list", help="job records: disk, kind (migrate, clone), state, target, worker, heartbeat "
+                              "age, attempt, progress of a content stream")
     list_.add_argument("--all", action="store_true", help="include finished jobs (kept for a while after the end)")
     list_.set_defaults(jobs_action=_list)
     dead = leaves.add_parser("dead", help="requests in the dead-letter queue with why (read, then put back)")
@@ -152,20 +154,30 @@ async def _list(backends: _Backends, args: argparse.Namespace) -> tuple[object, 
     rows = [_job_row(record, now_ms) for record in records]
     if not rows:
         return rows, "no migration jobs" + ("" if args.all else " in flight")
-    headers = ("DISK", "STATE", "TARGET HOST", "WORKER", "HEARTBEAT AGE", "ATTEMPT", "JOB")
-    table = [(r["disk_name"], r["state"], r["target_host"], r["worker"] or "-",
+    headers = ("DISK", "KIND", "STATE", "TARGET", "WORKER", "HEARTBEAT AGE", "ATTEMPT", "PROGRESS", "JOB")
+    table = [(r["disk_name"], r["kind"], r["state"], r["target_host"], r["worker"] or "-",
               "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f}s", str(r["attempt"]),
-              r["job_id"]) for r in rows]
+              _progress_text(r["progress"]), r["job_id"]) for r in rows]
     return rows, [render.Table(headers, table)]
 
 
 def _job_row(record: JobRecord, now_ms: int) -> dict[str, Any]:
     error = record.result.error if record.result is not None else None
     return {
-        "disk_name": record.disk_name, "state": record.state, "target_host": record.target_host,
+        "disk_name": record.disk_name, "kind": record.kind, "state": record.state, "target_host": record.target_host,
         "worker": record.worker, "heartbeat_age_s": record.age_s(now_ms), "attempt": record.attempt,
+        "progress": record.progress.model_dump() if record.progress is not None else None,
         "job_id": record.job_id, "error": error.message if error is not None else None,
     }
+
+
+def _progress_text(progress: dict[str, Any] | None) -> str:
+    """``41% 1.2 GiB/3.0 GiB 95.3 MiB/s`` for a streaming job (cross-pool move, clone), ``-`` otherwise."""
+    if progress is None:
+        return "-"
+    done, total = progress["done_bytes"], progress["total_bytes"]
+    share = f"{done * 100 // total}%" if total else "100%"
+    return f"{share} {format_size(done)}/{format_size(total)} {format_size(int(progress['rate_bps']))}/s"
 
 
 # --- dead -------------------------------------------------------------------------------------

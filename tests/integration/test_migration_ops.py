@@ -14,6 +14,7 @@ from services.xo_simulator.faults import FaultRule
 from services.xocsi import cli
 from shared import messages
 from shared.messages import FailureReason, MigrationRequested
+from shared.progress import StreamProgress
 from tests.support.brokers import pick_free_port
 from tests.support.migration import (
     DISK,
@@ -122,24 +123,30 @@ async def test_health_probes_report_the_consume_loop_and_the_backends(env: Env) 
 # --- xocsi jobs -------------------------------------------------------------------------------
 
 
-async def test_jobs_list_shows_jobs_in_flight(env: Env) -> None:
+async def test_jobs_list_shows_jobs_in_flight_with_the_progress_of_a_stream(env: Env) -> None:
     await env.jobs.create_or_join(_request("csi-queued", "job-q"))
-    await env.jobs.claim(_request("csi-running", "job-r"), "w7", stale_after_s=60)
+    claim = await env.jobs.claim(_request("csi-running", "job-r"), "w7", stale_after_s=60)
+    streaming = await env.jobs.claim(_request("csi-streaming", "job-s"), "w8", stale_after_s=60)
+    stream = StreamProgress(done_bytes=3 * 1024**3 // 2, total_bytes=4 * 1024**3, rate_bps=100 * 1024**2)
+    assert await env.jobs.beat(streaming.record, stream)
 
     status, out, _ = await _jobs_cli(env, "list", "--json")
     assert status == 0
     rows = {row["disk_name"]: row for row in json.loads(out)}
     assert rows["csi-queued"]["state"] == "queued" and rows["csi-queued"]["worker"] is None
     running = rows["csi-running"]
-    assert (running["state"], running["worker"], running["attempt"], running["target_host"], running["job_id"]) == (
-        "running", "w7", 1, HOST_A2, "job-r")
+    assert (running["kind"], running["state"], running["worker"], running["attempt"], running["target_host"],
+            running["job_id"], running["progress"]) == ("migrate", "running", "w7", 1, HOST_A2, "job-r", None)
     assert 0 <= running["heartbeat_age_s"] < 10
+    assert rows["csi-streaming"]["progress"] == stream.model_dump()
+    assert claim.outcome == "claimed"
 
     status, out, _ = await _jobs_cli(env, "list")
     assert status == 0
-    assert out.splitlines()[0].split() == ["DISK", "STATE", "TARGET", "HOST", "WORKER", "HEARTBEAT", "AGE",
-                                           "ATTEMPT", "JOB"]
-    assert "csi-running  running" in out
+    assert out.splitlines()[0].split() == ["DISK", "KIND", "STATE", "TARGET", "WORKER", "HEARTBEAT", "AGE",
+                                           "ATTEMPT", "PROGRESS", "JOB"]
+    assert "csi-running    migrate  running" in out
+    assert "37% 1.5 GiB/4 GiB 100 MiB/s" in out
 
 
 async def test_jobs_dead_lists_dead_letters_and_leaves_them_in_place(env: Env) -> None:

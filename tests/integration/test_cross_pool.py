@@ -1,0 +1,244 @@
+"""Moves across pools (services/migrator/transfer.py) on real RabbitMQ and Redis, the simulator in real data mode:
+a disk on pool A asked for by a node of pool B is streamed through XO's REST export and import into a new VDI there,
+with its bytes, and every fault of issue 12 (the worker killed mid-stream, the connection to XO cut, the target SR
+full, the source's pool lost, a connection drop at each step of the swap) ends with exactly one complete disk
+carrying the volume's name and no partial target."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dev.wait import eventually
+from services.csi_frontend.attach import NodePlace
+from services.csi_frontend.disks import Disk
+from services.xo_simulator.faults import Faults
+from shared import vdi_metadata
+from shared.errors import OperationPending
+from shared.progress import StreamProgress
+from shared.volume_id import by_name
+from tests.support.brokers import RedisEndpoint
+from tests.support.cross_pool import (
+    DISK_SIZE,
+    INCOMING,
+    SR_A1,
+    SR_B1,
+    VM_B1,
+    MiB,
+    assert_one_complete_disk,
+    cross_pool_env,
+    finished,
+    streaming,
+    submit_to_pool_b,
+    write_content,
+)
+from tests.support.migration import DISK, Env, vdis_named
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+SLOW = 8 * MiB  # bytes/s of the simulator's exports in tests that act while a stream runs (~3 s for the data)
+
+
+@pytest.fixture
+def sim_options() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def xenv(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str,
+               sim_options: dict[str, Any]) -> AsyncIterator[Env]:
+    async with cross_pool_env(tmp_path, amqp_vhost, redis_server, redis_prefix, **sim_options) as env:
+        yield env
+
+
+async def _add_faults(env: Env, *rules: dict[str, Any]) -> None:
+    await env.sim.simulator.add_faults(Faults.parse(list(rules)))
+
+
+# --- the move ----------------------------------------------------------------------------------------------------
+
+
+async def test_publish_on_a_node_of_another_pool_moves_the_disk_there_with_its_bytes(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    await xenv.worker("w1")
+    [source] = vdis_named(xenv.sim)
+    context = await xenv.attacher.publish(by_name("vol1"), VM_B1, False, 60)
+    moved = assert_one_complete_disk(xenv, checksum, SR_B1)
+    assert moved["id"] != source["id"]
+    assert context["device"] == "xvda"  # the node VM has no root disk in this topology: its first position
+    assert [vbd["VM"] for vbd in xenv.sim.state.of_type("VBD") if vbd["VDI"] == moved["id"]] == [VM_B1]
+    stats = xenv.sim.simulator.stats
+    assert (stats.streams["rest.vdi.export"], stats.streams["rest.vdi.import"]) == (1, 1)
+    assert stats.migrations.get(DISK, 0) == 0  # no vdi.migrate: it cannot cross pools
+
+
+@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+async def test_the_job_record_shows_the_streams_progress_while_it_runs(xenv: Env) -> None:
+    write_content(xenv)
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    seen: list[StreamProgress] = []
+
+    async def progressed() -> bool:
+        record = await xenv.jobs.get(DISK)
+        assert record is not None
+        if record.progress is not None and record.state == "running":
+            seen.append(record.progress)
+        return len(seen) >= 2 and seen[-1].done_bytes > seen[0].done_bytes
+
+    await eventually(progressed, 30, 0.1, description="two heartbeats with growing progress")
+    total = seen[-1].total_bytes
+    assert DISK_SIZE // 4 < total < DISK_SIZE // 2  # the VHD of the allocated blocks only (~1/3 of the disk)
+    assert 0 < seen[-1].rate_bps and 0 < seen[-1].done_bytes < total
+    record = await finished(xenv)
+    assert record.state == "succeeded"
+    assert record.progress is not None and record.progress.done_bytes <= total
+
+
+# --- faults: each ends with exactly one complete disk ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+async def test_worker_killed_mid_stream_the_other_one_finishes_with_one_complete_disk(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    first = await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    await streaming(xenv)
+    assert len(vdis_named(xenv.sim, INCOMING)) == 1  # the partial target, being filled
+    await first.crash()  # as kill -9: no hand-back, the record goes stale, the connections drop
+    xenv.sim.simulator.stream_rate_bps = 0
+    await xenv.worker("w2")  # its reaper takes the job over; the retry deletes the partial target
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert record.attempt >= 2
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+@pytest.mark.parametrize("method", ["rest.vdi.import", "rest.vdi.export"])
+async def test_connection_to_xo_cut_mid_stream_is_retried_to_one_complete_disk(xenv: Env, method: str) -> None:
+    checksum = write_content(xenv)
+    await _add_faults(xenv, {"kind": "drop_socket", "method": method, "after_bytes": 5 * MiB, "count": 1})
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert record.attempt == 2
+    assert xenv.sim.simulator.stats.streams[method] == 2
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+async def test_target_sr_full_mid_stream_fails_the_job_and_keeps_the_source_whole(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    await _add_faults(xenv, {"method": "rest.vdi.import", "xapi": "SR_BACKEND_FAILURE_44",
+                             "xapi_params": ["", "There is insufficient space", ""], "after_bytes": 6 * MiB,
+                             "count": 1})
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "failed"
+    assert record.result is not None and record.result.error is not None
+    assert (record.result.error.code, record.result.error.retryable) == ("xo_no_space", False)
+    kept = assert_one_complete_disk(xenv, checksum, SR_A1)  # the source, unmarked: usable again in pool A
+    assert kept["id"] == source["id"]
+
+
+async def test_target_sr_full_at_creation_fails_the_job_and_leaves_the_source_alone(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    await _add_faults(xenv, {"method": "rest.vdi.create", "xapi": "SR_BACKEND_FAILURE_44", "count": 1})
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "failed"
+    assert record.result is not None and record.result.error is not None
+    assert record.result.error.code == "xo_no_space"
+    assert_one_complete_disk(xenv, checksum, SR_A1)
+
+
+@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+async def test_source_pool_lost_mid_stream_the_move_completes_once_xo_sees_it_again(xenv: Env) -> None:
+    """XO loses pool A while its disk is exported: the stream breaks and the disk vanishes from XO's view. Absent is
+    not deleted: the job retries (XoPoolDisconnected) until the pool is back, then moves the whole disk."""
+    checksum = write_content(xenv)
+    await xenv.worker("w1", max_attempts=20)
+    await submit_to_pool_b(xenv)
+    await streaming(xenv)
+    pool_a = vdis_named(xenv.sim)[0]["$pool"]
+    await _add_faults(xenv, {"kind": "pool_disconnect", "pool": pool_a, "duration_s": 3})
+    await eventually(lambda: xenv.sim.simulator.stats.active_streams == 0, 30, 0.01,
+                     description="the stream cut by the lost pool")
+    xenv.sim.simulator.stream_rate_bps = 0
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+@pytest.mark.parametrize(("method", "after_calls"), [
+    ("vdi.set", 1),  # marking the target complete
+    ("vdi.set", 2),  # renaming it to the disk's name
+    ("vdi.delete", 0),  # deleting the source
+    ("vdi.set", 3),  # giving it the volume's csi:info
+])
+async def test_connection_dropped_at_each_step_of_the_swap_ends_with_one_complete_disk(
+        xenv: Env, method: str, after_calls: int) -> None:
+    """vdi.set calls of a move: 0 marks the source, 1 marks the target complete, 2 renames it, 3 describes it. Two
+    drops in a row beat the client's one retry of an idempotent call: the attempt fails at that step."""
+    checksum = write_content(xenv)
+    await _add_faults(xenv, {"kind": "drop_socket", "method": method, "after_calls": after_calls, "count": 2})
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert record.attempt == 2
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+# --- lookups while the swap runs ------------------------------------------------------------------------------------
+
+
+async def test_lookups_in_the_swap_window_answer_pending_and_never_attach_the_target(xenv: Env) -> None:
+    """Stop the move after the rename (the source's deletion fails every time): two VDIs carry the name, the source
+    marked, the target with its transfer mark. An attach there answers ABORTED (OperationPending), on either pool;
+    once the job can go on, its retry finishes the swap."""
+    checksum = write_content(xenv)
+    await _add_faults(xenv, {"kind": "drop_socket", "method": "vdi.delete"})
+    await xenv.worker("w1", max_attempts=50)
+    await submit_to_pool_b(xenv)
+    def renamed_in_xo_cache() -> list[dict[str, Any]]:
+        named = [v for v in xenv.sim.cache.of_type("VDI") if v["name_label"] == DISK]
+        assert len(named) == 2
+        return named
+
+    named = await eventually(renamed_in_xo_cache, 30, 0.02, description="the target renamed, as XO shows it")
+    assert sorted(vdi_metadata.parse(v["name_description"]) is None for v in named) == [False, True]
+    disks = xenv.frontend.disks
+    with pytest.raises(OperationPending, match="being migrated"):
+        await disks.get(by_name("vol1"))
+    source = await disks.copy_source(by_name("vol1"))
+    assert isinstance(source, Disk) and vdi_metadata.parse(source.vdi.name_description) is not None
+    place = await xenv.attacher.place_of(VM_B1)
+    assert isinstance(place, NodePlace)
+    xenv.sim.simulator.clear_faults()
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+async def test_a_crashed_attempt_s_target_is_deleted_by_the_next_one_even_on_another_sr(xenv: Env) -> None:
+    """A partial target (``~incoming``, marked copying) left by an attempt that died is proven partial by its mark
+    and deleted before the next attempt starts its own."""
+    checksum = write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    partial = await xenv.sim.simulator.xapi.create_vdi(
+        SR_B1, name_label=INCOMING, size=DISK_SIZE,
+        name_description=f'csi:transfer: {{"state":"copying","kind":"move","from":"{source["id"]}","job":"old",'
+                         '"info":"csi:info: {}"}')
+    await eventually(lambda: partial["id"] in xenv.sim.cache, 5, description="the partial target in XO's cache")
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert partial["id"] not in xenv.sim.state
+    assert_one_complete_disk(xenv, checksum, SR_B1)
