@@ -17,7 +17,7 @@ import pytest
 
 from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from shared import messages, transfer_marks, vdi_metadata
+from shared import transfer_marks, vdi_metadata
 from shared.jobs import JobRecord
 from shared.messages import MigrationRequested
 from tests.support.brokers import RedisEndpoint
@@ -111,15 +111,7 @@ def assert_one_complete_disk(env: Env, checksum: str, sr_id: str, name: str = DI
 
 async def submit_to_pool_b(env: Env) -> MigrationRequested:
     """A migration job of DISK to node-b1 (pool B), as the frontend's gate creates it, without waiting."""
-    [vdi] = vdis_named(env.sim)
-    request = MigrationRequested(
-        job_id=messages.new_job_id(), disk_name=DISK, volume_id="name:vol1", vdi_id_seen=vdi["id"], tag=TAG,
-        vm_id=VM_B1, host_id=HOST_B1, pool_id=POOL_B, requested_at=messages.utc_now(), correlation_id="c-x",
-    )
-    _, created = await env.jobs.create_or_join(request)
-    assert created
-    await env.publisher.request(request)
-    return request
+    return await env.submit(vm_id=VM_B1, host_id=HOST_B1, pool_id=POOL_B)
 
 
 async def finished(env: Env, within_s: float = 60.0, name: str = DISK) -> JobRecord:

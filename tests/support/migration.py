@@ -178,12 +178,14 @@ class Env:
         self.workers.append(worker)
         return worker
 
-    async def submit(self, disk_name: str = DISK) -> MigrationRequested:
-        """What the frontend's gate does, without waiting: job record, then the confirmed request."""
+    async def submit(self, disk_name: str = DISK, *, vm_id: str = VM_A2, host_id: str = HOST_A2,
+                     pool_id: str = POOL_A) -> MigrationRequested:
+        """What the frontend's gate does, without waiting: job record, then the confirmed request (for node-a2 by
+        default)."""
         [vdi] = vdis_named(self.sim, disk_name)
         request = MigrationRequested(
             job_id=messages.new_job_id(), disk_name=disk_name, volume_id="name:x", vdi_id_seen=vdi["id"], tag=TAG,
-            vm_id=VM_A2, host_id=HOST_A2, pool_id=POOL_A, requested_at=messages.utc_now(), correlation_id="c-1",
+            vm_id=vm_id, host_id=host_id, pool_id=pool_id, requested_at=messages.utc_now(), correlation_id="c-1",
         )
         _, created = await self.jobs.create_or_join(request)
         assert created
