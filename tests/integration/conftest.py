@@ -1,15 +1,18 @@
 """Fixtures of the in-process migration tests (helpers in tests/support/migration.py): ``env``, a simulator and a
 frontend on this test's vhost and key prefix, whose disk copies in ``copy_s`` seconds (a module overrides
-``copy_s``, or ``env_vhost`` to use another broker)."""
+``copy_s``, or ``env_vhost`` to use another broker); ``xenv``, the same on two pools in real data mode for
+cross-pool moves and clones (tests/support/cross_pool.py), with the simulator options ``stream_options``."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.brokers import RedisEndpoint
+from tests.support.cross_pool import cross_pool_env
 from tests.support.migration import Env, GiB, open_env
 
 
@@ -32,4 +35,16 @@ def env_vhost(amqp_vhost: str) -> str:
 async def env(sim_options: dict[str, Any], env_vhost: str, redis_server: RedisEndpoint,
               redis_prefix: str) -> AsyncIterator[Env]:
     async with open_env(env_vhost, redis_server, redis_prefix, **sim_options) as env:
+        yield env
+
+
+@pytest.fixture
+def stream_options() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def xenv(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str,
+               stream_options: dict[str, Any]) -> AsyncIterator[Env]:
+    async with cross_pool_env(tmp_path, amqp_vhost, redis_server, redis_prefix, **stream_options) as env:
         yield env

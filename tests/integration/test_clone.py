@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +17,6 @@ from shared import messages, storage_class, transfer_marks
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
 from shared.volume_id import by_name
-from tests.support.brokers import RedisEndpoint
 from tests.support.cross_pool import (
     DISK_SIZE,
     POOL_B,
@@ -28,7 +25,6 @@ from tests.support.cross_pool import (
     MiB,
     assert_one_complete_disk,
     backing_path,
-    cross_pool_env,
     finished,
     sha256_of,
     streaming,
@@ -40,18 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 CLONE = "csi-vol2"
 PARAMS = storage_class.parse({"srsWithTag": TAG, "migrating": "true"})
 VM_A1 = "node-a1"
-
-
-@pytest.fixture
-def sim_options() -> dict[str, Any]:
-    return {}
-
-
-@pytest.fixture
-async def cenv(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str,
-               sim_options: dict[str, Any]) -> AsyncIterator[Env]:
-    async with cross_pool_env(tmp_path, amqp_vhost, redis_server, redis_prefix, **sim_options) as env:
-        yield env
 
 
 def _request(*, size: tuple[int, int] = (0, 0), sized: bool = False, pool: str | None = None,
@@ -70,18 +54,18 @@ def _vm_id(env: Env, name: str) -> str:
 
 
 @pytest.mark.parametrize(("pool", "sr"), [(None, "either"), (POOL_B, SR_B1)])
-async def test_clone_holds_the_sources_bytes_in_the_same_pool_or_another(cenv: Env, pool: str | None,
+async def test_clone_holds_the_sources_bytes_in_the_same_pool_or_another(xenv: Env, pool: str | None,
                                                                          sr: str) -> None:
-    checksum = write_content(cenv)
-    [source] = vdis_named(cenv.sim)
-    await cenv.worker("w1")
-    created = await _clone(cenv, _request(pool=pool))
+    checksum = write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    await xenv.worker("w1")
+    created = await _clone(xenv, _request(pool=pool))
     assert created.volume_id == by_name("vol2")
     assert created.size_bytes == DISK_SIZE
-    clone = assert_one_complete_disk(cenv, checksum, sr if sr != "either" else _sr_of(cenv, CLONE), name=CLONE)
+    clone = assert_one_complete_disk(xenv, checksum, sr if sr != "either" else _sr_of(xenv, CLONE), name=CLONE)
     assert clone["name_description"] == DESCRIPTION  # the new volume's class, as CreateVolume writes it
-    assert_one_complete_disk(cenv, checksum, SR_A1)  # the source, untouched
-    assert vdis_named(cenv.sim)[0]["id"] == source["id"]
+    assert_one_complete_disk(xenv, checksum, SR_A1)  # the source, untouched
+    assert vdis_named(xenv.sim)[0]["id"] == source["id"]
     assert created.context["diskName"] == CLONE
 
 
@@ -90,14 +74,14 @@ def _sr_of(env: Env, name: str) -> str:
     return str(vdi["$SR"])
 
 
-async def test_a_larger_clone_is_grown_after_the_import(cenv: Env) -> None:
-    checksum = write_content(cenv)
-    await cenv.worker("w1")
-    created = await _clone(cenv, _request(size=(2 * DISK_SIZE, 0), sized=True, pool=POOL_B))
+async def test_a_larger_clone_is_grown_after_the_import(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    await xenv.worker("w1")
+    created = await _clone(xenv, _request(size=(2 * DISK_SIZE, 0), sized=True, pool=POOL_B))
     assert created.size_bytes == 2 * DISK_SIZE
-    [clone] = vdis_named(cenv.sim, CLONE)
+    [clone] = vdis_named(xenv.sim, CLONE)
     assert clone["size"] == 2 * DISK_SIZE
-    path = backing_path(cenv, clone)
+    path = backing_path(xenv, clone)
     assert path.stat().st_size == 2 * DISK_SIZE
     with path.open("rb") as file:
         head = file.read(DISK_SIZE)
@@ -107,82 +91,82 @@ async def test_a_larger_clone_is_grown_after_the_import(cenv: Env) -> None:
     assert sha256_of(head_copy) == checksum
 
 
-async def test_an_attached_source_is_refused_saying_to_detach_it(cenv: Env) -> None:
-    write_content(cenv)
-    await cenv.worker("w1")
-    await cenv.attacher.publish(by_name("vol1"), _vm_id(cenv, VM_A1), False, 30)
+async def test_an_attached_source_is_refused_saying_to_detach_it(xenv: Env) -> None:
+    write_content(xenv)
+    await xenv.worker("w1")
+    await xenv.attacher.publish(by_name("vol1"), _vm_id(xenv, VM_A1), False, 30)
     with pytest.raises(PreconditionFailed, match=re.escape(transfer_marks.DETACH_TO_CLONE)):
-        await _clone(cenv, _request())
-    assert vdis_named(cenv.sim, CLONE) == [] and vdis_named(cenv.sim, transfer_marks.incoming_name(CLONE)) == []
+        await _clone(xenv, _request())
+    assert vdis_named(xenv.sim, CLONE) == [] and vdis_named(xenv.sim, transfer_marks.incoming_name(CLONE)) == []
 
 
-async def test_a_source_attached_after_the_check_fails_the_job_with_the_same_reason(cenv: Env) -> None:
+async def test_a_source_attached_after_the_check_fails_the_job_with_the_same_reason(xenv: Env) -> None:
     """XO refuses to export a VDI a VM has plugged (VDI_IN_USE): the worker reports it as the frontend does."""
-    write_content(cenv)
-    [source] = vdis_named(cenv.sim)
-    await cenv.attacher.publish(by_name("vol1"), _vm_id(cenv, VM_A1), False, 30)
-    await cenv.worker("w1")
+    write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    await xenv.attacher.publish(by_name("vol1"), _vm_id(xenv, VM_A1), False, 30)
+    await xenv.worker("w1")
     request = CloneRequested(
         kind="clone", job_id=messages.new_job_id(), disk_name=CLONE, volume_id="name:vol2",
         source_volume_id="uuid:" + source["id"], source_vdi_seen=source["id"], sr_id=SR_B1, size_bytes=DISK_SIZE,
         description=DESCRIPTION, requested_at=messages.utc_now(), correlation_id="c-clone")
-    await cenv.jobs.create_or_join(request)
-    await cenv.publisher.request(request)
-    record = await finished(cenv, name=CLONE)
+    await xenv.jobs.create_or_join(request)
+    await xenv.publisher.request(request)
+    record = await finished(xenv, name=CLONE)
     assert record.state == "failed" and record.result is not None and record.result.error is not None
     assert record.result.error.code == "precondition_failed"
     assert transfer_marks.DETACH_TO_CLONE in record.result.error.message
-    assert vdis_named(cenv.sim, CLONE) == [] and vdis_named(cenv.sim, transfer_marks.incoming_name(CLONE)) == []
+    assert vdis_named(xenv.sim, CLONE) == [] and vdis_named(xenv.sim, transfer_marks.incoming_name(CLONE)) == []
 
 
-@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": 8 * MiB}])
-async def test_create_answers_pending_while_the_clone_runs_and_its_retry_joins_the_same_job(cenv: Env) -> None:
-    checksum = write_content(cenv)
-    await cenv.worker("w1")
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
+async def test_create_answers_pending_while_the_clone_runs_and_its_retry_joins_the_same_job(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    await xenv.worker("w1")
     with pytest.raises(OperationPending, match="being cloned"):
-        await _clone(cenv, _request(pool=POOL_B), deadline_s=1.5)  # 1 s of margin: gives up after 0.5 s
-    record = await cenv.jobs.get(CLONE)
+        await _clone(xenv, _request(pool=POOL_B), deadline_s=1.5)  # 1 s of margin: gives up after 0.5 s
+    record = await xenv.jobs.get(CLONE)
     assert record is not None and record.kind == "clone" and record.is_active
-    created = await _clone(cenv, _request(pool=POOL_B))
-    again = await _clone(cenv, _request(pool=POOL_B))  # the finished disk: no new job
+    created = await _clone(xenv, _request(pool=POOL_B))
+    again = await _clone(xenv, _request(pool=POOL_B))  # the finished disk: no new job
     assert created == again
-    assert cenv.sim.simulator.stats.streams["rest.vdi.export"] == 1
-    final = await cenv.jobs.get(CLONE)
+    assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 1
+    final = await xenv.jobs.get(CLONE)
     assert final is not None and final.job_id == record.job_id
-    assert_one_complete_disk(cenv, checksum, SR_B1, name=CLONE)
+    assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
 
 
-@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": 8 * MiB}])
-async def test_worker_killed_mid_clone_the_other_one_finishes_it(cenv: Env) -> None:
-    checksum = write_content(cenv)
-    first = await cenv.worker("w1")
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
+async def test_worker_killed_mid_clone_the_other_one_finishes_it(xenv: Env) -> None:
+    checksum = write_content(xenv)
+    first = await xenv.worker("w1")
     with pytest.raises(OperationPending):
-        await _clone(cenv, _request(pool=POOL_B), deadline_s=1.5)
-    await streaming(cenv)
+        await _clone(xenv, _request(pool=POOL_B), deadline_s=1.5)
+    await streaming(xenv)
     await first.crash()
-    cenv.sim.simulator.stream_rate_bps = 0
-    await cenv.worker("w2")
-    created = await _clone(cenv, _request(pool=POOL_B))
+    xenv.sim.simulator.stream_rate_bps = 0
+    await xenv.worker("w2")
+    created = await _clone(xenv, _request(pool=POOL_B))
     assert created.volume_id == by_name("vol2")
-    assert_one_complete_disk(cenv, checksum, SR_B1, name=CLONE)
-    assert_one_complete_disk(cenv, checksum, SR_A1)
+    assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
+    assert_one_complete_disk(xenv, checksum, SR_A1)
 
 
-async def test_a_missing_source_is_not_found_and_a_limit_below_its_size_out_of_range(cenv: Env) -> None:
-    write_content(cenv)
+async def test_a_missing_source_is_not_found_and_a_limit_below_its_size_out_of_range(xenv: Env) -> None:
+    write_content(xenv)
     with pytest.raises(VolumeNotFound, match="volume_content_source.volume.volume_id"):
-        await _clone(cenv, _request(source="name:nope"))
+        await _clone(xenv, _request(source="name:nope"))
     with pytest.raises(OutOfRange, match="below the size of the source volume"):
-        await _clone(cenv, _request(size=(MiB, DISK_SIZE // 2), sized=True))
-    assert vdis_named(cenv.sim, CLONE) == []
+        await _clone(xenv, _request(size=(MiB, DISK_SIZE // 2), sized=True))
+    assert vdis_named(xenv.sim, CLONE) == []
 
 
-async def test_the_clone_job_record_is_visible_as_a_clone(cenv: Env) -> None:
-    write_content(cenv)
-    await cenv.worker("w1")
-    await _clone(cenv, _request())
-    record = await eventually(lambda: cenv.jobs.get(CLONE), 5, description="the clone's job record")
+async def test_the_clone_job_record_is_visible_as_a_clone(xenv: Env) -> None:
+    write_content(xenv)
+    await xenv.worker("w1")
+    await _clone(xenv, _request())
+    record = await eventually(lambda: xenv.jobs.get(CLONE), 5, description="the clone's job record")
     assert record.kind == "clone" and record.state == "succeeded"
     assert record.target_host.startswith("SR ")
     assert DISK in (record.request.source_disk_name if isinstance(record.request, CloneRequested) else "")
-    assert os.path.exists(backing_path(cenv, vdis_named(cenv.sim, CLONE)[0]))
+    assert os.path.exists(backing_path(xenv, vdis_named(xenv.sim, CLONE)[0]))

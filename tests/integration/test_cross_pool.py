@@ -6,8 +6,6 @@ carrying the volume's name and no partial target."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +18,6 @@ from shared import vdi_metadata
 from shared.errors import OperationPending
 from shared.progress import StreamProgress
 from shared.volume_id import by_name
-from tests.support.brokers import RedisEndpoint
 from tests.support.cross_pool import (
     DISK_SIZE,
     INCOMING,
@@ -29,7 +26,6 @@ from tests.support.cross_pool import (
     VM_B1,
     MiB,
     assert_one_complete_disk,
-    cross_pool_env,
     finished,
     streaming,
     submit_to_pool_b,
@@ -39,18 +35,6 @@ from tests.support.migration import DISK, Env, vdis_named
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SLOW = 8 * MiB  # bytes/s of the simulator's exports in tests that act while a stream runs (~3 s for the data)
-
-
-@pytest.fixture
-def sim_options() -> dict[str, Any]:
-    return {}
-
-
-@pytest.fixture
-async def xenv(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str,
-               sim_options: dict[str, Any]) -> AsyncIterator[Env]:
-    async with cross_pool_env(tmp_path, amqp_vhost, redis_server, redis_prefix, **sim_options) as env:
-        yield env
 
 
 async def _add_faults(env: Env, *rules: dict[str, Any]) -> None:
@@ -74,7 +58,7 @@ async def test_publish_on_a_node_of_another_pool_moves_the_disk_there_with_its_b
     assert stats.migrations.get(DISK, 0) == 0  # no vdi.migrate: it cannot cross pools
 
 
-@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": SLOW}])
 async def test_the_job_record_shows_the_streams_progress_while_it_runs(xenv: Env) -> None:
     write_content(xenv)
     await xenv.worker("w1")
@@ -100,7 +84,7 @@ async def test_the_job_record_shows_the_streams_progress_while_it_runs(xenv: Env
 # --- faults: each ends with exactly one complete disk ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": SLOW}])
 async def test_worker_killed_mid_stream_the_other_one_finishes_with_one_complete_disk(xenv: Env) -> None:
     checksum = write_content(xenv)
     first = await xenv.worker("w1")
@@ -157,7 +141,7 @@ async def test_target_sr_full_at_creation_fails_the_job_and_leaves_the_source_al
     assert_one_complete_disk(xenv, checksum, SR_A1)
 
 
-@pytest.mark.parametrize("sim_options", [{"stream_rate_bps": SLOW}])
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": SLOW}])
 async def test_source_pool_lost_mid_stream_the_move_completes_once_xo_sees_it_again(xenv: Env) -> None:
     """XO loses pool A while its disk is exported: the stream breaks and the disk vanishes from XO's view. Absent is
     not deleted: the job retries (XoPoolDisconnected) until the pool is back, then moves the whole disk."""
