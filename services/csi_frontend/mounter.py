@@ -35,10 +35,13 @@ RESIZE_TIMEOUT_S = 300.0
 _MAX_DETAIL_CHARS = 400
 _MAX_UNMOUNT_LAYERS = 8
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+# Exactly k8s.io/mount-utils' SafeFormatAndMount (what m4rCsi runs): ext* forced (-F: a whole device, not a
+# partition) with no blocks reserved for root (-m0); xfs with no option, so that mkfs.xfs itself refuses to
+# overwrite a signature blkid missed (mount-utils passes no -f).
 _MKFS_ARGV = {
-    "ext4": ("mkfs.ext4", "-F", "-q"),
-    "ext3": ("mkfs.ext3", "-F", "-q"),
-    "xfs": ("mkfs.xfs", "-f", "-q"),
+    "ext4": ("mkfs.ext4", "-F", "-m0"),
+    "ext3": ("mkfs.ext3", "-F", "-m0"),
+    "xfs": ("mkfs.xfs",),
 }
 
 
