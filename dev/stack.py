@@ -147,7 +147,9 @@ class Stack:
 
     def _node_args(self, vm_name: str) -> list[str]:
         vm_id = self.vm_ids[vm_name]
-        return ["--node-id", vm_id, "--device-dir", str(self.device_root / vm_id), *self.options.node_args]
+        # no Kubernetes API here: the simulator stands in for XO, and the node plugin asks it (--node-metadata xo)
+        return ["--node-id", vm_id, "--node-metadata", "xo", "--device-dir", str(self.device_root / vm_id),
+                *self.options.node_args]
 
     async def _start_node(self, vm_name: str) -> ServiceProcess:
         args = ["--mode", "node", *self._node_args(vm_name)]
@@ -205,6 +207,12 @@ async def simulator_process(log_dir: Path, *args: str) -> AsyncIterator[tuple[Se
         match = URL_RE.search(sim.log_text())
         assert match is not None, sim.log_tail()
         yield sim, match.group(1)
+
+
+async def socket_answers(socket: Path) -> bool:
+    """True once a CSI plugin answers GetPluginInfo on the unix socket (a readiness check)."""
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        return await _answers(channel)
 
 
 async def _answers(channel: grpc.aio.Channel) -> bool:

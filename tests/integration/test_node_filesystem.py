@@ -17,20 +17,20 @@ from services.csi_frontend import filesystem, mounter
 from services.csi_frontend.filesystem import FilesystemCorrupt
 from services.csi_frontend.status import code_for
 from shared.csi import csi_pb2
-from tests.integration.test_node_volumes import (
-    MiB,
-    Host,
-    _expand,
-    _publish,
-    _servicer,
-    _stage,
-    _stats,
-    _unpublish,
-    _unstage,
-    _usage,
-    host,
-)
 from tests.support.capabilities import mount_capability
+from tests.support.node_host import (
+    Host,
+    MiB,
+    expand,
+    host,
+    publish,
+    servicer,
+    stage,
+    unpublish,
+    unstage,
+    usage,
+    volume_stats,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(180)]
 __all__ = ["host"]  # the fixture, imported for pytest
@@ -47,14 +47,14 @@ async def _dumpe2fs(device: Path) -> dict[str, str]:
 async def _write_then_detach(host: Host, fs_type: str, size_bytes: int) -> tuple[Path, Path, int]:
     """Stage + publish a fresh volume, write DATA, unpublish + unstage (the pod went away, the disk detaches)."""
     await host.attach("xvdb", size_bytes)
-    node = _servicer(host)
+    node = servicer(host)
     staging, target = host.root / "staging", host.root / "target"
-    await _stage(node, staging, "xvdb", mount_capability(fs_type))
-    await _publish(node, staging, target, mount_capability(fs_type))
+    await stage(node, staging, "xvdb", mount_capability(fs_type))
+    await publish(node, staging, target, mount_capability(fs_type))
     (target / "data.bin").write_bytes(DATA)
-    before = _usage(await _stats(node, target), csi_pb2.VolumeUsage.BYTES).total
-    await _unpublish(node, target)
-    await _unstage(node, staging)
+    before = usage(await volume_stats(node, target), csi_pb2.VolumeUsage.BYTES).total
+    await unpublish(node, target)
+    await unstage(node, staging)
     return staging, target, before
 
 
@@ -65,11 +65,11 @@ async def test_stage_grows_a_filesystem_whose_disk_grew_while_detached(
     staging, target, before = await _write_then_detach(host, fs_type, size_bytes)
 
     await host.grow("xvdb", grown_bytes)  # XO resized the detached VDI; the next attach shows the new size
-    node = _servicer(host)
-    await _stage(node, staging, "xvdb", mount_capability(fs_type))
-    await _publish(node, staging, target, mount_capability(fs_type))
+    node = servicer(host)
+    await stage(node, staging, "xvdb", mount_capability(fs_type))
+    await publish(node, staging, target, mount_capability(fs_type))
 
-    after = _usage(await _stats(node, target), csi_pb2.VolumeUsage.BYTES).total
+    after = usage(await volume_stats(node, target), csi_pb2.VolumeUsage.BYTES).total
     grown_by = grown_bytes - size_bytes
     assert before + grown_by * 0.9 < after <= grown_bytes, (before, after)
     assert (target / "data.bin").read_bytes() == DATA
@@ -78,21 +78,21 @@ async def test_stage_grows_a_filesystem_whose_disk_grew_while_detached(
     # the kubelet's NodeExpandVolume that follows (OFFLINE expansion) finds nothing left to grow: no online
     # resize (which ext4 could not do here without CAP_SYS_RESOURCE), the device size answered
     for _ in range(2):
-        assert await _expand(node, target, required_bytes=grown_bytes) == grown_bytes
+        assert await expand(node, target, required_bytes=grown_bytes) == grown_bytes
     assert await filesystem.size_of(host.device_dir / "xvdb", fs_type, staging) == (fs_bytes, block_bytes)
 
 
 async def test_restaging_an_unchanged_disk_does_not_resize_it(host: Host) -> None:
     staging, _, before = await _write_then_detach(host, "ext4", 64 * MiB)
     with capture_logs() as logs:
-        await _stage(_servicer(host), staging, "xvdb", mount_capability("ext4"))
+        await stage(servicer(host), staging, "xvdb", mount_capability("ext4"))
     assert [entry["event"] for entry in logs if entry["event"].startswith("filesystem_")] == []
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "ext3"])
 async def test_blank_ext_device_is_formatted_with_no_reserved_blocks(host: Host, fs_type: str) -> None:
     await host.attach("xvdb", 64 * MiB)
-    await _stage(_servicer(host), host.root / "staging", "xvdb", mount_capability(fs_type))
+    await stage(servicer(host), host.root / "staging", "xvdb", mount_capability(fs_type))
     fields = await _dumpe2fs(host.device_dir / "xvdb")
     assert fields["Reserved block count"] == "0"  # mkfs -m0, as mount-utils formats
     assert int(fields["Block count"]) > 0
@@ -104,12 +104,12 @@ async def test_fsck_corrected_errors_are_logged_and_the_volume_mounts(host: Host
     # a wrong free-blocks summary on a filesystem marked "not clean": fsck -a repairs it (exit 1)
     await mounter.run("debugfs", "-w", "-R", "ssv free_blocks_count 10", str(device), timeout_s=30)
     await mounter.run("debugfs", "-w", "-R", "ssv state 0", str(device), timeout_s=30)
-    node = _servicer(host)
+    node = servicer(host)
     with capture_logs() as logs:
-        await _stage(node, staging, "xvdb", mount_capability("ext4"))
+        await stage(node, staging, "xvdb", mount_capability("ext4"))
     corrected = [entry for entry in logs if entry["event"] == "filesystem_errors_corrected"]
     assert [(entry["tool"], entry["exit_code"]) for entry in corrected] == [("fsck -a", 1)]
-    await _publish(node, staging, target, mount_capability("ext4"))
+    await publish(node, staging, target, mount_capability("ext4"))
     assert (target / "data.bin").read_bytes() == DATA
 
 
@@ -131,10 +131,10 @@ async def test_fsck_uncorrectable_errors_refuse_the_mount_naming_the_device(
         await mounter.run("debugfs", "-w", "-R", "ssv state 0", str(device), timeout_s=30)
     assert await mounter.probe_fstype(device) == "ext4"  # still ext4 to blkid: never reformatted
 
-    node = _servicer(host)
+    node = servicer(host)
     for _ in range(2):  # a retry finds the same damage
         with pytest.raises(FilesystemCorrupt) as raised:
-            await _stage(node, staging, "xvdb", mount_capability("ext4"))
+            await stage(node, staging, "xvdb", mount_capability("ext4"))
         message = raised.value.message
         assert f"`fsck -a {device.resolve()}` exited {exit_code}" in message
         assert fsck_says.lower() in message.lower() and "by hand" in message
@@ -153,9 +153,9 @@ async def test_a_missing_fsck_is_a_warning_and_the_volume_mounts(host: Host, tmp
         assert found is not None, tool
         (tools / tool).symlink_to(found)
     monkeypatch.setenv("PATH", str(tools))
-    node = _servicer(host)
+    node = servicer(host)
     with capture_logs() as logs:
-        await _stage(node, staging, "xvdb", mount_capability("ext4"))
+        await stage(node, staging, "xvdb", mount_capability("ext4"))
     assert [entry["event"] for entry in logs if entry["event"] == "fsck_missing"] == ["fsck_missing"]
-    await _publish(node, staging, target, mount_capability("ext4"))
+    await publish(node, staging, target, mount_capability("ext4"))
     assert (target / "data.bin").read_bytes() == DATA

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 from dev.process import ServiceProcess, service_process
-from shared.csi import csi_pb2, csi_pb2_grpc
+from dev.stack import socket_answers
 from tests.k8s.cluster import REPO, Cluster
 
 CONTROLLER_MANIFEST = REPO / "k8s/base/controller.yaml"
@@ -149,7 +148,7 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
                 "--endpoint", f"unix://{replica.socket}", *config.frontend_args]
         replica.processes[FRONTEND] = await replica.exits.enter_async_context(service_process(
             argv, log_dir=config.log_dir, env=config.frontend_env, name=f"{pod}-{FRONTEND}",
-            ready=lambda: _answers(replica.socket), timeout_s=60))
+            ready=lambda: socket_answers(replica.socket), timeout_s=60))
         for name in SIDECARS:
             await start_sidecar(config, replica, name, (extra_args or {}).get(name, ()))
     except BaseException:
@@ -158,10 +157,3 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
     return replica
 
 
-async def _answers(socket: Path) -> bool:
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        try:
-            await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
-        except grpc.aio.AioRpcError:
-            return False
-    return True

@@ -445,14 +445,25 @@ def test_rbac_is_least_privilege() -> None:
         assert any(granted[1] == resource for granted in namespaced), resource
 
 
-@pytest.mark.parametrize(("account", "workload"), [("xo-csi-node", "xo-csi-node"),
-                                                   ("xo-csi-migrator", "xo-csi-migrator")])
+@pytest.mark.parametrize(("account", "workload"), [("xo-csi-migrator", "xo-csi-migrator")])
 def test_services_without_kubernetes_api_access_get_no_token(account: str, workload: str) -> None:
     assert _find("ServiceAccount", account)["automountServiceAccountToken"] is False
     assert _rules_of(account) == [], f"{account} is bound to a role"
     (pod,) = [doc["spec"]["template"]["spec"] for kind in _WORKLOAD_KINDS for doc in _all(kind)
               if doc["metadata"]["name"] == workload]
     assert pod["serviceAccountName"] == account and pod["automountServiceAccountToken"] is False
+
+
+def test_node_plugin_gets_its_node_name_and_may_only_get_nodes_and_no_xo_secret() -> None:
+    node = _find("DaemonSet", "xo-csi-node")
+    pod = node["spec"]["template"]["spec"]
+    plugin = _containers(node)["xo-csi-frontend"]
+    env = {item["name"]: item for item in plugin["env"]}
+    assert env["CSI_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert list(_secret_references(node)) == [], "node plugins need no XO credentials (node-metadata=kubernetes)"
+    assert "--node-metadata=xo" not in plugin["args"]
+    assert pod["serviceAccountName"] == "xo-csi-node" and pod["automountServiceAccountToken"] is True
+    assert _granted(_rules_of("xo-csi-node")) == {("", "nodes", "get")}
 
 
 def test_only_the_node_plugin_is_privileged_or_root() -> None:
