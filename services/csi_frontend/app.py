@@ -9,6 +9,7 @@ import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 
 from services.csi_frontend.attach import Attacher
@@ -23,7 +24,7 @@ from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
-from shared import broker, metrics
+from shared import broker, health, metrics
 from shared.backends import open_messaging
 from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
@@ -55,7 +56,21 @@ class Frontend:
     jobs: JobStore | None = None
     connection: AbstractRobustConnection | None = None
     publisher: broker.Publisher | None = None
+    redis: aioredis.Redis | None = None
     node: NodeServicer | None = field(default=None)
+
+    async def readiness(self) -> health.Report:
+        """/readyz on the metrics port: XO answers (controller, or node-metadata=xo), and with migrations on,
+        RabbitMQ is connected and Redis answers PING. CSI Probe (the liveness probe) never asks these."""
+        checks: dict[str, health.Check] = {}
+        if self.xo is not None:
+            checks["xo"] = self.xo.ping
+        if self.publisher is not None:
+            publisher = self.publisher
+            checks["rabbitmq"] = lambda: health.connected(publisher)
+        if self.redis is not None:
+            checks["redis"] = self.redis.ping
+        return await health.run_checks(checks, self.settings.probe_timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve the CSI services on ``settings.endpoint`` (with /metrics and, when asked, the temp-disk
@@ -67,7 +82,7 @@ class Frontend:
                 cleanup = tasks.create_task(temp_cleanup_forever(
                     self.xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
                     delete_after_s=settings.temp_cleanup_delete_after_s))
-            async with metrics.serving(settings.metrics_port):
+            async with metrics.serving(settings.metrics_port, readiness=self.readiness):
                 await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
                             stop=stop)
             if cleanup is not None:
@@ -93,9 +108,7 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         frontend.xo, frontend.inventory = xo, Inventory(xo)
         frontend.disks = DiskLocator(xo, settings.disk_name_prefix)
         frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s)
-    probe = xo.ping if xo is not None and settings.serves_controller else None
-    frontend.servicers.append((IdentityServicer(settings.driver_name, probe=probe),
-                               csi_pb2_grpc.add_IdentityServicer_to_server))
+    frontend.servicers.append((IdentityServicer(settings.driver_name), csi_pb2_grpc.add_IdentityServicer_to_server))
     if settings.serves_controller:
         await _controller(stack, frontend, rabbit, redis)
     if settings.serves_node:
@@ -130,6 +143,7 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
     frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
                                  migrations=gate)
     frontend.gate, frontend.jobs, frontend.connection, frontend.publisher = gate, jobs, connection, publisher
+    frontend.redis = redis
     log.info("migrations_enabled")
 
 

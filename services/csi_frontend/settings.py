@@ -51,7 +51,9 @@ class FrontendSettings(BaseSettings):
     job_result_ttl_s: float = Field(default=jobs.DEFAULT_RESULT_TTL_S, gt=0,
                                     description="how long a finished job's result is kept")
     publish_margin_s: float = Field(default=2.0, ge=0, description="answer this long before the caller's deadline")
-    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port, also /readyz and "
+                              "/livez; 0 = off")
+    probe_timeout_s: float = Field(default=3.0, gt=0, description="bound on each /readyz check (XO, RabbitMQ, Redis)")
 
     @field_validator("disk_name_prefix")
     @classmethod

@@ -205,6 +205,29 @@ def test_keda_resources_have_their_required_fields() -> None:
         assert ref["parameter"] and ref["name"] and ref["key"]
 
 
+def test_keda_scales_on_waiting_plus_running_jobs() -> None:
+    scaled = _find("ScaledObject")
+    triggers = {trigger["name"]: trigger for trigger in scaled["spec"]["triggers"]}
+    assert triggers["waiting"]["type"] == "rabbitmq"
+    assert triggers["waiting"]["metadata"]["queueName"] == messages.JOBS_QUEUE
+    assert triggers["running"]["type"] == "prometheus"
+    assert "xocsi_migration_jobs_running" in triggers["running"]["metadata"]["query"]
+    assert scaled["spec"]["advanced"]["scalingModifiers"]["formula"] == "waiting + running"
+    migrator = _containers(_find("Deployment", "xo-csi-migrator"))["migrator"]
+    assert scaled["spec"]["advanced"]["scalingModifiers"]["target"] == _flags(migrator)["concurrency"]
+    port = _flags(migrator)["metrics-port"]
+    pod = _find("Deployment", "xo-csi-migrator")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
+
+
+def test_controller_readiness_is_readyz_on_its_metrics_port_and_liveness_the_csi_probe() -> None:
+    frontend = _containers(_find("Deployment", "xo-csi-controller"))["xo-csi-frontend"]
+    ports = {port["name"]: port["containerPort"] for port in frontend["ports"]}
+    assert ports["http-metrics"] == int(_flags(frontend)["metrics-port"])
+    assert frontend["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert frontend["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}  # the sidecar: Probe
+
+
 # -- the manifests agree with the code ---------------------------------------------------------------------
 
 
@@ -350,12 +373,11 @@ def test_keda_scales_the_migrator_on_the_jobs_queue() -> None:
     migrator = _find("Deployment", "xo-csi-migrator")
     target = scaled["spec"]["scaleTargetRef"]
     assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", migrator["metadata"]["name"])
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
+    (trigger,) = [trigger for trigger in scaled["spec"]["triggers"] if trigger["type"] == "rabbitmq"]
     assert trigger["metadata"]["queueName"] == messages.JOBS_QUEUE
     assert trigger["metadata"]["mode"] == "QueueLength"
     (container,) = _containers(migrator).values()
-    assert trigger["metadata"]["value"] == _flags(container)["concurrency"], "jobs per worker = --concurrency"
+    assert trigger["metadata"]["value"] == "1", "the formula's input: one per waiting job"
     assert trigger["authenticationRef"]["name"] == _find("TriggerAuthentication")["metadata"]["name"]
     budget = _find("PodDisruptionBudget", migrator["metadata"]["name"])
     assert scaled["spec"]["minReplicaCount"] >= budget["spec"]["minAvailable"] >= 1
