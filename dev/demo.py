@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_typ
                                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 VOLUME = "pvc-demo"
 DATA_BYTES = 96 << 20
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -202,6 +204,7 @@ async def main_async(args: argparse.Namespace) -> int:
     options = StackOptions(migrators=2, management=True, host_topology=True, log_level="info", metrics=True,
                            sim_args=("--migration-rate", str(rate)))
     started = time.perf_counter()
+    _stop_on_signals()
     with console.status("starting RabbitMQ (management), Redis, the XO simulator, frontends and 2 migrators…"):
         stack_cm = running_stack(work, options)
         stack = await stack_cm.__aenter__()
@@ -222,6 +225,24 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (``timeout``, a service manager, a CI runner) and SIGHUP stop the demo as Ctrl-C does: the main task
+    is cancelled, so the ``finally`` above stops everything it started. Once only: a second signal must not cut
+    that cleanup short (SIGKILL is the way to abandon it)."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def stop(sig: signal.Signals) -> None:
+        console.print(f"[yellow]{sig.name}: stopping everything the demo started…[/]")
+        for other in STOP_SIGNALS:
+            loop.add_signal_handler(other, lambda: None)
+        main_task.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(main_async(args))
     except KeyboardInterrupt:
         return 0
+    except asyncio.CancelledError:  # SIGTERM/SIGHUP, after the cleanup
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -259,5 +259,14 @@ async def _brokers(exits: contextlib.AsyncExitStack, options: StackOptions
     rabbit, redis = LocalRabbit(), LocalRedis()
     exits.callback(rabbit.stop)
     exits.callback(redis.stop, crash=True)
-    await asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    starting = asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # A thread cannot be cancelled: let the starts finish, or the stops above would race them and a broker
+        # that finished starting afterwards would outlive us (a SIGTERM during `make demo`'s start-up).
+        await asyncio.wait({starting})
+        if not starting.cancelled():
+            starting.exception()  # retrieved: what propagates is the cancellation
+        raise
     return rabbit, redis
