@@ -21,6 +21,12 @@ from lightkube.resources.storage_v1 import CSINode
 from shared.errors import BackendFailure, BackendUnavailable, InvalidRequest
 
 DEFAULT_TIMEOUT_S = 10.0
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def in_cluster() -> bool:
+    """True in a pod whose ServiceAccount token is mounted (in-cluster configuration available)."""
+    return SERVICE_ACCOUNT_TOKEN.is_file()
 
 
 @dataclass(frozen=True)

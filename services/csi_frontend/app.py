@@ -21,6 +21,7 @@ from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.csi_frontend.node import NodeConfig, NodeServicer
 from services.csi_frontend.node_identity import NodeMetadata, from_kubernetes, resolve_node, topology
 from services.csi_frontend.provisioning import Provisioner
+from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
@@ -30,7 +31,7 @@ from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import InvalidRequest
 from shared.jobs import JobStore
-from shared.kube import KubeReader
+from shared.kube import KubeReader, in_cluster
 from shared.logging import get_logger
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
@@ -125,8 +126,20 @@ async def _controller(stack: AsyncExitStack, frontend: Frontend, rabbit: RabbitS
         await _enable_migrations(stack, frontend, disks, rabbit, redis)
     assert frontend.attacher is not None
     frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
-    frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory),
+    selected = _selected_node(stack, settings, inventory)
+    frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory, selected),
                                csi_pb2_grpc.add_ControllerServicer_to_server))
+
+
+def _selected_node(stack: AsyncExitStack, settings: FrontendSettings, inventory: Inventory) -> SelectedNode | None:
+    """In a pod (or with --kubeconfig) the controller reads the claim's selected node for WaitForFirstConsumer
+    placement (RBAC: get persistentvolumeclaims, csinodes); elsewhere (tests, xocsi) CreateVolume places as before."""
+    if settings.kubeconfig is None and not in_cluster():
+        log.info("selected_node_placement_off", reason="not in a pod and no --kubeconfig")
+        return None
+    kube = KubeReader.from_config(settings.kubeconfig)
+    stack.push_async_callback(kube.close)
+    return SelectedNode(kube, inventory, settings.driver_name)
 
 
 async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: DiskLocator, rabbit: RabbitSettings,

@@ -144,8 +144,10 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
     competes for its lease). ``extra_args``: flags given ON TOP of the manifest's, per sidecar (a test says why)."""
     replica = Replica(pod, config.log_dir / f"{pod}.sock")
     try:
+        # --kubeconfig: the pod's ServiceAccount, as in-cluster (WaitForFirstConsumer placement reads the claim)
         argv = [sys.executable, "-m", "services.csi_frontend", "--mode", "controller",
-                "--endpoint", f"unix://{replica.socket}", *config.frontend_args]
+                "--endpoint", f"unix://{replica.socket}", "--kubeconfig", str(config.kubeconfig),
+                *config.frontend_args]
         replica.processes[FRONTEND] = await replica.exits.enter_async_context(service_process(
             argv, log_dir=config.log_dir, env=config.frontend_env, name=f"{pod}-{FRONTEND}",
             ready=lambda: socket_answers(replica.socket), timeout_s=60))

@@ -450,8 +450,12 @@ def test_controller_rbac_covers_the_sidecars() -> None:
         ("storage.k8s.io", "volumeattachments/status", "patch"), ("", "events", "create"),
         ("storage.k8s.io", "csistoragecapacities", "create"), ("coordination.k8s.io", "leases", "update"),
         ("", "pods", "get"), ("apps", "replicasets", "get"),
+        # the frontend's WaitForFirstConsumer placement (selected_node.py)
+        ("", "persistentvolumeclaims", "get"), ("", "nodes", "get"), ("storage.k8s.io", "csinodes", "get"),
     }
     assert needed - granted == set()
+    own = _granted(_find("ClusterRole", "xo-csi-controller-frontend")["rules"])
+    assert own == {("", "persistentvolumeclaims", "get"), ("", "nodes", "get"), ("storage.k8s.io", "csinodes", "get")}
 
 
 def test_rbac_is_least_privilege() -> None:
