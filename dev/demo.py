@@ -29,9 +29,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared.csi import csi_pb2
 from shared.logging import configure_logging
 from shared.units import format_size, parse_size
+from shared.xo.models import Vdi
 
 T = TypeVar("T")
 console = Console()
@@ -176,7 +178,13 @@ async def with_progress(call: Awaitable[T], expected_s: float, label: str) -> T:
 
 
 async def _sr_name(stack: Stack) -> str:
-    vdi = (await stack.xo.find_vdis(name_label=f"csi-{VOLUME}"))[0]
+    async def one_disk() -> Vdi:
+        # XO's cache shows a rename, and the end of a copy, a moment after the call that made them
+        found = await stack.xo.find_vdis(name_label=f"csi-{VOLUME}")
+        assert len(found) == 1, [vdi.id for vdi in found]  # "not yet" for eventually
+        return found[0]
+
+    vdi = await eventually(one_disk, 30, interval_s=0.05, description=f"exactly one VDI csi-{VOLUME} in XO")
     sr = await stack.xo.get_sr(vdi.sr_id)
     return sr.name_label if sr else vdi.sr_id
 
