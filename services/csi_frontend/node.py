@@ -1,8 +1,8 @@
 """CSI Node service: stage, publish, expand and report XO disks attached to this VM (e.g. /dev/xvdb).
 
-No RPC here calls XO: ControllerPublishVolume names the device in publish_context["device"]. XO is read once, at
-startup, to find this node's VM and topology (build_frontend, node_identity.py).
-Request parsing lives in validation.py; OS work lives in mounter.py.
+No RPC here calls XO: ControllerPublishVolume names the device in publish_context["device"]. This node's VM and
+topology are learnt once at start-up (node_identity.py: the Node's CCM labels, or XO with --node-metadata=xo).
+Request parsing lives in validation.py; filesystem rules (format, fsck, grow) in filesystem.py; OS calls in mounter.py.
 """
 
 from __future__ import annotations
