@@ -282,7 +282,9 @@ def _remove(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(info.st_mode):
-        if any(path.iterdir()):
+        with os.scandir(path) as entries:  # closed at once: an abandoned iterator warns when collected
+            has_entries = any(True for _ in entries)
+        if has_entries:
             raise PreconditionFailed(f"{path} is a non-empty directory that is not mounted; refusing to delete it")
         path.rmdir()
     elif stat.S_ISREG(info.st_mode) and info.st_size > 0:
