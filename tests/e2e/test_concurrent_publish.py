@@ -145,6 +145,33 @@ async def test_two_controller_replicas_publishing_at_once_leave_one_vbd(stack: S
     assert await _vbds(stack, "csi-pvc-handover") == [("node-a1", True)]
 
 
+async def test_two_replicas_publishing_to_two_nodes_leave_one_vbd_and_name_the_winner(stack: Stack) -> None:
+    """A handover while the attacher moves a volume: ten publishes to each node, one node through each controller
+    process. One node gets the volume (OK for its calls); the other's calls are refused with FAILED_PRECONDITION
+    naming the winner (XO refuses the second plug, the replica reads again), or ABORTED while XO's view has not
+    shown the winner's VBD yet. One VBD either way."""
+    volume_id = await create(stack, "pvc-split", 64 * MiB, SHARED_FIXED)
+    _, other = await _second_controller(stack)
+    controllers = {"node-a1": stack.controller, "node-a2": other}
+    nodes = [node for _ in range(10) for node in controllers]
+    answers = await asyncio.gather(*(_code_of(controllers[node].ControllerPublishVolume(
+        _request(stack, volume_id, node), timeout=60)) for node in nodes))
+    results = [(node, code, message) for node, (code, message) in zip(nodes, answers, strict=True)]
+    ((winner, plugged),) = await _vbds(stack, "csi-pvc-split")
+    loser = next(node for node in controllers if node != winner)
+    print("two replicas, two nodes:", _summary([(code, m) for _, code, m in results]), "winner:", winner)
+    assert plugged
+    assert {code for node, code, _ in results if node == winner} == {grpc.StatusCode.OK}
+    refused = [(code, message) for node, code, message in results if node == loser]
+    assert {code for code, _ in refused} <= {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
+    assert all(stack.vm_ids[winner] in message for code, message in refused
+               if code == grpc.StatusCode.FAILED_PRECONDITION), refused
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # once settled: a clear refusal naming the winner
+        await controllers[loser].ControllerPublishVolume(_request(stack, volume_id, loser), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stack.vm_ids[winner] in (info.value.details() or "")
+
+
 async def test_publish_unpublish_overlapping_leave_no_stray_vbd(stack: Stack) -> None:
     """Eight publishes and eight unpublishes of one volume interleaved at once, then one last publish: whatever
     order they ran in, XO ends with exactly the one plugged VBD of that last publish."""
