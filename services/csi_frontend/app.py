@@ -24,14 +24,18 @@ from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
+from services.csi_frontend.stale_marks import MarkPolicy
+from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
+from services.csi_frontend.volume_locks import VolumeLocks
 from shared import broker, health, metrics
-from shared.backends import open_messaging
+from shared.backends import open_messaging, redis_client
 from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.errors import InvalidRequest
 from shared.jobs import JobStore
 from shared.kube import KubeReader, in_cluster
+from shared.locks import Lease
 from shared.logging import get_logger
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
@@ -57,8 +61,11 @@ class Frontend:
     jobs: JobStore | None = None
     connection: AbstractRobustConnection | None = None
     publisher: broker.Publisher | None = None
-    redis: aioredis.Redis | None = None
     node: NodeServicer | None = field(default=None)
+    locks: VolumeLocks = field(default_factory=VolumeLocks)
+    marks: MarkPolicy | None = None
+    redis: aioredis.Redis | None = None
+    redis_prefix: str = ""
 
     async def readiness(self) -> health.Report:
         """/readyz on the metrics port: XO answers (controller, or node-metadata=xo), and with migrations on,
@@ -74,20 +81,31 @@ class Frontend:
         return await health.run_checks(checks, self.settings.probe_timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
-        """Serve the CSI services on ``settings.endpoint`` (with /metrics and, when asked, the temp-disk
-        cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``."""
+        """Serve the CSI services on ``settings.endpoint`` (with /metrics, /readyz, /livez and, when asked, the
+        temp-disk cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``."""
         settings = self.settings
         async with asyncio.TaskGroup() as tasks:
             cleanup = None
-            if settings.serves_controller and settings.temp_cleanup and self.xo is not None:
-                cleanup = tasks.create_task(temp_cleanup_forever(
-                    self.xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
-                    delete_after_s=settings.temp_cleanup_delete_after_s))
+            if settings.serves_controller and settings.temp_cleanup:
+                cleanup = tasks.create_task(self._temp_cleanup())
             async with metrics.serving(settings.metrics_port, readiness=self.readiness):
                 await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
                             stop=stop)
             if cleanup is not None:
                 cleanup.cancel()
+
+    async def _temp_cleanup(self) -> None:
+        settings = self.settings
+        assert self.xo is not None, "the controller always has XO"
+        cleanup = TempCleanup(self.xo, settings.disk_name_prefix, self.locks, min_age_s=settings.temp_cleanup_min_age_s,
+                              delete_after_s=settings.temp_cleanup_delete_after_s)
+        lease = None
+        if self.redis is not None:
+            lease = Lease(self.redis, self.redis_prefix, "temp-cleanup", ttl_s=3 * settings.temp_cleanup_interval_s,
+                          holder=settings.node_id or "controller")
+        else:
+            log.warning("temp_cleanup_without_lease", note="no REDIS_URL: this replica assumes it is the only one")
+        await temp_cleanup_forever(cleanup, interval_s=settings.temp_cleanup_interval_s, lease=lease)
 
 
 async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_settings: XoSettings, *,
@@ -95,12 +113,12 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     """Wire the frontend for ``settings.mode``; every client it opens is closed when ``stack`` closes.
 
     Migrations are enabled (controller mode) when both ``rabbit`` and ``redis`` are given: it connects to both
-    now (BackendUnavailable when it cannot). Controller mode refuses a non-admin XO account (XoAuthError).
+    now (BackendUnavailable when it cannot). Redis also holds the temporary-disk cleanup's lease (one replica).
+    Controller mode refuses a non-admin XO account (XoAuthError).
     Node mode learns its VM and topology now (node_identity.py): from its Node object by default, with no XO
     client at all; from XO with --node-metadata=xo (any signed-in account).
     """
     frontend = Frontend(settings, [])
-    xo: XoClient | None = None
     if settings.needs_xo:
         xo = XoClient.from_settings(xo_settings)
         stack.push_async_callback(xo.close)
@@ -108,7 +126,10 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
             await xo.require_admin("controller")  # XoAuthError: a non-admin account is refused, with the reason
         frontend.xo, frontend.inventory = xo, Inventory(xo)
         frontend.disks = DiskLocator(xo, settings.disk_name_prefix)
-        frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s)
+        frontend.locks = VolumeLocks(margin_s=settings.publish_margin_s)  # the one per-volume lock of this controller
+        frontend.marks = MarkPolicy(xo, None, clear_after_s=settings.stale_mark_after_s)
+        frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s,
+                                     locks=frontend.locks, marks=frontend.marks)
     frontend.servicers.append((IdentityServicer(settings.driver_name), csi_pb2_grpc.add_IdentityServicer_to_server))
     if settings.serves_controller:
         await _controller(stack, frontend, rabbit, redis)
@@ -124,8 +145,11 @@ async def _controller(stack: AsyncExitStack, frontend: Frontend, rabbit: RabbitS
     assert xo is not None and inventory is not None and disks is not None, "the controller always has XO"
     if rabbit is not None and redis is not None:
         await _enable_migrations(stack, frontend, disks, rabbit, redis)
+    elif redis is not None:  # Redis alone: the temporary-disk cleanup's lease
+        frontend.redis, frontend.redis_prefix = redis_client(stack, redis), redis.key_prefix
     assert frontend.attacher is not None
-    frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
+    frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology,
+                                       locks=frontend.locks, marks=frontend.marks)
     selected = _selected_node(stack, settings, inventory)
     frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory, selected),
                                csi_pb2_grpc.add_ControllerServicer_to_server))
@@ -153,10 +177,11 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
     events = MigrationEvents(connection, setup_timeout_s=rabbit.connect_timeout_s)
     stack.push_async_callback(events.close)
     gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
+    frontend.marks = MarkPolicy(frontend.xo, jobs, clear_after_s=settings.stale_mark_after_s)
     frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
-                                 migrations=gate)
+                                 locks=frontend.locks, migrations=gate, marks=frontend.marks)
     frontend.gate, frontend.jobs, frontend.connection, frontend.publisher = gate, jobs, connection, publisher
-    frontend.redis = redis
+    frontend.redis, frontend.redis_prefix = redis, redis_settings.key_prefix
     log.info("migrations_enabled")
 
 

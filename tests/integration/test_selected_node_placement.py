@@ -20,6 +20,7 @@ from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import mount_capability
 from tests.support.kube_api import FakeKubeApi, fake_kube_api
 from tests.support.migration import POOL_A, SR_A1, SR_A2, TAG, VM_A2, Env, open_env, vdis_named
+from tests.support.node_host import FakeContext
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ async def _create(env: Env, name: str, claim: str | None) -> str:
         name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=GiB), volume_capabilities=[mount_capability()],
         parameters=parameters, accessibility_requirements=csi_pb2.TopologyRequirement(requisite=[pool_only],
                                                                                      preferred=[pool_only]))
-    response = await _controller(env).CreateVolume(request, None)  # type: ignore[arg-type]
+    response = await _controller(env).CreateVolume(request, FakeContext())  # type: ignore[arg-type]
     assert [dict(t.segments) for t in response.volume.accessible_topology] == [{"pool": POOL_A}]
     [vdi] = vdis_named(env.sim, f"csi-{name}")
     return str(vdi["$SR"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,10 @@ from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
+
+
+NEEDS_LOSETUP = pytest.mark.skipif(shutil.which("losetup") is None,
+                                   reason="needs losetup (util-linux) for real data mode")
 
 
 def require_root(what: str) -> None:
