@@ -25,16 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xo-csi-frontend",
         description="CSI Identity/Controller/Node services for XCP-ng pools managed by Xen Orchestra. "
         "Every flag can also be set by its environment variable (CSI_<NAME>); XO access comes from "
-        "XOA_URL and XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD.",
+        "XOA_URL and XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD (the controller's account must be an XO admin; "
+        "node plugins need no XO account unless --node-metadata=xo).",
     )
     p.add_argument("--endpoint", help="CSI endpoint, unix:///csi/csi.sock (default) or tcp://host:port")
     p.add_argument("--mode", choices=["controller", "node", "all"], help="services to serve (default all)")
     p.add_argument("--driver-name", help="CSI driver name (default csi.xen-orchestra.marcsi.ch)")
     p.add_argument("--node-id", help="VM UUID of this node (default: /sys/class/dmi/id/product_uuid)")
+    p.add_argument("--node-metadata", choices=["kubernetes", "xo"],
+                   help="node plugin: read pool/host from this Node's labels set by the XO cloud controller manager "
+                   "(default kubernetes: no XO credentials needed) or from XO (any signed-in XO account)")
+    p.add_argument("--node-name", help="this node's Kubernetes name (CSI_NODE_NAME; downward API spec.nodeName)")
+    p.add_argument("--kubeconfig", help="Kubernetes API access outside a pod (default: in-cluster, else $KUBECONFIG)")
     p.add_argument("--disk-name-prefix", help="prefix of VDI names (default csi-)")
     p.add_argument("--host-topology", action="store_true", default=None, help="add the host topology segment")
     p.add_argument("--temp-cleanup", action="store_true", default=None,
                    help="periodically delete leaked csi-temp-* disks (controller)")
+    p.add_argument("--temp-cleanup-min-age", help="how long a csi-temp-* disk must be seen before it is marked "
+                   "for deletion, e.g. 10m (default 10m; deleted 30m after the mark)")
+    p.add_argument("--stale-mark-after", help="clear a disk's migration mark after this long without a live "
+                   "migration job, e.g. 70s (default 70s = 2 x the migrators' default stale-after)")
     p.add_argument("--device-dir", help="where the node finds attached disks (default /dev)")
     p.add_argument("--device-wait", help="how long to wait for an attached device, e.g. 10s")
     p.add_argument("--max-volumes-per-node", type=int, help="NodeGetInfo max_volumes_per_node (default 239)")
@@ -48,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_settings(args: argparse.Namespace) -> tuple[FrontendSettings, XoSettings, LogSettings]:
-    frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "disk_name_prefix", "host_topology",
-                      "temp_cleanup", "device_dir", "max_volumes_per_node", "metrics_port")
-    if args.device_wait:
-        frontend["device_wait_s"] = parse_duration_s(args.device_wait)
+    frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "node_metadata", "node_name", "kubeconfig",
+                      "disk_name_prefix", "host_topology", "temp_cleanup", "device_dir", "max_volumes_per_node",
+                      "metrics_port")
+    for flag, setting in (("device_wait", "device_wait_s"), ("temp_cleanup_min_age", "temp_cleanup_min_age_s"),
+                          ("stale_mark_after", "stale_mark_after_s")):
+        if getattr(args, flag):
+            frontend[setting] = parse_duration_s(getattr(args, flag))
     xo: dict[str, Any] = {}
     if args.xoa_url:
         xo["url"] = args.xoa_url
@@ -69,17 +82,17 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def messaging_settings() -> tuple[RabbitSettings, RedisSettings] | None:
-    """RabbitMQ and Redis settings when both AMQP_URL and REDIS_URL are set (migrations on), else None."""
+def messaging_settings() -> tuple[RabbitSettings | None, RedisSettings | None]:
+    """RabbitMQ settings when AMQP_URL is set, Redis settings when REDIS_URL is set; migrations need both, the
+    temporary-disk cleanup's lease only Redis."""
     rabbit, redis = RabbitSettings(), RedisSettings()
-    if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis.model_fields_set:
-        return None
-    return rabbit, redis
+    return (rabbit if "amqp_url" in rabbit.model_fields_set else None,
+            redis if "redis_url" in redis.model_fields_set else None)
 
 
 async def run(settings: FrontendSettings, xo_settings: XoSettings,
-              messaging: tuple[RabbitSettings, RedisSettings] | None) -> None:
-    rabbit, redis = messaging if messaging is not None else (None, None)
+              messaging: tuple[RabbitSettings | None, RedisSettings | None]) -> None:
+    rabbit, redis = messaging
     async with AsyncExitStack() as stack:
         frontend = await build_frontend(stack, settings, xo_settings, rabbit=rabbit, redis=redis)
         await frontend.serve()
@@ -89,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings, xo_settings, log_settings = load_settings(args)
-        xo_settings.require_credentials()
+        if settings.needs_xo:
+            xo_settings.require_credentials()
         messaging = messaging_settings()
     except (ValidationError, ValueError) as exc:
         print(f"xo-csi-frontend: invalid settings: {exc}", file=sys.stderr)

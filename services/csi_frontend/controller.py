@@ -17,6 +17,7 @@ from services.csi_frontend.attach import Attacher
 from services.csi_frontend.cloning import Cloner, CloneRequest
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.provisioning import Provisioner, class_mismatch
+from services.csi_frontend.selected_node import SelectedNode
 from shared import storage_class
 from shared import volume_id as vid
 from shared.csi import csi_pb2, csi_pb2_grpc
@@ -43,11 +44,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     """CSI Controller over XO."""
 
     def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory,
-                 cloner: Cloner | None = None) -> None:
+                 selected_node: SelectedNode | None = None, cloner: Cloner | None = None) -> None:
         self._provisioner = provisioner
         self._attacher = attacher
         self._disks = disks
         self._inventory = inventory
+        self._selected_node = selected_node  # WaitForFirstConsumer: the selected node's host first (selected_node.py)
         self._cloner = cloner  # CLONE_VOLUME: only with the migration queue (RabbitMQ + Redis)
 
     async def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
@@ -60,17 +62,19 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise InvalidRequest("mutable_parameters are not supported (no MODIFY_VOLUME capability): "
                                  "drop the VolumeAttributesClass")
         params = storage_class.parse(request.parameters)
-        name = vid.volume_name_for_id(request.name) if params.migrating else request.name
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
-        requisite, preferred = check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
+        preferred = check.topology_terms(reqs.preferred)
+        if self._selected_node is not None:
+            preferred = [*await self._selected_node.terms(request.parameters), *preferred]
+        requisite = check.topology_terms(reqs.requisite)
         if source_id is not None and self._cloner is not None:
             sized = request.HasField("capacity_range") and request.capacity_range.required_bytes > 0
-            remaining = context.time_remaining()
-            clone = CloneRequest(name, size, sized, params, requisite, preferred, source_id)
-            created = await self._cloner.create(clone, DEFAULT_DEADLINE_S if remaining is None else remaining)
+            clone = CloneRequest(request.name, size, sized, params, requisite, preferred, source_id)
+            created = await self._cloner.create(clone, _deadline_s(context))
         else:
-            created = await self._provisioner.create(name, size, params, requisite, preferred)
+            created = await self._provisioner.create(request.name, size, params, requisite, preferred,
+                                                     _deadline_s(context))
         volume = csi_pb2.Volume(
             volume_id=str(created.volume_id),
             capacity_bytes=created.size_bytes,
@@ -102,7 +106,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             volume = vid.parse(request.volume_id)
         except VolumeNotFound:
             return csi_pb2.DeleteVolumeResponse()
-        await self._provisioner.delete(volume)
+        await self._provisioner.delete(volume, _deadline_s(context))
         return csi_pb2.DeleteVolumeResponse()
 
     async def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
@@ -114,9 +118,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         check.check_capability(request.volume_capability)
         volume = vid.parse(request.volume_id)
         read_only = request.readonly or request.volume_capability.access_mode.mode in check.READ_ONLY_MODES
-        remaining = context.time_remaining()
-        deadline_s = DEFAULT_DEADLINE_S if remaining is None else remaining
-        publish_context = await self._attacher.publish(volume, node_id, read_only, deadline_s)
+        publish_context = await self._attacher.publish(volume, node_id, read_only, _deadline_s(context))
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
 
     async def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
@@ -128,7 +130,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             volume = vid.parse(request.volume_id)
         except VolumeNotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()
-        await self._attacher.unpublish(volume, request.node_id or None)
+        await self._attacher.unpublish(volume, request.node_id or None, _deadline_s(context))
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     async def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
@@ -209,7 +211,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             check.check_capability(request.volume_capability)  # spec: "Exceeds capabilities"
             is_block = request.volume_capability.HasField("block")
         volume = vid.parse(request.volume_id)
-        new_size = await self._provisioner.expand(volume, size)
+        new_size = await self._provisioner.expand(volume, size, _deadline_s(context))
+        # Offline expansion: the VDI grows while detached; the node grows the filesystem (NodeStageVolume finds
+        # the device larger, or NodeExpandVolume).
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=new_size, node_expansion_required=not is_block)
 
     async def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
@@ -219,6 +223,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in capabilities
         ])
+
+
+def _deadline_s(context: grpc.aio.ServicerContext) -> float:
+    """Seconds left to the caller (DEFAULT_DEADLINE_S when it set no deadline)."""
+    remaining = context.time_remaining()
+    return DEFAULT_DEADLINE_S if remaining is None else remaining
 
 
 def _page_start(token: str) -> str:

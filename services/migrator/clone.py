@@ -49,6 +49,8 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
 async def _finished(xo: XoClient, disk_name: str) -> Vdi | None:
     """The new disk when a previous attempt finished it (``settle`` ran first: a VDI with the name is final)."""
     vdis = await xo.find_vdis(name_label=disk_name)
+    if not vdis:  # a clone finished in a pool XO lost must not be made again
+        vdis = await xo.confirm_absent(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
     if len(vdis) > 1:
         ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
         raise PreconditionFailed(f"{len(vdis)} VDIs are named {disk_name} ({ids}); remove the strays in XO")

@@ -16,6 +16,7 @@ from services.csi_frontend.cloning import CloneRequest
 from shared import messages, storage_class, transfer_marks
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
+from shared.vdi_metadata import StorageInfo
 from shared.volume_id import by_name
 from tests.support.cross_pool import (
     DISK_SIZE,
@@ -53,7 +54,7 @@ def _vm_id(env: Env, name: str) -> str:
     return next(vm["id"] for vm in env.sim.state.of_type("VM") if vm["name_label"] == name)
 
 
-@pytest.mark.parametrize(("pool", "sr"), [(None, "either"), (POOL_B, SR_B1)])
+@pytest.mark.parametrize(("pool", "sr"), [(None, "either"), (POOL_B, SR_B1)], ids=["any-pool", "pool-b"])
 async def test_clone_holds_the_sources_bytes_in_the_same_pool_or_another(xenv: Env, pool: str | None,
                                                                          sr: str) -> None:
     checksum = write_content(xenv)
@@ -63,7 +64,8 @@ async def test_clone_holds_the_sources_bytes_in_the_same_pool_or_another(xenv: E
     assert created.volume_id == by_name("vol2")
     assert created.size_bytes == DISK_SIZE
     clone = assert_one_complete_disk(xenv, checksum, sr if sr != "either" else _sr_of(xenv, CLONE), name=CLONE)
-    assert clone["name_description"] == DESCRIPTION  # the new volume's class, as CreateVolume writes it
+    # the new volume's class, as CreateVolume writes it
+    assert clone["name_description"] == StorageInfo(srs_with_tag=TAG, migrating=True, handle="name").to_description()
     assert_one_complete_disk(xenv, checksum, SR_A1)  # the source, untouched
     assert vdis_named(xenv.sim)[0]["id"] == source["id"]
     assert created.context["diskName"] == CLONE
