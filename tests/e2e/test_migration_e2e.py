@@ -3,9 +3,9 @@ simulator (real data mode), the controller, a node plugin per node VM and N migr
 RabbitMQ (a vhost per test) and Redis (a key prefix per test).
 
 The seed's story (a volume follows its pod from host A to host B and back, data intact, one copy per move);
-shared SRs across two pools (XO cannot move a disk between pools: a clear refusal, and the volume stays usable
-in its own pool); 20 volumes published at once to the other host (one copy each, nothing left in Redis or the
-queues). Publishes are sent as external-attacher sends them: 300 s timeout, ABORTED/UNAVAILABLE retried.
+20 volumes published at once to the other host (one copy each, nothing left in Redis or the queues). Moves
+across pools (shared SRs of two pools): tests/e2e/test_cross_pool_e2e.py. Publishes are sent as external-attacher
+sends them: 300 s timeout, ABORTED/UNAVAILABLE retried.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import pytest
 
 from dev.brokers import RabbitEndpoint, RedisEndpoint
@@ -25,7 +24,6 @@ from dev.wait import eventually
 from shared import messages
 from tests.support.e2e import (
     MIGRATING,
-    SHARED_MIGRATING,
     MiB,
     create,
     host_segment,
@@ -95,36 +93,6 @@ async def test_volume_follows_its_pod_to_the_other_host_and_back_with_its_data(
         # a repeated publish to where it is answers the same context, without a copy
         assert await publish(stack, volume_id, "node-a1") == ctx
         assert await migrations_of(stack, disk) == 2
-
-
-async def test_shared_sr_volume_stays_in_its_pool_when_asked_to_cross_pools(
-        root: None, tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str) -> None:
-    """Shared SRs across two pools: XO's vdi.migrate works within a pool only (VDI.pool_migrate / VDI.copy; an
-    SR of another pool is HANDLE_INVALID), so a publish to a node of the other pool is refused with
-    FAILED_PRECONDITION, nothing is copied, and the volume stays usable from every node of its own pool."""
-    async with stack_on_session_brokers(tmp_path, amqp_vhost, redis_server, redis_prefix, migrators=1,
-                                        topology="two-pools") as stack:
-        disk = "csi-pvc-shared"
-        pool_a = (await host_segment(stack, "node-a1"))["pool"]
-        volume_id = await create(stack, "pvc-shared", 32 * MiB, SHARED_MIGRATING, {"pool": pool_a})
-        assert await srs_of(stack, disk) == ["NFS A"]
-        ctx = await publish(stack, volume_id, "node-a1")
-        async with mounted(stack, "node-a1", volume_id, ctx) as target:
-            written = await asyncio.to_thread(write_file, target / "data.bin", 4 * MiB)
-        await unpublish(stack, volume_id, "node-a1")
-
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await publish(stack, volume_id, "node-b1")
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
-        assert disk in (refused.value.details() or "")
-        assert await srs_of(stack, disk) == ["NFS A"]
-        assert await migrations_of(stack, disk) == 0
-        assert await migration_mark(stack, disk) is None  # a failed move leaves no "in progress" mark behind
-
-        ctx = await publish(stack, volume_id, "node-a2")  # the other host of pool A: the shared SR, no copy
-        assert await migrations_of(stack, disk) == 0
-        async with mounted(stack, "node-a2", volume_id, ctx) as target:
-            assert await asyncio.to_thread(sha256_of, target / "data.bin") == written
 
 
 async def test_twenty_volumes_published_at_once_each_migrate_exactly_once_and_leave_nothing_behind(
