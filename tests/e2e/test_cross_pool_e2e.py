@@ -10,6 +10,7 @@ leaves the move to the other one, ending with one complete disk.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -146,7 +147,12 @@ async def test_clone_of_a_volume_in_another_pool_holds_its_files(
         assert clone.content_source.volume.volume_id == source_id
         assert clone.capacity_bytes == 128 * MiB
         assert await srs_of(stack, "csi-pvc-copy") == ["NFS B"]
-        assert await _read_on(stack, clone.volume_id, "node-b1", "data.bin") == written
+        ctx = await publish(stack, clone.volume_id, "node-b1")
+        async with mounted(stack, "node-b1", clone.volume_id, ctx) as target:
+            assert await asyncio.to_thread(sha256_of, target / "data.bin") == written
+            fs = os.statvfs(target)
+            assert fs.f_blocks * fs.f_frsize > 100 * MiB  # the source's filesystem grown to the clone's size
+        await unpublish(stack, clone.volume_id, "node-b1")
         assert await _read_on(stack, source_id, "node-a2", "data.bin") == written  # the source, untouched
         again = await _clone(stack, "pvc-copy", source_id, pool_b, 128 * MiB)  # idempotent: the same volume
         assert again.volume_id == clone.volume_id
