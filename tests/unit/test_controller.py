@@ -246,3 +246,71 @@ async def test_rpcs_the_driver_leaves_out_are_unimplemented_not_internal(
         await base_controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id="v"))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CreateSnapshot is not implemented" in (info.value.details() or "")
+
+
+# --- clones ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeCloner:
+    asked: list[Any] = field(default_factory=list)
+
+    async def create(self, request: Any, deadline_s: float) -> CreatedVolume:
+        self.asked.append((request, deadline_s))
+        return CreatedVolume(vid.by_name(request.name), 2 * 1024**3, {}, [{"pool": "pool-a"}, {"pool": "pool-b"}])
+
+
+def _clone_request(source: csi_pb2.VolumeContentSource, size: int = 0) -> csi_pb2.CreateVolumeRequest:
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-copy", volume_capabilities=[_cap()], parameters={"srsWithTag": "k8s-migrating", "migrating": "true"},
+        volume_content_source=source)
+    if size:
+        request.capacity_range.required_bytes = size
+    return request
+
+
+_FROM_VOLUME = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="name:pvc-1"))
+
+
+async def test_clone_volume_is_advertised_only_with_the_migration_queue(setup: Setup) -> None:
+    def caps(servicer: ControllerServicer) -> Any:
+        return _call(Setup(servicer, setup.provisioner, setup.attacher, setup.disks), "ControllerGetCapabilities",
+                     csi_pb2.ControllerGetCapabilitiesRequest())
+
+    without = await caps(setup.servicer)
+    with_queue = await caps(ControllerServicer(setup.provisioner, setup.attacher, setup.disks, None,  # type: ignore[arg-type]
+                                               cloner=FakeCloner()))  # type: ignore[arg-type]
+    clone = csi_pb2.ControllerServiceCapability.RPC.CLONE_VOLUME
+    assert clone not in [c.rpc.type for c in without.capabilities]
+    assert [c.rpc.type for c in with_queue.capabilities] == [c.rpc.type for c in without.capabilities] + [clone]
+
+
+async def test_a_clone_goes_to_the_cloner_and_answers_its_content_source(setup: Setup) -> None:
+    cloner = FakeCloner()
+    servicer = ControllerServicer(setup.provisioner, setup.attacher, setup.disks, None,  # type: ignore[arg-type]
+                                  cloner=cloner)  # type: ignore[arg-type]
+    response = await servicer.CreateVolume(_clone_request(_FROM_VOLUME, 3 * 1024**3), FakeContext())
+    assert response.volume.content_source.volume.volume_id == "name:pvc-1"
+    assert response.volume.volume_id == "name:pvc-copy"
+    [(request, deadline_s)] = cloner.asked
+    assert (request.name, request.source_id, request.sized, request.size[0]) == ("pvc-copy", "name:pvc-1", True,
+                                                                                  3 * 1024**3)
+    assert deadline_s == 30.0 and setup.provisioner.created == []
+    await servicer.CreateVolume(_clone_request(_FROM_VOLUME), FakeContext())
+    assert cloner.asked[-1][0].sized is False  # no capacity_range: the source's size
+
+
+@pytest.mark.parametrize(("source", "cloner", "message"), [
+    (csi_pb2.VolumeContentSource(snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s")), True,
+     "volume_content_source.snapshot is not supported"),
+    (_FROM_VOLUME, False, "clones run on the migration queue"),
+    (csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource()), True,
+     "volume_content_source.volume.volume_id"),
+])
+async def test_sources_the_driver_cannot_serve_are_invalid_arguments_naming_the_field(
+        setup: Setup, source: csi_pb2.VolumeContentSource, cloner: bool, message: str) -> None:
+    servicer = ControllerServicer(setup.provisioner, setup.attacher, setup.disks, None,  # type: ignore[arg-type]
+                                  cloner=FakeCloner() if cloner else None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match=message):
+        await servicer.CreateVolume(_clone_request(source), FakeContext())
+    assert setup.provisioner.created == []

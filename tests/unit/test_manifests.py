@@ -358,7 +358,7 @@ def test_sidecar_images_are_pinned_sig_storage_releases() -> None:
 
 def test_storageclass_examples_are_accepted_by_the_driver() -> None:
     classes = {storage["metadata"]["name"]: storage for storage in _all("StorageClass")}
-    assert set(classes) == {"xoa-migrating", "xoa-shared", "xoa-fixed"}
+    assert set(classes) == {"xoa-migrating", "xoa-shared", "xoa-shared-migrating", "xoa-fixed"}
     parsed = {name: storage_class.parse(storage["parameters"]) for name, storage in classes.items()}
     assert parsed["xoa-migrating"].migrating and parsed["xoa-migrating"].srs_with_tag == "k8s-migrating"
     assert classes["xoa-migrating"]["volumeBindingMode"] == "WaitForFirstConsumer"
@@ -366,6 +366,15 @@ def test_storageclass_examples_are_accepted_by_the_driver() -> None:
     assert parsed["xoa-shared"].srs_with_tag == "k8s-shared" and not parsed["xoa-shared"].migrating
     assert classes["xoa-shared"]["volumeBindingMode"] == "Immediate"
     assert parsed["xoa-fixed"].sr_uuid and not parsed["xoa-fixed"].migrating
+    across = parsed["xoa-shared-migrating"]  # shared SRs of several pools: moves across pools
+    assert across.migrating and across.srs_with_tag == "k8s-shared-migrating"
+
+
+def test_the_clone_example_clones_a_claim_of_an_example_class() -> None:
+    claim = _find("PersistentVolumeClaim", "data-clone")
+    classes = {storage["metadata"]["name"] for storage in _all("StorageClass")}
+    assert claim["spec"]["storageClassName"] in classes
+    assert claim["spec"]["dataSource"] == {"kind": "PersistentVolumeClaim", "name": "data"}
 
 
 def test_keda_scales_the_migrator_on_the_jobs_queue() -> None:

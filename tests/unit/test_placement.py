@@ -92,7 +92,22 @@ def test_segments_and_capacity() -> None:
     assert placement.capacity([A1, A2, B1], {"pool": "nope"}) == (0, 0)
 
 
-def test_a_disk_never_moves_to_another_pool() -> None:
+def test_vdi_migrate_never_moves_a_disk_to_another_pool() -> None:
     with pytest.raises(PlacementImpossible, match="only within a pool"):
         placement.choose_for_host([A1, B1], GiB, "host-b1", "pool-b", from_pool="pool-a")
     assert placement.choose_for_host([A1, A2], GiB, "host-a2", "pool-a", from_pool="pool-a").id == "sr-a2"
+
+
+def test_a_move_across_pools_picks_the_roomiest_sr_usable_from_the_node() -> None:
+    """A stream (transfer.py) may go to another pool, by the same rules as a move within one."""
+    assert placement.choose_across_pools([A1, A2, B1], GiB, "host-b1", "pool-b").id == "sr-b1"
+    assert placement.choose_across_pools([NFS_A, NFS_B, A1], GiB, "host-b7", "pool-b").id == "nfs-b"
+    with pytest.raises(CapacityExhausted, match="NFS B"):
+        placement.choose_across_pools([NFS_A, NFS_B], 6 * GiB, "host-b7", "pool-b")
+    with pytest.raises(PlacementImpossible, match="pool-c"):
+        placement.choose_across_pools([NFS_A, NFS_B], GiB, "host-c1", "pool-c")
+
+
+def test_a_migrating_volume_s_topology_spans_every_pool_with_a_tagged_sr() -> None:
+    assert placement.accessible_segments([NFS_A, NFS_B], host_topology=False) == [{"pool": "pool-a"},
+                                                                                   {"pool": "pool-b"}]

@@ -53,6 +53,8 @@ def test_rate_draws_are_reproducible_with_a_seed() -> None:
     {"kind": "pool_disconnect", "pool": "p", "duration_s": 0},
     {"kind": "drop_socket", "method": "m", "pool": "p"},
     {"kind": "expire_sessions", "duration_s": 5},
+    {"method": "vdi.set", "xapi": "X", "after_bytes": 10},  # after_bytes: REST content streams only
+    {"method": "rest.vdi.export", "xapi": "X", "after_bytes": -1},
 ])
 def test_invalid_rules_are_rejected(spec: dict) -> None:
     with pytest.raises(ValidationError):
@@ -65,3 +67,20 @@ def test_actions_are_not_stored_as_rules() -> None:
     assert faults.rules() == []
     rule = Faults.parse({"kind": "pool_disconnect", "pool": "p"})[0]
     assert (rule.pool, rule.duration_s) == ("p", None)  # until the faults are cleared
+
+
+def test_rest_calls_match_only_rules_naming_them() -> None:
+    faults = Faults()
+    faults.add(Faults.parse([{"method": "*", "error": {"code": 21, "message": "operation failed"}},
+                             {"kind": "drop_socket", "method": "rest.vdi.import", "after_bytes": 1024}]))
+    assert faults.pick("rest.vdi.export", exact=True) is None  # a JSON-RPC catch-all does not cut REST streams
+    rule = faults.pick("rest.vdi.import", exact=True)
+    assert rule is not None and (rule.kind, rule.after_bytes) == ("drop_socket", 1024)
+    assert faults.pick("vdi.set") is not None  # JSON-RPC methods still see the catch-all
+
+
+def test_after_calls_lets_that_many_matching_calls_through_first() -> None:
+    faults = Faults()
+    faults.add(Faults.parse({"kind": "drop_socket", "method": "vdi.set", "after_calls": 2, "count": 1}))
+    assert [faults.pick("vdi.set") is not None for _ in range(4)] == [False, False, True, False]
+    assert faults.pick("vdi.delete") is None
