@@ -16,8 +16,11 @@ Prints:
       (--per-sr-limit: every copy goes Local A1 -> Local A2, so at most that many run and the others wait for
       a slot instead of being refused);
   (d) XO calls per migrating attach (controller + migrator, from the simulator's stats);
-  (e) the migrators' resident memory (target <= 100 MB).
-Plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate.
+  (e) the migrators' resident memory (target <= 100 MB);
+  (f) with root, a move across pools with real bytes (bench/cross_pool.py): stream throughput against a plain copy
+      of the backing file's data (target >= 0.8), bytes sent per allocated byte (target <= 1.01), the migrator's
+      peak memory while it streams a 4 GiB disk (target <= 100 MB).
+(a)-(e): plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -38,6 +42,7 @@ import grpc
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
+from bench import cross_pool
 from bench.attach import CAP, rss_mb, stats
 from bench.report import percentiles, show
 from dev.stack import Stack, StackOptions, running_stack
@@ -206,6 +211,9 @@ async def run(args: argparse.Namespace) -> None:
     slots = args.migrators * args.concurrency
     with contextlib.ExitStack() as cleanup:
         work = Path(args.workdir or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-migration-")))
+        if args.only_cross_pool:
+            await _cross_pool(work / "f", args)
+            return
         started = time.perf_counter()
         async with bench_stack(work / "a", migrators=args.migrators, concurrency=args.concurrency,
                                rate=args.migration_rate, cap=slots) as bench:
@@ -227,6 +235,15 @@ async def run(args: argparse.Namespace) -> None:
                 await herd(bench, args.herd, size_bytes, rate_bps, limit,
                            f"cap {args.tight_cap} below the worker slots, per-SR limit {args.per_sr_limit}")
                 memory(bench)
+        if args.cross_pool_size and args.cross_pool_size != "0":
+            await _cross_pool(work / "f", args)
+
+
+async def _cross_pool(work: Path, args: argparse.Namespace) -> None:
+    if os.geteuid() != 0:
+        print("\n(f) skipped: a move across pools streams real bytes, which needs root (loop devices)")
+        return
+    await cross_pool.measure(work, parse_size(args.cross_pool_size), args.cross_pool_allocated, seed=1)
 
 
 def main() -> None:
@@ -240,6 +257,10 @@ def main() -> None:
     parser.add_argument("--tight-cap", type=int, default=2, help="per-pool cap of the second (c) run; 0 = skip")
     parser.add_argument("--per-sr-limit", type=int, default=2, help="the migrators' --per-sr-limit in the third (c) "
                         "run (with --tight-cap); 0 = skip")
+    parser.add_argument("--cross-pool-size", default="4GiB", help="virtual size of the disk of (f); 0 = skip (f)")
+    parser.add_argument("--cross-pool-allocated", type=float, default=0.25,
+                        help="fraction of (f)'s 2 MiB blocks holding data (0.25)")
+    parser.add_argument("--only-cross-pool", action="store_true", help="run (f) only")
     parser.add_argument("--workdir", help="keep the stack's logs here (default: a temporary dir, removed)")
     configure_logging("warning")
     asyncio.run(run(parser.parse_args()))

@@ -1,10 +1,13 @@
 """`make demo`: the whole stack on embedded defaults (RabbitMQ with its management UI, Redis, the XO simulator
 in real data mode, a controller, a node plugin per node VM, two migrators), then the seed's story:
 
-create a migrating volume on host A's tagged SR, attach it on host A's node, write data, move the workload
-to host B's node (the disk migrates through the queue), attach, read the data back, show the timeline.
+act one: create a migrating volume on host A's tagged SR, attach it on host A's node, write data, move the
+workload to host B's node (the disk migrates through the queue), attach, read the data back;
+act two: a volume on pool A's shared SR, written on a node of pool A, attached on a node of pool B: the migrator
+streams the disk into pool B's shared SR (XO's REST export and import), a progress bar following the job record;
+then the timeline. Topology: two-pools (each pool: two hosts with local SRs, one shared SR).
 
-    python -m dev.demo [--once] [--size 256MiB] [--migration-rate 64MiB] [--workdir DIR]
+    python -m dev.demo [--once] [--size 256MiB] [--migration-rate 64MiB] [--stream-rate 32MiB] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -24,14 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import redis.asyncio as aioredis
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import placement
 from shared.csi import csi_pb2
+from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobStore
 from shared.logging import configure_logging
 from shared.units import format_size, parse_size
 from shared.xo.models import Vdi
@@ -42,6 +54,11 @@ CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_typ
                                access_mode=csi_pb2.VolumeCapability.AccessMode(
                                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 VOLUME = "pvc-demo"
+DISK = f"csi-{VOLUME}"
+SHARED_VOLUME = "pvc-demo-shared"
+SHARED_DISK = f"csi-{SHARED_VOLUME}"
+# The migrators write a stream's progress into the job record with each heartbeat: every 0.5 s here, for the bar.
+MIGRATOR_ENV = {"MIGRATOR_JOB_HEARTBEAT_S": "0.5"}
 DATA_BYTES = 96 << 20
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -90,9 +107,11 @@ async def show_topology(stack: Stack) -> None:
 
 async def story(stack: Stack, size_bytes: int, rate_bps: int) -> Timeline:
     timeline = Timeline()
-    host_of = {vm["name_label"]: vm["$container"] for vm in await stack.xo.get_objects({"type": "VM"})}
-    pool = (await stack.xo.find_srs(tag="k8s-migrating"))[0].pool_id
+    vms = {vm["name_label"]: vm for vm in await stack.xo.get_objects({"type": "VM"})}
+    host_of = {name: vm["$container"] for name, vm in vms.items()}
+    pool = vms["node-a1"]["$pool"]
     controller = stack.controller
+    console.rule("act one: a volume follows its pod to another host")
     async with timeline.step("CreateVolume pvc-demo (srsWithTag k8s-migrating, migrating: true)",
                              "placement on node-a1's host (WaitForFirstConsumer preferred topology)"):
         created = await controller.CreateVolume(csi_pb2.CreateVolumeRequest(
@@ -101,7 +120,7 @@ async def story(stack: Stack, size_bytes: int, rate_bps: int) -> Timeline:
             accessibility_requirements=csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(
                 segments={"pool": pool, "host": host_of["node-a1"]})])), timeout=60)
     volume_id = created.volume.volume_id
-    console.print(f"  volume [bold]{volume_id}[/] on SR {await _sr_name(stack)}")
+    console.print(f"  volume [bold]{volume_id}[/] on SR {await _sr_name(stack, DISK)}")
     checksum = await attach_write(stack, timeline, volume_id, "node-a1")
     console.print(f"  wrote {format_size(DATA_BYTES)}, sha256 {checksum[:16]}…")
     expected_s = DATA_BYTES / rate_bps
@@ -111,14 +130,71 @@ async def story(stack: Stack, size_bytes: int, rate_bps: int) -> Timeline:
         publish = controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=stack.vm_ids["node-a2"], volume_capability=CAP), timeout=300)
         await with_progress(publish, expected_s, "migrating disk to host-a2's SR")
-    console.print(f"  disk now on SR {await _sr_name(stack)}")
+    console.print(f"  disk now on SR {await _sr_name(stack, DISK)}")
     read_back = await stage_and_read(stack, timeline, volume_id, "node-a2")
     ok = read_back == checksum
     console.print(f"  read back sha256 {read_back[:16]}… [{'green' if ok else 'red'}]"
                   f"{'matches' if ok else 'DIFFERS'}[/]")
     if not ok:
         raise SystemExit("data read back differs from what was written")
+    await act_two(stack, timeline, size_bytes, pool, vms["node-b1"]["$pool"])
     return timeline
+
+
+async def act_two(stack: Stack, timeline: Timeline, size_bytes: int, pool_a: str, pool_b: str) -> None:
+    """A shared-SR volume of pool A attached in pool B: the disk's content is streamed across pools."""
+    console.rule("act two: a volume follows its pod to another pool")
+    async with timeline.step(f"CreateVolume {SHARED_VOLUME} (srsWithTag k8s-shared, migrating: true)",
+                             "on pool A's shared SR; topology: every pool with an SR of the tag"):
+        created = await stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name=SHARED_VOLUME, capacity_range=csi_pb2.CapacityRange(required_bytes=size_bytes),
+            volume_capabilities=[CAP], parameters={"srsWithTag": "k8s-shared", "migrating": "true"},
+            accessibility_requirements=csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(
+                segments={"pool": pool_a})])), timeout=60)
+    volume_id = created.volume.volume_id
+    pools = sorted(dict(t.segments)["pool"] for t in created.volume.accessible_topology)
+    console.print(f"  volume [bold]{volume_id}[/] on SR {await _sr_name(stack, SHARED_DISK)}, accessible from "
+                  f"{len(pools)} pools")
+    checksum = await attach_write(stack, timeline, volume_id, "node-a1")
+    async with timeline.step("ControllerPublishVolume on node-b1 (another pool: a content stream)",
+                             "REST export of pool A's disk -> import into a new disk on NFS B, exact length "
+                             "from the VHD head; then the names swap and the source goes"):
+        publish = stack.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume_id, node_id=stack.vm_ids["node-b1"], volume_capability=CAP), timeout=300)
+        await with_stream_progress(stack, publish, SHARED_DISK)
+    console.print(f"  disk now on SR {await _sr_name(stack, SHARED_DISK)} (pool B)")
+    read_back = await stage_and_read(stack, timeline, volume_id, "node-b1")
+    ok = read_back == checksum
+    console.print(f"  read back on node-b1: sha256 {read_back[:16]}… [{'green' if ok else 'red'}]"
+                  f"{'matches' if ok else 'DIFFERS'}[/]")
+    if not ok:
+        raise SystemExit("data read back in pool B differs from what was written in pool A")
+
+
+async def with_stream_progress(stack: Stack, call: Awaitable[T], disk: str) -> T:
+    """Await ``call`` while a bar shows the stream's progress as the job record in Redis has it (written with
+    every heartbeat of the migrator: what ``xocsi jobs list`` shows)."""
+    assert stack.redis_url is not None
+    task = asyncio.ensure_future(call)
+    redis = aioredis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    jobs = JobStore(redis, stack.options.redis_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
+                    result_ttl_s=DEFAULT_RESULT_TTL_S)
+    columns = (TextColumn("streaming {task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            handle = bar.add_task(disk, total=None)
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                record = await jobs.get(disk)
+                if record is not None and record.progress is not None:
+                    bar.update(handle, total=record.progress.total_bytes, completed=record.progress.done_bytes)
+            record = await jobs.get(disk)
+            if record is not None and record.progress is not None:
+                bar.update(handle, total=record.progress.total_bytes, completed=record.progress.total_bytes)
+    finally:
+        await redis.aclose()
+    return task.result()
 
 
 async def attach_write(stack: Stack, timeline: Timeline, volume_id: str, node: str) -> str:
@@ -178,14 +254,14 @@ async def with_progress(call: Awaitable[T], expected_s: float, label: str) -> T:
     return task.result()
 
 
-async def _sr_name(stack: Stack) -> str:
+async def _sr_name(stack: Stack, disk: str) -> str:
     async def one_disk() -> Vdi:
         # XO's cache shows a rename, and the end of a copy, a moment after the call that made them
-        found = await stack.xo.find_vdis(name_label=f"csi-{VOLUME}")
+        found = await stack.xo.find_vdis(name_label=disk)
         assert len(found) == 1, [vdi.id for vdi in found]  # "not yet" for eventually
         return found[0]
 
-    vdi = await eventually(one_disk, 30, interval_s=0.05, description=f"exactly one VDI csi-{VOLUME} in XO")
+    vdi = await eventually(one_disk, 30, interval_s=0.05, description=f"exactly one VDI {disk} in XO")
     sr = await stack.xo.get_sr(vdi.sr_id)
     return sr.name_label if sr else vdi.sr_id
 
@@ -210,11 +286,14 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     size, rate = parse_size(args.size), parse_size(args.migration_rate)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="xo-csi-demo-"))
-    options = StackOptions(migrators=2, management=True, host_topology=True, log_level="info", metrics=True,
-                           sim_args=("--migration-rate", str(rate)))
+    options = StackOptions(topology="two-pools", migrators=2, management=True, host_topology=True, log_level="info",
+                           metrics=True, sim_args=("--migration-rate", str(rate),
+                                                   "--stream-rate", str(parse_size(args.stream_rate))))
+    os.environ.update(MIGRATOR_ENV)  # the migrators this demo starts inherit it
     started = time.perf_counter()
     _stop_on_signals()
-    with console.status("starting RabbitMQ (management), Redis, the XO simulator, frontends and 2 migrators…"):
+    with console.status("starting RabbitMQ (management), Redis, the XO simulator (two pools), frontends and 2 "
+                        "migrators…"):
         stack_cm = running_stack(work, options)
         stack = await stack_cm.__aenter__()
     try:
@@ -258,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="play the story, stop everything, exit 0")
     parser.add_argument("--size", default="256MiB", help="volume size (default 256MiB)")
     parser.add_argument("--migration-rate", default="64MiB", help="simulated copy rate per second (default 64MiB)")
+    parser.add_argument("--stream-rate", default="32MiB", help="simulated pace of XO's REST exports, act two's "
+                        "content stream (default 32MiB)")
     parser.add_argument("--workdir", help="keep state and logs here (default: a temp dir, removed at the end)")
     args = parser.parse_args(argv)
     configure_logging("warning")

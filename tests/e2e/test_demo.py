@@ -1,4 +1,5 @@
-"""`make demo` runs the seed's story end to end: `python -m dev.demo --once` exits 0."""
+"""`make demo` runs the seed's story end to end, then its second act across pools: `python -m dev.demo --once`
+exits 0."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ async def test_demo_once_plays_the_story_and_cleans_up() -> None:
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=280)
     text = output.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    assert "disk now on SR Local A2" in text, text[-4000:]
+    assert "disk now on SR Local A2" in text, text[-4000:]  # act one: another host, vdi.migrate
+    assert "disk now on SR NFS B (pool B)" in text, text[-4000:]  # act two: another pool, a content stream
+    assert "read back on node-b1" in text and text.count("matches") == 2
     assert "matches" in text and "Timeline" in text and "Where to look" in text
 
 
