@@ -97,6 +97,17 @@ def plain_copy(source: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
+def plain_copies(source: Path, work: Path, runs: int) -> list[float]:
+    """``runs`` plain copies of ``source`` into new files of ``work`` (kept until the last one is done, then
+    removed); the seconds each took."""
+    targets = [work / f"plain-{n}.img" for n in range(runs)]
+    try:
+        return [plain_copy(source, target) for target in targets]
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
 def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
 
@@ -141,10 +152,7 @@ async def _measure(args: argparse.Namespace, work: Path) -> int:
             allocated = allocated_bytes(source)
             print(f"disk: {args.size / 1024**3:.2f} GiB virtual, {written / 1024**3:.3f} GiB of data written, "
                   f"{allocated / 1024**3:.3f} GiB allocated")
-            plain = [await asyncio.to_thread(plain_copy, source, work / f"plain-{n}.img") for n in range(args.runs)]
-            for n in range(args.runs):
-                (work / f"plain-{n}.img").unlink()
-            plain_s = statistics.median(plain)
+            plain_s = statistics.median(await asyncio.to_thread(plain_copies, source, work, args.runs))
             print(f"plain copy: {allocated / plain_s / 1024**2:.0f} MiB/s (median of {args.runs}: {plain_s:.2f} s)")
             for fmt in args.formats:
                 runs = []
