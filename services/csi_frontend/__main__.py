@@ -70,9 +70,10 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def messaging_settings() -> tuple[RabbitSettings, RedisSettings] | None:
-    """RabbitMQ and Redis settings when both AMQP_URL and REDIS_URL are set (migrations on), else None."""
+    """RabbitMQ and Redis settings when both AMQP_URL and REDIS_URL (or REDIS_SENTINELS) are set (migrations on),
+    else None."""
     rabbit, redis = RabbitSettings(), RedisSettings()
-    if "amqp_url" not in rabbit.model_fields_set or "redis_url" not in redis.model_fields_set:
+    if "amqp_url" not in rabbit.model_fields_set or not redis.configured:
         return None
     return rabbit, redis
 

@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from services.xocsi import render
 from shared import broker, messages
+from shared.backends import redis_client
 from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
@@ -61,17 +61,13 @@ class _Backends:
     @asynccontextmanager
     async def redis(self) -> AsyncIterator[JobStore]:
         settings = self.settings
-        client = aioredis.Redis.from_url(settings.redis.redis_url.get_secret_value(), socket_timeout=settings.timeout_s,
-                                         socket_connect_timeout=settings.timeout_s)
-        try:
+        async with redis_client(settings.redis, timeout_s=settings.timeout_s) as client:
             yield JobStore(client, settings.redis.key_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
                            result_ttl_s=DEFAULT_RESULT_TTL_S)
-        finally:
-            await client.aclose()
 
     @asynccontextmanager
     async def rabbit(self) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractChannel]]:
-        connection = await broker.connect(self.settings.rabbit.amqp_url.get_secret_value(), name="xocsi-jobs",
+        connection = await broker.connect(self.settings.rabbit.amqp_urls, name="xocsi-jobs",
                                           timeout_s=self.settings.timeout_s)
         try:
             channel = await connection.channel()
