@@ -106,11 +106,11 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _options(parser: argparse.ArgumentParser, *, redis: bool, amqp: bool) -> None:
     group = parser.add_argument_group("backends")
     if redis:
-        group.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
+        group.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, or Redis through $REDIS_SENTINELS)")
         group.add_argument("--redis-key-prefix", help="prefix of the project's Redis keys (default: "
                            "$REDIS_KEY_PREFIX, else xocsi:)")
     if amqp:
-        group.add_argument("--amqp-url", help="AMQP URL (default: $AMQP_URL)")
+        group.add_argument("--amqp-url", help="AMQP URL, or a cluster's URLs comma-separated (default: $AMQP_URL)")
     # Also accepted after the subcommand, without overriding values given before it (as for the gRPC commands).
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     parser.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
