@@ -101,15 +101,6 @@ def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-async def create_vdi(rest: XoRest, sr_id: str, size: int, name: str) -> str:
-    """POST a VDI and wait until XO shows it (a new VDI is 404 until XO's cache has it)."""
-    vdi_id = await rest.create_vdi(sr_id, size, name)
-    async with asyncio.timeout(30):
-        while await rest.get_vdi(vdi_id) is None:
-            await asyncio.sleep(0.02)  # polling XO for the VDI (the recipe's step 3), not synchronisation
-    return vdi_id
-
-
 async def measure_stream(xo_url: str, src: str, dst: str, fmt: str) -> StreamFigures:
     """Run one stream_copy in a child process (so its peak RSS is its own) and return its figures."""
     env = {**os.environ, "XOA_URL": xo_url, "XOA_TOKEN": TOKEN}
@@ -144,7 +135,7 @@ async def _measure(args: argparse.Namespace, work: Path) -> int:
     sim_args = ("--backing-dir", str(backing), "--device-root", str(work / "dev"), "--log-level", "warning")
     async with simulator_process(work / "logs", *sim_args) as (_, url):
         async with XoRest.from_settings(XoSettings(url=url, token=SecretStr(TOKEN))) as rest:
-            src = await create_vdi(rest, SR_A, args.size, "bench-source")
+            src = await rest.create_vdi(SR_A, args.size, "bench-source")
             source = backing / SR_A / f"{src}.img"
             written = await asyncio.to_thread(fill_sparse, source, args.size, args.allocated, args.seed)
             allocated = allocated_bytes(source)
@@ -158,7 +149,7 @@ async def _measure(args: argparse.Namespace, work: Path) -> int:
             for fmt in args.formats:
                 runs = []
                 for n in range(args.runs):
-                    dst = await create_vdi(rest, SR_B, args.size, f"bench-{fmt}-{n}")
+                    dst = await rest.create_vdi(SR_B, args.size, f"bench-{fmt}-{n}")
                     runs.append(await measure_stream(url, src, dst, fmt))
                     await rest.delete_vdi(dst)
                 show(fmt, runs, allocated, plain_s)

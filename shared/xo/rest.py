@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 from pydantic import ValidationError
 
+from shared.backoff import Backoff
 from shared.config import XoSettings
 from shared.logging import get_logger
 from shared.xo.errors import XoError, XoNotFound, XoUnavailable, from_rest_error
@@ -47,9 +48,10 @@ def rest_url(base_url: str) -> str:
 class XoRest:
     """XO REST calls on one httpx.AsyncClient. Use ``async with`` or call ``close()``."""
 
-    def __init__(self, http: httpx.AsyncClient, *, timeout_s: float) -> None:
+    def __init__(self, http: httpx.AsyncClient, *, timeout_s: float, settle_timeout_s: float = 30.0) -> None:
         self._http = http
         self._timeout_s = timeout_s
+        self._settle_timeout_s = settle_timeout_s
 
     @classmethod
     def from_settings(cls, settings: XoSettings, *, idle_timeout_s: float | None = None,
@@ -70,7 +72,7 @@ class XoRest:
             verify=tls_context(settings.ca_file, settings.insecure), follow_redirects=False,
             timeout=httpx.Timeout(idle_s, connect=settings.connect_timeout_s, pool=settings.connect_timeout_s),
             headers={"Accept": "application/json"})
-        return cls(http, timeout_s=settings.timeout_s)
+        return cls(http, timeout_s=settings.timeout_s, settle_timeout_s=settings.settle_timeout_s)
 
     def __repr__(self) -> str:
         return f"XoRest(base_url={str(self._http.base_url)!r})"
@@ -87,16 +89,28 @@ class XoRest:
 
     # -- objects ---------------------------------------------------------------------------------------------
     async def create_vdi(self, sr_id: str, size_bytes: int, name_label: str, description: str = "") -> str:
-        """``POST /vdis``: a new empty VDI on ``sr_id``; returns its id. Not idempotent (look up by name first).
+        """``POST /vdis``: a new empty VDI on ``sr_id``; returns its id once XO's cache shows it. Not idempotent
+        (look up by name first).
 
-        XO answers before its cache shows the VDI: until ``get_vdi`` finds it, other REST calls on it are 404.
+        XO answers before its cache shows the VDI, and until then every REST call on it is 404: this polls
+        ``GET /vdis/{id}`` on a capped backoff (the recipe's step 3) and raises XoUnavailable when the VDI does not
+        show within ``settle_timeout_s`` (it exists: a retry that looks up by name finds it).
         """
         body = {"srId": sr_id, "virtual_size": size_bytes, "name_label": name_label, "name_description": description}
         answer = await self._json("POST", "/vdis", f"VDI creation on SR {sr_id}", body=body, expect=201)
         vdi_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(vdi_id, str) or not vdi_id:
             raise XoError(f"XO answered the VDI creation on SR {sr_id} without an id", method="POST /vdis")
-        return vdi_id
+        try:
+            async with asyncio.timeout(self._settle_timeout_s):
+                for delay_s in Backoff(start_s=0.05, cap_s=1.0, jitter=False).delays():
+                    if await self.get_vdi(vdi_id) is not None:
+                        return vdi_id
+                    await asyncio.sleep(delay_s)  # polling XO's cache (REST has no notifications), not synchronisation
+        except TimeoutError as exc:
+            raise XoUnavailable(f"XO created VDI {vdi_id} but its cache has not shown it {self._settle_timeout_s:g}s "
+                                "later; retry", method="POST /vdis") from exc
+        raise AssertionError("unreachable: the delays never end")
 
     async def get_vdi(self, vdi_id: str) -> Vdi | None:
         """``GET /vdis/{id}``; None when XO answers 404, which means XO's cache does not show it (it may still

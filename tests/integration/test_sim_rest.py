@@ -12,16 +12,21 @@ import httpx
 import pytest
 
 from services.xo_simulator.server import SimulatorHandle
+from services.xo_simulator.topology import derived_id
 from shared import vhd
 from shared.config import XoSettings
 from shared.vhd_stream import ByteReader, iter_blocks, read_head
 from shared.xo.errors import XoAuthError, XoBusy, XoNotFound, XoVdiInUse
 from shared.xo.rest import XoRest
 from shared.xo.streaming import Progress, stream_copy
-from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, VM_A1, MiB, client, eventually, running
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, VM_A1, MiB, cached, client, eventually, running, uncached
 
 pytestmark = pytest.mark.integration
 XAPI_INFO = "This is a XenServer/XCP-ng error, not an XO error"
+THICK_TOPOLOGY = {"tokens": [TOKEN], "pools": [{"name_label": "Pool A", "hosts": [{
+    "name_label": "host-a1", "srs": [{"name_label": "Local A1", "size": "100GiB"},
+                                     {"name_label": "lvm", "size": "100GiB", "SR_type": "lvm"}]}]}]}
+THICK_SR = derived_id("sr", "Pool A", "host-a1", "lvm")
 NO_LENGTH = "Trying to import a VDI without a length field. Please report this error to the Xen Orchestra team."
 
 
@@ -34,10 +39,13 @@ def _basic(pair: str, scheme: str = "Basic") -> dict[str, str]:
 
 
 async def _create(sim: SimulatorHandle, size: int = 64 * MiB, sr: str = SR_LOCAL_A1, **extra: Any) -> str:
+    """POST a VDI and wait until XO's cache shows it: REST ``POST /vdis`` answers before (routes 404 until then)."""
     async with _http(sim, cookies={"authenticationToken": TOKEN}) as http:
         answer = await http.post("/vdis", json={"srId": sr, "virtual_size": size, **extra})
     assert answer.status_code == 201, answer.text
-    return str(answer.json()["id"])
+    vdi_id = str(answer.json()["id"])
+    await cached(sim, vdi_id)
+    return vdi_id
 
 
 @pytest.mark.parametrize(("options", "status"), [
@@ -94,10 +102,11 @@ async def test_post_creates_the_vdi_through_xapi_with_its_accounting() -> None:
     ({"srId": SR_LOCAL_A1, "virtual_size": -1}, 422, "invalid parameters"),
     ({"srId": SR_LOCAL_A1, "virtual_size": 1, "tags": [1]}, 422, "invalid parameters"),
     ({"srId": "nope", "virtual_size": MiB}, 404, "no such SR nope"),
-    ({"srId": SR_LOCAL_A1, "virtual_size": 1024**4}, 500, "SR_BACKEND_FAILURE_44(, There is insufficient space, )"),
+    ({"srId": THICK_SR, "virtual_size": 1024**4}, 500, "SR_BACKEND_FAILURE_44(, There is insufficient space, )"),
 ])
 async def test_post_refusals(body: dict[str, Any], status: int, error: str) -> None:
-    async with running() as sim, _http(sim, cookies={"authenticationToken": TOKEN}) as http:
+    # The thick (lvm) SR refuses what does not fit; thin SRs (ext, nfs) may be overcommitted, as on XCP-ng.
+    async with running(THICK_TOPOLOGY) as sim, _http(sim, cookies={"authenticationToken": TOKEN}) as http:
         vdis_before = len(list(sim.state.of_type("VDI")))
         answer = await http.post("/vdis", json=body)
         assert len(list(sim.state.of_type("VDI"))) == vdis_before
@@ -118,6 +127,7 @@ async def test_delete_destroys_and_refuses_an_attached_vdi() -> None:
         usage = sim.state.get(SR_LOCAL_A1)["usage"]
         await rpc.call("vm.attachDisk", {"vm": VM_A1, "vdi": attached})
         assert (await http.delete(f"/vdis/{free}")).status_code == 204
+        await uncached(sim, free)  # REST DELETE answers before XO's cache drops the VDI
         assert (await http.get(f"/vdis/{free}")).status_code == 404
         assert sim.state.get(SR_LOCAL_A1)["usage"] == usage - 64 * MiB
         refused = await http.delete(f"/vdis/{attached}")
@@ -206,7 +216,7 @@ async def test_a_vdi_is_busy_while_exported_and_free_once_the_client_lets_go() -
 async def test_the_client_against_the_simulator() -> None:
     async with running() as sim, client(sim) as rpc:
         async with XoRest.from_settings(XoSettings(url=sim.url, token=TOKEN)) as rest:
-            vdi_id = await rest.create_vdi(SR_LOCAL_A1, 8 * MiB, "from-rest", "described")
+            vdi_id = await rest.create_vdi(SR_LOCAL_A1, 8 * MiB, "from-rest", "described")  # once XO shows it
             vdi = await rest.get_vdi(vdi_id)
             assert vdi is not None and (vdi.name_label, vdi.name_description, vdi.size, vdi.sr_id) == (
                 "from-rest", "described", 8 * MiB, SR_LOCAL_A1)

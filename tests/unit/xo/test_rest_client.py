@@ -91,16 +91,20 @@ async def test_a_password_goes_in_basic_auth_only() -> None:
     assert "cookie" not in seen[0].headers
 
 
-async def test_create_vdi_posts_xo_fields_and_returns_the_id() -> None:
+async def test_create_vdi_posts_xo_fields_and_returns_the_id_once_xo_shows_it() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(201, json={"id": VDI}, headers={"Location": f"/rest/v0/vdis/{VDI}"})
+        if request.method == "POST":
+            return httpx.Response(201, json={"id": VDI}, headers={"Location": f"/rest/v0/vdis/{VDI}"})
+        if len(seen) < 4:  # XO's cache shows the new VDI only after a while: 404 meanwhile
+            return httpx.Response(404, json={"error": f"no such VDI {VDI}", "data": {"id": VDI, "type": "VDI"}})
+        return httpx.Response(200, json={"id": VDI, "type": "VDI", "$SR": SR, "size": 8 * 1024**3})
 
     async with _rest(handler) as rest:
         assert await rest.create_vdi(SR, 8 * 1024**3, "csi-tmp", "csi:info: {}") == VDI
-    assert (seen[0].method, seen[0].url.path) == ("POST", "/rest/v0/vdis")
+    assert [(r.method, r.url.path) for r in seen] == [("POST", "/rest/v0/vdis")] + [("GET", f"/rest/v0/vdis/{VDI}")] * 3
     assert json.loads(seen[0].content) == {"srId": SR, "virtual_size": 8 * 1024**3, "name_label": "csi-tmp",
                                            "name_description": "csi:info: {}"}
 
