@@ -21,12 +21,12 @@ from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import broker, messages
 from tests.support.brokers import RedisEndpoint
-from tests.support.e2e import copying, vhost_of
+from tests.support.e2e import copying, sim_stats, vhost_of
 from tests.support.ha import each_moved_exactly_once, publish_all, volumes_on_a1
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e, pytest.mark.timeout(240)]
 
-MIGRATION_RATE = "32MiB"  # a 64 MiB disk copies in 2 s
+MIGRATION_RATE = "16MiB"  # a 64 MiB disk copies in 4 s: a wide window with copies running and jobs waiting
 VOLUMES = 8  # two migrators with two slots each: four copies at once, four jobs waiting
 QUEUES = (messages.JOBS_QUEUE, messages.DEAD_LETTER_QUEUE)
 # Short heartbeats, so that a job whose worker lost its broker is noticed in seconds (as in the fault tests).
@@ -90,11 +90,12 @@ async def test_a_node_killed_with_jobs_queued_and_running_loses_none_and_runs_no
     async with _stack(tmp_path, cluster_vhost, redis_server, redis_prefix) as stack:  # AMQP_URL: node 0 first
         volumes = await volumes_on_a1(stack, "ha-rmq", VOLUMES)
         publishing = publish_all(stack, volumes)
-        await copying(stack, at_least=4)
+        await copying(stack)
 
-        async def queued() -> bool:
-            return await _ready(cluster_vhost, messages.JOBS_QUEUE) > 0
-        await eventually(queued, 30, 0.1, description="jobs waiting in the queue")
+        async def running_and_waiting() -> bool:
+            return (int((await sim_stats(stack))["active_migrations"]) > 0
+                    and await _ready(cluster_vhost, messages.JOBS_QUEUE) > 0)
+        await eventually(running_and_waiting, 60, 0.1, description="copies running and jobs waiting in the queue")
         await asyncio.to_thread(rabbit_cluster.kill, 0)  # the queue's leader, and every service's connection
 
         async with asyncio.timeout(180):
