@@ -38,6 +38,8 @@ from dev.brokers import (
 )
 
 SENTINEL_MASTER = "xocsi"
+# The management API under load (a 2-core machine, nodes booting): a vhost starts on every node before it answers.
+API_TIMEOUT_S = 60.0
 
 
 class LocalRabbitCluster:
@@ -125,21 +127,21 @@ class LocalRabbitCluster:
 
     def running_nodes(self, via: int) -> list[str]:
         """Names of the nodes the management API of node ``via`` reports running."""
-        with management_client(self.endpoint(via)) as http:
+        with management_client(self.endpoint(via), API_TIMEOUT_S) as http:
             response = http.get("/api/nodes")
             response.raise_for_status()
             return sorted(node["name"] for node in response.json() if node.get("running"))
 
     def queue(self, vhost: str, name: str, via: int) -> dict[str, object]:
         """The management API's view of a queue (for a quorum queue: ``members``, ``leader``, ``online``)."""
-        with management_client(self.endpoint(via)) as http:
+        with management_client(self.endpoint(via), API_TIMEOUT_S) as http:
             response = http.get(f"/api/queues/{quote(vhost, safe='')}/{quote(name, safe='')}")
             response.raise_for_status()
             return dict(response.json())
 
     def connections(self, vhost: str, via: int) -> dict[str, str]:
         """Client connection name -> node, of the connections to ``vhost`` the cluster lists."""
-        with management_client(self.endpoint(via)) as http:
+        with management_client(self.endpoint(via), API_TIMEOUT_S) as http:
             response = http.get(f"/api/vhosts/{quote(vhost, safe='')}/connections")
             response.raise_for_status()
             return {c.get("client_properties", {}).get("connection_name", c["name"]): c["node"]
@@ -154,7 +156,7 @@ def temporary_cluster_vhost(cluster: LocalRabbitCluster, vhost: str) -> Iterator
     """``vhost`` created on the cluster (through node 0) with the guest user's permissions; yields AMQP_URL over
     every node; deleted afterwards (through any node still answering)."""
     path = quote(vhost, safe="")
-    with management_client(cluster.endpoint(0)) as http:
+    with management_client(cluster.endpoint(0), timeout_s=API_TIMEOUT_S) as http:
         http.put(f"/api/vhosts/{path}").raise_for_status()
         http.put(f"/api/permissions/{path}/guest",
                  json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
@@ -162,7 +164,7 @@ def temporary_cluster_vhost(cluster: LocalRabbitCluster, vhost: str) -> Iterator
         yield cluster.amqp_url(vhost)
     finally:
         for node in cluster.nodes:
-            with contextlib.suppress(httpx.HTTPError), management_client(node.endpoint) as http:
+            with contextlib.suppress(httpx.HTTPError), management_client(node.endpoint, API_TIMEOUT_S) as http:
                 if http.delete(f"/api/vhosts/{path}").status_code in (204, 404):
                     break
 
@@ -224,7 +226,7 @@ class LocalRedisSentinel:
         if self._info(self.replica.endpoint, "replication").get("master_link_status") != "up":
             return False
         for watcher in self.watchers:
-            with redis.Redis(port=watcher.port, socket_timeout=2, decode_responses=True) as client:
+            with redis.Redis(port=watcher.port, socket_timeout=5, decode_responses=True) as client:
                 state = client.sentinel_master(SENTINEL_MASTER)
             if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < len(self.watchers) - 1:
                 return False
@@ -232,12 +234,12 @@ class LocalRedisSentinel:
 
     @staticmethod
     def _info(endpoint: RedisEndpoint, section: str) -> dict[str, object]:
-        with redis.Redis(host=endpoint.host, port=endpoint.port, socket_timeout=2, decode_responses=True) as client:
+        with redis.Redis(host=endpoint.host, port=endpoint.port, socket_timeout=5, decode_responses=True) as client:
             return dict(client.info(section))
 
     def master_address(self) -> tuple[str, int]:
         """Where the sentinels say the primary is now."""
-        with redis.Redis(port=self.watchers[0].port, socket_timeout=2, decode_responses=True) as client:
+        with redis.Redis(port=self.watchers[0].port, socket_timeout=5, decode_responses=True) as client:
             host, port = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
         return str(host), int(port)
 
@@ -259,7 +261,7 @@ class LocalRedisSentinel:
         paused (``resume`` it), then the primary drops its replication link, which the paused replica cannot
         re-open. (A pause alone is not enough: the stream keeps arriving in its socket buffer, read on resume.)"""
         self.pause(self.replica)
-        with redis.Redis(port=self.primary.endpoint.port, socket_timeout=2) as client:
+        with redis.Redis(port=self.primary.endpoint.port, socket_timeout=5) as client:
             client.client_kill_filter(_type="replica")
 
     def resume(self, server: LocalRedis) -> None:

@@ -14,8 +14,9 @@ connection) and changes only where each attempt goes. aio-pika reports both a lo
 connection attempt through ``_on_connection_close``, and reads ``url`` afresh at every attempt; moving ``url``
 to the next address there makes the reconnect loop cycle through the list. The loop's pause
 (``reconnect_interval``) applies after a whole round of failed addresses; within a round the next address is
-tried at once. The first ``connect()`` fails only once every address has failed (aio-pika's fail-fast, over
-the list). tests/integration/test_amqp_failover.py pins this behaviour against a real broker.
+tried at once. (aio-pika also pauses that long after a successful connect, so a connection lost sooner is
+re-made once the pause is over.) The first ``connect()`` fails only once every address has failed (aio-pika's
+fail-fast, over the list). tests/integration/test_amqp_failover.py pins this behaviour against a real broker.
 """
 
 from __future__ import annotations
