@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dev.stack import Stack, StackOptions, running_stack
+from shared import placement
 from shared.csi import csi_pb2
 from shared.logging import configure_logging
 from shared.units import format_size, parse_size
@@ -76,10 +77,10 @@ async def show_topology(stack: Stack) -> None:
         vm_names = ", ".join(vm["name_label"] for vm in vms if vm.get("$container") == host["id"])
         for sr in local:
             table.add_row(pools.get(host["$pool"], "?"), host["name_label"], sr.name_label, ",".join(sr.tags),
-                          format_size(sr.free_bytes), vm_names)
+                          format_size(placement.free_bytes(sr)), vm_names)
     for sr in (sr for sr in srs if sr.shared):
         table.add_row(pools.get(sr.pool_id, "?"), "(shared)", sr.name_label, ",".join(sr.tags),
-                      format_size(sr.free_bytes), "")
+                      format_size(placement.free_bytes(sr)), "")
     console.print(table)
 
 

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from dev.stack import Stack
+from dev.wait import eventually
 
 KINDS = ("kill_migrator", "kill_controller", "kill_node", "rabbitmq_restart", "redis_restart", "xo_errors",
-         "xo_latency", "xo_drop_socket")
+         "xo_latency", "xo_drop_socket", "pool_disconnect")
 _XO_ERRORS = (
     {"method": "vdi.migrate", "xapi": "TOO_MANY_STORAGE_MIGRATES", "count": 2},
     {"method": "vdi.migrate", "xapi": "OTHER_OPERATION_IN_PROGRESS", "xapi_params": ["VDI", "OpaqueRef:x"],
@@ -85,3 +86,17 @@ class Schedule:
     async def xo_drop_socket(self) -> None:
         rule = {"kind": "drop_socket", "method": self.rng.choice(_DROP_METHODS), "count": 1}
         (await self.admin.post("/_sim/faults", json=rule)).raise_for_status()
+
+    async def pool_disconnect(self) -> None:
+        """XO loses the soak's pool for half an interval (every object leaves its cache; calls on them answer "no
+        such object"), then the pool returns; returns once it has."""
+        (pool,) = [p["id"] for p in await self.stack.xo.get_objects({"type": "pool"})]
+        rule = {"kind": "pool_disconnect", "pool": pool, "duration_s": self.interval_s / 2}
+        (await self.admin.post("/_sim/faults", json=rule)).raise_for_status()
+
+        async def back() -> bool:
+            answer = await self.admin.get("/_sim/faults")
+            answer.raise_for_status()
+            return not answer.json()["disconnected_pools"]
+
+        await eventually(back, self.interval_s * 2, 0.1, description="the pool back in XO")

@@ -32,9 +32,12 @@ def _disk(name: str) -> str:
     return f"csi-{name}"
 
 
-async def check_during(stack: Stack, volumes: Sequence[_Volume], report: _Report) -> None:
-    """At any time: no volume has more than two VDIs (a copy in flight), and no VDI is foreign to the soak."""
-    names = Counter(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"}))
+async def check_during(stack: Stack, volumes: Sequence[_Volume], report: _Report,
+                       preexisting: frozenset[str] = frozenset()) -> None:
+    """At any time: no volume has more than two VDIs (a copy in flight), and no VDI is foreign to the soak (but
+    the ``preexisting`` ones, by id: the node VMs' system disks)."""
+    names = Counter(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"})
+                    if v["id"] not in preexisting)
     known = {_disk(v.name) for v in volumes}
     for name, count in names.items():
         if name in known and count > 2:
@@ -43,11 +46,12 @@ async def check_during(stack: Stack, volumes: Sequence[_Volume], report: _Report
             report.violations.append(f"after a fault: unexpected VDI {name}")
 
 
-async def check_final(stack: Stack, volumes: Sequence[_Volume], host_of: dict[str, str], report: _Report) -> None:
+async def check_final(stack: Stack, volumes: Sequence[_Volume], host_of: dict[str, str], report: _Report,
+                      preexisting: frozenset[str] = frozenset()) -> None:
     """Everything, once the workload and faults have stopped and the system settled."""
     checks = {
         "one_vdi_per_volume_on_a_usable_sr": _volumes_in_place(stack, volumes, host_of),
-        "no_orphan_or_temporary_vdi": _no_orphans(stack, volumes),
+        "no_orphan_or_temporary_vdi": _no_orphans(stack, volumes, preexisting),
         "queues_drained": _queues(stack, report),
         "no_lock_or_job_record_in_redis": _redis_clean(stack),
         "no_process_died_unexpectedly": _processes_alive(stack),
@@ -77,9 +81,10 @@ async def _volumes_in_place(stack: Stack, volumes: Sequence[_Volume], host_of: d
     assert not problems, "; ".join(problems)
 
 
-async def _no_orphans(stack: Stack, volumes: Sequence[_Volume]) -> None:
+async def _no_orphans(stack: Stack, volumes: Sequence[_Volume], preexisting: frozenset[str]) -> None:
     known = {_disk(v.name) for v in volumes}
-    extra = sorted(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"}) if v["name_label"] not in known)
+    extra = sorted(v["name_label"] for v in await stack.xo.get_objects({"type": "VDI"})
+                   if v["name_label"] not in known and v["id"] not in preexisting)
     assert not extra, f"VDIs outside the soak's volumes: {extra}"
 
 

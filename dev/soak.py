@@ -135,6 +135,8 @@ class Workload:
         """Whether the disk's SR is unusable from the node's host, read from XO before the publish."""
         async def read() -> bool:
             vdis = await self.stack.xo.find_vdis(name_label=f"csi-{volume.name}")
+            if len(vdis) != 1:  # while XO has lost the pool the disk is invisible, not gone: retried
+                await self.stack.xo.check_view_complete(f"disk csi-{volume.name}")
             sr = await self.stack.xo.get_sr(vdis[0].sr_id) if len(vdis) == 1 else None
             return sr is not None and sr.container != self.host_of[node]
 
@@ -218,6 +220,8 @@ async def run(args: argparse.Namespace) -> int:
     os.environ.update({"MIGRATOR_JOB_RESULT_TTL_S": "3", "CSI_JOB_RESULT_TTL_S": "3"})
     async with running_stack(work, options) as stack:
         vms = await stack.xo.get_objects({"type": "VM"})
+        # the node VMs' system disks: there before the soak, not its business
+        preexisting = frozenset(str(v["id"]) for v in await stack.xo.get_objects({"type": "VDI"}))
         volumes = await create_volumes(stack, args.volumes, report)
         workload = Workload(stack, volumes, report, short_deadline_rate=0.2)
         workload.host_of = {vm["name_label"]: vm["$container"] for vm in vms}
@@ -230,12 +234,12 @@ async def run(args: argparse.Namespace) -> int:
                 for _ in range(args.workers):
                     group.create_task(workload.worker(random.Random(rng.random()), stop))
                 fault_task = group.create_task(schedule.run(stop, after_each=lambda: xo_retrying(
-                    lambda: check_during(stack, volumes, report))))
+                    lambda: check_during(stack, volumes, report, preexisting))))
                 await asyncio.sleep(parse_duration_s(args.duration))  # the soak's duration
                 stop.set()
                 await fault_task
             await schedule.clear()
-        await check_final(stack, volumes, workload.host_of, report)
+        await check_final(stack, volumes, workload.host_of, report, preexisting)
         migrations = sum((await admin_stats(stack)).get("migrations", {}).values())
         report.invariants["each_migrating_attach_migrated_exactly_once"] = migrations == workload.expected_migrations
         if migrations != workload.expected_migrations:

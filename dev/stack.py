@@ -111,15 +111,16 @@ class Stack:
         port = self.metrics_ports.setdefault(name, pick_free_port(frozenset(self.metrics_ports.values())))
         return ["--metrics-port", str(port)]
 
-    async def start_controller(self) -> ServiceProcess:
-        """The controller frontend; with ``options.all_in_one`` a frontend in mode all, also that VM's node plugin."""
+    async def start_controller(self, name: str = "controller", socket: Path | None = None) -> ServiceProcess:
+        """The controller frontend; with ``options.all_in_one`` a frontend in mode all, also that VM's node plugin.
+        Another ``name`` and ``socket`` start one more replica (a leader handover: two act at once)."""
         mode = ["--mode", "controller"]
-        if self.options.all_in_one is not None:
+        if self.options.all_in_one is not None and name == "controller":
             mode = ["--mode", "all", *self._node_args(self.options.all_in_one)]
         args = [*mode, *(["--host-topology"] if self.options.host_topology else []),
-                *self._metrics_args("controller"), *self.options.controller_args]
-        proc = await self._frontend("controller", self.controller_socket, *args)
-        self.processes["controller"] = proc
+                *self._metrics_args(name), *self.options.controller_args]
+        proc = await self._frontend(name, socket or self.controller_socket, *args)
+        self.processes[name] = proc
         return proc
 
     async def start_migrator(self, name: str) -> ServiceProcess:

@@ -4,8 +4,6 @@ confirming publisher, all closed by the caller's exit stack."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -18,36 +16,29 @@ from shared import broker
 from shared.config import RabbitSettings, RedisSettings
 
 
-@contextlib.asynccontextmanager
-async def redis_client(settings: RedisSettings, *, timeout_s: float | None = None) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client for ``settings``, closed on exit; every socket bounded by ``timeout_s`` (default the
-    settings' ``socket_timeout_s``).
+def redis_client(stack: AsyncExitStack, settings: RedisSettings, *, timeout_s: float | None = None) -> aioredis.Redis:
+    """A Redis client for ``settings`` (no I/O yet), closed when ``stack`` closes; every socket bounded by
+    ``timeout_s`` (default the settings' ``socket_timeout_s``).
 
     With REDIS_SENTINELS, the client asks the sentinels for the primary of REDIS_SENTINEL_MASTER at each new
     connection, and drops its connections when the sentinels name another primary or the server it reaches
     answers as a replica (redis-py's SentinelConnectionPool): after a failover, commands go to the promoted
-    replica. Writes the old primary had not replicated yet are lost with it (docs/migrations.md, "Redis
+    replica. Writes the old primary had not replicated yet are lost with it (docs/migrations.md, "Broker
     failover")."""
     timeout = settings.socket_timeout_s if timeout_s is None else timeout_s
     sockets: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if not settings.uses_sentinel:
         client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **sockets)
-        try:
-            yield client
-        finally:
-            await client.aclose()
-        return
+        stack.push_async_callback(client.aclose)
+        return client
     sentinel_kwargs = {**sockets, "password": _secret(settings.sentinel_password)}
     sentinel = Sentinel(settings.sentinel_addresses(), sentinel_kwargs=sentinel_kwargs,  # type: ignore[no-untyped-call]
                         **sockets)
-    primary = sentinel.master_for(settings.sentinel_master, password=_secret(settings.password), db=settings.db)
-    try:
-        yield primary
-    finally:
-        try:
-            await primary.aclose()
-        finally:
-            await sentinel.aclose()
+    stack.push_async_callback(sentinel.aclose)
+    primary: aioredis.Redis = sentinel.master_for(settings.sentinel_master, password=_secret(settings.password),
+                                                  db=settings.db)
+    stack.push_async_callback(primary.aclose)  # closed first (last in, first out), then the sentinels' clients
+    return primary
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -57,7 +48,7 @@ def _secret(value: SecretStr | None) -> str | None:
 async def open_messaging(stack: AsyncExitStack, rabbit: RabbitSettings, redis_settings: RedisSettings, *,
                          name: str) -> tuple[aioredis.Redis, AbstractRobustConnection, broker.Publisher]:
     """(redis client, RabbitMQ connection named ``name``, publisher); each is closed when ``stack`` closes."""
-    redis = await stack.enter_async_context(redis_client(redis_settings))
+    redis = redis_client(stack, redis_settings)
     connection = await broker.connect(rabbit.amqp_urls, name=name, timeout_s=rabbit.connect_timeout_s)
     stack.push_async_callback(connection.close)
     publisher = broker.Publisher(connection, timeout_s=rabbit.publish_timeout_s)

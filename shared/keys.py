@@ -6,6 +6,7 @@ shared/messages.py.
     <prefix>job:disk:<disk>         the disk's migration job record (shared/jobs.py)
     <prefix>slots:sr:<sr>           leases on an SR's migration slots (shared/locks.py SrSlots)
     <prefix>slots:sr:<sr>:freed     the doorbell a release of one of those slots rings
+    <prefix>lease:<task>            which controller replica runs a singleton task (shared/locks.py Lease)
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def sr_slots_key(prefix: str, sr_id: str) -> str:
 def sr_doorbell_key(prefix: str, sr_id: str) -> str:
     """List a release of a slot on the SR pushes to, so that a waiter (BLPOP) tries again at once."""
     return f"{prefix}slots:sr:{sr_id}:freed"
+
+
+def lease_key(prefix: str, task: str) -> str:
+    """The lease naming the one controller replica that runs ``task`` (e.g. ``temp-cleanup``)."""
+    return f"{prefix}lease:{task}"
 
 
 def disk_job_pattern(prefix: str) -> str:

@@ -1,4 +1,4 @@
-"""Redis lock per disk name and per-SR migration slots (key names from shared/keys.py).
+"""Redis lock per disk name, per-SR migration slots and singleton-task leases (key names from shared/keys.py).
 
 Both are efficiency measures (one worker drives XO for a disk at a time; at most N copies touch an SR at once);
 correctness also rests on re-reading XO before acting. Every hold has a TTL (lease), is extended by a heartbeat
@@ -19,7 +19,7 @@ from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, OperationPending
-from shared.keys import disk_lock_key, sr_doorbell_key, sr_slots_key
+from shared.keys import disk_lock_key, lease_key, sr_doorbell_key, sr_slots_key
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -319,3 +319,52 @@ async def _keeping_cancellation(call: Awaitable[T]) -> T:
     if task is not None and task.cancelling() > cancels:
         raise asyncio.CancelledError()
     return reply
+
+
+# KEYS: the lease. ARGV: holder token, ttl ms. Takes a free lease or renews our own; 1 when we hold it now.
+_HOLD_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: the lease. ARGV: holder token. Drops it only when it is ours.
+_DROP_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Lease:
+    """Which replica runs a singleton task (the controller's temporary-disk cleanup): ``renew()`` before each
+    round takes the lease when it is free or renews it when it is ours, for ``ttl_s``; True means "run the round".
+
+    A holder that stops renewing (crashed, cut off) loses the lease ``ttl_s`` after its last renewal, and another
+    replica takes it at its next round. An efficiency and safety-in-depth measure: the task itself re-reads XO
+    under the volume's lock before any change. Redis errors become BackendUnavailable (skip the round).
+    """
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, task: str, *, ttl_s: float, holder: str) -> None:
+        self.key = lease_key(prefix, task)
+        self.token = f"{holder}:{uuid.uuid4().hex}"
+        self._redis = redis
+        self._ttl_ms = max(int(ttl_s * 1000), 1)
+
+    async def renew(self) -> bool:
+        try:
+            return bool(await self._redis.eval(_HOLD_LEASE, 1, self.key, self.token, self._ttl_ms))
+        except RedisError as exc:
+            raise BackendUnavailable(f"Redis is unreachable while renewing lease {self.key}") from exc
+
+    async def release(self) -> None:
+        """Give the lease up now if it is ours (a clean shutdown hands the task over without waiting ``ttl_s``)."""
+        try:
+            await self._redis.eval(_DROP_LEASE, 1, self.key, self.token)
+        except RedisError as exc:
+            log.warning("lease_release_failed", lease_key=self.key, reason=type(exc).__name__)

@@ -33,10 +33,31 @@ class SrView:
         return self.host_id is None
 
 
+THICK_SR_TYPE_PREFIX = "lvm"  # lvm, lvmoiscsi, lvmohba, lvmofcoe: LVM allocates a VDI's whole size up front
+
+
+def is_thin(sr: Sr) -> bool:
+    """Whether the SR allocates as data is written: every SR type but LVM's (ext, nfs, and the other file-based
+    ones: xfs, zfs, smb, cephfs, ...). An SR whose type XO does not give counts as thin."""
+    return not sr.sr_type.lower().startswith(THICK_SR_TYPE_PREFIX)
+
+
+def free_bytes(sr: Sr) -> int:
+    """Space a new volume can still take on the SR, never negative.
+
+    XO's SR ``usage`` is the virtual allocation (the sum of its VDIs' sizes) and ``physical_usage`` the bytes
+    allocated. A thin SR fills only as data is written and may be overcommitted, so its room is ``size -
+    physical_usage``; a thick (LVM) SR allocates every VDI whole, so its room is ``size - usage``. Placement never
+    puts a volume where its full size does not fit physically now, so a thin SR is overcommitted only by growth.
+    """
+    used = sr.physical_usage if is_thin(sr) else sr.usage
+    return max(0, sr.size - used)
+
+
 def view(sr: Sr) -> SrView:
     """SrView of an XO SR: ``$container`` is the host of a local SR and the pool of a shared one."""
     is_local = not sr.shared and sr.container != sr.pool_id
-    return SrView(sr.id, sr.name_label, sr.pool_id, sr.container if is_local else None, sr.free_bytes)
+    return SrView(sr.id, sr.name_label, sr.pool_id, sr.container if is_local else None, free_bytes(sr))
 
 
 def usable_from(sr: SrView, host_id: str, pool_id: str) -> bool:

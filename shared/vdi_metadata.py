@@ -1,8 +1,11 @@
 """The ``csi:info: {...}`` metadata kept in a VDI's name_description, as the Go driver m4rCsi writes it.
 
-``{"srsWithTag": "<tag>", "migrating": {"inProgressToSRUUID": "<sr>"}}``: ``migrating`` present means the
-volume may migrate; the in-progress mark is set while a migration runs. m4rCsi versions that wrote
-``toSRUUID`` are read too. The description survives VDI.copy (name_label and name_description do).
+``{"srsWithTag": "<tag>", "migrating": {"enabled": true, "inProgressToSRUUID": "<sr>"}}``: ``migrating`` present
+means the volume may migrate (m4rCsi writes ``enabled: true``, and so do we); the in-progress mark is set while a
+migration runs. m4rCsi versions that wrote ``toSRUUID`` are read too. ``srUUID`` and ``handle`` (the handle form
+CreateVolume returned) are this driver's additions; m4rCsi decodes the JSON with Go's encoding/json, which skips
+keys it does not know. The description survives VDI.copy (name_label and name_description do). ``with_mark`` sets
+or clears the mark in a description and keeps every other field as it was (no field another version wrote is lost).
 """
 
 from __future__ import annotations
@@ -23,20 +26,25 @@ class StorageInfo:
     sr_uuid: str | None = None
     migrating: bool = False
     in_progress_to_sr: str | None = None
+    handle: str | None = None  # the handle form CreateVolume returned (shared/volume_id.py HANDLE_*); this version on
 
     def to_description(self) -> str:
         body: dict[str, Any] = {}
         if self.migrating:
-            body["migrating"] = {"inProgressToSRUUID": self.in_progress_to_sr} if self.in_progress_to_sr else {}
+            body["migrating"] = {"enabled": True}
+            if self.in_progress_to_sr:
+                body["migrating"]["inProgressToSRUUID"] = self.in_progress_to_sr
         if self.srs_with_tag is not None:
             body["srsWithTag"] = self.srs_with_tag
         if self.sr_uuid is not None:
             body["srUUID"] = self.sr_uuid
+        if self.handle is not None:
+            body["handle"] = self.handle
         return PREFIX + json.dumps(body, separators=(",", ":"))
 
     def marked(self, sr_id: str | None) -> StorageInfo:
         """A copy with the in-progress migration mark set to ``sr_id`` (None clears it)."""
-        return StorageInfo(self.srs_with_tag, self.sr_uuid, self.migrating, sr_id)
+        return StorageInfo(self.srs_with_tag, self.sr_uuid, self.migrating, sr_id, self.handle)
 
 
 def parse(description: str) -> StorageInfo | None:
@@ -53,11 +61,26 @@ def parse(description: str) -> StorageInfo | None:
     mark = None
     if isinstance(migrating, dict):
         mark = next((migrating[k] for k in _MARK_KEYS if isinstance(migrating.get(k), str) and migrating[k]), None)
-    tag = body.get("srsWithTag")
-    sr_uuid = body.get("srUUID")
+    tag, sr_uuid, handle = (body.get(key) for key in ("srsWithTag", "srUUID", "handle"))
     return StorageInfo(
         srs_with_tag=tag if isinstance(tag, str) else None,
         sr_uuid=sr_uuid if isinstance(sr_uuid, str) else None,
         migrating=isinstance(migrating, dict),
         in_progress_to_sr=mark,
+        handle=handle if isinstance(handle, str) else None,
     )
+
+
+def with_mark(description: str, sr_id: str | None) -> str | None:
+    """``description`` with the in-progress migration mark set to ``sr_id`` (None: cleared), every other field
+    kept as written; None when it holds no readable csi:info of a migrating volume."""
+    info = parse(description)
+    if info is None or not info.migrating:
+        return None
+    body = json.loads(description[len(PREFIX):])
+    migrating = body["migrating"]
+    for key in _MARK_KEYS:
+        migrating.pop(key, None)
+    if sr_id is not None:
+        migrating["inProgressToSRUUID"] = sr_id
+    return PREFIX + json.dumps(body, separators=(",", ":"))

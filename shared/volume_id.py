@@ -1,8 +1,15 @@
-"""Volume ids and disk names, compatible with the Go driver m4rCsi (pure; no I/O).
+"""Volume ids (handles) and disk names, exactly as the Go driver m4rCsi writes them (pure; no I/O).
 
-- ``name:<volume name>``: volumes identified by disk name (migrating volumes: the VDI UUID changes
-  on every migration, the name does not). The disk (VDI name_label) is ``<prefix><volume name>``.
-- ``uuid:<vdi uuid>``: volumes on a fixed SR; a bare VDI UUID is accepted too (static volumes).
+Written by CreateVolume (the m4rCsi rule, ``handle_kind``):
+
+- ``name:<volume name>``: volumes that migrate (their VDI UUID changes on every migration, the name does not)
+  and volumes on a local SR (XO may move them with their VM). The disk (VDI name_label) is
+  ``<prefix><volume name>``.
+- the bare VDI UUID: fixed volumes on a shared SR (and static volumes a user declares).
+
+Read: those two, and ``uuid:<vdi uuid>``, which earlier versions of this driver wrote for every fixed volume
+(m4rCsi cannot read it: it takes the whole string for a VDI UUID). A parsed id keeps its form, so the id an
+answer carries is the one the caller sent. docs/deploy.md has the table of which driver reads which handle.
 
 An id of any other form was not made by this driver, so it names no volume: ``parse`` answers VolumeNotFound
 (CSI "Volume does not exist"; csi-sanity sends such ids and expects NOT_FOUND), and only an empty or
@@ -32,13 +39,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class VolumeId:
-    """A parsed volume id: by disk name or by VDI UUID."""
+    """A parsed volume id: by disk name or by VDI UUID (``bare``: without the ``uuid:`` prefix, m4rCsi's form)."""
 
     kind: Literal["name", "uuid"]
     value: str
+    bare: bool = False
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.value}"
+        return self.value if self.bare else f"{self.kind}:{self.value}"
 
     def disk_name(self, prefix: str) -> str:
         if self.kind != "name":
@@ -50,8 +58,20 @@ def by_name(volume_name: str) -> VolumeId:
     return VolumeId(NAME_KIND, volume_name)
 
 
-def by_uuid(vdi_uuid: str) -> VolumeId:
-    return VolumeId("uuid", vdi_uuid.lower())
+def by_uuid(vdi_uuid: str, *, bare: bool = False) -> VolumeId:
+    """By VDI UUID: ``uuid:<UUID>`` (earlier versions of this driver), or with ``bare`` the UUID alone (m4rCsi)."""
+    return VolumeId("uuid", vdi_uuid.lower(), bare)
+
+
+def by_vdi(vdi_uuid: str) -> VolumeId:
+    """The handle m4rCsi and this driver write for a fixed volume on a shared SR: the bare VDI UUID."""
+    return by_uuid(vdi_uuid, bare=True)
+
+
+def named_by_disk(*, migrating: bool, shared_sr: bool) -> bool:
+    """m4rCsi's rule (sr_selection.go ``VolumeIDType``): a volume is known by its disk name when it migrates or
+    lives on a local SR, by its VDI UUID only when it is fixed on a shared SR."""
+    return migrating or not shared_sr
 
 
 def is_uuid(value: str) -> bool:
@@ -73,7 +93,7 @@ def parse(volume_id: str, field: str = "volume_id") -> VolumeId:
     if parsed is None:
         raise VolumeNotFound(
             f"{field} {volume_id!r} names no volume of this driver: its ids are 'name:<volume name>', "
-            "'uuid:<VDI UUID>' or a bare VDI UUID; pass the id CreateVolume returned"
+            "a bare VDI UUID or 'uuid:<VDI UUID>'; pass the id CreateVolume returned"
         )
     return parsed
 
@@ -85,23 +105,34 @@ def _parse_form(volume_id: str) -> VolumeId | None:
     if sep and kind == "uuid" and is_uuid(value):
         return by_uuid(value)
     if not sep and is_uuid(volume_id):
-        return by_uuid(volume_id)
+        return by_vdi(volume_id)
     return None
 
 
-def listed_handle(volume_name: str, vdi_id: str, *, migrating: bool, class_recorded: bool, shared_sr: bool) -> str:
-    """The handle a PV of this disk carries, which ListVolumes must report: external-attacher reconciles each
-    VolumeAttachment by looking its PV's handle up in ListVolumes, and re-publishes every period when it is absent.
+def listed_handles(volume_name: str, vdi_id: str, *, migrating: bool, shared_sr: bool,
+                   written: str | None, class_recorded: bool) -> list[str]:
+    """The handle(s) a PV of this driver disk may carry, which ListVolumes reports: external-attacher reconciles
+    each VolumeAttachment by looking its PV's handle up in ListVolumes, and re-processes it every period when the
+    listed handle differs.
 
-    Migrating volumes: ``name:<volume>``. This driver's fixed volumes (their csi:info records the class):
-    ``uuid:<VDI>``, what its CreateVolume returns. m4rCsi's fixed volumes (``csi:info: {}``) as m4rCsi names them:
-    ``name:<volume>`` on a local SR, the bare VDI UUID on a shared one.
+    ``written``: the form CreateVolume recorded in the disk's csi:info (``name``/``vdi``, this version on). Without
+    it: m4rCsi's disks (no class recorded) carry m4rCsi's rule; earlier versions of this driver wrote
+    ``uuid:<VDI>`` for fixed volumes, which cannot be told from a disk of this version that lost its record, so
+    both forms are listed.
     """
-    if migrating or (not class_recorded and not shared_sr):
-        return str(by_name(volume_name))
-    if not class_recorded:
-        return vdi_id.lower()
-    return str(by_uuid(vdi_id))
+    by_rule = str(by_name(volume_name)) if named_by_disk(migrating=migrating, shared_sr=shared_sr) \
+        else str(by_vdi(vdi_id))
+    if written == HANDLE_NAME:
+        return [str(by_name(volume_name))]
+    if written == HANDLE_VDI:
+        return [str(by_vdi(vdi_id))]
+    if migrating or not class_recorded:
+        return [by_rule]
+    return sorted({str(by_uuid(vdi_id)), by_rule})
+
+
+HANDLE_NAME = "name"  # csi:info "handle": the volume is name:<volume name>
+HANDLE_VDI = "vdi"  # csi:info "handle": the volume is the bare VDI UUID
 
 
 def is_volume_name(name: str) -> bool:

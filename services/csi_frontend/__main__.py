@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-topology", action="store_true", default=None, help="add the host topology segment")
     p.add_argument("--temp-cleanup", action="store_true", default=None,
                    help="periodically delete leaked csi-temp-* disks (controller)")
+    p.add_argument("--temp-cleanup-min-age", help="how long a csi-temp-* disk must be seen before it is marked "
+                   "for deletion, e.g. 10m (default 10m; deleted 30m after the mark)")
+    p.add_argument("--stale-mark-after", help="clear a disk's migration mark after this long without a live "
+                   "migration job, e.g. 70s (default 70s = 2 x the migrators' default stale-after)")
     p.add_argument("--device-dir", help="where the node finds attached disks (default /dev)")
     p.add_argument("--device-wait", help="how long to wait for an attached device, e.g. 10s")
     p.add_argument("--max-volumes-per-node", type=int, help="NodeGetInfo max_volumes_per_node (default 239)")
@@ -50,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(args: argparse.Namespace) -> tuple[FrontendSettings, XoSettings, LogSettings]:
     frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "disk_name_prefix", "host_topology",
                       "temp_cleanup", "device_dir", "max_volumes_per_node", "metrics_port")
-    if args.device_wait:
-        frontend["device_wait_s"] = parse_duration_s(args.device_wait)
+    for flag, setting in (("device_wait", "device_wait_s"), ("temp_cleanup_min_age", "temp_cleanup_min_age_s"),
+                          ("stale_mark_after", "stale_mark_after_s")):
+        if getattr(args, flag):
+            frontend[setting] = parse_duration_s(getattr(args, flag))
     xo: dict[str, Any] = {}
     if args.xoa_url:
         xo["url"] = args.xoa_url
@@ -69,18 +75,16 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def messaging_settings() -> tuple[RabbitSettings, RedisSettings] | None:
-    """RabbitMQ and Redis settings when both AMQP_URL and REDIS_URL (or REDIS_SENTINELS) are set (migrations on),
-    else None."""
+def messaging_settings() -> tuple[RabbitSettings | None, RedisSettings | None]:
+    """RabbitMQ settings when AMQP_URL is set, Redis settings when REDIS_URL (or REDIS_SENTINELS) is set; migrations
+    need both, the temporary-disk cleanup's lease only Redis."""
     rabbit, redis = RabbitSettings(), RedisSettings()
-    if "amqp_url" not in rabbit.model_fields_set or not redis.configured:
-        return None
-    return rabbit, redis
+    return (rabbit if "amqp_url" in rabbit.model_fields_set else None, redis if redis.configured else None)
 
 
 async def run(settings: FrontendSettings, xo_settings: XoSettings,
-              messaging: tuple[RabbitSettings, RedisSettings] | None) -> None:
-    rabbit, redis = messaging if messaging is not None else (None, None)
+              messaging: tuple[RabbitSettings | None, RedisSettings | None]) -> None:
+    rabbit, redis = messaging
     async with AsyncExitStack() as stack:
         frontend = await build_frontend(stack, settings, xo_settings, rabbit=rabbit, redis=redis)
         await frontend.serve()

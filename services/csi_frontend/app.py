@@ -9,6 +9,7 @@ import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 
 from services.csi_frontend.attach import Attacher
@@ -22,12 +23,16 @@ from services.csi_frontend.node_identity import resolve_node, topology
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
+from services.csi_frontend.stale_marks import MarkPolicy
+from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
+from services.csi_frontend.volume_locks import VolumeLocks
 from shared import broker, metrics
-from shared.backends import open_messaging
+from shared.backends import open_messaging, redis_client
 from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
 from shared.jobs import JobStore
+from shared.locks import Lease
 from shared.logging import get_logger
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
@@ -53,6 +58,10 @@ class Frontend:
     connection: AbstractRobustConnection | None = None
     publisher: broker.Publisher | None = None
     node: NodeServicer | None = field(default=None)
+    locks: VolumeLocks = field(default_factory=VolumeLocks)
+    marks: MarkPolicy | None = None
+    redis: aioredis.Redis | None = None
+    redis_prefix: str = ""
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve the CSI services on ``settings.endpoint`` (with /metrics and, when asked, the temp-disk
@@ -61,9 +70,7 @@ class Frontend:
         async with asyncio.TaskGroup() as tasks:
             cleanup = None
             if settings.serves_controller and settings.temp_cleanup:
-                cleanup = tasks.create_task(temp_cleanup_forever(
-                    self.xo, settings.disk_name_prefix, interval_s=settings.temp_cleanup_interval_s,
-                    delete_after_s=settings.temp_cleanup_delete_after_s))
+                cleanup = tasks.create_task(self._temp_cleanup())
             async with metrics.serving(settings.metrics_port):
                 await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
                             stop=stop)
@@ -71,13 +78,27 @@ class Frontend:
                 cleanup.cancel()
 
 
+    async def _temp_cleanup(self) -> None:
+        settings = self.settings
+        cleanup = TempCleanup(self.xo, settings.disk_name_prefix, self.locks, min_age_s=settings.temp_cleanup_min_age_s,
+                              delete_after_s=settings.temp_cleanup_delete_after_s)
+        lease = None
+        if self.redis is not None:
+            lease = Lease(self.redis, self.redis_prefix, "temp-cleanup", ttl_s=3 * settings.temp_cleanup_interval_s,
+                          holder=settings.node_id or "controller")
+        else:
+            log.warning("temp_cleanup_without_lease", note="no REDIS_URL: this replica assumes it is the only one")
+        await temp_cleanup_forever(cleanup, interval_s=settings.temp_cleanup_interval_s, lease=lease)
+
+
 async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_settings: XoSettings, *,
                          rabbit: RabbitSettings | None = None, redis: RedisSettings | None = None) -> Frontend:
     """Wire the frontend for ``settings.mode``; every client it opens is closed when ``stack`` closes.
 
     Migrations are enabled (controller mode) when both ``rabbit`` and ``redis`` are given: it connects to both
-    now (BackendUnavailable when it cannot). Controller mode refuses a non-admin XO account (XoAuthError).
-    Node mode resolves this node's VM in XO now (NodeNotFound).
+    now (BackendUnavailable when it cannot). Redis also holds the temporary-disk cleanup's lease (one replica).
+    Controller mode refuses a non-admin XO account (XoAuthError). Node mode resolves this node's VM in XO now
+    (NodeNotFound).
     """
     xo = XoClient.from_settings(xo_settings)
     stack.push_async_callback(xo.close)
@@ -85,14 +106,20 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         await xo.require_admin("controller")  # XoAuthError: a non-admin account is refused, with the reason
     inventory = Inventory(xo)
     disks = DiskLocator(xo, settings.disk_name_prefix)
+    locks = VolumeLocks(margin_s=settings.publish_margin_s)  # the one per-volume lock of this controller
+    marks = MarkPolicy(xo, None, clear_after_s=settings.stale_mark_after_s)
     frontend = Frontend(settings, xo, inventory, disks,
-                        Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s),
+                        Attacher(xo, inventory, disks, device_wait_s=settings.device_wait_s, locks=locks,
+                                 marks=marks),
                         [(IdentityServicer(settings.driver_name, probe=xo.ping if settings.serves_controller else None),
-                          csi_pb2_grpc.add_IdentityServicer_to_server)])
+                          csi_pb2_grpc.add_IdentityServicer_to_server)], locks=locks, marks=marks)
     if settings.serves_controller:
         if rabbit is not None and redis is not None:
             await _enable_migrations(stack, frontend, disks, rabbit, redis)
-        frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology)
+        elif redis is not None:  # Redis alone: the temporary-disk cleanup's lease
+            frontend.redis, frontend.redis_prefix = redis_client(stack, redis), redis.key_prefix
+        frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology, locks=locks,
+                                           marks=frontend.marks)
         frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory),
                                    csi_pb2_grpc.add_ControllerServicer_to_server))
     if settings.serves_node:
@@ -111,9 +138,11 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
     events = MigrationEvents(connection, setup_timeout_s=rabbit.connect_timeout_s)
     stack.push_async_callback(events.close)
     gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
+    frontend.marks = MarkPolicy(frontend.xo, jobs, clear_after_s=settings.stale_mark_after_s)
     frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
-                                 migrations=gate)
+                                 locks=frontend.locks, migrations=gate, marks=frontend.marks)
     frontend.gate, frontend.jobs, frontend.connection, frontend.publisher = gate, jobs, connection, publisher
+    frontend.redis, frontend.redis_prefix = redis, redis_settings.key_prefix
     log.info("migrations_enabled")
 
 

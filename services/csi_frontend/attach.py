@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.csi_frontend.disks import Disk, DiskLocator
-from shared import placement, vdi_metadata
+from services.csi_frontend.stale_marks import MarkPolicy
+from services.csi_frontend.volume_locks import VolumeLocks
+from shared import placement
 from shared.errors import (
     AlreadyExistsIncompatible,
     AttachedElsewhere,
@@ -22,6 +24,7 @@ from shared.errors import (
 from shared.logging import get_logger
 from shared.volume_id import VolumeId
 from shared.xo.client import XoClient
+from shared.xo.errors import XoVdiInUse
 from shared.xo.inventory import Inventory
 from shared.xo.models import Vbd, Vm
 
@@ -44,7 +47,13 @@ class MigrationGate(Protocol):
 
 
 class Attacher:
-    """Publish/unpublish against XO. Idempotent; the answers follow the CSI spec's tables."""
+    """Publish/unpublish against XO. Idempotent; the answers follow the CSI spec's tables.
+
+    One call at a time per volume in this controller (``VolumeLocks``); across replicas XO's state decides: the
+    VBDs are re-read before attaching, an attached VBD of the volume on the node is reused, other VBDs of the
+    volume on the node are removed, and a plug XO refuses because the disk got plugged meanwhile is settled by
+    reading again (this node: success; another node: FAILED_PRECONDITION naming it).
+    """
 
     def __init__(
         self,
@@ -53,28 +62,53 @@ class Attacher:
         disks: DiskLocator,
         *,
         device_wait_s: float,
+        locks: VolumeLocks | None = None,
         migrations: MigrationGate | None = None,
+        marks: MarkPolicy | None = None,
     ) -> None:
         self._xo = xo
         self._inventory = inventory
         self._disks = disks
         self._device_wait_s = device_wait_s
+        self._locks = locks or VolumeLocks()
         self._migrations = migrations
+        self._marks = marks or MarkPolicy(xo, None)
 
     async def publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float) -> dict[str, str]:
         """Attach the volume to the node VM and return the publish context ``{device, vbd}``."""
+        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+            return await self._publish(volume_id, node_id, read_only, deadline_s)
+
+    async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float
+                       ) -> dict[str, str]:
         try:
             disk = await self._disks.get(volume_id)
         except OperationPending as pending:
             disk = await self._copy_to_join(volume_id, pending)
         place = await self.place_of(node_id)
-        existing = await self._existing_vbd(disk, node_id, read_only)
-        if existing is not None:
-            return await self._plugged(existing)
-        disk = await self._ensure_usable(disk, place, deadline_s)
-        vbd = await self._xo.attach_disk(place.vm.id, disk.vdi.id, read_only=read_only,
-                                         known_vbd_ids=frozenset(disk.vdi.vbd_ids))
-        log.info("disk_attached", vdi=disk.vdi.id, node_id=node_id, vbd=vbd.id)
+        context = await self._reuse(disk, node_id, read_only)
+        if context is not None:
+            return context
+        usable = await self._ensure_usable(disk, place, deadline_s)
+        if usable.vdi.id != disk.vdi.id:  # it moved: what the new VDI has (another replica may have attached it)
+            context = await self._reuse(usable, node_id, read_only)
+            if context is not None:
+                return context
+        return await self._attach(usable, place, read_only)
+
+    async def _attach(self, disk: Disk, place: NodePlace, read_only: bool) -> dict[str, str]:
+        """``vm.attachDisk`` (which removes the VBD it created when the plug fails). XO refusing the plug because
+        the disk is in use means someone attached it meanwhile (another replica): XO's state decides."""
+        try:
+            vbd = await self._xo.attach_disk(place.vm.id, disk.vdi.id, read_only=read_only)
+        except XoVdiInUse as refused:
+            context = await self._reuse(disk, place.vm.id, read_only)  # AttachedElsewhere when on another node
+            if context is not None:
+                log.info("disk_attached_meanwhile", vdi=disk.vdi.id, node_id=place.vm.id)
+                return context
+            raise OperationPending(f"XO refused to plug volume {disk.volume_id} on node {place.vm.id} "
+                                   f"({refused.message}) but shows it attached nowhere; retry") from refused
+        log.info("disk_attached", vdi=disk.vdi.id, node_id=place.vm.id, vbd=vbd.id)
         return _context(vbd)
 
     async def _copy_to_join(self, volume_id: VolumeId, pending: OperationPending) -> Disk:
@@ -85,53 +119,68 @@ class Attacher:
             raise pending
         return source
 
-    async def unpublish(self, volume_id: VolumeId, node_id: str | None) -> None:
+    async def unpublish(self, volume_id: VolumeId, node_id: str | None, deadline_s: float | None = None) -> None:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
-        None). A missing volume, node or VBD is success."""
-        for vdi in await self._disks.candidates(volume_id):
-            for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
-                await self._xo.delete_vbd(vbd.id)
-                log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
+        None). A missing volume, node or VBD is success, once XO is known to see every pool (absent is not
+        detached: XoPoolDisconnected while XO lost one)."""
+        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+            vdis = await self._disks.candidates(volume_id)
+            if not vdis:
+                vdis = await self._xo.confirm_absent(f"volume {volume_id}",
+                                                     lambda: self._disks.candidates(volume_id))
+            found = 0
+            for vdi in vdis:
+                for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
+                    await self._xo.delete_vbd(vbd.id)
+                    found += 1
+                    log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
+            if vdis and not found and node_id is not None and await self._inventory.vm(node_id) is None:
+                await self._xo.check_view_complete(f"node VM {node_id}")
 
     async def place_of(self, node_id: str) -> NodePlace:
-        """The node VM and where it runs; NodeNotFound when XO has no such VM."""
+        """The node VM and where it runs; NodeNotFound when XO has no such VM (once XO is known to see every pool:
+        NOT_FOUND is final for the attacher)."""
         vm = await self._inventory.vm(node_id)
+        if vm is None:
+            vm = await self._xo.confirm_absent(f"node VM {node_id}", lambda: self._xo.get_vm(node_id))
         if vm is None:
             raise NodeNotFound(f"node {node_id} is not a VM known to XO (the node id is the VM UUID)")
         if vm.power_state != "Running" or vm.container == vm.pool_id:
             raise PreconditionFailed(f"node VM {node_id} is {vm.power_state or 'not running'}; it must be Running")
         return NodePlace(vm, vm.container, vm.pool_id)
 
-    async def _existing_vbd(self, disk: Disk, node_id: str, read_only: bool) -> Vbd | None:
-        if not disk.vdi.vbd_ids:
+    async def _reuse(self, disk: Disk, node_id: str, read_only: bool) -> dict[str, str] | None:
+        """The context of the volume's plugged VBD on the node, after removing its other VBDs there (unplugged
+        leftovers of failed or overlapping attaches: never kept just because they are the last); None when it
+        has none. AttachedElsewhere when another node has it plugged."""
+        vbds = await self._xo.find_vbds(vdi_id=disk.vdi.id)
+        elsewhere = next((vbd for vbd in vbds if vbd.vm_id != node_id and vbd.attached), None)
+        if elsewhere is not None:
+            raise AttachedElsewhere(
+                f"volume {disk.volume_id} is attached to node {elsewhere.vm_id}; it can only be attached to one node "
+                "at a time: unpublish it there first"
+            )
+        mine = [vbd for vbd in vbds if vbd.vm_id == node_id]
+        plugged = next((vbd for vbd in mine if vbd.attached), None)
+        for extra in mine:
+            if extra is not plugged:
+                await self._xo.delete_vbd(extra.id)
+                log.info("stray_vbd_removed", vdi=disk.vdi.id, vbd=extra.id, node_id=node_id)
+        if plugged is None:
             return None
-        mine: Vbd | None = None
-        for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id):
-            if vbd.vm_id == node_id:
-                mine = vbd
-            elif vbd.attached:
-                raise AttachedElsewhere(
-                    f"volume {disk.volume_id} is attached to node {vbd.vm_id}; it can only be attached to one node "
-                    "at a time: unpublish it there first"
-                )
-        if mine is not None and mine.read_only != read_only:
+        if plugged.read_only != read_only:
             raise AlreadyExistsIncompatible(
                 f"volume {disk.volume_id} is already published to node {node_id} "
-                f"{'read-only' if mine.read_only else 'read-write'}"
+                f"{'read-only' if plugged.read_only else 'read-write'}"
             )
-        return mine
-
-    async def _plugged(self, vbd: Vbd) -> dict[str, str]:
-        if vbd.attached and vbd.device:
-            return _context(vbd)
-        if not vbd.attached:
-            return _context(await self._xo.connect_vbd(vbd.id))
-        return await self._wait_device(vbd.vm_id, vbd.vdi_id or "")
+        if plugged.device:
+            return _context(plugged)
+        return await self._wait_device(node_id, disk.vdi.id)
 
     async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
         sr = await self._inventory.sr(disk.vdi.sr_id)
         if sr is not None and placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
-            return await self._clear_stale_mark(disk)
+            return await self._marks.settle(disk)
         where = f"SR {sr.name_label} ({sr.id})" if sr else f"SR {disk.vdi.sr_id}"
         if not disk.is_migrating_volume:
             raise PreconditionFailed(
@@ -152,17 +201,6 @@ class Attacher:
                 "first, but this controller has no migration service configured (set AMQP_URL and REDIS_URL)"
             )
         return await self._migrations.migrate_for(disk, place, deadline_s)
-
-    async def _clear_stale_mark(self, disk: Disk) -> Disk:
-        # m4rCsi's self-healing rule: one VDI, already on its marked target SR -> the migration finished.
-        info = disk.info
-        if info is None or not info.in_progress_to_sr:
-            return disk
-        if info.in_progress_to_sr != disk.vdi.sr_id:
-            raise OperationPending(f"volume {disk.volume_id} is being migrated to SR {info.in_progress_to_sr}")
-        cleared = info.marked(None)
-        await self._xo.set_vdi(disk.vdi.id, name_description=cleared.to_description())
-        return Disk(disk.volume_id, disk.vdi, vdi_metadata.parse(cleared.to_description()))
 
     async def _wait_device(self, vm_id: str, vdi_id: str) -> dict[str, str]:
         async def plugged() -> dict[str, str] | None:

@@ -58,11 +58,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             raise InvalidRequest("mutable_parameters are not supported (no MODIFY_VOLUME capability): "
                                  "drop the VolumeAttributesClass")
         params = storage_class.parse(request.parameters)
-        name = vid.volume_name_for_id(request.name) if params.migrating else request.name
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
         created = await self._provisioner.create(
-            name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred)
+            request.name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred),
+            _deadline_s(context),
         )
         return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
             volume_id=str(created.volume_id),
@@ -78,7 +78,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             volume = vid.parse(request.volume_id)
         except VolumeNotFound:
             return csi_pb2.DeleteVolumeResponse()
-        await self._provisioner.delete(volume)
+        await self._provisioner.delete(volume, _deadline_s(context))
         return csi_pb2.DeleteVolumeResponse()
 
     async def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
@@ -90,9 +90,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         check.check_capability(request.volume_capability)
         volume = vid.parse(request.volume_id)
         read_only = request.readonly or request.volume_capability.access_mode.mode in check.READ_ONLY_MODES
-        remaining = context.time_remaining()
-        deadline_s = DEFAULT_DEADLINE_S if remaining is None else remaining
-        publish_context = await self._attacher.publish(volume, node_id, read_only, deadline_s)
+        publish_context = await self._attacher.publish(volume, node_id, read_only, _deadline_s(context))
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
 
     async def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
@@ -104,7 +102,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             volume = vid.parse(request.volume_id)
         except VolumeNotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()
-        await self._attacher.unpublish(volume, request.node_id or None)
+        await self._attacher.unpublish(volume, request.node_id or None, _deadline_s(context))
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     async def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
@@ -185,7 +183,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             check.check_capability(request.volume_capability)  # spec: "Exceeds capabilities"
             is_block = request.volume_capability.HasField("block")
         volume = vid.parse(request.volume_id)
-        new_size = await self._provisioner.expand(volume, size)
+        new_size = await self._provisioner.expand(volume, size, _deadline_s(context))
+        # Offline expansion: the VDI grows while detached; the node grows the filesystem (NodeStageVolume finds
+        # the device larger, or NodeExpandVolume).
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=new_size, node_expansion_required=not is_block)
 
     async def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
@@ -194,6 +194,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=_Cap(type=cap)) for cap in CAPABILITIES
         ])
+
+
+def _deadline_s(context: grpc.aio.ServicerContext) -> float:
+    """Seconds left to the caller (DEFAULT_DEADLINE_S when it set no deadline)."""
+    remaining = context.time_remaining()
+    return DEFAULT_DEADLINE_S if remaining is None else remaining
 
 
 def _page_start(token: str) -> str:

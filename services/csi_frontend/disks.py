@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.csi_frontend.volume_locks import key_of
 from shared import vdi_metadata
 from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
 from shared.vdi_metadata import StorageInfo
@@ -43,6 +44,10 @@ class DiskLocator:
     def disk_name(self, volume_id: VolumeId) -> str:
         return volume_id.disk_name(self.prefix)
 
+    def lock_key(self, volume_id: VolumeId) -> str:
+        """The volume's key in the per-volume locks (volume_locks.key_of)."""
+        return key_of(volume_id, self.prefix)
+
     async def candidates(self, volume_id: VolumeId) -> list[Vdi]:
         """Every VDI that answers to the id (two while a migration copy runs)."""
         if volume_id.kind == "uuid":
@@ -51,12 +56,15 @@ class DiskLocator:
         return await self._xo.find_vdis(name_label=self.disk_name(volume_id))
 
     async def find(self, volume_id: VolumeId) -> Disk | None:
-        """The volume's single VDI, or None when it does not exist.
+        """The volume's single VDI, or None when it does not exist. Absent is not deleted: an empty lookup is
+        believed only once XO sees every pool (XoPoolDisconnected, i.e. UNAVAILABLE, while it lost one).
 
         Two VDIs with the name: OperationPending while one of them carries a migration mark or an XAPI
         operation (a copy runs), else PreconditionFailed naming both so an operator can remove the stray.
         """
         vdis = await self.candidates(volume_id)
+        if not vdis:
+            vdis = await self._xo.confirm_absent(f"volume {volume_id}", lambda: self.candidates(volume_id))
         if not vdis:
             return None
         if len(vdis) == 1:
@@ -64,15 +72,20 @@ class DiskLocator:
         raise duplicate_error(self.disk_name(volume_id), vdis)
 
     async def copy_source(self, volume_id: VolumeId) -> Disk | None:
-        """While XO copies a name-identified disk (two VDIs, one busy with the copy), the source being copied;
-        None in any other situation."""
+        """While XO copies a name-identified disk (two VDIs, busy with the copy), the source being copied; None in
+        any other situation.
+
+        XO shows a current operation on BOTH the source and the copy, and the copy carries the source's
+        description, so the source is told by the migration mark: the copy is the VDI on the mark's target SR.
+        """
         if volume_id.kind != "name":
             return None
         vdis = await self.candidates(volume_id)
-        busy = [v for v in vdis if v.current_operations]
-        if len(vdis) != 2 or len(busy) != 1:
+        if len(vdis) != 2 or not any(v.current_operations for v in vdis):
             return None
-        return Disk(volume_id, busy[0], vdi_metadata.parse(busy[0].name_description))
+        return next((Disk(volume_id, v, info) for v in vdis if (info := vdi_metadata.parse(v.name_description))
+                     and info.in_progress_to_sr and v.sr_id != info.in_progress_to_sr
+                     and all(o.sr_id == info.in_progress_to_sr for o in vdis if o.id != v.id)), None)
 
     async def get(self, volume_id: VolumeId) -> Disk:
         """Like ``find`` but VolumeNotFound when there is no VDI."""

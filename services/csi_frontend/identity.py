@@ -23,7 +23,8 @@ _Expansion = csi_pb2.PluginCapability.VolumeExpansion
 CAPABILITIES = (
     csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
     csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
-    csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
+    # Offline, as m4rCsi: XCP-ng's SR drivers resize a VDI only while no VBD of it is plugged (XO code 17).
+    csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.OFFLINE)),
 )
 
 

@@ -6,18 +6,22 @@ Talks to XO only through XoClient/Inventory and decides placement only through s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.csi_frontend.disks import Disk, DiskLocator, duplicate_error
+from services.csi_frontend.disks import DiskLocator, duplicate_error
+from services.csi_frontend.listing import VolumeEntry, condition, list_volumes
+from services.csi_frontend.stale_marks import MarkPolicy
+from services.csi_frontend.volume_locks import VolumeLocks
 from shared import placement, vdi_metadata
 from shared import volume_id as vid
 from shared.errors import (
     AlreadyExistsIncompatible,
+    CapacityExhausted,
     InvalidRequest,
     OperationPending,
     OutOfRange,
+    PlacementImpossible,
     PreconditionFailed,
     VolumeNotFound,
 )
@@ -26,6 +30,7 @@ from shared.storage_class import StorageParams
 from shared.units import format_size
 from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
+from shared.xo.errors import XoVdiInUse
 from shared.xo.inventory import Inventory
 from shared.xo.models import Sr, Vdi
 
@@ -41,21 +46,6 @@ class CreatedVolume:
 
 
 @dataclass(frozen=True)
-class VolumeEntry:
-    volume_id: vid.VolumeId
-    vdi: Vdi
-    published_vms: list[str]
-    abnormal: bool
-    condition: str
-    handle: str | None = None  # the PV's handle when it is not str(volume_id): an m4rCsi-made fixed volume
-
-    @property
-    def listed_id(self) -> str:
-        """The id ListVolumes reports: the handle the volume's PV carries (vid.listed_handle)."""
-        return self.handle or str(self.volume_id)
-
-
-@dataclass(frozen=True)
 class VolumeState:
     size_bytes: int
     published_vms: list[str]
@@ -64,35 +54,50 @@ class VolumeState:
 
 
 class Provisioner:
-    """CreateVolume / DeleteVolume / expansion / listing / capacity against XO."""
+    """CreateVolume / DeleteVolume / expansion / listing / capacity against XO.
 
-    def __init__(self, xo: XoClient, inventory: Inventory, disks: DiskLocator, *, host_topology: bool) -> None:
+    Create, delete and expand hold the volume's lock (``VolumeLocks``, shared with the attacher and the
+    temporary-disk cleanup): CreateVolume by disk name, the others by the volume's key (volume_locks.key_of).
+    Every negative decision (no disk, no SR, no room) is taken only once XO is known to see every pool.
+    """
+
+    def __init__(self, xo: XoClient, inventory: Inventory, disks: DiskLocator, *, host_topology: bool,
+                 locks: VolumeLocks | None = None, marks: MarkPolicy | None = None) -> None:
         self._xo = xo
         self._inventory = inventory
         self._disks = disks
         self._host_topology = host_topology
-        self._busy: set[str] = set()
+        self._locks = locks or VolumeLocks()
+        self._marks = marks or MarkPolicy(xo, None)
 
     # -- create ----------------------------------------------------------------------------------
 
     async def create(
         self,
-        name: str,
+        request_name: str,
         size: tuple[int, int],
         params: StorageParams,
         requisite: Sequence[Mapping[str, str]],
         preferred: Sequence[Mapping[str, str]],
+        deadline_s: float | None = None,
     ) -> CreatedVolume:
         """Idempotent by name: an existing disk of a compatible size and class, reachable from ``requisite``,
         is returned as is; any other existing disk is AlreadyExistsIncompatible (spec: ALREADY_EXISTS).
 
-        The disk is created under ``<prefix>temp-<name>`` and renamed once described, so a crash
-        leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
+        The handle follows m4rCsi (vid.named_by_disk): ``name:<name>`` for migrating or local-SR volumes (long
+        names mapped by vid.volume_name_for_id), the bare VDI UUID for fixed shared ones. The disk is created
+        under ``<prefix>temp-<name>``, then described and renamed in one vdi.set, so a crash leaves only a
+        temporary disk that the next attempt (or --temp-cleanup) picks up.
         """
-        async with self._exclusive(name):
-            srs = await self._class_srs(params)
-            disk_name = vid.disk_name(self._disks.prefix, name)
+        srs = await self._class_srs(params)
+        by_name = vid.named_by_disk(migrating=params.migrating, shared_sr=all(sr.is_shared for sr in srs))
+        name = vid.volume_name_for_id(request_name) if by_name else request_name
+        disk_name = vid.disk_name(self._disks.prefix, name)
+        async with self._locks.hold(disk_name, deadline_s=deadline_s, volume=request_name):
             existing = await self._xo.find_vdis(name_label=disk_name)
+            if not existing:  # a disk of a pool XO lost must not be created again
+                existing = await self._xo.confirm_absent(f"disk {disk_name}",
+                                                         lambda: self._xo.find_vdis(name_label=disk_name))
             if len(existing) > 1:
                 raise duplicate_error(disk_name, existing)
             vdi = existing[0] if existing else None
@@ -100,18 +105,13 @@ class Provisioner:
                 _check_size(vdi, size, disk_name)
                 _check_class(vdi, params, disk_name)
             else:
-                vdi = await self._create_disk(name, size[0], params, srs, requisite, preferred)
-            return self._created(name, vdi, params, srs, requisite)
+                handle = vid.HANDLE_NAME if by_name else vid.HANDLE_VDI
+                vdi = await self._create_disk(name, size[0], params, handle, srs, (requisite, preferred))
+            return self._created(name, by_name, vdi, params, srs, requisite)
 
-    async def _create_disk(
-        self,
-        name: str,
-        size_bytes: int,
-        params: StorageParams,
-        srs: list[placement.SrView],
-        requisite: Sequence[Mapping[str, str]],
-        preferred: Sequence[Mapping[str, str]],
-    ) -> Vdi:
+    async def _create_disk(self, name: str, size_bytes: int, params: StorageParams, handle: str,
+                           srs: list[placement.SrView],
+                           topology: tuple[Sequence[Mapping[str, str]], Sequence[Mapping[str, str]]]) -> Vdi:
         temp_name = vid.temp_disk_name(self._disks.prefix, name)
         leftovers = await self._xo.find_vdis(name_label=temp_name)
         for extra in leftovers[1:]:
@@ -121,21 +121,33 @@ class Provisioner:
         else:
             if leftovers:
                 await self._xo.delete_vdi(leftovers[0].id)
-            target = placement.choose_for_create(srs, size_bytes, requisite, preferred)
+            target = await self._place(srs, size_bytes, *topology)
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
             self._inventory.invalidate()
             log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
-        info = StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating)
-        await self._xo.set_vdi(vdi_id, name_description=info.to_description())
-        await self._xo.set_vdi(vdi_id, name_label=vid.disk_name(self._disks.prefix, name))
+        info = StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating,
+                           handle=handle)
+        # One vdi.set: the disk is never seen renamed but undescribed (or described but still temporary).
+        await self._xo.set_vdi(vdi_id, name_label=vid.disk_name(self._disks.prefix, name),
+                               name_description=info.to_description())
         vdi = await self._xo.get_vdi(vdi_id)
         if vdi is None:
             raise OperationPending(f"disk {vdi_id} vanished right after its creation; retry")
         return vdi
 
-    def _created(self, name: str, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
+    async def _place(self, srs: list[placement.SrView], size_bytes: int, requisite: Sequence[Mapping[str, str]],
+                     preferred: Sequence[Mapping[str, str]]) -> placement.SrView:
+        """The SR for a new disk; "no SR" or "no room" only once XO is known to see every pool (an SR of a pool
+        XO lost is missing from the view)."""
+        try:
+            return placement.choose_for_create(srs, size_bytes, requisite, preferred)
+        except (PlacementImpossible, CapacityExhausted):
+            await self._xo.check_view_complete("the SRs of the StorageClass")
+            raise
+
+    def _created(self, name: str, by_name: bool, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
                  requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
-        volume_id = vid.by_name(name) if params.migrating else vid.by_uuid(vdi.id)
+        volume_id = vid.by_name(name) if by_name else vid.by_vdi(vdi.id)
         home = next((sr for sr in srs if sr.id == vdi.sr_id), None)
         if params.migrating and home is not None:
             # XO moves a disk only within its pool (vdi.migrate / VDI.copy take an SR of the same pool).
@@ -154,14 +166,17 @@ class Provisioner:
                              placement.accessible_segments(reachable, self._host_topology))
 
     async def _class_srs(self, params: StorageParams) -> list[placement.SrView]:
+        """The SRs of the class; "no such SR" only once XO is known to see every pool."""
         if params.sr_uuid:
             sr = await self._inventory.sr(params.sr_uuid)
             if sr is None:
+                await self._xo.check_view_complete(f"SR {params.sr_uuid}")
                 raise InvalidRequest(f"parameter srUUID={params.sr_uuid}: XO has no such SR; check the StorageClass")
             return [placement.view(sr)]
         assert params.srs_with_tag is not None
         tagged = await self._inventory.srs(tag=params.srs_with_tag)
         if not tagged:
+            await self._xo.check_view_complete(f"the SRs tagged {params.srs_with_tag}")
             raise InvalidRequest(
                 f"parameter srsWithTag={params.srs_with_tag}: no SR in XO carries this tag; tag the SRs in XO"
             )
@@ -170,9 +185,10 @@ class Provisioner:
 
     # -- delete / expand -------------------------------------------------------------------------
 
-    async def delete(self, volume_id: vid.VolumeId) -> None:
-        """Idempotent: a missing disk is success. Attached -> PreconditionFailed naming the VM."""
-        async with self._exclusive(str(volume_id)):
+    async def delete(self, volume_id: vid.VolumeId, deadline_s: float | None = None) -> None:
+        """Idempotent: a missing disk is success (once XO is known to see every pool). Attached ->
+        PreconditionFailed naming the VM."""
+        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
             disk = await self._disks.find(volume_id)
             if disk is None:
                 return
@@ -185,12 +201,12 @@ class Provisioner:
             self._inventory.invalidate()
             log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 
-    async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int]) -> int:
-        """Grow the VDI online to at least ``size[0]``; returns the new size. Idempotent: a volume already that
-        large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
-        async with self._exclusive(str(volume_id)):
-            disk = await self._disks.get(volume_id)
-            _refuse_while_migrating(disk)
+    async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int], deadline_s: float | None = None) -> int:
+        """Grow the detached VDI to at least ``size[0]``; returns the new size. Offline only (no XCP-ng SR driver
+        resizes an attached VDI): an attached disk is PreconditionFailed naming its node. Idempotent: a volume
+        already that large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
+        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+            disk = await self._marks.settle(await self._disks.get(volume_id))
             required, limit = size
             if limit and disk.vdi.size > limit:
                 raise OutOfRange(
@@ -199,73 +215,47 @@ class Provisioner:
                 )
             if disk.vdi.size >= required:
                 return disk.vdi.size
-            await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
+            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            if attached:
+                raise _in_use(volume_id, attached[0].vm_id)
+            try:
+                await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
+            except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
+                raise _in_use(volume_id, "another node") from exc
             self._inventory.invalidate()
+            log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=required)
             return required
 
     # -- list / capacity -------------------------------------------------------------------------
 
     async def list_volumes(self) -> list[VolumeEntry]:
-        """Every driver disk (temporary ones excluded), sorted by the id ListVolumes reports (the handle its PV
-        carries, see vid.listed_handle), with the VMs it is attached to and its condition (a migrating volume
-        has two VDIs while a copy runs: one entry)."""
-        vdis, vbds, srs = await asyncio.gather(self._xo.find_vdis(), self._xo.find_vbds(), self._xo.find_srs())
-        attached: dict[str, set[str]] = {}
-        for vbd in vbds:
-            if vbd.attached and vbd.vdi_id:
-                attached.setdefault(vbd.vdi_id, set()).add(vbd.vm_id)
-        shared = {sr.id for sr in srs if placement.view(sr).is_shared}
-        found: dict[str, tuple[vid.VolumeId, list[Vdi]]] = {}
-        for vdi in vdis:
-            listed = self._listed(vdi, shared)
-            if listed is not None:
-                found.setdefault(listed[0], (listed[1], []))[1].append(vdi)
-        entries = []
-        for key in sorted(found):
-            volume, copies = found[key]
-            vms = sorted(set().union(*(attached.get(v.id, set()) for v in copies)))
-            abnormal, condition = _condition(copies)
-            entries.append(VolumeEntry(volume, max(copies, key=lambda v: v.size), vms, abnormal, condition,
-                                       None if key == str(volume) else key))
-        return entries
-
-    def _listed(self, vdi: Vdi, shared_srs: set[str]) -> tuple[str, vid.VolumeId] | None:
-        """(handle its PV carries, volume id) of a driver disk, None for other disks."""
-        volume_name = vid.volume_name_of_disk(self._disks.prefix, vdi.name_label)
-        info = vdi_metadata.parse(vdi.name_description)
-        if volume_name is None or info is None:
-            return None
-        volume = vid.by_name(volume_name) if info.migrating else vid.by_uuid(vdi.id)
-        handle = vid.listed_handle(volume_name, vdi.id, migrating=info.migrating,
-                                   class_recorded=bool(info.srs_with_tag or info.sr_uuid),
-                                   shared_sr=vdi.sr_id in shared_srs)
-        return handle, volume
+        """Every volume under the handle its PV carries (services/csi_frontend/listing.py)."""
+        return await list_volumes(self._xo, self._disks.prefix)
 
     async def describe(self, volume_id: vid.VolumeId) -> VolumeState:
         """Size, attached nodes and condition (abnormal: missing on its SR, or a stray same-named copy)."""
         vdis = await self._disks.candidates(volume_id)
         if not vdis:
+            vdis = await self._xo.confirm_absent(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
+        if not vdis:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
         vbds = await asyncio.gather(*(self._xo.find_vbds(vdi_id=v.id) for v in vdis))
         nodes = sorted({vbd.vm_id for found in vbds for vbd in found if vbd.attached})
-        abnormal, message = _condition(vdis)
+        abnormal, message = condition(vdis)
         return VolumeState(max(v.size for v in vdis), nodes, abnormal, message)
 
     async def capacity(self, params: StorageParams, term: Mapping[str, str]) -> tuple[int, int]:
-        """(available bytes, largest volume that fits) for the class within the topology segment."""
+        """(available bytes, largest volume that fits) for the class within the topology segment. Checked against
+        XO's view first: while it lost a pool, that pool's SRs are missing and the answer would be too low."""
+        await self._xo.check_view_complete("the SRs of the StorageClass")
         return placement.capacity(await self._class_srs(params), term)
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: str) -> AsyncIterator[None]:
-        # The provisioner and resizer are leader-elected, so one controller acts at a time; this guards
-        # against the sidecar's own retries overlapping a still-running call for the same volume.
-        if key in self._busy:
-            raise OperationPending(f"an operation on volume {key} is already in progress; retry")
-        self._busy.add(key)
-        try:
-            yield
-        finally:
-            self._busy.discard(key)
+
+def _in_use(volume_id: vid.VolumeId, node: str) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"volume {volume_id} is attached to node {node}: XCP-ng grows a disk only while it is detached (offline "
+        "expansion); unpublish it first (stop the pod), then expand"
+    )
 
 
 def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:
@@ -303,20 +293,3 @@ def _check_homogeneous(srs: list[Sr], tag: str) -> None:
         raise InvalidRequest(
             f"SRs tagged {tag} mix shared ({shared}) and local ({local}) SRs; all must be shared or all local"
         )
-
-
-def _refuse_while_migrating(disk: Disk) -> None:
-    if disk.info is not None and disk.info.in_progress_to_sr and disk.info.in_progress_to_sr != disk.vdi.sr_id:
-        raise OperationPending(
-            f"volume {disk.volume_id} is being migrated to SR {disk.info.in_progress_to_sr}; retry after it finishes"
-        )
-
-
-def _condition(vdis: list[Vdi]) -> tuple[bool, str]:
-    if len(vdis) > 1:
-        if any(v.current_operations for v in vdis):
-            return False, "a migration copy is in progress"
-        return True, f"{len(vdis)} VDIs carry this volume's name; remove the stray copy in XO"
-    if vdis[0].missing:
-        return True, f"XO marks VDI {vdis[0].id} as missing from its SR"
-    return False, "volume is healthy"

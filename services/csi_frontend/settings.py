@@ -31,8 +31,13 @@ class FrontendSettings(BaseSettings):
     disk_name_prefix: str = "csi-"
     host_topology: bool = False
     temp_cleanup: bool = False
-    temp_cleanup_interval_s: float = 120.0
-    temp_cleanup_delete_after_s: float = 1800.0
+    temp_cleanup_interval_s: float = Field(default=120.0, gt=0, description="time between two cleanup passes")
+    temp_cleanup_min_age_s: float = Field(default=600.0, ge=0,
+                                          description="how long a temporary disk must be seen before it is marked")
+    temp_cleanup_delete_after_s: float = Field(default=1800.0, ge=0,
+                                               description="how long after its mark a temporary disk is deleted")
+    stale_mark_after_s: float = Field(default=70.0, ge=0,
+                                      description="clear a migration mark no live job backs after this long")
     device_dir: Path = Path("/dev")
     device_wait_s: float = Field(default=10.0, gt=0)
     max_volumes_per_node: int = Field(default=239, ge=1)

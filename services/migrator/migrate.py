@@ -36,6 +36,7 @@ class HandlerDeps:
     migrate_timeout_s: float
     per_sr_limit: int = 0  # most migrations at once touching one SR (source or target), all replicas; 0 = off
     sr_slot_wait_s: float = 60.0
+    duplicate_grace_s: float = 30.0  # how long XO may take to destroy a copied disk's source (_source_destroyed)
 
 
 async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
@@ -51,7 +52,7 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        vdi = await _source_vdi(deps.xo, request, lock, deps.migrate_timeout_s)
+        vdi = await _source_vdi(deps, request, lock)
         vdi, sr_id = await _move(deps, request, vdi, lock)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
                              vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
@@ -72,6 +73,8 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
                                        from_pool=current.pool_id if current is not None else None)
     new_id = await _copy(deps, request, vdi, target.id, info, lock)
     moved = await xo.get_vdi(new_id)
+    if moved is None:  # XO answers vdi.migrate once its cache has the new VDI: gone since, or its pool was lost
+        moved = await xo.confirm_absent(f"VDI {new_id}", lambda: xo.get_vdi(new_id))
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
         raise BackendFailure(f"XO migrated disk {request.disk_name} to VDI {new_id}, but that VDI {where}, "
@@ -91,7 +94,8 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         if isinstance(slots, SrSlots):
             metrics.SR_SLOT_WAIT.observe(slots.waited_s)
         lock.ensure_held()  # the wait may have outlived the disk lock
-        await xo.set_vdi(vdi.id, name_description=info.marked(target_id).to_description())
+        marked = vdi_metadata.with_mark(vdi.name_description, target_id) or info.marked(target_id).to_description()
+        await xo.set_vdi(vdi.id, name_description=marked)
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
         copy_started = time.monotonic()
         try:
@@ -119,7 +123,8 @@ async def _clear_mark(xo: XoClient, vdi: Vdi, lock: DiskLock) -> Vdi:
     if current is None or current.in_progress_to_sr is None:
         return vdi
     lock.ensure_held()
-    await xo.set_vdi(vdi.id, name_description=current.marked(None).to_description())
+    cleared = vdi_metadata.with_mark(vdi.name_description, None) or current.marked(None).to_description()
+    await xo.set_vdi(vdi.id, name_description=cleared)
     return vdi
 
 
@@ -136,12 +141,18 @@ async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:
         log.warning("migration_mark_kept", disk_name=vdi.name_label, vdi=vdi.id, error=exc.message)
 
 
-async def _source_vdi(xo: XoClient, request: MigrationRequested, lock: DiskLock, timeout_s: float) -> Vdi:
+async def _source_vdi(deps: HandlerDeps, request: MigrationRequested, lock: DiskLock) -> Vdi:
     """The disk's one VDI, after XO finished a copy in flight and an interrupted copy was settled (see
     ``settle_duplicates``)."""
+    xo = deps.xo
     vdis = await xo.find_vdis(name_label=request.disk_name)
     if any(v.current_operations for v in vdis):
-        vdis = await _settled(xo, request.disk_name, timeout_s)
+        vdis = await _settled(xo, request.disk_name, deps.migrate_timeout_s)
+    if len(vdis) > 1:
+        vdis = await _source_destroyed(xo, request.disk_name, vdis, deps.duplicate_grace_s)
+    if not vdis:  # VolumeNotFound fails the job for good: only once XO is known to see every pool
+        vdis = await xo.confirm_absent(f"disk {request.disk_name}",
+                                       lambda: xo.find_vdis(name_label=request.disk_name))
     if not vdis:
         raise VolumeNotFound(f"disk {request.disk_name} does not exist in XO (no VDI with that name)")
     if len(vdis) == 1:
@@ -174,6 +185,27 @@ async def _settled(xo: XoClient, disk_name: str, timeout_s: float) -> list[Vdi]:
     if vdis is None:
         raise OperationPending(f"disk {disk_name}: XO is still copying it after {timeout_s:g} s")
     return vdis
+
+
+async def _source_destroyed(xo: XoClient, disk_name: str, vdis: list[Vdi], grace_s: float) -> list[Vdi]:
+    """Two idle VDIs carry the disk's name: after a copy, XO swaps the VBDs over and destroys the source only
+    after its cache showed the copy (``Xapi#moveVdi``), so for a moment both exist and both are complete. Deleting
+    the "stray" copy then would lose the disk once XO destroys the source: wait (``grace_s``) until one of them
+    leaves the cache; only two VDIs still there afterwards are an interrupted copy for ``settle_duplicates``."""
+    known = {v.id for v in vdis}
+
+    async def one_left() -> list[Vdi] | None:
+        current = await xo.find_vdis(name_label=disk_name)
+        known.update(v.id for v in current)
+        return current if len(current) < 2 or any(v.current_operations for v in current) else None
+
+    def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
+        return obj_id in known or (obj is not None and obj.get("type") == "VDI" and obj.get("name_label") == disk_name)
+
+    left = await xo.wait_until(one_left, timeout_s=grace_s, max_interval_s=1.0, relevant=relevant)
+    if left is not None and any(v.current_operations for v in left):
+        raise OperationPending(f"disk {disk_name}: XO copies it again ({', '.join(v.id for v in left)})")
+    return left if left is not None else await xo.find_vdis(name_label=disk_name)
 
 
 def settle_duplicates(disk_name: str, vdis: list[Vdi], vdi_id_seen: str) -> tuple[Vdi, Vdi]:

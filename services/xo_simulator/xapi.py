@@ -263,7 +263,10 @@ class Xapi:
         sr = self.record(vdi["$SR"], "SR")
         if not self.can_see(self.host_of(vm), sr):
             raise XapiError("VM_REQUIRES_SR", [vm["_xapiRef"], sr["_xapiRef"]], method="VBD.plug")
-        if any(other["id"] != vbd["id"] for other in self.vbds_of(vdi) if other["attached"]):
+        # A VBD of the VDI plugged or being plugged (or unplugged) elsewhere holds it: XAPI refuses a second
+        # attach of a non-sharable VDI, also while the first one is still in flight.
+        if any(other["id"] != vbd["id"] and (other["attached"] or other["id"] in self._busy)
+               for other in self.vbds_of(vdi)):
             raise vdi_in_use(vdi["id"], "plug")
         return vm, vdi, shapes.device_name(int(vbd["position"]))
 

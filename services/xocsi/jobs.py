@@ -61,7 +61,8 @@ class _Backends:
     @asynccontextmanager
     async def redis(self) -> AsyncIterator[JobStore]:
         settings = self.settings
-        async with redis_client(settings.redis, timeout_s=settings.timeout_s) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            client = redis_client(stack, settings.redis, timeout_s=settings.timeout_s)
             yield JobStore(client, settings.redis.key_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
                            result_ttl_s=DEFAULT_RESULT_TTL_S)
 

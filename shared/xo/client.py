@@ -237,7 +237,9 @@ class XoClient:
         """
         fields = {"type": "VBD", "VM": vm_id, "VDI": vdi_id}
         plugged = MatchState(fields, lambda vbd: bool(vbd.get("attached") and vbd.get("device")))
-        async with self._watching(MatchState(fields, lambda vbd: vbd.get("id") not in known_vbd_ids)) as created:
+        # The VBD a failed plug leaves: a new one, not plugged (a plugged one is another call's, which succeeded).
+        left = MatchState(fields, lambda vbd: vbd.get("id") not in known_vbd_ids and not vbd.get("attached"))
+        async with self._watching(left) as created:
             try:
                 obj = await self._write("vm.attachDisk", {"vm": vm_id, "vdi": vdi_id, "mode": "RO" if read_only
                                                           else "RW"}, plugged)

@@ -30,12 +30,8 @@ class Sr(XoObject):
     tags: list[str] = Field(default_factory=list)
     container: str = Field(default="", alias="$container")
     content_type: str = ""
+    sr_type: str = Field(default="", alias="SR_type")
     in_maintenance_mode: bool = Field(default=False, alias="inMaintenanceMode")
-
-    @property
-    def free_bytes(self) -> int:
-        """Space left for new virtual allocations (XO ``size - usage``, never negative)."""
-        return max(0, self.size - self.usage)
 
 
 class Vm(XoObject):
@@ -61,6 +57,7 @@ class Vbd(XoObject):
     device: str | None = None
     position: str | None = None
     read_only: bool = False
+    bootable: bool = False
     is_cd_drive: bool = False
     vdi_id: str | None = Field(default=None, alias="VDI")
     vm_id: str = Field(alias="VM")

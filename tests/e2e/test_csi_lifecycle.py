@@ -1,7 +1,7 @@
 """End to end over gRPC: simulator (real data mode), controller and node frontends as separate processes.
 
 create -> publish -> stage (mkfs on a loop device) -> publish mount -> write -> unpublish -> unstage ->
-stage again -> read back; online expansion; a static volume; bad inputs; repeated calls.
+stage again -> read back; offline expansion; a static volume; bad inputs; repeated calls.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ async def _unmount_and_unstage(stack: Stack, node: str, volume_id: str, staging:
 async def test_lifecycle_data_survives_unstage_and_restage(stack: Stack) -> None:
     sr_a1 = await stack.sr_id("Local A1")
     volume = await _create(stack, "pvc-life", 64 * MiB, srUUID=sr_a1)
-    assert volume.volume_id.startswith("uuid:") and volume.capacity_bytes == 64 * MiB
+    assert volume.volume_id == "name:pvc-life" and volume.capacity_bytes == 64 * MiB  # local SR: by name (m4rCsi)
     assert [dict(t.segments) for t in volume.accessible_topology] == [{"pool": (await stack.xo.get_sr(sr_a1)).pool_id}]
     again = await _create(stack, "pvc-life", 64 * MiB, srUUID=sr_a1)
     assert again == volume  # idempotent by name
@@ -105,21 +105,37 @@ async def test_lifecycle_data_survives_unstage_and_restage(stack: Stack) -> None
     assert await stack.xo.find_vdis(name_label="csi-pvc-life") == []
 
 
-async def test_online_expansion_grows_the_mounted_filesystem(stack: Stack) -> None:
+async def test_offline_expansion_grows_the_filesystem_with_its_data(stack: Stack) -> None:
+    """XCP-ng resizes a VDI only while it is detached (XO code 17 otherwise): expanding an attached volume is
+    FAILED_PRECONDITION naming the node; unpublished, the VDI grows, and once published and staged again the node
+    grows the filesystem to the device (node_expansion_required) with the data intact."""
     volume = await _create(stack, "pvc-grow", 320 * MiB, srsWithTag="k8s-migrating", fs="xfs")
     node = await stack.node_for_disk("csi-pvc-grow")
     ctx = await _publish(stack, volume.volume_id, node)
     staging, target = await _stage_and_mount(stack, node, volume.volume_id, ctx, fs="xfs")
+    (target / "kept.txt").write_text("written before the expansion")
     before = shutil.disk_usage(target).total
-    expanded = await stack.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+    expand = csi_pb2.ControllerExpandVolumeRequest(
         volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=480 * MiB),
-        volume_capability=mount_cap("xfs")), timeout=30)
+        volume_capability=mount_cap("xfs"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.controller.ControllerExpandVolume(expand, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"attached to node {stack.vm_ids[node]}" in (refused.value.details() or "")
+
+    await _unmount_and_unstage(stack, node, volume.volume_id, staging, target)
+    await stack.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=volume.volume_id, node_id=stack.vm_ids[node]), timeout=30)
+    expanded = await stack.controller.ControllerExpandVolume(expand, timeout=30)
     assert expanded.capacity_bytes == 480 * MiB and expanded.node_expansion_required
+    ctx = await _publish(stack, volume.volume_id, node)
+    staging, target = await _stage_and_mount(stack, node, volume.volume_id, ctx, fs="xfs")
     await stack.nodes[node].NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
         volume_id=volume.volume_id, volume_path=str(target), staging_target_path=str(staging),
         capacity_range=csi_pb2.CapacityRange(required_bytes=480 * MiB), volume_capability=mount_cap("xfs")),
         timeout=60)
     assert shutil.disk_usage(target).total > before + 100 * MiB
+    assert (target / "kept.txt").read_text() == "written before the expansion"
     await _unmount_and_unstage(stack, node, volume.volume_id, staging, target)
     await stack.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
         volume_id=volume.volume_id, node_id=stack.vm_ids[node]), timeout=30)

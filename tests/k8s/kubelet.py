@@ -53,7 +53,8 @@ async def mounted(env: Deployed, node: str, pv_name: str) -> AsyncIterator[Path]
 
 
 async def expand(env: Deployed, node: str, pv_name: str, target: Path, size_bytes: int) -> None:
-    """NodeExpandVolume on the published volume (the kubelet does it for an ONLINE plugin once the resizer is done)."""
+    """NodeExpandVolume on the published volume: the kubelet calls it once the resizer is done, on the mounted volume
+    (ONLINE) or right after staging it again (OFFLINE, the claim NodeResizePending)."""
     pv = await env.cluster.get("pv", pv_name)
     await env.stack.node(node).NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
         volume_id=pv["spec"]["csi"]["volumeHandle"], volume_path=str(target), volume_capability=capability(pv),

@@ -12,6 +12,7 @@ from typing import Any
 
 from dev.stack import Stack
 from dev.wait import eventually
+from shared import placement
 from tests.k8s.cluster import Obj
 from tests.k8s.deployment import Deployed
 from tests.k8s.objects import DRIVER, NAMESPACE
@@ -59,7 +60,7 @@ def sorted_dicts(dicts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 async def free_of(env: Deployed, sr_name: str) -> int:
     (sr,) = [sr for sr in await env.stack.xo.find_srs() if sr.name_label == sr_name]
-    return sr.free_bytes
+    return placement.free_bytes(sr)
 
 
 def provisioner_reasons(events: list[Obj]) -> list[str]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
 
 MODE = csi_pb2.VolumeCapability.AccessMode
+
+
+NEEDS_LOSETUP = pytest.mark.skipif(shutil.which("losetup") is None,
+                                   reason="needs losetup (util-linux) for real data mode")
 
 
 def require_root(what: str) -> None:

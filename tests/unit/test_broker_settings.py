@@ -83,16 +83,18 @@ def test_bad_sentinel_settings_name_the_setting_and_the_fix(monkeypatch: pytest.
     assert expected in _error(RedisSettings, monkeypatch, **env)
 
 
-@pytest.mark.parametrize(("env", "migrations"), [
-    ({"AMQP_URL": "amqp://u:p@r-0/,amqp://u:p@r-1/", "REDIS_URL": "redis://redis:6379/0"}, True),
-    ({"AMQP_URL": "amqp://u:p@r-0/", "REDIS_SENTINELS": "s-0:26379", "REDIS_SENTINEL_MASTER": "x"}, True),
-    ({"AMQP_URL": "amqp://u:p@r-0/"}, False),
-    ({"REDIS_SENTINELS": "s-0:26379", "REDIS_SENTINEL_MASTER": "x"}, False),
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"AMQP_URL": "amqp://u:p@r-0/,amqp://u:p@r-1/", "REDIS_URL": "redis://redis:6379/0"}, (True, True)),
+    ({"AMQP_URL": "amqp://u:p@r-0/", "REDIS_SENTINELS": "s-0:26379", "REDIS_SENTINEL_MASTER": "x"}, (True, True)),
+    ({"AMQP_URL": "amqp://u:p@r-0/"}, (True, False)),
+    ({"REDIS_SENTINELS": "s-0:26379", "REDIS_SENTINEL_MASTER": "x"}, (False, True)),
 ])
-def test_the_frontend_migrates_once_rabbitmq_and_some_redis_are_configured(
-        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], migrations: bool) -> None:
+def test_the_frontend_sees_rabbitmq_and_redis_given_either_way(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                               expected: tuple[bool, bool]) -> None:
+    """Both given = migrations on; Redis alone (a URL or sentinels) = the temporary-disk cleanup's lease."""
     for name in ("AMQP_URL", "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert (messaging_settings() is not None) == migrations
+    rabbit, redis = messaging_settings()
+    assert (rabbit is not None, redis is not None) == expected

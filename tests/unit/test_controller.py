@@ -17,7 +17,8 @@ from services.csi_frontend.controller import ControllerServicer
 from services.csi_frontend.disks import Disk
 from services.csi_frontend.identity import IdentityServicer
 from services.csi_frontend.interceptors import ErrorMappingInterceptor
-from services.csi_frontend.provisioning import CreatedVolume, VolumeEntry
+from services.csi_frontend.listing import VolumeEntry
+from services.csi_frontend.provisioning import CreatedVolume
 from shared import vdi_metadata
 from shared import volume_id as vid
 from shared.csi import csi_pb2, csi_pb2_grpc
@@ -47,7 +48,7 @@ class FakeProvisioner:
     async def list_volumes(self) -> list[VolumeEntry]:
         return self.entries
 
-    async def delete(self, volume_id: vid.VolumeId) -> None:
+    async def delete(self, volume_id: vid.VolumeId, deadline_s: float | None = None) -> None:
         self.deleted.append(volume_id)
 
     async def create(self, name: str, size: tuple[int, int], params: StorageParams, *_: Any) -> CreatedVolume:
@@ -60,7 +61,7 @@ class FakeProvisioner:
 class FakeAttacher:
     unpublished: list[tuple[vid.VolumeId, str | None]] = field(default_factory=list)
 
-    async def unpublish(self, volume_id: vid.VolumeId, node_id: str | None) -> None:
+    async def unpublish(self, volume_id: vid.VolumeId, node_id: str | None, deadline_s: float | None = None) -> None:
         self.unpublished.append((volume_id, node_id))
 
 
@@ -153,18 +154,6 @@ async def test_a_missing_or_bad_field_is_reported_before_the_volume_is_looked_up
         await _call(setup, rpc, request_)
 
 
-@pytest.mark.parametrize("migrating", ["true", "false"])
-async def test_a_128_byte_name_gets_an_id_of_at_most_128_bytes_the_same_on_a_retry(
-        setup: Setup, migrating: str) -> None:
-    name = "pvc-" + "x" * 124
-    request = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[_cap()],
-                                          parameters={"srsWithTag": "t", "migrating": migrating})
-    ids = [(await _call(setup, "CreateVolume", request)).volume.volume_id for _ in range(2)]
-    assert ids[0] == ids[1] and len(ids[0].encode()) <= vid.MAX_ID_BYTES
-    expected = vid.volume_name_for_id(name) if migrating == "true" else name  # uuid: ids fit whatever the name
-    assert setup.provisioner.created == [expected, expected]
-
-
 async def test_unpublish_without_node_id_unpublishes_from_every_node(setup: Setup) -> None:
     await _call(setup, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(volume_id="name:pvc-1"))
     assert setup.attacher.unpublished == [(vid.by_name("pvc-1"), None)]
@@ -186,7 +175,7 @@ async def test_validate_confirms_only_supported_capabilities_of_the_volume_class
 
 
 def _entries(*names: str) -> list[VolumeEntry]:
-    return [VolumeEntry(vid.by_name(n), _vdi(f"csi-{n}"), [], False, "volume is healthy") for n in sorted(names)]
+    return [VolumeEntry(f"name:{n}", _vdi(f"csi-{n}"), [], False, "volume is healthy") for n in sorted(names)]
 
 
 async def _page(setup: Setup, max_entries: int = 0, token: str = "") -> tuple[list[str], str]:
@@ -214,7 +203,7 @@ async def test_list_volumes_tokens_survive_deleting_the_page_they_end(setup: Set
 
 
 async def test_list_volumes_entries_carry_published_nodes_and_condition(setup: Setup) -> None:
-    setup.provisioner.entries = [VolumeEntry(vid.by_name("a"), _vdi("csi-a"), ["vm-1"], True, "stray copy")]
+    setup.provisioner.entries = [VolumeEntry("name:a", _vdi("csi-a"), ["vm-1"], True, "stray copy")]
     response = await _call(setup, "ListVolumes", csi_pb2.ListVolumesRequest())
     status = response.entries[0].status
     assert list(status.published_node_ids) == ["vm-1"]
@@ -235,7 +224,7 @@ async def test_plugin_capabilities_are_plugin_wide_the_node_plugin_answers_them_
     service, expansion = csi_pb2.PluginCapability.Service, csi_pb2.PluginCapability.VolumeExpansion
     assert [(c.service.type, c.volume_expansion.type) for c in answer.capabilities] == [
         (service.CONTROLLER_SERVICE, expansion.UNKNOWN), (service.VOLUME_ACCESSIBILITY_CONSTRAINTS, expansion.UNKNOWN),
-        (service.UNKNOWN, expansion.ONLINE)]
+        (service.UNKNOWN, expansion.OFFLINE)]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The migrator without a network: which of two same-named VDIs is the source (settle_duplicates), and the
-health probes' verdicts."""
+"""The migrator without a network: which of two same-named VDIs is the source (settle_duplicates), a disk XO's view
+lost after vdi.migrate, and the health probes' verdicts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from typing import Any
 import pytest
 
 from services.migrator.health import HealthServer
-from services.migrator.migrate import settle_duplicates
-from shared.errors import OperationPending, PreconditionFailed
+from services.migrator.migrate import HandlerDeps, _move, settle_duplicates
+from shared.errors import BackendFailure, OperationPending, PreconditionFailed
+from shared.messages import MigrationRequested, utc_now
+from shared.xo.client import XoClient
+from shared.xo.errors import XoPoolDisconnected
 from shared.xo.models import Vdi
+from shared.xo.transport import Credentials, RpcSession
+from tests.unit.xo.memory_peer import MemoryPeer
 
 MARK_TO_B = 'csi:info: {"migrating":{"inProgressToSRUUID":"sr-b"},"srsWithTag":"k8s"}'
 
@@ -67,3 +72,56 @@ async def test_readiness_needs_every_check() -> None:
 async def test_liveness_is_the_consume_loop_age(age_s: float, alive: bool) -> None:
     health = HealthServer(loop_age_s=lambda: age_s, checks={}, liveness_timeout_s=5, probe_timeout_s=1)
     assert (await health.liveness()) == (alive, {"consume_loop_age_s": age_s})
+
+
+class _HeldLock:
+    """What _move asks of the disk lock: that it is still held."""
+
+    def ensure_held(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("status", "error"), [("disconnected", XoPoolDisconnected), ("connected", BackendFailure)])
+async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo_lost_a_pool(
+        status: str, error: type[Exception]) -> None:
+    """XO answered vdi.migrate (its cache had the new VDI), then the new VDI is not in its view: while XO has lost a
+    pool that proves nothing (XoPoolDisconnected: the job is retried), else it is a failure of XO's."""
+    objects: dict[str, dict[str, Any]] = {
+        "v1": {"id": "v1", "type": "VDI", "$SR": "sr-a", "name_label": "csi-a", "size": 1,
+               "name_description": 'csi:info: {"migrating":{},"srsWithTag":"k8s"}'},
+        "sr-a": {"id": "sr-a", "type": "SR", "$pool": "p", "$container": "h-a", "tags": ["k8s"], "size": 10},
+        "sr-b": {"id": "sr-b", "type": "SR", "$pool": "p", "$container": "h-b", "tags": ["k8s"], "size": 10},
+    }
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "xo.getAllObjects":
+            wanted = params["filter"]
+            return {k: v for k, v in objects.items()
+                    if all(v.get(f) == x or (isinstance(x, list) and set(x) <= set(v.get(f) or [])) for f, x in
+                           wanted.items())}
+        if method == "vdi.set":
+            objects[params["id"]]["name_description"] = params["name_description"]
+            return None
+        if method == "vdi.migrate":
+            del objects[params["id"]]  # the copy "v2" is never seen: its pool was lost right after the answer
+            return "v2"
+        if method == "server.getAll":
+            return [{"id": "s", "label": "pool p", "status": status}]
+        raise AssertionError(method)
+
+    peer = MemoryPeer(handler)
+    client = XoClient(RpcSession(peer, Credentials(token="good-token"), timeout_s=2, connect_timeout_s=2),
+                      settle_timeout_s=2)
+    deps = HandlerDeps(xo=client, redis=None, key_prefix="t:", lock_ttl_s=1, lock_wait_s=1,  # type: ignore[arg-type]
+                       migrate_timeout_s=5)
+    request = MigrationRequested(job_id="j", disk_name="csi-a", volume_id="name:a", vdi_id_seen="v1", tag="k8s",
+                                 vm_id="vm", host_id="h-b", pool_id="p", requested_at=utc_now(), correlation_id="c")
+    try:
+        vdi = await client.get_vdi("v1")
+        assert vdi is not None
+        with pytest.raises(error) as info:
+            await _move(deps, request, vdi, _HeldLock())  # type: ignore[arg-type]
+        assert info.value.retryable is (status == "disconnected")  # type: ignore[attr-defined]
+    finally:
+        await client.close()
+        await peer.aclose()

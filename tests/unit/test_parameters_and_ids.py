@@ -38,13 +38,23 @@ def test_good_parameters() -> None:
     [
         ("name:pvc-1", vid.VolumeId("name", "pvc-1")),
         ("uuid:0B7E7F52-0A53-4C8F-9F3B-0A4E8B0E6D1A", vid.VolumeId("uuid", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a")),
-        ("0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a", vid.VolumeId("uuid", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a")),
+        ("0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a", vid.VolumeId("uuid", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a", True)),
     ],
 )
 def test_volume_id_round_trip(text: str, expected: vid.VolumeId) -> None:
     parsed = vid.parse(text)
     assert parsed == expected
     assert vid.parse(str(parsed)) == parsed
+    assert str(parsed) == text.replace("0B7E7F52-0A53-4C8F-9F3B-0A4E8B0E6D1A", "0b7e7f52-0a53-4c8f-9f3b-0a4e8b0e6d1a")
+
+
+@pytest.mark.parametrize(
+    ("migrating", "shared_sr", "by_name"),
+    [(True, True, True), (True, False, True), (False, False, True), (False, True, False)],
+)
+def test_the_handle_rule_is_m4rcsis(migrating: bool, shared_sr: bool, by_name: bool) -> None:
+    """m4rCsi sr_selection.go VolumeIDType: by name when migrating or on a local SR, by VDI UUID when fixed shared."""
+    assert vid.named_by_disk(migrating=migrating, shared_sr=shared_sr) is by_name
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 129, "name:" + "a" * 124])
@@ -94,23 +104,26 @@ VDI = "0f8e4d2c-1a2b-4c3d-8e9f-00aa11bb22cc"
 
 
 @pytest.mark.parametrize(
-    ("migrating", "class_recorded", "shared_sr", "handle"),
+    ("migrating", "written", "class_recorded", "shared_sr", "handles"),
     [
-        (True, True, False, "name:pvc-1"),  # migrating: by name, whoever made it
-        (True, True, True, "name:pvc-1"),
-        (False, True, False, f"uuid:{VDI}"),  # this driver's fixed volumes: what its CreateVolume returned
-        (False, True, True, f"uuid:{VDI}"),
-        (False, False, False, "name:pvc-1"),  # m4rCsi's fixed volume on a local SR ("csi:info: {}")
-        (False, False, True, VDI),  # m4rCsi's fixed volume on a shared SR: the bare VDI UUID
+        (True, "name", True, False, ["name:pvc-1"]),  # this version: the form it recorded
+        (False, "name", True, False, ["name:pvc-1"]),
+        (False, "vdi", True, True, [VDI]),
+        (True, None, True, True, ["name:pvc-1"]),  # migrating: by name, whoever made it
+        (False, None, False, False, ["name:pvc-1"]),  # m4rCsi's fixed volume on a local SR ("csi:info: {}")
+        (False, None, False, True, [VDI]),  # m4rCsi's fixed volume on a shared SR: the bare VDI UUID
+        (False, None, True, False, ["name:pvc-1", f"uuid:{VDI}"]),  # earlier xo-csi wrote uuid:: both forms
+        (False, None, True, True, [VDI, f"uuid:{VDI}"]),
     ],
 )
-def test_listed_handle_is_the_handle_the_pv_carries(migrating: bool, class_recorded: bool, shared_sr: bool,
-                                                    handle: str) -> None:
+def test_listed_handles_are_the_handles_the_pv_may_carry(migrating: bool, written: str | None, class_recorded: bool,
+                                                         shared_sr: bool, handles: list[str]) -> None:
     """external-attacher reconciles VolumeAttachments by looking the PV's handle up in ListVolumes (tests/k8s)."""
-    listed = vid.listed_handle("pvc-1", VDI.upper(), migrating=migrating, class_recorded=class_recorded,
-                               shared_sr=shared_sr)
-    assert listed == handle
-    assert vid.parse(listed) == (vid.by_name("pvc-1") if handle.startswith("name:") else vid.by_uuid(VDI))
+    listed = vid.listed_handles("pvc-1", VDI, migrating=migrating, shared_sr=shared_sr, written=written,
+                                class_recorded=class_recorded)
+    assert listed == handles
+    for handle in listed:
+        assert str(vid.parse(handle)) == handle
 
 
 def test_disk_names() -> None:
@@ -123,12 +136,26 @@ def test_disk_names() -> None:
 
 def test_metadata_is_m4rcsi_compatible() -> None:
     info = vdi_metadata.StorageInfo(srs_with_tag="k8s", migrating=True)
-    assert info.to_description() == 'csi:info: {"migrating":{},"srsWithTag":"k8s"}'
+    assert info.to_description() == 'csi:info: {"migrating":{"enabled":true},"srsWithTag":"k8s"}'
     marked = info.marked("sr-2")
     assert vdi_metadata.parse(marked.to_description()) == marked
+    fixed = vdi_metadata.StorageInfo(sr_uuid="sr-1", handle="vdi")
+    assert vdi_metadata.parse(fixed.to_description()) == fixed
     # an m4rCsi build that wrote toSRUUID
     old = vdi_metadata.parse('csi:info: {"migrating":{"toSRUUID":"sr-9"},"srsWithTag":"k8s"}')
     assert old is not None and old.in_progress_to_sr == "sr-9" and old.migrating
     assert vdi_metadata.parse("csi:info: {not json") is None
     assert vdi_metadata.parse("a user's description") is None
     assert vdi_metadata.parse('csi:info: {"srsWithTag":"k8s"}') == vdi_metadata.StorageInfo("k8s", None, False)
+
+
+def test_setting_or_clearing_the_mark_keeps_every_other_field() -> None:
+    # a description m4rCsi (or a later version) wrote with fields this version does not know: none is lost
+    written = 'csi:info: {"migrating":{"enabled":true,"toSRUUID":"sr-9","future":1},"srsWithTag":"k8s","x":[1]}'
+    cleared = vdi_metadata.with_mark(written, None)
+    assert cleared == 'csi:info: {"migrating":{"enabled":true,"future":1},"srsWithTag":"k8s","x":[1]}'
+    marked = vdi_metadata.with_mark(cleared, "sr-2")
+    assert marked == ('csi:info: {"migrating":{"enabled":true,"future":1,"inProgressToSRUUID":"sr-2"},'
+                      '"srsWithTag":"k8s","x":[1]}')
+    assert vdi_metadata.with_mark('csi:info: {"srUUID":"sr-1"}', "sr-2") is None  # not a migrating volume
+    assert vdi_metadata.with_mark("a user's description", None) is None

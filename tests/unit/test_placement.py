@@ -19,10 +19,21 @@ NFS_B = SrView("nfs-b", "NFS B", "pool-b", None, 5 * GiB)
 
 def test_view_tells_local_from_shared() -> None:
     local = Sr.model_validate({"id": "s", "type": "SR", "$pool": "p", "$container": "h", "shared": False,
-                               "size": 10, "usage": 4})
+                               "size": 10, "usage": 4, "physical_usage": 3, "SR_type": "lvm"})
     shared = Sr.model_validate({"id": "t", "type": "SR", "$pool": "p", "$container": "p", "shared": True})
     assert placement.view(local) == SrView("s", "", "p", "h", 6)
     assert placement.view(shared).is_shared
+
+
+@pytest.mark.parametrize(
+    ("sr_type", "free"),
+    [("ext", 70), ("nfs", 70), ("xfs", 70), ("", 70),  # thin: size - physical_usage (usage may exceed size)
+     ("lvm", 0), ("lvmoiscsi", 0), ("LVMoHBA", 0)],  # thick: size - usage, never negative
+)
+def test_free_space_is_physical_on_thin_srs_and_virtual_on_thick_ones(sr_type: str, free: int) -> None:
+    sr = Sr.model_validate({"id": "s", "type": "SR", "size": 100, "usage": 150, "physical_usage": 30,
+                            "SR_type": sr_type})
+    assert placement.free_bytes(sr) == free
 
 
 @pytest.mark.parametrize(

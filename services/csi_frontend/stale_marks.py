@@ -1,0 +1,84 @@
+"""Migration marks left behind (issue 10 item 5): a disk whose ``csi:info`` says ``inProgressToSRUUID`` while no
+migration runs for it.
+
+m4rCsi leaves its mark when ``vdi.migrate`` fails, and a worker of ours that crashed between marking and clearing
+leaves one too. An attach of a marked disk answers ABORTED ("being migrated") so that it does not race the copy;
+with nobody left to clear the mark, that would last for ever. ``MarkPolicy.settle`` decides:
+
+- the disk sits on the mark's target SR: the migration finished (m4rCsi's self-healing rule): clear it now;
+- a migration is live (an active job record in Redis for the disk, or XO runs an operation on the VDI): respect
+  the mark (OperationPending);
+- neither: the mark is stale once it has stayed so for ``clear_after_s`` (first seen by this controller, kept in
+  memory; default 2 x the migrators' default stale-after, so a worker's job is reaped and retried before its mark
+  is called stale); then it is cleared and the attach goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from services.csi_frontend.disks import Disk
+from shared import vdi_metadata
+from shared.errors import OperationPending
+from shared.jobs import JobStore
+from shared.logging import get_logger
+from shared.xo.client import XoClient
+
+log = get_logger(__name__)
+DEFAULT_CLEAR_AFTER_S = 70.0  # 2 x the migrator's default stale_after_s (3 x 10 s heartbeat + 5 s)
+
+
+class MarkPolicy:
+    """Clears marks no live migration backs, after ``clear_after_s``; ``jobs`` is None without migrations (no job
+    of ours can exist then: only XO's own operations count as live)."""
+
+    def __init__(self, xo: XoClient, jobs: JobStore | None, *, clear_after_s: float = DEFAULT_CLEAR_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._xo = xo
+        self._jobs = jobs
+        self._clear_after_s = clear_after_s
+        self._clock = clock
+        self._first_seen: dict[tuple[str, str], float] = {}  # (VDI id, marked SR) -> when first seen without a job
+
+    async def settle(self, disk: Disk) -> Disk:
+        """The disk with a finished or stale mark cleared; OperationPending while the mark must be respected."""
+        info = disk.info
+        if info is None or not info.in_progress_to_sr:
+            return disk
+        target = info.in_progress_to_sr
+        if target == disk.vdi.sr_id:
+            return await self._clear(disk, reason="on its target SR")
+        key = (disk.vdi.id, target)
+        live = await self._live(disk)
+        if live is not None:
+            self._first_seen.pop(key, None)
+            raise OperationPending(f"volume {disk.volume_id} is being migrated to SR {target} ({live}); retry")
+        now = self._clock()
+        waited_s = now - self._first_seen.setdefault(key, now)
+        if waited_s < self._clear_after_s:
+            raise OperationPending(
+                f"volume {disk.volume_id} is marked as migrating to SR {target}, but no migration job runs for it "
+                f"and XO copies nothing; the mark is cleared if it stays so for {self._clear_after_s:g} s "
+                f"({self._clear_after_s - waited_s:.0f} s left); retry"
+            )
+        self._first_seen.pop(key, None)
+        return await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
+
+    async def _live(self, disk: Disk) -> str | None:
+        """Why a migration of the disk may be running now, or None."""
+        if disk.vdi.current_operations:
+            return f"XO runs {', '.join(sorted(map(str, disk.vdi.current_operations.values())))} on it"
+        if self._jobs is not None:
+            record = await self._jobs.get(disk.vdi.name_label)
+            if record is not None and record.is_active:
+                return f"job {record.job_id} is {record.state}"
+        return None
+
+    async def _clear(self, disk: Disk, *, reason: str) -> Disk:
+        assert disk.info is not None
+        cleared = vdi_metadata.with_mark(disk.vdi.name_description, None) or disk.info.marked(None).to_description()
+        log.warning("migration_mark_cleared", vdi=disk.vdi.id, disk_name=disk.vdi.name_label,
+                    sr_to=disk.info.in_progress_to_sr, reason=reason)
+        await self._xo.set_vdi(disk.vdi.id, name_description=cleared)
+        return Disk(disk.volume_id, disk.vdi, vdi_metadata.parse(cleared))

@@ -1,0 +1,116 @@
+"""The controller and the migrator against the harsh simulator (issue 9 items 1, 3, 8): offline expansion, XO
+losing the pool a migration needs, both VDIs busy during a copy, thin SRs' free space. The pool loss seen through
+every controller RPC over gRPC is tests/e2e/test_pool_loss.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dev.wait import eventually
+from services.csi_frontend.disks import Disk
+from shared import placement
+from shared import volume_id as vid
+from shared.csi import csi_pb2
+from shared.errors import PreconditionFailed
+from tests.support.brokers import RedisEndpoint
+from tests.support.controller import Context, Controller, controller
+from tests.support.migration import DISK, POOL_A, SR_A1, SR_A2, Env, open_env, vdis_named
+from tests.support.sim import SR_NFS_A, VM_A1
+
+MiB = 1024**2
+_Mode = csi_pb2.VolumeCapability.AccessMode
+MOUNT = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
+                                 access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+BLOCK = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
+                                 access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+
+
+@pytest.fixture
+async def ctl() -> AsyncIterator[Controller]:
+    async with controller() as running:
+        yield running
+
+
+async def _expand(ctl: Controller, volume_id: str, size: int,
+                  cap: csi_pb2.VolumeCapability = MOUNT) -> csi_pb2.ControllerExpandVolumeResponse:
+    return await ctl.servicer.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=size), volume_capability=cap),
+        Context())  # type: ignore[arg-type]
+
+
+async def test_expansion_is_offline_an_attached_disk_is_refused_naming_its_node(ctl: Controller) -> None:
+    servicer = ctl.servicer
+    created = await servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-grow", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[MOUNT],
+        parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+    volume_id = created.volume.volume_id
+    await servicer.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=volume_id, node_id=VM_A1, volume_capability=MOUNT), Context())  # type: ignore[arg-type]
+    with pytest.raises(PreconditionFailed, match=f"attached to node {VM_A1}.*offline expansion.*unpublish it first"):
+        await _expand(ctl, volume_id, 128 * MiB)
+    assert (await _expand(ctl, volume_id, 64 * MiB)).capacity_bytes == 64 * MiB  # already that large: OK
+    await servicer.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=volume_id, node_id=VM_A1), Context())  # type: ignore[arg-type]
+    grown = await _expand(ctl, volume_id, 128 * MiB)
+    assert (grown.capacity_bytes, grown.node_expansion_required) == (128 * MiB, True)  # the node grows the fs
+    assert (await _expand(ctl, volume_id, 128 * MiB, BLOCK)).node_expansion_required is False
+    vdi = await ctl.xo.get_vdi(volume_id)
+    assert vdi is not None and vdi.size == 128 * MiB
+
+
+async def test_free_space_of_a_thin_sr_is_what_is_not_allocated_physically(ctl: Controller) -> None:
+    for _ in range(3):  # 3 x 400 GiB on a 1 TiB thin SR: the virtual allocation exceeds the size
+        await ctl.xo.create_disk("someone-elses", 400 * 1024**3, SR_NFS_A)
+
+    async def capacity_is_physical() -> bool:
+        sr = await ctl.xo.get_sr(SR_NFS_A)
+        assert sr is not None and sr.usage > sr.size  # overcommitted
+        response = await ctl.servicer.GetCapacity(csi_pb2.GetCapacityRequest(
+            parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+        assert response.available_capacity == sr.size - sr.physical_usage == placement.free_bytes(sr) > 0
+        return True
+
+    await eventually(capacity_is_physical, 5, 0.1, description="GetCapacity counts physical usage on a thin SR")
+
+
+async def test_the_source_of_a_running_copy_is_told_apart_although_both_vdis_are_busy(
+        amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str) -> None:
+    """During a copy XO shows a current operation on the source AND the copy, and the copy carries the source's
+    description: a retried publish still finds the source to join the job (by the mark's target SR)."""
+    async with open_env(amqp_vhost, redis_server, redis_prefix, migration_rate_bps=512 * MiB) as env:
+        await env.worker("w1")
+        await env.submit()
+        await eventually(lambda: len(vdis_named(env.sim)) == 2 and all(
+            v["current_operations"] for v in vdis_named(env.sim)), 10, description="a copy running")
+        await eventually(lambda: _both_busy_in_cache(env), 10, description="XO's cache shows the copy")
+        source = await env.frontend.disks.copy_source(vid.by_name("vol1"))
+        assert isinstance(source, Disk) and source.vdi.sr_id == SR_A1
+
+
+async def _both_busy_in_cache(env: Env) -> bool:
+    vdis = await env.frontend.xo.find_vdis(name_label=DISK)
+    return len(vdis) == 2 and all(v.current_operations for v in vdis)
+
+
+async def test_a_migration_while_xo_lost_the_pool_is_retried_then_completes(
+        amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str) -> None:
+    """The disk is absent from XO's view because its pool is lost: the job is retried (never failed for good as
+    VolumeNotFound), nothing is copied meanwhile, and it completes once the pool is back."""
+    async with open_env(amqp_vhost, redis_server, redis_prefix) as env:
+        env.sim.simulator.outages.disconnect(POOL_A, None)
+        await env.worker("w1", max_attempts=1000)
+        await env.submit()
+        await eventually(lambda: _retried(env), 10, description="the job retried while the pool is lost")
+        assert env.sim.simulator.stats.migrations[DISK] == 0
+        env.sim.simulator.outages.reconnect(POOL_A)
+        record = await eventually(env.finished, 20, description="the job finished")
+        assert record.result is not None and record.result.outcome == "succeeded", record
+        [vdi] = vdis_named(env.sim)
+        assert vdi["$SR"] == SR_A2 and env.sim.simulator.stats.migrations[DISK] == 1
+
+
+async def _retried(env: Env) -> bool:
+    record = await env.jobs.get(DISK)
+    return record is not None and record.attempt >= 2 and record.is_active

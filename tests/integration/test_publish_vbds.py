@@ -1,0 +1,55 @@
+"""What a publish leaves in XO (issue 10 item 1), against the simulator: one plugged VBD of the volume on the node,
+whatever earlier attaches left there."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dev.wait import eventually
+from shared.csi import csi_pb2
+from tests.support.controller import Context, Controller, controller
+from tests.support.sim import VM_A1
+
+MiB = 1024**2
+_Mode = csi_pb2.VolumeCapability.AccessMode
+CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
+                               access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+
+
+@pytest.fixture
+async def ctl() -> AsyncIterator[Controller]:
+    async with controller() as running:
+        yield running
+
+
+async def _unplugged_vbd(ctl: Controller, vdi_id: str) -> str:
+    """A VBD of the VDI on node-a1, plugged then unplugged (what a failed or interrupted attach can leave)."""
+    vbd = await ctl.xo.attach_disk(VM_A1, vdi_id)
+    await ctl.xo.session.call("vbd.disconnect", {"id": vbd.id})
+
+    async def unplugged() -> bool:
+        found = [v for v in await ctl.xo.find_vbds(vdi_id=vdi_id) if v.id == vbd.id]
+        return bool(found) and not found[0].attached
+
+    await eventually(unplugged, 5, 0.05, description="XO's cache shows the VBD unplugged")
+    return vbd.id
+
+
+async def test_a_publish_removes_unplugged_leftovers_and_leaves_one_plugged_vbd(ctl: Controller) -> None:
+    """Before, a re-publish kept the last VBD of the volume on the node even when it was unplugged (and others were
+    left). Now every unplugged leftover there is removed and the publish attaches anew: one VBD, plugged."""
+    created = await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-leftovers", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[CAP], parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+    vdi_id = created.volume.volume_id  # the bare VDI UUID
+    leftovers = {await _unplugged_vbd(ctl, vdi_id) for _ in range(2)}
+    request = csi_pb2.ControllerPublishVolumeRequest(volume_id=vdi_id, node_id=VM_A1, volume_capability=CAP)
+    published = await ctl.servicer.ControllerPublishVolume(request, Context())  # type: ignore[arg-type]
+    (vbd,) = await ctl.xo.find_vbds(vdi_id=vdi_id)
+    assert vbd.attached and vbd.id == published.publish_context["vbd"] and vbd.id not in leftovers
+    assert published.publish_context["device"] == vbd.device
+    again = await ctl.servicer.ControllerPublishVolume(request, Context())  # type: ignore[arg-type]
+    assert again.publish_context == published.publish_context  # the plugged VBD is reused
+    assert [v.id for v in await ctl.xo.find_vbds(vdi_id=vdi_id)] == [vbd.id]
