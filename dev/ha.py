@@ -36,10 +36,12 @@ from dev.brokers import (
     stop_server,
     wait_ready,
 )
+from dev.wait import wait_until
 
 SENTINEL_MASTER = "xocsi"
 # The management API under load (a 2-core machine, nodes booting): a vhost starts on every node before it answers.
 API_TIMEOUT_S = 60.0
+VHOST_WAIT_S = 180.0
 
 
 class LocalRabbitCluster:
@@ -156,10 +158,24 @@ def temporary_cluster_vhost(cluster: LocalRabbitCluster, vhost: str) -> Iterator
     """``vhost`` created on the cluster (through node 0) with the guest user's permissions; yields AMQP_URL over
     every node; deleted afterwards (through any node still answering)."""
     path = quote(vhost, safe="")
-    with management_client(cluster.endpoint(0), timeout_s=API_TIMEOUT_S) as http:
-        http.put(f"/api/vhosts/{path}").raise_for_status()
-        http.put(f"/api/permissions/{path}/guest",
-                 json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
+
+    def put(what: str, body: dict[str, str] | None = None) -> bool:
+        """A PUT that may be retried (both are idempotent): a timeout or a 5xx is "not yet"."""
+        try:
+            with management_client(cluster.endpoint(0), timeout_s=API_TIMEOUT_S) as http:
+                response = http.put(what, json=body)
+        except httpx.TimeoutException as exc:
+            raise AssertionError(f"PUT {what}: {exc!r}") from None
+        assert response.status_code < 500, f"PUT {what}: {response.status_code} {response.text[:300]}"
+        response.raise_for_status()
+        return True
+
+    # Measured on a busy machine (other suites writing to the same disk): the first vhost of a new cluster
+    # took over 45 s (RabbitMQ answered 500 after starting it on every node), so retried up to VHOST_WAIT_S.
+    wait_until(lambda: put(f"/api/vhosts/{path}"), VHOST_WAIT_S, 1.0, description=f"vhost {vhost} created")
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    wait_until(lambda: put(f"/api/permissions/{path}/guest", everything), VHOST_WAIT_S, 1.0,
+               description=f"permissions on vhost {vhost}")
     try:
         yield cluster.amqp_url(vhost)
     finally:

@@ -5,6 +5,7 @@ its launcher, epmd, redis-server, sentinels). Boot times are printed and summed 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -51,8 +52,15 @@ def rabbit_cluster() -> Iterator[LocalRabbitCluster]:
 
 @pytest.fixture
 def cluster_vhost(rabbit_cluster: LocalRabbitCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    """AMQP_URL (every node, comma-separated) of a fresh vhost of the cluster, deleted afterwards."""
-    with temporary_cluster_vhost(rabbit_cluster, "ha-" + brokers.unique_name(request.node.name)) as url:
+    """AMQP_URL (every node, comma-separated) of a fresh vhost of the cluster, deleted afterwards. The nodes' log
+    tails are printed when the vhost cannot be made."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(temporary_cluster_vhost(rabbit_cluster, "ha-" + brokers.unique_name(
+                request.node.name)))
+        except Exception:
+            print(rabbit_cluster.logs())
+            raise
         yield url
 
 
