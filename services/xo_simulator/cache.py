@@ -179,10 +179,14 @@ class CacheMirror:
         while self._waiters and self._waiters[0][0] <= self._applied:
             heapq.heappop(self._waiters)[2]()
 
+    def shows(self, ticket: int) -> bool:
+        """Whether the change batch ``ticket`` (a ``CallTrace.ticket``; 0: none) already shows in the cache."""
+        return ticket <= self._applied or self._closed
+
     def when_shown(self, ticket: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the change batch ``ticket`` (a ``CallTrace.ticket``) shows in the cache: now when
         it already does, else right after the batch's notification is queued (or at close())."""
-        if ticket <= self._applied or self._closed:
+        if self.shows(ticket):
             callback()
         else:
             heapq.heappush(self._waiters, (ticket, next(self._sequence), callback))

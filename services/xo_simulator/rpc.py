@@ -211,8 +211,11 @@ class Dispatcher:
             answered_s = time.perf_counter()
             elapsed_s = answered_s - started_s
             self.stats.busy_s[method] += elapsed_s
-            self.stats.cache_waits_pending += 1
-            self.mirror.when_shown(trace.ticket, lambda: self._cache_waited(method, answered_s))
+            if self.mirror.shows(trace.ticket):
+                self.stats.cache_wait_s[method] += 0.0
+            else:
+                self.stats.cache_waits_pending += 1
+                self.mirror.when_shown(trace.ticket, lambda: self._cache_waited(method, answered_s))
             log.debug("rpc_finished", rpc=method, outcome=outcome, duration_ms=round(elapsed_s * 1000, 3))
 
     def _cache_waited(self, method: str, answered_s: float) -> None:

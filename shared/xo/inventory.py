@@ -1,9 +1,10 @@
 """A cache of XO's slowly changing objects the driver reads (SRs, VMs), kept current by XO's ``all`` notifications.
 
-Each kind is loaded in full once (``warm()`` at start, else at its first read) and again after a reconnect (the
-notifications missed meanwhile) or ``invalidate()``, before the read that needs it. Every ``max_age_s`` it is also
-reloaded as a safety net, in the background: the notifications keep it current meanwhile, so no request waits
-for a list of thousands of VMs. VDIs and VBDs are never cached: every decision about a disk re-reads XO.
+Each kind is loaded in full once (``warm()`` at start, else at its first read) and again, before the read that
+needs it, after ``invalidate()`` or when the socket to XO closed (notifications were missed: the load reconnects).
+Every ``max_age_s`` it is also reloaded as a safety net, in the background: the notifications keep it current
+meanwhile, so no request waits for a list of thousands of VMs. VDIs and VBDs are never cached: every decision
+about a disk re-reads XO.
 """
 
 from __future__ import annotations
@@ -91,16 +92,12 @@ class Inventory:
             self._epoch[kind] += 1
 
     async def _invalidate(self) -> None:
-        """After a (re)connection: the kinds loaded before may have missed notifications. A first load still
-        running is not concerned: its read goes out on this connection."""
-        loaded = [kind for kind, at in self._loaded_at.items() if at != _NEVER]
-        if loaded:
-            self.invalidate(*loaded)
+        self.invalidate()  # after a (re)connection: notifications may have been missed
 
     async def _fresh(self, kind: str) -> None:
-        if self._loaded_at[kind] == _NEVER:
+        if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:
             async with self._locks[kind]:
-                if self._loaded_at[kind] == _NEVER:  # else loaded meanwhile by another caller
+                if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:  # else loaded meanwhile
                     await self._load(kind)
         elif time.monotonic() - self._loaded_at[kind] >= self._max_age_s and kind not in self._refreshing:
             task = asyncio.create_task(self._refresh(kind), name=f"inventory-refresh-{kind}")
@@ -115,6 +112,7 @@ class Inventory:
             log.warning("inventory_refresh_failed", kind=kind, error=exc.message)
 
     async def _load(self, kind: str) -> None:
+        await self._client.session.ensure_connected()  # a reconnection invalidates before the read, not during it
         epoch, started = self._epoch[kind], time.monotonic()
         objs = await self._client.get_objects({"type": kind})
         self._objects[kind] = {m.id: m for m in (_parse(kind, obj) for obj in objs) if m is not None}
