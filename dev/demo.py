@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,10 +29,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared import placement
 from shared.csi import csi_pb2
 from shared.logging import configure_logging
 from shared.units import format_size, parse_size
+from shared.xo.models import Vdi
 
 T = TypeVar("T")
 console = Console()
@@ -40,6 +43,7 @@ CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_typ
                                    mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 VOLUME = "pvc-demo"
 DATA_BYTES = 96 << 20
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -175,7 +179,13 @@ async def with_progress(call: Awaitable[T], expected_s: float, label: str) -> T:
 
 
 async def _sr_name(stack: Stack) -> str:
-    vdi = (await stack.xo.find_vdis(name_label=f"csi-{VOLUME}"))[0]
+    async def one_disk() -> Vdi:
+        # XO's cache shows a rename, and the end of a copy, a moment after the call that made them
+        found = await stack.xo.find_vdis(name_label=f"csi-{VOLUME}")
+        assert len(found) == 1, [vdi.id for vdi in found]  # "not yet" for eventually
+        return found[0]
+
+    vdi = await eventually(one_disk, 30, interval_s=0.05, description=f"exactly one VDI csi-{VOLUME} in XO")
     sr = await stack.xo.get_sr(vdi.sr_id)
     return sr.name_label if sr else vdi.sr_id
 
@@ -203,6 +213,7 @@ async def main_async(args: argparse.Namespace) -> int:
     options = StackOptions(migrators=2, management=True, host_topology=True, log_level="info", metrics=True,
                            sim_args=("--migration-rate", str(rate)))
     started = time.perf_counter()
+    _stop_on_signals()
     with console.status("starting RabbitMQ (management), Redis, the XO simulator, frontends and 2 migrators…"):
         stack_cm = running_stack(work, options)
         stack = await stack_cm.__aenter__()
@@ -223,6 +234,24 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (``timeout``, a service manager, a CI runner) and SIGHUP stop the demo as Ctrl-C does: the main task
+    is cancelled, so the ``finally`` above stops everything it started. Once only: a second signal must not cut
+    that cleanup short (SIGKILL is the way to abandon it)."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def stop(sig: signal.Signals) -> None:
+        console.print(f"[yellow]{sig.name}: stopping everything the demo started…[/]")
+        for other in STOP_SIGNALS:
+            loop.add_signal_handler(other, lambda: None)
+        main_task.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(main_async(args))
     except KeyboardInterrupt:
         return 0
+    except asyncio.CancelledError:  # SIGTERM/SIGHUP, after the cleanup
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ class Stack:
 
     def _node_args(self, vm_name: str) -> list[str]:
         vm_id = self.vm_ids[vm_name]
-        return ["--node-id", vm_id, "--device-dir", str(self.device_root / vm_id), *self.options.node_args]
+        # no Kubernetes API here: the simulator stands in for XO, and the node plugin asks it (--node-metadata xo)
+        return ["--node-id", vm_id, "--node-metadata", "xo", "--device-dir", str(self.device_root / vm_id),
+                *self.options.node_args]
 
     async def _start_node(self, vm_name: str) -> ServiceProcess:
         args = ["--mode", "node", *self._node_args(vm_name)]
@@ -208,6 +210,12 @@ async def simulator_process(log_dir: Path, *args: str) -> AsyncIterator[tuple[Se
         yield sim, match.group(1)
 
 
+async def socket_answers(socket: Path) -> bool:
+    """True once a CSI plugin answers GetPluginInfo on the unix socket (a readiness check)."""
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        return await _answers(channel)
+
+
 async def _answers(channel: grpc.aio.Channel) -> bool:
     try:
         await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
@@ -252,5 +260,14 @@ async def _brokers(exits: contextlib.AsyncExitStack, options: StackOptions
     rabbit, redis = LocalRabbit(), LocalRedis()
     exits.callback(rabbit.stop)
     exits.callback(redis.stop, crash=True)
-    await asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    starting = asyncio.gather(asyncio.to_thread(rabbit.start), asyncio.to_thread(redis.start))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # A thread cannot be cancelled: let the starts finish, or the stops above would race them and a broker
+        # that finished starting afterwards would outlive us (a SIGTERM during `make demo`'s start-up).
+        await asyncio.wait({starting})
+        if not starting.cancelled():
+            starting.exception()  # retrieved: what propagates is the cancellation
+        raise
     return rabbit, redis

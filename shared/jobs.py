@@ -124,6 +124,18 @@ record.heartbeat_ms = now
 return store(KEYS[1], record, ARGV[6])
 """
 
+# ARGV: job id, heartbeat ms seen, stale-after ms, ttl ms. The stored record (heartbeat now) when the job is still
+# queued, untouched since the heartbeat seen and older than stale-after: this caller re-publishes it. Else nil.
+_TOUCH_QUEUED = _PRELUDE + """
+local now = now_ms()
+local record = load(KEYS[1])
+if not record or record.job_id ~= ARGV[1] or record.state ~= 'queued' then return false end
+local heartbeat = tonumber(record.heartbeat_ms) or 0
+if heartbeat ~= tonumber(ARGV[2]) or now - heartbeat < tonumber(ARGV[3]) then return false end
+record.heartbeat_ms = now
+return store(KEYS[1], record, ARGV[4])
+"""
+
 # ARGV: job id. Deletes the record while it is still that job and still queued (nobody claimed it).
 _ABANDON = _PRELUDE + """
 local record = load(KEYS[1])
@@ -245,6 +257,14 @@ class JobStore:
         moved on or another reaper won."""
         raw = await self._call(_TAKE_OVER, record.disk_name, record.job_id, record.heartbeat_ms or 0,
                                uuid.uuid4().hex, worker, int(stale_after_s * 1000), self._active_ttl_ms)
+        return _decode(_text(raw)) if raw is not None else None
+
+    async def touch_queued(self, record: JobRecord, *, stale_after_s: float) -> JobRecord | None:
+        """Claim the right to publish a ``queued`` job again: when it is still queued with heartbeat
+        ``record.heartbeat_ms`` older than ``stale_after_s``, its heartbeat becomes now (so the next try waits
+        ``stale_after_s`` again) and the record is returned; None when it moved on or another reaper won."""
+        raw = await self._call(_TOUCH_QUEUED, record.disk_name, record.job_id, record.heartbeat_ms or 0,
+                               int(stale_after_s * 1000), self._active_ttl_ms)
         return _decode(_text(raw)) if raw is not None else None
 
     async def abandon(self, disk_name: str, job_id: str) -> None:

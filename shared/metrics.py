@@ -7,10 +7,12 @@ Each service serves its own process's metrics on ``--metrics-port`` (0 = off).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from shared import health
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SLOT_WAIT_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -30,8 +32,10 @@ PUBLISH_WAIT = Histogram("xocsi_migration_publish_wait_seconds",
                          ["outcome"], buckets=_MIGRATION_BUCKETS_S)
 JOBS_STARTED = Counter("xocsi_migration_jobs_started", "migration jobs claimed by a worker")
 JOBS_FINISHED = Counter("xocsi_migration_jobs_finished",
-                        "migration jobs finished by a worker: succeeded, failed, dead_lettered, requeued",
-                        ["outcome"])
+                        "migration jobs finished by a worker: succeeded, failed, dead_lettered, requeued; "
+                        "republished: a stale queued job published again by the reaper", ["outcome"])
+JOBS_RUNNING = Gauge("xocsi_migration_jobs_running", "migration jobs this worker runs now (claimed, not finished): "
+                     "RabbitMQ no longer counts them once claimed, so autoscaling adds this to the queue length")
 MIGRATION_DURATION = Histogram("xocsi_migration_duration_seconds", "vdi.migrate time of a disk",
                                buckets=_MIGRATION_BUCKETS_S)
 MIGRATION_BYTES = Counter("xocsi_migration_bytes", "virtual size of the disks migrated")
@@ -46,13 +50,29 @@ async def _metrics(_: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serving(port: int, host: str = "0.0.0.0") -> AsyncIterator[int]:
-    """Serve GET /metrics on ``port`` (0: not served) for the duration of the block; yields the bound port."""
+async def serving(port: int, host: str = "0.0.0.0", *,
+                  readiness: Callable[[], Awaitable[health.Report]] | None = None) -> AsyncIterator[int]:
+    """Serve GET /metrics on ``port`` (0: not served) for the duration of the block; yields the bound port.
+
+    With ``readiness``, also GET /readyz (200, or 503 naming the failing checks) and GET /livez (200 while the
+    event loop answers: it never depends on XO, RabbitMQ or Redis, so a liveness probe never restarts the
+    process for what a restart cannot fix)."""
     if port == 0:
         yield 0
         return
     app = web.Application()
     app.router.add_get("/metrics", _metrics)
+    if readiness is not None:
+        check = readiness
+
+        async def readyz(_: web.Request) -> web.Response:
+            return health.http_answer(*await check())
+
+        async def livez(_: web.Request) -> web.Response:
+            return health.http_answer(True, {})
+
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/livez", livez)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

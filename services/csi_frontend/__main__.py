@@ -26,12 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xo-csi-frontend",
         description="CSI Identity/Controller/Node services for XCP-ng pools managed by Xen Orchestra. "
         "Every flag can also be set by its environment variable (CSI_<NAME>); XO access comes from "
-        "XOA_URL and XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD.",
+        "XOA_URL and XOA_TOKEN, or XOA_USERNAME and XOA_PASSWORD (the controller's account must be an XO admin; "
+        "node plugins need no XO account unless --node-metadata=xo).",
     )
     p.add_argument("--endpoint", help="CSI endpoint, unix:///csi/csi.sock (default) or tcp://host:port")
     p.add_argument("--mode", choices=["controller", "node", "all"], help="services to serve (default all)")
     p.add_argument("--driver-name", help="CSI driver name (default csi.xen-orchestra.marcsi.ch)")
     p.add_argument("--node-id", help="VM UUID of this node (default: /sys/class/dmi/id/product_uuid)")
+    p.add_argument("--node-metadata", choices=["kubernetes", "xo"],
+                   help="node plugin: read pool/host from this Node's labels set by the XO cloud controller manager "
+                   "(default kubernetes: no XO credentials needed) or from XO (any signed-in XO account)")
+    p.add_argument("--node-name", help="this node's Kubernetes name (CSI_NODE_NAME; downward API spec.nodeName)")
+    p.add_argument("--kubeconfig", help="Kubernetes API access outside a pod (default: in-cluster, else $KUBECONFIG)")
     p.add_argument("--disk-name-prefix", help="prefix of VDI names (default csi-)")
     p.add_argument("--host-topology", action="store_true", default=None, help="add the host topology segment")
     p.add_argument("--temp-cleanup", action="store_true", default=None,
@@ -53,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_settings(args: argparse.Namespace) -> tuple[FrontendSettings, XoSettings, LogSettings]:
-    frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "disk_name_prefix", "host_topology",
-                      "temp_cleanup", "device_dir", "max_volumes_per_node", "metrics_port")
+    frontend = _given(args, "endpoint", "mode", "driver_name", "node_id", "node_metadata", "node_name", "kubeconfig",
+                      "disk_name_prefix", "host_topology", "temp_cleanup", "device_dir", "max_volumes_per_node",
+                      "metrics_port")
     for flag, setting in (("device_wait", "device_wait_s"), ("temp_cleanup_min_age", "temp_cleanup_min_age_s"),
                           ("stale_mark_after", "stale_mark_after_s")):
         if getattr(args, flag):
@@ -99,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings, xo_settings, log_settings = load_settings(args)
-        xo_settings.require_credentials()
+        if settings.needs_xo:
+            xo_settings.require_credentials()
         messaging = messaging_settings()
     except (ValidationError, ValueError) as exc:
         print(f"xo-csi-frontend: invalid settings: {exc}", file=sys.stderr)

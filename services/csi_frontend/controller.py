@@ -16,6 +16,7 @@ from services.csi_frontend import validation as check
 from services.csi_frontend.attach import Attacher
 from services.csi_frontend.disks import DiskLocator
 from services.csi_frontend.provisioning import Provisioner, class_mismatch
+from services.csi_frontend.selected_node import SelectedNode
 from shared import storage_class
 from shared import volume_id as vid
 from shared.csi import csi_pb2, csi_pb2_grpc
@@ -41,11 +42,13 @@ DEFAULT_DEADLINE_S = 120.0
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     """CSI Controller over XO."""
 
-    def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory) -> None:
+    def __init__(self, provisioner: Provisioner, attacher: Attacher, disks: DiskLocator, inventory: Inventory,
+                 selected_node: SelectedNode | None = None) -> None:
         self._provisioner = provisioner
         self._attacher = attacher
         self._disks = disks
         self._inventory = inventory
+        self._selected_node = selected_node  # WaitForFirstConsumer: the selected node's host first (selected_node.py)
 
     async def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
                            ) -> csi_pb2.CreateVolumeResponse:
@@ -60,9 +63,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         params = storage_class.parse(request.parameters)
         size = check.size_range(request.capacity_range if request.HasField("capacity_range") else None)
         reqs = request.accessibility_requirements
+        preferred = check.topology_terms(reqs.preferred)
+        if self._selected_node is not None:
+            preferred = [*await self._selected_node.terms(request.parameters), *preferred]
         created = await self._provisioner.create(
-            request.name, size, params, check.topology_terms(reqs.requisite), check.topology_terms(reqs.preferred),
-            _deadline_s(context),
+            request.name, size, params, check.topology_terms(reqs.requisite), preferred, _deadline_s(context),
         )
         return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
             volume_id=str(created.volume_id),

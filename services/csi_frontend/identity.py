@@ -1,17 +1,16 @@
-"""The CSI Identity service: plugin name and version, capabilities, and Probe (ready when XO answers)."""
+"""The CSI Identity service: plugin name and version, capabilities, and Probe (ready while this process serves).
+
+Probe is what the liveness-probe sidecar turns into the container's liveness: it never asks XO, RabbitMQ or Redis,
+since restarting the plugin brings none of them back (issue 10 item 7). Their reachability is readiness:
+``/readyz`` on the metrics port (app.py ``Frontend.readiness``)."""
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf import wrappers_pb2
 
 from shared.csi import csi_pb2, csi_pb2_grpc
-from shared.errors import DomainError
-from shared.logging import get_logger
 
-log = get_logger(__name__)
 VERSION = "0.1.0"
 _Service = csi_pb2.PluginCapability.Service
 _Expansion = csi_pb2.PluginCapability.VolumeExpansion
@@ -29,12 +28,10 @@ CAPABILITIES = (
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    """``probe`` is None when nothing remote must answer (node mode); else it raises when not ready.
-    The capabilities are plugin-wide: every instance, whatever its mode, answers the same."""
+    """The capabilities are plugin-wide: every instance, whatever its mode, answers the same."""
 
-    def __init__(self, driver_name: str, *, probe: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(self, driver_name: str) -> None:
         self._name = driver_name
-        self._probe = probe
 
     async def GetPluginInfo(self, request: csi_pb2.GetPluginInfoRequest, context: grpc.aio.ServicerContext
                             ) -> csi_pb2.GetPluginInfoResponse:
@@ -45,11 +42,5 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=CAPABILITIES)
 
     async def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.aio.ServicerContext) -> csi_pb2.ProbeResponse:
-        if self._probe is None:
-            return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
-        try:
-            await self._probe()
-        except DomainError as exc:
-            log.warning("probe_not_ready", reason=exc.message)
-            return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=False))
+        """Ready: the process answers gRPC (a wedged event loop does not, and the probe times out)."""
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))

@@ -35,10 +35,13 @@ RESIZE_TIMEOUT_S = 300.0
 _MAX_DETAIL_CHARS = 400
 _MAX_UNMOUNT_LAYERS = 8
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+# Exactly k8s.io/mount-utils' SafeFormatAndMount (what m4rCsi runs): ext* forced (-F: a whole device, not a
+# partition) with no blocks reserved for root (-m0); xfs with no option, so that mkfs.xfs itself refuses to
+# overwrite a signature blkid missed (mount-utils passes no -f).
 _MKFS_ARGV = {
-    "ext4": ("mkfs.ext4", "-F", "-q"),
-    "ext3": ("mkfs.ext3", "-F", "-q"),
-    "xfs": ("mkfs.xfs", "-f", "-q"),
+    "ext4": ("mkfs.ext4", "-F", "-m0"),
+    "ext3": ("mkfs.ext3", "-F", "-m0"),
+    "xfs": ("mkfs.xfs",),
 }
 
 
@@ -279,7 +282,9 @@ def _remove(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(info.st_mode):
-        if any(path.iterdir()):
+        with os.scandir(path) as entries:  # closed at once: an abandoned iterator warns when collected
+            has_entries = any(True for _ in entries)
+        if has_entries:
             raise PreconditionFailed(f"{path} is a non-empty directory that is not mounted; refusing to delete it")
         path.rmdir()
     elif stat.S_ISREG(info.st_mode) and info.st_size > 0:

@@ -1,8 +1,8 @@
 """CSI Node service: stage, publish, expand and report XO disks attached to this VM (e.g. /dev/xvdb).
 
-No RPC here calls XO: ControllerPublishVolume names the device in publish_context["device"]. XO is read once, at
-startup, to find this node's VM and topology (build_frontend, node_identity.py).
-Request parsing lives in validation.py; OS work lives in mounter.py.
+No RPC here calls XO: ControllerPublishVolume names the device in publish_context["device"]. This node's VM and
+topology are learnt once at start-up (node_identity.py: the Node's CCM labels, or XO with --node-metadata=xo).
+Request parsing lives in validation.py; filesystem rules (format, fsck, grow) in filesystem.py; OS calls in mounter.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from services.csi_frontend import mounter
+from services.csi_frontend import filesystem, mounter
 from services.csi_frontend.validation import (
-    Access,
     ExpandCommand,
     PathCommand,
     PublishCommand,
@@ -111,10 +110,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: RpcContext
     ) -> csi_pb2.NodeStageVolumeResponse:
-        """Wait for the device, format it if blank, mount it at staging_target_path (mount access only).
+        """Wait for the device, then (mount access) format it if blank, check it (fsck -a, ext*), grow it to
+        the device (offline expansion) and mount it at staging_target_path: filesystem.stage.
 
         NOT_FOUND: the device did not appear. ALREADY_EXISTS: the path holds another device, fs type or
-        ro-ness. FAILED_PRECONDITION: the device holds another filesystem than requested (never reformatted).
+        ro-ness. FAILED_PRECONDITION: the device holds another filesystem than requested (never reformatted),
+        or fsck found errors it cannot repair unattended.
         """
         cmd = parse_stage(request)
         async with self._locks.hold(cmd.volume_id):
@@ -180,7 +181,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeExpandVolumeResponse:
         """Grow the filesystem mounted at volume_path online to fill its device; return the device size.
 
-        Idempotent: a filesystem already filling its device stays as is. Block volumes need no work.
+        Idempotent: a filesystem already filling its device stays as is (NodeStageVolume grows it first when
+        the disk grew while detached, the usual case: XO resizes detached disks only). Block volumes need no work.
         NOT_FOUND: nothing (mounted) at volume_path. INVALID_ARGUMENT: fs_type differs from the mounted one.
         OUT_OF_RANGE: bad capacity_range, or the device exceeds limit_bytes. UNAVAILABLE: the device is
         still smaller than capacity_range.required_bytes (the XO resize has not reached this VM yet).
@@ -266,9 +268,8 @@ async def _stage_filesystem(cmd: StageCommand, device: mounter.PathInfo) -> None
     if existing is not None:
         _check_restage(cmd, device, existing)
         return
-    fs_type = await _ensure_filesystem(device.resolved, cmd.access)
     await mounter.make_dir(cmd.staging_path)
-    await mounter.mount(device.resolved, cmd.staging_path, fs_type, cmd.access.stage_options())
+    fs_type = await filesystem.stage(device.resolved, cmd.staging_path, cmd.access)
     log.debug("volume_staged", volume_id=cmd.volume_id, device=str(device.resolved), fs_type=fs_type)
 
 
@@ -282,21 +283,6 @@ def _check_restage(cmd: StageCommand, device: mounter.PathInfo, existing: mounte
     if existing.is_readonly != cmd.access.is_stage_readonly:
         state = "read-only" if existing.is_readonly else "read-write"
         raise AlreadyExistsIncompatible(f"{where} is staged {state}; unstage it to change mount_flags")
-
-
-async def _ensure_filesystem(device: Path, access: Access) -> str:
-    """Return the fs type to mount, formatting a blank device; never formats over existing data."""
-    found = await mounter.probe_fstype(device)
-    if found is None:
-        if access.is_reader_only:
-            raise PreconditionFailed(f"{device} holds no filesystem and the access mode is read-only")
-        fs_type = access.fs_type or mounter.DEFAULT_FS_TYPE
-        await mounter.format_device(device, fs_type)
-        return fs_type
-    if found == access.fs_type or (access.fs_type is None and found in mounter.SUPPORTED_FS_TYPES):
-        return found
-    wanted = access.fs_type or f"one of {', '.join(mounter.SUPPORTED_FS_TYPES)}"
-    raise PreconditionFailed(f"{device} already holds {found}, not {wanted}; refusing to format over existing data")
 
 
 async def _publish_filesystem(cmd: PublishCommand) -> None:
@@ -402,7 +388,7 @@ async def _expand(cmd: ExpandCommand) -> int:
             f"{device} is {size_bytes} bytes, less than the required {cmd.required_bytes}; the disk resize "
             "has not reached this node yet, retry later"
         )
-    await mounter.resize_fs(device, cmd.path, mounted.fstype)
+    await filesystem.grow_mounted(device, cmd.path, mounted.fstype)
     return size_bytes
 
 

@@ -28,6 +28,15 @@ class FrontendSettings(BaseSettings):
     driver_name: str = DEFAULT_DRIVER_NAME
     node_id: str | None = Field(default=None, description="VM UUID of this node (default: read from DMI)")
     dmi_uuid_path: Path = Path("/sys/class/dmi/id/product_uuid")
+    node_metadata: Literal["kubernetes", "xo"] = Field(
+        default="kubernetes", description="where a node plugin learns its pool and host: its Node's labels set by "
+        "the XO cloud controller manager (no XO credentials), or XO (any signed-in account)")
+    node_name: str | None = Field(default=None, description="this node's Kubernetes name (CSI_NODE_NAME; the "
+                                  "DaemonSet sets it from spec.nodeName); node-metadata=kubernetes only")
+    kubeconfig: Path | None = Field(default=None, description="Kubernetes API access outside a pod (default: the "
+                                    "pod's ServiceAccount, else $KUBECONFIG)")
+    node_labels_wait_s: float = Field(default=60.0, ge=0, description="how long a starting node plugin waits for the "
+                                      "CCM to label its Node")
     disk_name_prefix: str = "csi-"
     host_topology: bool = False
     temp_cleanup: bool = False
@@ -47,7 +56,9 @@ class FrontendSettings(BaseSettings):
     job_result_ttl_s: float = Field(default=jobs.DEFAULT_RESULT_TTL_S, gt=0,
                                     description="how long a finished job's result is kept")
     publish_margin_s: float = Field(default=2.0, ge=0, description="answer this long before the caller's deadline")
-    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port, also /readyz and "
+                              "/livez; 0 = off")
+    probe_timeout_s: float = Field(default=3.0, gt=0, description="bound on each /readyz check (XO, RabbitMQ, Redis)")
 
     @field_validator("disk_name_prefix")
     @classmethod
@@ -63,3 +74,9 @@ class FrontendSettings(BaseSettings):
     @property
     def serves_node(self) -> bool:
         return self.mode in ("node", "all")
+
+    @property
+    def needs_xo(self) -> bool:
+        """The controller always; a node plugin only with node-metadata=xo."""
+        return self.serves_controller or self.node_metadata == "xo"
+

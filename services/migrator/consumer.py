@@ -296,11 +296,13 @@ class Consumer:
         self._running[task] = job
         task.add_done_callback(self._job_done)
         metrics.JOBS_STARTED.inc()
+        metrics.JOBS_RUNNING.inc()
         log.info("job_claimed", worker=self._settings.worker_name, attempt=claim.record.attempt)
         return True
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
+        if self._running.pop(task, None) is not None:
+            metrics.JOBS_RUNNING.dec()
         self._release_slot()
         self._update_idle()
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -6,19 +6,16 @@ dead loop fails it: restart). Readiness = every check (RabbitMQ connected, Redis
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from shared import broker
+from shared.health import Check, connected, http_answer, run_checks
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-
-Check = Callable[[], Awaitable[object]]
+__all__ = ["HealthServer", "connected"]
 
 
 class HealthServer:
@@ -59,34 +56,10 @@ class HealthServer:
         return age_s < self._liveness_timeout_s, {"consume_loop_age_s": round(age_s, 3)}
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
-        names = list(self._checks)
-        results = await asyncio.gather(*(self._run(self._checks[name]) for name in names))
-        report: dict[str, object] = dict(zip(names, results, strict=True))
-        return all(result == "ok" for result in results), report
-
-    async def _run(self, check: Check) -> str:
-        try:
-            async with asyncio.timeout(self._probe_timeout_s):
-                await check()
-        except TimeoutError:
-            return f"timed out after {self._probe_timeout_s:g} s"
-        except Exception as exc:  # a probe reports any failure of its check; nothing propagates to aiohttp
-            return f"{type(exc).__name__}: {exc}"[:200]
-        return "ok"
+        return await run_checks(self._checks, self._probe_timeout_s)
 
     async def _livez(self, _request: web.Request) -> web.Response:
-        return _answer(*await self.liveness())
+        return http_answer(*await self.liveness())
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        return _answer(*await self.readiness())
-
-
-async def connected(publisher: broker.Publisher) -> None:
-    """The RabbitMQ check: raises while the robust connection is down (it reconnects on its own)."""
-    if not publisher.is_connected:
-        raise ConnectionError("not connected to RabbitMQ (reconnecting)")
-
-
-def _answer(ok: bool, report: dict[str, object]) -> web.Response:
-    return web.Response(status=200 if ok else 503, content_type="application/json",
-                        text=json.dumps({"ok": ok, **report}))
+        return http_answer(*await self.readiness())

@@ -1,8 +1,11 @@
 """The reaper: every migrator looks, every ``reaper_interval_s``, for running jobs whose worker stopped
-heartbeating (crashed, killed, cut off) and hands them back to the queue as attempt + 1.
+heartbeating (crashed, killed, cut off) and hands them back to the queue as attempt + 1, and for jobs still
+``queued`` after ``queued_stale_after_s`` (a frontend that crashed between writing the record and publishing it:
+no message will ever carry the job) and publishes their request again.
 
-The takeover is one Lua script comparing job id + the heartbeat seen, so exactly one reaper acts on a stale
-job. The XO re-read in ``migrate.handle`` and the disk lock keep a reaped job from migrating twice.
+Each takeover is one Lua script comparing job id + the heartbeat seen, so exactly one reaper acts on a stale
+job. The XO re-read in ``migrate.handle`` and the disk lock keep a reaped job from migrating twice; a queued job
+whose first message was only slow (a backlog) gets a second delivery, which its claim drops as a duplicate.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from shared.logging import get_logger
 from shared.messages import FailureReason
 
 log = get_logger(__name__)
+
+
+def _age_s(record: JobRecord, now_ms: int) -> float:
+    """Seconds since the record's last heartbeat; a record without one counts as infinitely old."""
+    age_s = record.age_s(now_ms)
+    return float("inf") if age_s is None else age_s
 
 
 class Reaper:
@@ -48,11 +57,29 @@ class Reaper:
         for record in await self._jobs.records():
             if record.state == "running" and self._is_stale(record, now_ms):
                 taken += await self._reap(record)
+            elif record.state == "queued" and _age_s(record, now_ms) >= self._settings.queued_stale_after_s:
+                taken += await self._republish(record)
         return taken
 
     def _is_stale(self, record: JobRecord, now_ms: int) -> bool:
         age_s = record.age_s(now_ms)
         return age_s is None or age_s >= self._settings.stale_after_s
+
+    async def _republish(self, record: JobRecord) -> int:
+        with structlog.contextvars.bound_contextvars(disk_name=record.disk_name, job_id=record.job_id):
+            if record.request is None:
+                return 0  # an older version's record: nothing to publish; it expires after its TTL
+            mine = await self._jobs.touch_queued(record, stale_after_s=self._settings.queued_stale_after_s)
+            if mine is None:
+                return 0  # claimed meanwhile, or another reaper re-published it
+            try:
+                await self._outcomes.republish(mine)
+            except DomainError as exc:
+                log.warning("queued_job_republish_failed", error=exc.message, note="retried after queued_stale_after_s")
+                return 0
+            queued_s = ((mine.heartbeat_ms or 0) - (record.heartbeat_ms or 0)) / 1000
+            log.warning("queued_job_republished", attempt=mine.attempt, untouched_s=round(queued_s, 1))
+            return 1
 
     async def _reap(self, record: JobRecord) -> int:
         with structlog.contextvars.bound_contextvars(disk_name=record.disk_name, job_id=record.job_id):

@@ -40,6 +40,8 @@ class MigratorSettings(BaseSettings):
     stale_after_s: float = Field(default=0.0, ge=0, description="a running job whose heartbeat is older is "
                                  "reaped; 0 = 3 x job_heartbeat_s + 5 s")
     reaper_interval_s: float = Field(default=15.0, gt=0, description="how often this worker looks for stale jobs")
+    queued_stale_after_s: float = Field(default=120.0, gt=0, description="a job record still queued after this "
+                                        "long is published again (its frontend may have crashed before publishing)")
     max_attempts: int = Field(default=8, ge=1, description="publishes of one job (retries, hand-backs, reaps) "
                               "before it fails and is dead-lettered")
     delivery_limit: int = Field(default=messages.DELIVERY_LIMIT, ge=1, description="x-delivery-limit of the queue "

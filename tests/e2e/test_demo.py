@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +24,44 @@ async def test_demo_once_plays_the_story_and_cleans_up() -> None:
     assert proc.returncode == 0, text[-4000:]
     assert "disk now on SR Local A2" in text, text[-4000:]
     assert "matches" in text and "Timeline" in text and "Where to look" in text
+
+
+def _processes_marked(marker: str) -> list[str]:
+    """pid and command line of every live process whose environment carries ``marker`` (inherited from the demo)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {cmdline[:160]}")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root (loop devices and mounts)")
+async def test_demo_stopped_by_sigterm_stops_everything_it_started(tmp_path: Path) -> None:
+    """`timeout -s TERM ... make demo` (or a service manager's stop): RabbitMQ, Redis, the simulator, the frontends
+    and the migrators it started are all gone afterwards, as after Ctrl-C. Every process of this demo carries a
+    marker in its environment, so processes of other tests running meanwhile are not counted."""
+    marker = f"XOCSI_DEMO_RUN={uuid.uuid4().hex}"
+    name, _, value = marker.partition("=")
+    proc = await asyncio.create_subprocess_exec(
+        "timeout", "-s", "TERM", "600", sys.executable, "-m", "dev.demo", "--workdir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200", name: value})
+    assert proc.stdout is not None
+    seen: list[str] = []
+    async with asyncio.timeout(240):
+        while "The stack stays up" not in (line := (await proc.stdout.readline()).decode(errors="replace")):
+            assert line, "".join(seen)[-4000:]  # EOF: the demo exited before its story ended
+            seen.append(line)
+    started = _processes_marked(marker)
+    assert len(started) >= 8, started  # RabbitMQ, Redis, xo-sim, controller, 3 node plugins, 2 migrators
+    proc.send_signal(signal.SIGTERM)  # what `timeout` does when its time is up: it passes TERM to the demo
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output.decode(errors="replace")[-4000:]
+    assert "SIGTERM: stopping everything the demo started" in output.decode(errors="replace")
+    assert _processes_marked(marker) == []

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 from dev.process import ServiceProcess, service_process
-from shared.csi import csi_pb2, csi_pb2_grpc
+from dev.stack import socket_answers
 from tests.k8s.cluster import REPO, Cluster
 
 CONTROLLER_MANIFEST = REPO / "k8s/base/controller.yaml"
@@ -145,11 +144,13 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
     competes for its lease). ``extra_args``: flags given ON TOP of the manifest's, per sidecar (a test says why)."""
     replica = Replica(pod, config.log_dir / f"{pod}.sock")
     try:
+        # --kubeconfig: the pod's ServiceAccount, as in-cluster (WaitForFirstConsumer placement reads the claim)
         argv = [sys.executable, "-m", "services.csi_frontend", "--mode", "controller",
-                "--endpoint", f"unix://{replica.socket}", *config.frontend_args]
+                "--endpoint", f"unix://{replica.socket}", "--kubeconfig", str(config.kubeconfig),
+                *config.frontend_args]
         replica.processes[FRONTEND] = await replica.exits.enter_async_context(service_process(
             argv, log_dir=config.log_dir, env=config.frontend_env, name=f"{pod}-{FRONTEND}",
-            ready=lambda: _answers(replica.socket), timeout_s=60))
+            ready=lambda: socket_answers(replica.socket), timeout_s=60))
         for name in SIDECARS:
             await start_sidecar(config, replica, name, (extra_args or {}).get(name, ()))
     except BaseException:
@@ -158,10 +159,3 @@ async def start_replica(config: ReplicaConfig, pod: str, extra_args: Mapping[str
     return replica
 
 
-async def _answers(socket: Path) -> bool:
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        try:
-            await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
-        except grpc.aio.AioRpcError:
-            return False
-    return True

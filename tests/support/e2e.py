@@ -93,17 +93,20 @@ async def unpublish(stack: Stack, volume_id: str, node: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def mounted(stack: Stack, node: str, volume_id: str, ctx: dict[str, str]) -> AsyncIterator[Path]:
-    """NodeStage + NodePublish on ``node``; yields the target path; NodeUnpublish + NodeUnstage on exit."""
+async def mounted(stack: Stack, node: str, volume_id: str, ctx: dict[str, str],
+                  cap: csi_pb2.VolumeCapability | None = None) -> AsyncIterator[Path]:
+    """NodeStage + NodePublish on ``node`` (``cap``: ext4 by default); yields the target path; NodeUnpublish +
+    NodeUnstage on exit."""
+    cap = cap or mount_cap()
     tag = hashlib.sha256(f"{node}/{volume_id}".encode()).hexdigest()[:10]
     staging, target = stack.work / f"staging-{tag}", stack.work / f"target-{tag}"
     plugin = stack.node(node)
     await plugin.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-        volume_id=volume_id, publish_context=ctx, staging_target_path=str(staging), volume_capability=mount_cap()),
+        volume_id=volume_id, publish_context=ctx, staging_target_path=str(staging), volume_capability=cap),
         timeout=60)
     await plugin.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
         volume_id=volume_id, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=mount_cap()), timeout=30)
+        volume_capability=cap), timeout=30)
     try:
         yield target
     finally:

@@ -3,6 +3,7 @@ the error codes and the gRPC status table."""
 
 from __future__ import annotations
 
+import services.csi_frontend.filesystem  # noqa: F401  (FilesystemCorrupt)
 import services.csi_frontend.mounter  # noqa: F401  (MountError)
 import shared.locks  # noqa: F401  (LockLost)
 import shared.xo.errors  # noqa: F401  (the XoError tree)

@@ -219,7 +219,7 @@ async def test_list_volumes_refuses_a_token_it_did_not_make_with_aborted(setup: 
 async def test_plugin_capabilities_are_plugin_wide_the_node_plugin_answers_them_too() -> None:
     # The node plugin (no probe: nothing remote to ask) announces the Controller service too: csi-sanity asks the
     # node endpoint, and told "no controller" it skips ControllerPublishVolume and then fails NodeStageVolume.
-    answer = await IdentityServicer("csi.example", probe=None).GetPluginCapabilities(
+    answer = await IdentityServicer("csi.example").GetPluginCapabilities(
         csi_pb2.GetPluginCapabilitiesRequest(), FakeContext())  # type: ignore[arg-type]
     service, expansion = csi_pb2.PluginCapability.Service, csi_pb2.PluginCapability.VolumeExpansion
     assert [(c.service.type, c.volume_expansion.type) for c in answer.capabilities] == [

@@ -42,6 +42,7 @@ CODES = {
     "XoMethodNotFound": "xo_method_not_found",
     "LockLost": "lock_lost",
     "MountError": "mount_failed",
+    "FilesystemCorrupt": "filesystem_corrupt",
 }
 
 

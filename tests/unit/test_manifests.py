@@ -205,6 +205,29 @@ def test_keda_resources_have_their_required_fields() -> None:
         assert ref["parameter"] and ref["name"] and ref["key"]
 
 
+def test_keda_scales_on_waiting_plus_running_jobs() -> None:
+    scaled = _find("ScaledObject")
+    triggers = {trigger["name"]: trigger for trigger in scaled["spec"]["triggers"]}
+    assert triggers["waiting"]["type"] == "rabbitmq"
+    assert triggers["waiting"]["metadata"]["queueName"] == messages.JOBS_QUEUE
+    assert triggers["running"]["type"] == "prometheus"
+    assert "xocsi_migration_jobs_running" in triggers["running"]["metadata"]["query"]
+    assert scaled["spec"]["advanced"]["scalingModifiers"]["formula"] == "waiting + running"
+    migrator = _containers(_find("Deployment", "xo-csi-migrator"))["migrator"]
+    assert scaled["spec"]["advanced"]["scalingModifiers"]["target"] == _flags(migrator)["concurrency"]
+    port = _flags(migrator)["metrics-port"]
+    pod = _find("Deployment", "xo-csi-migrator")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
+
+
+def test_controller_readiness_is_readyz_on_its_metrics_port_and_liveness_the_csi_probe() -> None:
+    frontend = _containers(_find("Deployment", "xo-csi-controller"))["xo-csi-frontend"]
+    ports = {port["name"]: port["containerPort"] for port in frontend["ports"]}
+    assert ports["http-metrics"] == int(_flags(frontend)["metrics-port"])
+    assert frontend["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert frontend["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}  # the sidecar: Probe
+
+
 # -- the manifests agree with the code ---------------------------------------------------------------------
 
 
@@ -350,12 +373,11 @@ def test_keda_scales_the_migrator_on_the_jobs_queue() -> None:
     migrator = _find("Deployment", "xo-csi-migrator")
     target = scaled["spec"]["scaleTargetRef"]
     assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", migrator["metadata"]["name"])
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
+    (trigger,) = [trigger for trigger in scaled["spec"]["triggers"] if trigger["type"] == "rabbitmq"]
     assert trigger["metadata"]["queueName"] == messages.JOBS_QUEUE
     assert trigger["metadata"]["mode"] == "QueueLength"
     (container,) = _containers(migrator).values()
-    assert trigger["metadata"]["value"] == _flags(container)["concurrency"], "jobs per worker = --concurrency"
+    assert trigger["metadata"]["value"] == "1", "the formula's input: one per waiting job"
     assert trigger["authenticationRef"]["name"] == _find("TriggerAuthentication")["metadata"]["name"]
     budget = _find("PodDisruptionBudget", migrator["metadata"]["name"])
     assert scaled["spec"]["minReplicaCount"] >= budget["spec"]["minAvailable"] >= 1
@@ -428,8 +450,12 @@ def test_controller_rbac_covers_the_sidecars() -> None:
         ("storage.k8s.io", "volumeattachments/status", "patch"), ("", "events", "create"),
         ("storage.k8s.io", "csistoragecapacities", "create"), ("coordination.k8s.io", "leases", "update"),
         ("", "pods", "get"), ("apps", "replicasets", "get"),
+        # the frontend's WaitForFirstConsumer placement (selected_node.py)
+        ("", "persistentvolumeclaims", "get"), ("", "nodes", "get"), ("storage.k8s.io", "csinodes", "get"),
     }
     assert needed - granted == set()
+    own = _granted(_find("ClusterRole", "xo-csi-controller-frontend")["rules"])
+    assert own == {("", "persistentvolumeclaims", "get"), ("", "nodes", "get"), ("storage.k8s.io", "csinodes", "get")}
 
 
 def test_rbac_is_least_privilege() -> None:
@@ -445,14 +471,25 @@ def test_rbac_is_least_privilege() -> None:
         assert any(granted[1] == resource for granted in namespaced), resource
 
 
-@pytest.mark.parametrize(("account", "workload"), [("xo-csi-node", "xo-csi-node"),
-                                                   ("xo-csi-migrator", "xo-csi-migrator")])
+@pytest.mark.parametrize(("account", "workload"), [("xo-csi-migrator", "xo-csi-migrator")])
 def test_services_without_kubernetes_api_access_get_no_token(account: str, workload: str) -> None:
     assert _find("ServiceAccount", account)["automountServiceAccountToken"] is False
     assert _rules_of(account) == [], f"{account} is bound to a role"
     (pod,) = [doc["spec"]["template"]["spec"] for kind in _WORKLOAD_KINDS for doc in _all(kind)
               if doc["metadata"]["name"] == workload]
     assert pod["serviceAccountName"] == account and pod["automountServiceAccountToken"] is False
+
+
+def test_node_plugin_gets_its_node_name_and_may_only_get_nodes_and_no_xo_secret() -> None:
+    node = _find("DaemonSet", "xo-csi-node")
+    pod = node["spec"]["template"]["spec"]
+    plugin = _containers(node)["xo-csi-frontend"]
+    env = {item["name"]: item for item in plugin["env"]}
+    assert env["CSI_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert list(_secret_references(node)) == [], "node plugins need no XO credentials (node-metadata=kubernetes)"
+    assert "--node-metadata=xo" not in plugin["args"]
+    assert pod["serviceAccountName"] == "xo-csi-node" and pod["automountServiceAccountToken"] is True
+    assert _granted(_rules_of("xo-csi-node")) == {("", "nodes", "get")}
 
 
 def test_only_the_node_plugin_is_privileged_or_root() -> None:

@@ -27,6 +27,7 @@ EXPECTED = {
     "BackendUnavailable": Code.UNAVAILABLE,
     "BackendFailure": Code.INTERNAL,
     "MountError": Code.INTERNAL,
+    "FilesystemCorrupt": Code.FAILED_PRECONDITION,  # fsck -a cannot repair it: an administrator must
     "XoError": Code.INTERNAL,
     "XoUnavailable": Code.UNAVAILABLE,
     "XoPoolDisconnected": Code.UNAVAILABLE,
