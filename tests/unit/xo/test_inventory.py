@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.xo.client import XoClient
@@ -64,53 +66,54 @@ class _Xo:
         await self.peer.aclose()
 
 
-async def test_an_old_inventory_answers_at_once_and_reloads_in_the_background() -> None:
+@contextlib.asynccontextmanager
+async def _warmed(max_age_s: float) -> AsyncIterator[tuple[_Xo, Inventory]]:
+    """An inventory loaded at start (one read of each kind), closed with its XO afterwards."""
     xo = _Xo()
-    inventory = Inventory(xo.client, max_age_s=0)  # every read finds it old
+    inventory = Inventory(xo.client, max_age_s=max_age_s)
     await inventory.warm()
     assert xo.reads() == ["SR", "VM"]
-    xo.gate.clear()  # XO takes its time to list thousands of VMs
-    xo.objects["vm1"] = {**VM, "power_state": "Halted"}
-    async with asyncio.timeout(2):
-        vm = await inventory.vm("vm1")  # answered from the cache while the reload waits
-    assert vm is not None and vm.power_state == "Running"
-    await eventually(lambda: xo.reads() == ["SR", "VM", "VM"], 2)
-    assert (await inventory.vm("vm1")) is not None  # one reload at a time: no second one queued
-    assert xo.reads() == ["SR", "VM", "VM"]
-    xo.gate.set()
+    try:
+        yield xo, inventory
+    finally:
+        await inventory.close()
+        await xo.aclose()
 
-    async def reloaded() -> bool:
-        vm = await inventory.vm("vm1")
-        return vm is not None and vm.power_state == "Halted"
 
-    await eventually(reloaded, 2)
-    await inventory.close()
-    await xo.aclose()
+async def test_an_old_inventory_answers_at_once_and_reloads_in_the_background() -> None:
+    async with _warmed(max_age_s=0) as (xo, inventory):  # every read finds it old
+        xo.gate.clear()  # XO takes its time to list thousands of VMs
+        xo.objects["vm1"] = {**VM, "power_state": "Halted"}
+        async with asyncio.timeout(2):
+            vm = await inventory.vm("vm1")  # answered from the cache while the reload waits
+        assert vm is not None and vm.power_state == "Running"
+        await eventually(lambda: xo.reads() == ["SR", "VM", "VM"], 2)
+        assert (await inventory.vm("vm1")) is not None  # one reload at a time: no second one queued
+        assert xo.reads() == ["SR", "VM", "VM"]
+        xo.gate.set()
+
+        async def reloaded() -> bool:
+            vm = await inventory.vm("vm1")
+            return vm is not None and vm.power_state == "Halted"
+
+        await eventually(reloaded, 2)
 
 
 async def test_invalidating_one_kind_reloads_only_it_before_its_next_read() -> None:
-    xo = _Xo()
-    inventory = Inventory(xo.client, max_age_s=3600)
-    await inventory.warm()
-    xo.objects["sr1"] = {**SR, "usage": 60}
-    inventory.invalidate("SR")  # our own disk.create changed the SR's usage
-    assert await inventory.vm("vm1") is not None and xo.reads() == ["SR", "VM"]
-    assert [sr.usage for sr in await inventory.srs()] == [60]
-    assert xo.reads() == ["SR", "VM", "SR"]
-    await inventory.close()
-    await xo.aclose()
+    async with _warmed(max_age_s=3600) as (xo, inventory):
+        xo.objects["sr1"] = {**SR, "usage": 60}
+        inventory.invalidate("SR")  # our own disk.create changed the SR's usage
+        assert await inventory.vm("vm1") is not None and xo.reads() == ["SR", "VM"]
+        assert [sr.usage for sr in await inventory.srs()] == [60]
+        assert xo.reads() == ["SR", "VM", "SR"]
 
 
 async def test_after_the_socket_closed_each_kind_is_reloaded_before_its_next_read() -> None:
-    xo = _Xo()
-    inventory = Inventory(xo.client, max_age_s=3600)
-    await inventory.warm()
-    xo.peer.links[-1].drop()  # notifications sent meanwhile are lost to us
-    await eventually(lambda: not xo.client.session.is_connected, 2)
-    xo.objects["vm1"] = {**VM, "$container": "h2"}  # the node VM moved while we were away
-    vm = await inventory.vm("vm1")
-    assert vm is not None and vm.container == "h2" and xo.peer.connects == 2
-    assert [sr.id for sr in await inventory.srs()] == ["sr1"]
-    assert xo.reads() == ["SR", "VM", "VM", "SR"]  # once each, on the new socket
-    await inventory.close()
-    await xo.aclose()
+    async with _warmed(max_age_s=3600) as (xo, inventory):
+        xo.peer.links[-1].drop()  # notifications sent meanwhile are lost to us
+        await eventually(lambda: not xo.client.session.is_connected, 2)
+        xo.objects["vm1"] = {**VM, "$container": "h2"}  # the node VM moved while we were away
+        vm = await inventory.vm("vm1")
+        assert vm is not None and vm.container == "h2" and xo.peer.connects == 2
+        assert [sr.id for sr in await inventory.srs()] == ["sr1"]
+        assert xo.reads() == ["SR", "VM", "VM", "SR"]  # once each, on the new socket
