@@ -106,8 +106,10 @@ class ObjectStore:
         obj_type = source.get("type")
         if not isinstance(obj_type, str):
             return self._objects.values()
-        buckets: list[dict[str, None]] = [self._by_field.get((obj_type, key, value), {}) for key in INDEXED_FIELDS
-                   if isinstance(value := source.get(key), str)]
+        buckets: list[dict[str, None]] = [
+            self._by_field.get((obj_type, key, value), {})
+            for key in INDEXED_FIELDS if isinstance(value := source.get(key), str)
+        ]
         pool = source.get("$pool")
         if isinstance(pool, str):
             buckets.append(self._by_pool.get(pool, {}))
