@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test test-k8s demo lint bench-xo bench-attach bench-scale bench-migration bench-stream soak proto
+.PHONY: bootstrap venv test test-k8s test-ha demo lint bench-xo bench-attach bench-scale bench-migration bench-stream soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,9 @@ test: bootstrap      ## lint (ruff, mypy --strict), then all of tests/; e.g. mak
 
 test-k8s: bootstrap  ## the real kube-apiserver and CSI sidecars drive the driver (docs/deploy.md "Tested with")
 	$(VENV)/bin/pytest tests/k8s -m k8s $(PYTEST_ARGS)
+
+test-ha: bootstrap   ## HA brokers (part of make test): a RabbitMQ cluster and Redis Sentinel, a node of each killed mid-migration
+	$(VENV)/bin/pytest tests/ha -m ha $(PYTEST_ARGS)
 
 demo: bootstrap
 	$(PY) -m dev.demo $(DEMO_ARGS)

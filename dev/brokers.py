@@ -129,7 +129,8 @@ def redis_ready(host: str, port: int) -> bool:
         return False
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -137,7 +138,15 @@ def _process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
-def _tail(paths: list[Path], lines: int = LOG_TAIL_LINES) -> str:
+def pid_files(base_dir: Path | None, *names: str) -> set[int]:
+    pids = set()
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            pids.add(int((base_dir / name).read_text()) if base_dir else 0)
+    return pids - {0}
+
+
+def log_tail(paths: list[Path], lines: int = LOG_TAIL_LINES) -> str:
     parts = []
     for path in paths:
         with contextlib.suppress(OSError):
@@ -146,7 +155,7 @@ def _tail(paths: list[Path], lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(parts) or "(no log files)"
 
 
-def _run_script(*args: str, env: dict[str, str] | None = None) -> str:
+def run_script(*args: str, env: dict[str, str] | None = None) -> str:
     """Run a script under scripts/ and return its last stdout line; raise BrokerStartError with its output."""
     argv = ["bash", str(SCRIPTS_DIR / args[0]), *args[1:]]
     proc = subprocess.run(
@@ -158,12 +167,12 @@ def _run_script(*args: str, env: dict[str, str] | None = None) -> str:
     return lines[-1] if lines else ""
 
 
-def _stop(base_dir: Path | None, script: str, *, keep_state: bool, crash: bool) -> Path | None:
+def stop_server(base_dir: Path | None, script: str, *, keep_state: bool, crash: bool) -> Path | None:
     """Run a server's stop script (SIGKILL with ``crash``; its state dir kept with ``keep_state``); the state
     dir the server keeps afterwards. Nothing to do when it is not running."""
     if base_dir is None:
         return None
-    _run_script(script, str(base_dir), *(["kill"] if crash else []), *(["keep"] if keep_state else []))
+    run_script(script, str(base_dir), *(["kill"] if crash else []), *(["keep"] if keep_state else []))
     return base_dir if keep_state else None
 
 
@@ -185,15 +194,23 @@ class LocalRabbit:
     Blocking methods: call them from a thread (`asyncio.to_thread`) inside a test's event loop.
     """
 
-    def __init__(self, *, extra_rabbit_config: str = "", user: str = "guest", password: str = "guest") -> None:
+    def __init__(self, *, extra_rabbit_config: str = "", user: str = "guest", password: str = "guest",
+                 epmd_port: int | None = None, cookie: str | None = None) -> None:
         self.port = pick_free_port()
         self.mgmt_port = pick_free_port(frozenset({self.port}))
         self.dist_port = pick_free_port(frozenset({self.port, self.mgmt_port}))
-        # Its own epmd: a shared one (4369) could be left to nobody when nodes of several sessions overlap.
-        self.epmd_port = pick_free_port(frozenset({self.port, self.mgmt_port, self.dist_port}))
+        # Its own epmd unless given one (a cluster's nodes share theirs): a shared 4369 could be left to nobody
+        # when nodes of several sessions overlap.
+        self.epmd_port = epmd_port or pick_free_port(frozenset({self.port, self.mgmt_port, self.dist_port}))
+        self.cookie = cookie
         self.extra_rabbit_config = extra_rabbit_config
         self.user, self.password = user, password
         self.base_dir: Path | None = None
+
+    @property
+    def node_name(self) -> str:
+        """The Erlang node name scripts/rmq/start.sh gives it."""
+        return f"rmq{self.port}@localhost"
 
     @property
     def endpoint(self) -> RabbitEndpoint:
@@ -216,10 +233,11 @@ class LocalRabbit:
             "RMQ_DIST_PORT": str(self.dist_port),
             "RMQ_EPMD_PORT": str(self.epmd_port),
             "RMQ_EXTRA_RABBIT": self.extra_rabbit_config,
+            **({"RMQ_COOKIE": self.cookie} if self.cookie else {}),
         }
         if self.base_dir is not None:
             env["RMQ_BASE"] = str(self.base_dir)
-        self.base_dir = Path(_run_script("rmq/start.sh", str(self.port), str(self.mgmt_port), env=env))
+        self.base_dir = Path(run_script("rmq/start.sh", str(self.port), str(self.mgmt_port), env=env))
         ep = self.endpoint
         wait_ready(lambda: self._alive() and amqp_ready(ep.host, ep.port), f"RabbitMQ AMQP on {ep.port}", self.logs)
         wait_ready(lambda: management_ready(ep), f"RabbitMQ management on {ep.mgmt_port}", self.logs)
@@ -228,7 +246,7 @@ class LocalRabbit:
         """Stop the node: SIGKILL with crash (1-2 s), else SIGTERM (a clean shutdown, ~8 s). With keep_state,
         keep its state dir (durable queues, vhosts) for `start()`; without, remove it and the epmd this node
         started. Idempotent."""
-        self.base_dir = _stop(self.base_dir, "rmq/stop.sh", keep_state=keep_state, crash=crash)
+        self.base_dir = stop_server(self.base_dir, "rmq/stop.sh", keep_state=keep_state, crash=crash)
 
     def restart(self, *, crash: bool = False) -> None:
         """Stop (SIGTERM, or SIGKILL with crash) and start again on the same ports with the state kept.
@@ -244,12 +262,16 @@ class LocalRabbit:
         """Raise BrokerStartError as soon as the node's launcher exits (a boot failure), not at the deadline."""
         assert self.base_dir is not None
         pid = int((self.base_dir / "launcher.pid").read_text())
-        if not _process_alive(pid):
+        if not process_alive(pid):
             raise BrokerStartError(f"RabbitMQ exited during boot\n{self.logs()}")
         return True
 
+    def pids(self) -> set[int]:
+        """The node's launcher and beam PIDs while it runs (leak checks)."""
+        return pid_files(self.base_dir, "launcher.pid", "rabbit.pid")
+
     def logs(self) -> str:
-        return _tail(sorted((self.base_dir / "log").glob("*.log"))) if self.base_dir else "(not started)"
+        return log_tail(sorted((self.base_dir / "log").glob("*.log"))) if self.base_dir else "(not started)"
 
 
 class LocalRedis:
@@ -258,22 +280,26 @@ class LocalRedis:
     Blocking methods: call them from a thread (`asyncio.to_thread`) inside a test's event loop.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, replica_of: RedisEndpoint | None = None) -> None:
         port = pick_free_port()
         self.base_dir: Path | None = None
+        self.replica_of = replica_of
         self.endpoint = RedisEndpoint(url=f"redis://127.0.0.1:{port}/0", host="127.0.0.1", port=port)
 
     def start(self) -> None:
-        """Start redis (loading the dump saved by `stop(keep_state=True)`) and wait for PONG."""
+        """Start redis (loading the dump saved by `stop(keep_state=True)`; a replica of ``replica_of`` when given)
+        and wait for PONG."""
         env = {"REDIS_BASE": str(self.base_dir)} if self.base_dir is not None else {}
-        self.base_dir = Path(_run_script("redis/start.sh", str(self.endpoint.port), env=env))
+        if self.replica_of is not None:
+            env["REDIS_REPLICA_OF"] = f"{self.replica_of.host} {self.replica_of.port}"
+        self.base_dir = Path(run_script("redis/start.sh", str(self.endpoint.port), env=env))
         ep = self.endpoint
         wait_ready(lambda: redis_ready(ep.host, ep.port), f"Redis on {ep.port}", self.logs)
 
     def stop(self, *, keep_state: bool = False, crash: bool = False) -> None:
         """SHUTDOWN (SAVE with keep_state, keeping the dir for `start()`), or SIGKILL with crash (unsaved
         data lost). Idempotent."""
-        self.base_dir = _stop(self.base_dir, "redis/stop.sh", keep_state=keep_state, crash=crash)
+        self.base_dir = stop_server(self.base_dir, "redis/stop.sh", keep_state=keep_state, crash=crash)
 
     def restart(self, *, keep_data: bool = True) -> None:
         """Restart on the same port: with keep_data a clean SHUTDOWN SAVE + start (data kept), else a crash
@@ -284,5 +310,9 @@ class LocalRedis:
             self.stop(crash=True)  # and drop the dir with any dump saved by an earlier restart
         self.start()
 
+    def pids(self) -> set[int]:
+        """The server's PID while it runs (leak checks)."""
+        return pid_files(self.base_dir, "redis.pid")
+
     def logs(self) -> str:
-        return _tail([self.base_dir / "redis.log", self.base_dir / "launch.log"]) if self.base_dir else ""
+        return log_tail([self.base_dir / "redis.log", self.base_dir / "launch.log"]) if self.base_dir else ""

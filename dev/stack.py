@@ -30,13 +30,16 @@ SIM_TOKEN = "sim-token"
 
 @dataclass(frozen=True)
 class StackOptions:
-    """What to run. ``amqp_url``/``redis_url`` reuse existing brokers; else, with migrators, local ones start."""
+    """What to run. ``amqp_url`` (one URL or a cluster's, comma-separated) with ``redis_url`` or
+    ``redis_sentinels`` reuse existing brokers; else, with migrators, local ones start."""
 
     topology: str = "two-hosts"
     real_data: bool = True
     migrators: int = 0
     amqp_url: str | None = None
     redis_url: str | None = None
+    redis_sentinels: str | None = None  # REDIS_SENTINELS (host:port,...): Redis through Sentinel, not redis_url
+    redis_sentinel_master: str = "xocsi"
     redis_prefix: str = "xocsi:"
     management: bool = False
     host_topology: bool = False
@@ -95,7 +98,10 @@ class Stack:
     def service_env(self) -> dict[str, str]:
         env = {"XOA_URL": self.xo_url, "XOA_TOKEN": SIM_TOKEN, "LOG_LEVEL": self.options.log_level,
                "REDIS_KEY_PREFIX": self.options.redis_prefix}
-        if self.amqp_url and self.redis_url:
+        if self.amqp_url and self.options.redis_sentinels:
+            env |= {"AMQP_URL": self.amqp_url, "REDIS_SENTINELS": self.options.redis_sentinels,
+                    "REDIS_SENTINEL_MASTER": self.options.redis_sentinel_master}
+        elif self.amqp_url and self.redis_url:
             env |= {"AMQP_URL": self.amqp_url, "REDIS_URL": self.redis_url}
         return env
 
@@ -255,7 +261,8 @@ async def running_stack(work: Path, options: StackOptions = StackOptions()) -> A
 
 async def _brokers(exits: contextlib.AsyncExitStack, options: StackOptions
                    ) -> tuple[LocalRabbit | None, LocalRedis | None]:
-    if (options.amqp_url and options.redis_url) or (options.migrators == 0 and not options.management):
+    given = options.amqp_url and (options.redis_url or options.redis_sentinels)
+    if given or (options.migrators == 0 and not options.management):
         return None, None
     rabbit, redis = LocalRabbit(), LocalRedis()
     exits.callback(rabbit.stop)

@@ -7,26 +7,31 @@ The only place aio-pika/aiormq exceptions are translated (to ``BackendUnavailabl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection, HeadersType
 
-from shared import messages
+from shared import amqp_failover, messages
 from shared.errors import BackendUnavailable
 
 APP_ID = "xo-csi"
 
 
-async def connect(url: str, *, name: str, timeout_s: float) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (shows in the management UI); BackendUnavailable when the first
-    connect fails or takes longer than ``timeout_s``. Later drops are healed by aio-pika's reconnect."""
+async def connect(urls: str | Sequence[str], *, name: str, timeout_s: float) -> AbstractRobustConnection:
+    """A robust connection named ``name`` (shows in the management UI) to the first of ``urls`` (an AMQP_URL: one
+    URL or several, comma-separated; or the list) that answers; later drops fail over along the list
+    (shared/amqp_failover.py). BackendUnavailable when no address answers, each within ``timeout_s``."""
+    addresses = amqp_failover.broker_addresses(urls) if isinstance(urls, str) else tuple(urls)
     try:
-        async with asyncio.timeout(timeout_s):
-            return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, timeout=timeout_s)
+        async with asyncio.timeout(timeout_s * len(addresses)):
+            return await amqp_failover.connect_failover(addresses, timeout_s=timeout_s,
+                                                        client_properties={"connection_name": name})
     except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-        raise BackendUnavailable(f"RabbitMQ is unreachable ({type(exc).__name__}); check AMQP_URL") from exc
+        where = "RabbitMQ is" if len(addresses) == 1 else f"none of the {len(addresses)} RabbitMQ nodes is"
+        raise BackendUnavailable(f"{where} reachable ({type(exc).__name__}); check AMQP_URL") from exc
 
 
 async def declare(channel: AbstractChannel, *, delivery_limit: int = messages.DELIVERY_LIMIT) -> AbstractExchange:

@@ -8,6 +8,8 @@
 # Env:   RMQ_DIST_PORT     Erlang distribution port (default AMQP_PORT+20000)
 #        RMQ_EXTRA_RABBIT  extra terms for the rabbit app, e.g. '{consumer_timeout, 3000}, {channel_tick_interval, 1000}'
 #        RMQ_EPMD_PORT     epmd port (default 4369, shared with other nodes); a free port gives the node its own epmd
+#        RMQ_COOKIE        the Erlang cookie (default: a random one made at the first start); nodes that form a
+#                          cluster (RMQ_EXTRA_RABBIT='{cluster_nodes, ...}') must share it, and their epmd port
 #        RMQ_BASE          reuse this dir (made by an earlier start.sh, stopped with `stop.sh BASE [kill] keep`):
 #                          a restart on the same ports with durable queues and vhosts kept
 # If no epmd answers, one is started on 127.0.0.1 and its PID kept in BASE/epmd.pid, so that stop.sh ends it.
@@ -38,6 +40,11 @@ else
   touch "$BASE/.xo-csi-rmq"   # stop.sh refuses to rm -rf a dir without this marker
 fi
 mkdir -p "$BASE/home" "$BASE/log" "$BASE/mnesia"
+if [[ -n ${RMQ_COOKIE:-} ]]; then
+  rm -f "$BASE/home/.erlang.cookie"
+  (umask 077 && printf '%s' "$RMQ_COOKIE" >"$BASE/home/.erlang.cookie")
+  chmod 400 "$BASE/home/.erlang.cookie"   # Erlang refuses a cookie file others can read
+fi
 rm -f "$BASE/rabbit.pid" "$BASE/launcher.pid"
 printf 'PORT=%s\nMGMT=%s\nDIST=%s\nERL_EPMD_PORT=%s\n' "$PORT" "$MGMT" "$DIST" "$ERL_EPMD_PORT" >"$BASE/ports"
 

@@ -84,11 +84,10 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def messaging_settings() -> tuple[RabbitSettings | None, RedisSettings | None]:
-    """RabbitMQ settings when AMQP_URL is set, Redis settings when REDIS_URL is set; migrations need both, the
-    temporary-disk cleanup's lease only Redis."""
+    """RabbitMQ settings when AMQP_URL is set, Redis settings when REDIS_URL (or REDIS_SENTINELS) is set; migrations
+    need both, the temporary-disk cleanup's lease only Redis."""
     rabbit, redis = RabbitSettings(), RedisSettings()
-    return (rabbit if "amqp_url" in rabbit.model_fields_set else None,
-            redis if "redis_url" in redis.model_fields_set else None)
+    return (rabbit if "amqp_url" in rabbit.model_fields_set else None, redis if redis.configured else None)
 
 
 async def run(settings: FrontendSettings, xo_settings: XoSettings,

@@ -22,13 +22,16 @@ log = get_logger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xo-csi-migrator", description="Disk migration worker (RabbitMQ consumer). "
-                                "Flags override MIGRATOR_* envs; AMQP_URL, REDIS_URL and XOA_* configure access.")
+    p = argparse.ArgumentParser(
+        prog="xo-csi-migrator",
+        description="Disk migration worker (RabbitMQ consumer). Flags override MIGRATOR_* envs; AMQP_URL (one URL, "
+                    "or a cluster's nodes comma-separated), REDIS_URL (or REDIS_SENTINELS + REDIS_SENTINEL_MASTER) "
+                    "and XOA_* configure access.")
     p.add_argument("--concurrency", type=int, help="migrations at once (default 1)")
     p.add_argument("--per-sr-limit", type=int, help="most migrations at once whose source or target is a given SR, "
                    "across all replicas (default 0 = no limit)")
-    p.add_argument("--amqp-url", help="AMQP_URL")
-    p.add_argument("--redis-url", help="REDIS_URL")
+    p.add_argument("--amqp-url", help="AMQP_URL: one URL, or the nodes of a cluster as comma-separated URLs")
+    p.add_argument("--redis-url", help="REDIS_URL (unused when REDIS_SENTINELS is set)")
     p.add_argument("--redis-key-prefix", help="prefix of Redis keys (default xocsi:)")
     p.add_argument("--xoa-url", help="XOA_URL")
     p.add_argument("--xoa-insecure", action="store_true", default=None, help="skip TLS verification (testing)")

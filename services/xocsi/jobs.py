@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from services.xocsi import render
 from shared import broker, messages
+from shared.backends import redis_client
 from shared.config import RabbitSettings, RedisSettings
 from shared.errors import DomainError
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
@@ -61,17 +61,14 @@ class _Backends:
     @asynccontextmanager
     async def redis(self) -> AsyncIterator[JobStore]:
         settings = self.settings
-        client = aioredis.Redis.from_url(settings.redis.redis_url.get_secret_value(), socket_timeout=settings.timeout_s,
-                                         socket_connect_timeout=settings.timeout_s)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            client = redis_client(stack, settings.redis, timeout_s=settings.timeout_s)
             yield JobStore(client, settings.redis.key_prefix, active_ttl_s=DEFAULT_ACTIVE_TTL_S,
                            result_ttl_s=DEFAULT_RESULT_TTL_S)
-        finally:
-            await client.aclose()
 
     @asynccontextmanager
     async def rabbit(self) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractChannel]]:
-        connection = await broker.connect(self.settings.rabbit.amqp_url.get_secret_value(), name="xocsi-jobs",
+        connection = await broker.connect(self.settings.rabbit.amqp_urls, name="xocsi-jobs",
                                           timeout_s=self.settings.timeout_s)
         try:
             channel = await connection.channel()
@@ -110,11 +107,11 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _options(parser: argparse.ArgumentParser, *, redis: bool, amqp: bool) -> None:
     group = parser.add_argument_group("backends")
     if redis:
-        group.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
+        group.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, or Redis through $REDIS_SENTINELS)")
         group.add_argument("--redis-key-prefix", help="prefix of the project's Redis keys (default: "
                            "$REDIS_KEY_PREFIX, else xocsi:)")
     if amqp:
-        group.add_argument("--amqp-url", help="AMQP URL (default: $AMQP_URL)")
+        group.add_argument("--amqp-url", help="AMQP URL, or a cluster's URLs comma-separated (default: $AMQP_URL)")
     # Also accepted after the subcommand, without overriding values given before it (as for the gRPC commands).
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     parser.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",

@@ -29,18 +29,16 @@ from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, J
 from tests.support.e2e import (
     MIGRATING,
     MiB,
+    arrived_intact,
+    copying,
     create,
     host_segment,
     migrations_of,
-    mounted,
     publish,
     queue_contents,
     require_root,
-    sha256_of,
-    sim_stats,
     srs_of,
-    unpublish,
-    write_file,
+    written_on_a1,
 )
 
 pytestmark = [
@@ -84,45 +82,6 @@ async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faul
                 await redis.aclose()
 
 
-@dataclass
-class Moving:
-    """A volume written on node-a1 and detached, about to be published to node-a2."""
-
-    name: str
-    volume_id: str
-    checksum: str
-
-    @property
-    def disk(self) -> str:
-        return f"csi-{self.name}"
-
-
-async def written_on_a1(stack: Stack, name: str, data_bytes: int = DATA_BYTES) -> Moving:
-    volume_id = await create(stack, name, data_bytes + 160 * MiB, MIGRATING, await host_segment(stack, "node-a1"))
-    assert await srs_of(stack, f"csi-{name}") == ["Local A1"]
-    ctx = await publish(stack, volume_id, "node-a1")
-    async with mounted(stack, "node-a1", volume_id, ctx) as target:
-        checksum = await asyncio.to_thread(write_file, target / "data.bin", data_bytes)
-    await unpublish(stack, volume_id, "node-a1")
-    return Moving(name, volume_id, checksum)
-
-
-async def copying(stack: Stack) -> None:
-    """Return once the simulator runs a copy."""
-    async def active() -> bool:
-        return int((await sim_stats(stack))["active_migrations"]) > 0
-    await eventually(active, 30, 0.05, description="a copy running in the simulator")
-
-
-async def arrived_intact(stack: Stack, moving: Moving, node: str = "node-a2", host_sr: str = "Local A2") -> None:
-    """One VDI, on the SR of the node's host, copied exactly once, with the data written on node-a1."""
-    assert await srs_of(stack, moving.disk) == [host_sr]
-    assert await migrations_of(stack, moving.disk) == 1
-    ctx = await publish(stack, moving.volume_id, node)  # already published: the same answer, no copy
-    async with mounted(stack, node, moving.volume_id, ctx) as target:
-        assert await asyncio.to_thread(sha256_of, target / "data.bin") == moving.checksum
-
-
 async def finished(jobs: JobStore, disk: str) -> JobRecord:
     """The disk's job record once it says succeeded. The publish may answer first: an attach whose disk XO
     already shows on a usable SR goes ahead while the job's owner is still recording its outcome."""
@@ -157,7 +116,7 @@ def name_of_worker(stack: Stack, worker: str | None) -> str:
 
 async def test_migrator_killed_mid_copy_the_other_one_finishes_the_job(faulty: Faulty) -> None:
     stack = faulty.stack
-    moving = await written_on_a1(stack, "pvc-kill")
+    moving = await written_on_a1(stack, "pvc-kill", DATA_BYTES)
     publishing = asyncio.create_task(publish(stack, moving.volume_id, "node-a2"))
     await copying(stack)
     owner = (await faulty.jobs.get(moving.disk))
@@ -176,7 +135,7 @@ async def test_migrator_killed_mid_copy_the_other_one_finishes_the_job(faulty: F
 async def test_rabbitmq_restart_mid_flight_loses_no_job(faulty: Faulty) -> None:
     stack = faulty.stack
     assert stack.rabbit is not None
-    moving = await written_on_a1(stack, "pvc-rabbit")
+    moving = await written_on_a1(stack, "pvc-rabbit", DATA_BYTES)
     publishing = asyncio.create_task(publish(stack, moving.volume_id, "node-a2"))
     await copying(stack)
     await asyncio.to_thread(stack.rabbit.restart)  # clean stop (~8 s) and start; the copy ends meanwhile
@@ -200,7 +159,7 @@ async def test_redis_restart_mid_flight_the_publish_still_succeeds_with_one_copy
     the job, whose worker finds XO's copy and waits for it instead of copying again."""
     stack = faulty.stack
     assert stack.redis is not None
-    moving = await written_on_a1(stack, f"pvc-redis-{'kept' if keep_data else 'lost'}")
+    moving = await written_on_a1(stack, f"pvc-redis-{'kept' if keep_data else 'lost'}", DATA_BYTES)
     publishing = asyncio.create_task(publish(stack, moving.volume_id, "node-a2"))
     await copying(stack)
     await asyncio.to_thread(stack.redis.restart, keep_data=keep_data)
@@ -214,7 +173,7 @@ async def test_controller_restart_while_a_publish_waits_starts_no_second_job(fau
     """The retried publish finds the job going on: while XO copies (two VDIs) it joins the disk's job and waits
     for it; afterwards the disk is usable from the node and is attached; no second job, one copy."""
     stack = faulty.stack
-    moving = await written_on_a1(stack, "pvc-controller", data_bytes=192 * MiB)  # ~6 s: outlasts the restart
+    moving = await written_on_a1(stack, "pvc-controller", 192 * MiB)  # ~6 s: outlasts the restart
     publishing = asyncio.create_task(publish(stack, moving.volume_id, "node-a2"))
     await copying(stack)
     waited_on = await faulty.jobs.get(moving.disk)

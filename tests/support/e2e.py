@@ -3,11 +3,13 @@ of the simulator, RabbitMQ and Redis. The stack itself runs through dev/stack.py
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -19,6 +21,7 @@ import redis.asyncio as aioredis
 
 from dev.brokers import RabbitEndpoint, RedisEndpoint, management_client
 from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared import keys, vdi_metadata
 from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
@@ -186,3 +189,52 @@ def queue_contents(rabbit: RabbitEndpoint, vhost: str, queue: str) -> tuple[int,
 
 def vhost_of(amqp_url: str) -> str:
     return unquote(amqp_url.rsplit("/", 1)[1])
+
+
+# --- a volume moved from node-a1 to node-a2 with its data --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume the test created: its name, handle and disk (VDI name)."""
+
+    name: str
+    volume_id: str
+
+    @property
+    def disk(self) -> str:
+        return f"csi-{self.name}"
+
+
+@dataclass(frozen=True)
+class Moving(Volume):
+    """A volume written on node-a1 and detached, about to be published to node-a2."""
+
+    checksum: str
+
+
+async def written_on_a1(stack: Stack, name: str, data_bytes: int) -> Moving:
+    """A migrating volume created on node-a1's host, ``data_bytes`` of random data written on node-a1, detached."""
+    volume_id = await create(stack, name, data_bytes + 160 * MiB, MIGRATING, await host_segment(stack, "node-a1"))
+    assert await srs_of(stack, f"csi-{name}") == ["Local A1"]
+    ctx = await publish(stack, volume_id, "node-a1")
+    async with mounted(stack, "node-a1", volume_id, ctx) as target:
+        checksum = await asyncio.to_thread(write_file, target / "data.bin", data_bytes)
+    await unpublish(stack, volume_id, "node-a1")
+    return Moving(name, volume_id, checksum)
+
+
+async def copying(stack: Stack, at_least: int = 1) -> None:
+    """Return once the simulator runs ``at_least`` copies."""
+    async def active() -> bool:
+        return int((await sim_stats(stack))["active_migrations"]) >= at_least
+    await eventually(active, 60, 0.05, description=f"{at_least} copies running in the simulator")
+
+
+async def arrived_intact(stack: Stack, moving: Moving, node: str = "node-a2", host_sr: str = "Local A2") -> None:
+    """One VDI, on the SR of the node's host, copied exactly once, with the data written on node-a1."""
+    assert await srs_of(stack, moving.disk) == [host_sr]
+    assert await migrations_of(stack, moving.disk) == 1
+    ctx = await publish(stack, moving.volume_id, node)  # already published: the same answer, no copy
+    async with mounted(stack, node, moving.volume_id, ctx) as target:
+        assert await asyncio.to_thread(sha256_of, target / "data.bin") == moving.checksum

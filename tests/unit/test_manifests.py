@@ -23,10 +23,12 @@ from shared import messages, storage_class
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-KUSTOMIZATIONS = ("base", "brokers", "keda")
+KUSTOMIZATIONS = ("base", "brokers", "brokers-ha", "keda")
 OLDEST_KUBERNETES = "1.34"  # csi-provisioner v6 needs it (docs/deploy.md); kubernetes-validate adds its newest below
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 KEDA_API = "keda.sh/v1alpha1"
+RABBITMQ_OPERATOR_API = "rabbitmq.com/v1beta1"  # checked against its CRD by test_manifests_ha.py
+CRD_APIS = (KEDA_API, RABBITMQ_OPERATOR_API)
 SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
 MIN_ATTACHER_TIMEOUT_S = 120.0
 KUBELET_DIR = "/var/lib/kubelet"
@@ -59,7 +61,7 @@ def _all_documents() -> list[tuple[str, Doc]]:
 ALL_DOCUMENTS = _all_documents()
 KUBERNETES_DOCUMENTS = [
     (label, doc) for label, doc in ALL_DOCUMENTS
-    if doc.get("apiVersion") not in (KUSTOMIZE_API, KEDA_API)
+    if doc.get("apiVersion") not in (KUSTOMIZE_API, *CRD_APIS)
 ]
 
 
@@ -181,7 +183,7 @@ def test_kustomize_build_renders_valid_manifests(directory: str) -> None:
     assert rendered
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for doc in rendered:
-        if doc["apiVersion"] == KEDA_API:
+        if doc["apiVersion"] in CRD_APIS:
             continue
         kubernetes_validate.validate(doc, OLDEST_KUBERNETES, strict=True)
         cluster_scoped = doc["kind"] in {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding",
