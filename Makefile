@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test test-k8s test-ha demo lint bench-xo bench-attach bench-migration bench-stream soak proto
+.PHONY: bootstrap venv test test-k8s test-ha demo lint bench-xo bench-attach bench-scale bench-migration bench-stream soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -33,6 +33,9 @@ bench-xo: bootstrap
 
 bench-attach: bootstrap
 	$(PY) -m bench.attach $(BENCH_ARGS)
+
+bench-scale: bootstrap  ## bench-attach on a generated XO of real size (2,000 VMs, 10,000 VDIs) under 200 events/s
+	$(PY) -m bench.attach --scale $(BENCH_ARGS)
 
 bench-migration: bootstrap
 	$(PY) -m bench.migration $(BENCH_ARGS)

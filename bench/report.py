@@ -15,3 +15,11 @@ def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
 
 def show(title: str, values: dict[str, float]) -> None:
     print(f"{title}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+
+
+def show_target(title: str, value: float, unit: str, target: float, *, higher_is_better: bool = False) -> None:
+    """One figure beside its target, with ``ok`` or ``MISSED``."""
+    met = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    print(f"{title}: {value:.2f}{(' ' + unit) if unit else ''} (target {sign} {target:g}{(' ' + unit) if unit else ''}"
+          f"): {'ok' if met else 'MISSED'}")

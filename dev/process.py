@@ -11,6 +11,7 @@ import inspect
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class ServiceProcess:
     argv: Sequence[str]
     process: asyncio.subprocess.Process
     log_path: Path
+    ready_after_s: float = float("nan")  # from the spawn until it was found ready (start-up time)
 
     @property
     def pid(self) -> int:
@@ -137,6 +139,7 @@ async def service_process(
     fails (ServiceExited, AssertionError after `timeout_s`) or the body raises, so pytest shows it.
     """
     log_path = _log_file(log_dir, name or Path(argv[0]).name)
+    spawned_s = time.perf_counter()
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -151,6 +154,7 @@ async def service_process(
     failed = True
     try:
         await _wait_ready(service, ready_line_regex, ready, timeout_s)
+        service.ready_after_s = time.perf_counter() - spawned_s
         yield service
         failed = False
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from contextlib import AsyncExitStack
 from typing import Any
@@ -94,6 +95,9 @@ async def run(settings: FrontendSettings, xo_settings: XoSettings,
     rabbit, redis = messaging
     async with AsyncExitStack() as stack:
         frontend = await build_frontend(stack, settings, xo_settings, rabbit=rabbit, redis=redis)
+        # What start-up made (modules, gRPC, clients) lives as long as the process: keep it out of the cyclic GC,
+        # whose full passes over it otherwise stall the event loop for 40-60 ms now and then (an attach's p99).
+        gc.freeze()
         await frontend.serve()
 
 

@@ -84,17 +84,20 @@ class Frontend:
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve the CSI services on ``settings.endpoint`` (with /metrics, /readyz, /livez and, when asked, the
-        temp-disk cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``."""
+        temp-disk cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``.
+        XO's SRs and VMs are loaded meanwhile, so that no request waits for them."""
         settings = self.settings
         async with asyncio.TaskGroup() as tasks:
+            warm = tasks.create_task(self.inventory.warm()) if self.inventory is not None else None
             cleanup = None
             if settings.serves_controller and settings.temp_cleanup:
                 cleanup = tasks.create_task(self._temp_cleanup())
             async with metrics.serving(settings.metrics_port, readiness=self.readiness):
                 await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
                             stop=stop)
-            if cleanup is not None:
-                cleanup.cancel()
+            for task in (warm, cleanup):
+                if task is not None:
+                    task.cancel()
 
     async def _temp_cleanup(self) -> None:
         settings = self.settings
@@ -127,6 +130,7 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         if settings.serves_controller:
             await xo.require_admin("controller")  # XoAuthError: a non-admin account is refused, with the reason
         frontend.xo, frontend.inventory = xo, Inventory(xo)
+        stack.push_async_callback(frontend.inventory.close)
         frontend.disks = DiskLocator(xo, settings.disk_name_prefix)
         frontend.locks = VolumeLocks(margin_s=settings.publish_margin_s)  # the one per-volume lock of this controller
         frontend.marks = MarkPolicy(xo, None, clear_after_s=settings.stale_mark_after_s)

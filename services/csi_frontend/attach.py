@@ -87,7 +87,9 @@ class Attacher:
         except OperationPending as pending:
             disk = await self._copy_to_join(volume_id, pending)
         place = await self.place_of(node_id)
-        context = await self._reuse(disk, node_id, read_only)
+        # The VDI was just read, with its VBDs ($VBDs, in the same XO cache as the VBDs themselves): one without any
+        # has none to reuse or remove, so a fresh attach saves that read. XO refusing the plug still re-reads.
+        context = await self._reuse(disk, node_id, read_only) if disk.vdi.vbd_ids else None
         if context is not None:
             return context
         usable = await self._ensure_usable(disk, place, deadline_s)

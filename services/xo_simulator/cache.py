@@ -4,14 +4,22 @@ xo-server never reads XAPI directly: it polls XAPI events (at least 200 ms apart
 answers ``xo.getAllObjects``, ``all`` notifications and the id resolution of every method from that cache.
 CacheMirror models it: every change of the truth store reaches the cache after a random lag, changes that
 fall due together are applied as one batch (one ``enter`` and one ``exit`` notification), and a pool that
-XO lost is hidden from the cache until it comes back. XAPI-level checks never read the cache.
+XO lost is hidden from the cache until it comes back. XAPI-level checks never read the cache. Every step costs
+O(changes): nothing here scans the stores.
+
+``CallTrace`` ties truth changes to the JSON-RPC call that made them (a context variable the dispatcher sets), so
+the simulator can tell how long after its answer a call's effect reached the cache: the time a client that reads
+its own writes spends waiting for XO's cache by design (stats ``cache_wait_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from .model import ObjectStore
@@ -59,6 +67,18 @@ class Lag:
         return f"{self.low_ms:g}-{self.high_ms:g}" if self.high_ms != self.low_ms else f"{self.high_ms:g}"
 
 
+@dataclass
+class CallTrace:
+    """The truth changes of one call: ``ticket`` is the mirror ticket whose application shows them all (0: none
+    pending, e.g. an instant cache)."""
+
+    ticket: int = 0
+
+
+CURRENT_CALL: ContextVar[CallTrace | None] = ContextVar("xo_sim_current_call", default=None)
+"""Set by the dispatcher around each call; changes made in that task (and tasks it starts) count as the call's."""
+
+
 class CacheMirror:
     """The cache (``self.cache``) following the truth store after a lag, with hidden (disconnected) pools.
 
@@ -75,7 +95,8 @@ class CacheMirror:
         self._last_due = 0.0
         self._issued = 0  # last ticket handed out
         self._applied = 0  # every ticket up to this one has reached the cache
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, int, Callable[[], None]]] = []  # heap of (ticket, sequence, callback)
+        self._sequence = itertools.count()
         self._hidden: dict[str, asyncio.Event] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -105,10 +126,15 @@ class CacheMirror:
         loop = asyncio.get_running_loop()
         due = max(loop.time() + self.lag.draw_s(self._rng), self._last_due)
         self._last_due = due
+        shown_by = 0
         for obj_id in changed:
-            if obj_id not in self._pending:  # already scheduled: that poll will read the newest version
+            scheduled = self._pending.get(obj_id)
+            if scheduled is None:
                 self._issued += 1
-                self._pending[obj_id] = (due, self._issued)
+                scheduled = self._pending[obj_id] = (due, self._issued)
+            shown_by = max(shown_by, scheduled[1])  # already scheduled: that poll will read the newest version
+        if (trace := CURRENT_CALL.get()) is not None:
+            trace.ticket = max(trace.ticket, shown_by)
         self._arm(loop)
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -150,14 +176,20 @@ class CacheMirror:
 
     def _settle(self, ticket: int) -> None:
         self._applied = max(self._applied, ticket)
-        still_waiting = []
-        for target, future in self._waiters:
-            if target <= self._applied:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                still_waiting.append((target, future))
-        self._waiters = still_waiting
+        while self._waiters and self._waiters[0][0] <= self._applied:
+            heapq.heappop(self._waiters)[2]()
+
+    def shows(self, ticket: int) -> bool:
+        """Whether the change batch ``ticket`` (a ``CallTrace.ticket``; 0: none) already shows in the cache."""
+        return ticket <= self._applied or self._closed
+
+    def when_shown(self, ticket: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the change batch ``ticket`` (a ``CallTrace.ticket``) shows in the cache: now when
+        it already does, else right after the batch's notification is queued (or at close())."""
+        if self.shows(ticket):
+            callback()
+        else:
+            heapq.heappush(self._waiters, (ticket, next(self._sequence), callback))
 
     def flush(self) -> None:
         """Apply every pending change now (topology load and reset)."""
@@ -175,11 +207,9 @@ class CacheMirror:
         XO's ``barrier``/``_getOrWaitObject``: used by the calls that return only once their new object is
         in the cache (disk.create, vdi.migrate). Has no timeout, like XO's; close() releases it.
         """
-        target = self._issued
-        if self._applied < target and not self._closed:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append((target, future))
-            await future
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.when_shown(self._issued, lambda: None if future.done() else future.set_result(None))
+        await future
         while pool_id is not None and not self._closed and (lost := self._hidden.get(pool_id)) is not None:
             await lost.wait()
 
@@ -189,10 +219,9 @@ class CacheMirror:
         if pool_id in self._hidden:
             return
         self._hidden[pool_id] = asyncio.Event()
-        gone = [obj_id for obj_id, obj in self.cache.all().items() if obj["$pool"] == pool_id]
         with self.cache.batch():
-            for obj_id in gone:
-                self.cache.remove(obj_id)
+            for obj in self.cache.in_pool(pool_id):
+                self.cache.remove(obj["id"])
 
     def show_pool(self, pool_id: str) -> None:
         """XO reconnected: every current object of the pool enters the cache at once (one ``enter``)."""
@@ -200,8 +229,8 @@ class CacheMirror:
         if lost is None:
             return
         with self.cache.batch():
-            for obj in list(self.truth.all().values()):
-                if obj["$pool"] == pool_id and self.cache.find(obj["id"]) is not obj:
+            for obj in self.truth.in_pool(pool_id):
+                if self.cache.find(obj["id"]) is not obj:
                     self.cache.put(obj)
         lost.set()
 

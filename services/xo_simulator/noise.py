@@ -3,7 +3,7 @@
 Real XO sends an ``all`` notification for every change in every connected pool, so a client waiting for
 one object sees a storm of others (XO-API §6). Noise changes the truth like any XAPI event (it reaches
 the cache after the lag) and never touches what the driver relies on: power states, containers, VBD
-links, SR and VDI sizes and usages, current operations.
+links, SR and VDI sizes and usages, current operations. An event costs O(1) whatever the inventory's size.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from shared.logging import get_logger
 
 from . import shapes
 from .model import ObjectStore
+from .shapes import XoObject
 
 log = get_logger(__name__)
 MAX_LIVE_TASKS = 8
@@ -38,6 +39,7 @@ class Noise:
         self._tasks: deque[tuple[str, int]] = deque()  # (task id, steps done)
         self._messages: deque[str] = deque()
         self._runner: asyncio.Task[None] | None = None
+        self._ids: dict[str, list[str]] = {}  # type -> ids to pick from, rebuilt when the type's count changed
         self._kinds: list[tuple[Callable[[], bool], float]] = [
             (self._vm_metrics, 0.35), (self._host_metrics, 0.15), (self._sr_rescan, 0.10),
             (self._task_step, 0.20), (self._message_step, 0.20),
@@ -65,6 +67,31 @@ class Noise:
         """Drop the bookkeeping of live tasks and messages (after the store was cleared)."""
         self._tasks.clear()
         self._messages.clear()
+        self._ids.clear()
+
+    def _pick(self, *types: str) -> XoObject | None:
+        """A random object of one of ``types`` (weighted by count), without copying the store's lists."""
+        ids = [self._ids_of(obj_type) for obj_type in types]
+        total = sum(map(len, ids))
+        if not total:
+            return None
+        index = self._rng.randrange(total)
+        for obj_type, candidates in zip(types, ids, strict=True):
+            if index < len(candidates):
+                obj = self.store.find(candidates[index])
+                if obj is None or obj["type"] != obj_type:  # gone since the list was built
+                    self._ids.pop(obj_type, None)
+                    return None
+                return obj
+            index -= len(candidates)
+        return None
+
+    def _ids_of(self, obj_type: str) -> list[str]:
+        cached = self._ids.get(obj_type)
+        live = self.store.of_type(obj_type)
+        if cached is None or len(cached) != len(live):
+            cached = self._ids[obj_type] = [obj["id"] for obj in live]
+        return cached
 
     async def close(self) -> None:
         """Stop emitting and wait for the emitter to end."""
@@ -75,10 +102,9 @@ class Noise:
 
     # -- kinds of change -----------------------------------------------------------------------------
     def _vm_metrics(self) -> bool:
-        vms = list(self.store.of_type("VM"))
-        if not vms:
+        vm = self._pick("VM")
+        if vm is None:
             return False
-        vm = self._rng.choice(vms)
         memory = {**vm["memory"], "usage": self._rng.randrange(vm["memory"]["size"] // 8, vm["memory"]["size"])}
         changes: dict[str, object] = {"memory": memory}
         if vm["power_state"] == "Running":
@@ -88,20 +114,19 @@ class Noise:
         return True
 
     def _host_metrics(self) -> bool:
-        hosts = list(self.store.of_type("host"))
-        if not hosts:
+        host = self._pick("host")
+        if host is None:
             return False
-        host = self._rng.choice(hosts)
         size = host["memory"]["size"]
         self.store.update(host["id"], {"memory": {"size": size, "usage": self._rng.randrange(size // 16, size // 2)}})
         return True
 
     def _sr_rescan(self) -> bool:
         # An SR record changes in fields XO does not show (a scan): XO rebuilds the object and sends it again.
-        srs = list(self.store.of_type("SR"))
-        if not srs:
+        sr = self._pick("SR")
+        if sr is None:
             return False
-        self.store.update(self._rng.choice(srs)["id"], {})
+        self.store.update(sr["id"], {})
         return True
 
     def _task_step(self) -> bool:
@@ -116,10 +141,9 @@ class Noise:
             else:
                 self.store.remove(task_id)
             return True
-        pools = list(self.store.of_type("pool"))
-        if not pools:
+        pool = self._pick("pool")
+        if pool is None:
             return False
-        pool = self._rng.choice(pools)
         task = shapes.task(shapes.new_uuid(), pool["id"], name_label=self._rng.choice(TASK_NAMES),
                            host_id=pool["master"])
         self.store.add(task)
@@ -132,10 +156,9 @@ class Noise:
             if message_id in self.store:
                 self.store.remove(message_id)
                 return True
-        subjects = list(self.store.of_type("VM")) + list(self.store.of_type("host"))
-        if not subjects:
+        subject = self._pick("VM", "host")
+        if subject is None:
             return False
-        subject = self._rng.choice(subjects)
         name = self._rng.choice(MESSAGE_NAMES)
         message = shapes.message(shapes.new_uuid(), subject["$pool"], name=name, body=f"{name} (simulated)",
                                  object_id=subject["id"])

@@ -20,10 +20,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from shared.logging import get_logger
 
 from .access import is_admin, resolve
+from .cache import CURRENT_CALL, CacheMirror, CallTrace
 from .errors import SimError, XoApiError, invalid_parameters, unauthorized
 from .faults import Faults
 from .methods import Method
-from .model import ObjectStore
 from .params import check
 from .stats import Stats
 
@@ -136,11 +136,12 @@ class Connection:
 class Dispatcher:
     """Turns JSON-RPC messages into method calls."""
 
-    def __init__(self, methods: Mapping[str, Method], faults: Faults, stats: Stats, cache: ObjectStore) -> None:
+    def __init__(self, methods: Mapping[str, Method], faults: Faults, stats: Stats, mirror: CacheMirror) -> None:
         self.methods = methods
         self.faults = faults
         self.stats = stats
-        self.cache = cache
+        self.mirror = mirror
+        self.cache = mirror.cache
 
     async def handle_text(self, conn: Connection, text: str) -> str | None:
         """Return the reply text for a message (None for notifications and client responses)."""
@@ -185,6 +186,8 @@ class Dispatcher:
         started_s = time.perf_counter()
         outcome = "ok"
         self.stats.calls[method] += 1
+        trace = CallTrace()
+        token = CURRENT_CALL.set(trace)  # the changes made from here on in this task (and its children) are the call's
         try:
             entry = self.methods.get(method)
             if entry is None:
@@ -204,9 +207,20 @@ class Dispatcher:
             outcome = "dropped"
             raise
         finally:
-            elapsed_s = time.perf_counter() - started_s
+            CURRENT_CALL.reset(token)
+            answered_s = time.perf_counter()
+            elapsed_s = answered_s - started_s
             self.stats.busy_s[method] += elapsed_s
+            if self.mirror.shows(trace.ticket):
+                self.stats.cache_wait_s[method] += 0.0
+            else:
+                self.stats.cache_waits_pending += 1
+                self.mirror.when_shown(trace.ticket, lambda: self._cache_waited(method, answered_s))
             log.debug("rpc_finished", rpc=method, outcome=outcome, duration_ms=round(elapsed_s * 1000, 3))
+
+    def _cache_waited(self, method: str, answered_s: float) -> None:
+        self.stats.cache_waits_pending -= 1
+        self.stats.cache_wait_s[method] += time.perf_counter() - answered_s
 
     async def _inject(self, method: str) -> None:
         delay_s = self.faults.latency.for_method_s(method)

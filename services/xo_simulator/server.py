@@ -23,6 +23,7 @@ from . import admin, rest
 from .auth import Authenticator
 from .cache import CacheMirror, Lag
 from .faults import FaultRule, Faults, Latency
+from .generated import GeneratedSpec, generate, is_generated
 from .inventory import populate
 from .methods import Api
 from .migration import Migrator
@@ -91,7 +92,7 @@ class Simulator:
                                  retry_delay_s=options.migrate_retry_ms / 1000, barrier=self.mirror.barrier)
         self.api = Api(self.xapi, self.migrator, Authenticator(topology.tokens, topology.users), self.mirror,
                        destroy_retry_delay_s=options.destroy_retry_ms / 1000)
-        self.dispatcher = Dispatcher(self.api.methods(), self.faults, self.stats, self.cache)
+        self.dispatcher = Dispatcher(self.api.methods(), self.faults, self.stats, self.mirror)
         self.connections: set[Connection] = set()
         self.stream_rate_bps = options.stream_rate_bps  # tests may change it while the simulator runs
         self.cache.subscribe(self._broadcast)
@@ -267,9 +268,12 @@ class SimulatorHandle:
 
 
 def resolve_topology(topology: Topology | Mapping[str, Any] | str | Path) -> tuple[Topology, Path | None]:
-    """Accept a Topology, a mapping, YAML text, a file path or a bundled topology name."""
+    """Accept a Topology, a mapping, YAML text, a file path, a bundled topology name or ``generated:...``
+    (generated.py)."""
     if isinstance(topology, Topology):
         return topology, None
+    if is_generated(topology):
+        return generate(GeneratedSpec.parse(str(topology))), None
     if isinstance(topology, Mapping):
         return parse_topology(topology), None
     if isinstance(topology, str) and "\n" in topology:

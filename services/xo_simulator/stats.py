@@ -14,6 +14,8 @@ class Stats:
 
     calls: Counter[str] = field(default_factory=Counter)
     busy_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # own time per method
+    # per method: time from a call's answer until XO's cache showed every change it made (cache.CallTrace)
+    cache_wait_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     errors: Counter[str] = field(default_factory=Counter)
     migrations: Counter[str] = field(default_factory=Counter)
     live_migrations: int = 0
@@ -24,12 +26,14 @@ class Stats:
     notifications: int = 0  # ``all`` messages sent (one per socket and batch)
     streams: Counter[str] = field(default_factory=Counter)  # REST content streams started: rest.vdi.export|import
     active_streams: int = 0  # REST content streams running now
+    cache_waits_pending: int = 0  # calls answered whose changes XO's cache does not show yet (kept by reset())
     started_at_s: float = field(default_factory=time.time)
 
     def reset(self) -> None:
         """Zero every counter (open connections are kept)."""
         self.calls.clear()
         self.busy_s.clear()
+        self.cache_wait_s.clear()
         self.errors.clear()
         self.migrations.clear()
         self.streams.clear()
@@ -43,6 +47,7 @@ class Stats:
             "calls": dict(self.calls),
             "total_calls": sum(self.calls.values()),
             "busy_s": {method: round(seconds, 6) for method, seconds in self.busy_s.items()},
+            "cache_wait_s": {method: round(seconds, 6) for method, seconds in self.cache_wait_s.items()},
             "errors": dict(self.errors),
             "migrations": dict(self.migrations),
             "live_migrations": self.live_migrations,
@@ -55,5 +60,6 @@ class Stats:
             "notifications": self.notifications,
             "streams": dict(self.streams),
             "active_streams": self.active_streams,
+            "cache_waits_pending": self.cache_waits_pending,
             "since_s": self.started_at_s,
         }

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,6 +71,14 @@ class RootDiskSpec(_Node):
     name_label: str | None = None
 
 
+class DataDiskSpec(RootDiskSpec):
+    """One more disk of a VM, plugged (when the VM runs) at the next free position from 1, skipping 3 (the CD's);
+    ``sr`` defaults as the root disk's. Its id is derived from the VM and its rank in ``disks``."""
+
+    name_label: str
+    name_description: str = ""
+
+
 class VmSpec(_Node):
     """A VM resident on its host when Running/Paused/Suspended."""
 
@@ -80,6 +90,7 @@ class VmSpec(_Node):
     cpus: int = 2
     memory: Size = 4 * 1024**3
     root_disk: RootDiskSpec | None = None
+    disks: list[DataDiskSpec] = []
 
 
 class HostSpec(_Node):
@@ -170,15 +181,16 @@ class Topology(_Node):
         ids += [sr.id for _, _, sr in self.srs()]
         ids += [vm.id for _, vm in self.vms()]
         ids += [vdi.id for vdi in self.vdis]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
         if duplicates:
             raise ValueError(f"duplicate ids in topology: {', '.join(duplicates)}")
         for vdi in self.vdis:
             self.resolve_sr(vdi.sr)
         for pool, host in self.hosts():
             for vm in host.vms:
-                if vm.root_disk is not None:
-                    self.root_disk_sr(pool, host, vm)
+                for disk in (vm.root_disk, *vm.disks):
+                    if disk is not None:
+                        self.disk_sr(pool, host, vm, disk)
         emails = {user.email for user in self.users}
         for token in self.tokens:
             if token.user is not None and token.user not in emails:
@@ -210,19 +222,34 @@ class Topology(_Node):
         """The SR id of a VM's root disk; ValueError when the topology names none and has none nearby."""
         if vm.root_disk is None:
             raise ValueError(f"VM {vm.name_label!r} has no root_disk")
-        if vm.root_disk.sr is not None:
-            return self.resolve_sr(vm.root_disk.sr)
+        return self.disk_sr(pool, host, vm, vm.root_disk)
+
+    def disk_sr(self, pool: PoolSpec, host: HostSpec, vm: VmSpec, disk: RootDiskSpec) -> str:
+        """The SR id of one of a VM's disks: its ``sr``, else the host's first local SR, else the pool's first shared
+        SR; ValueError when there is none."""
+        if disk.sr is not None:
+            return self.resolve_sr(disk.sr)
         nearby = [*host.srs, *pool.shared_srs]
         if not nearby:
-            raise ValueError(f"VM {vm.name_label!r} has a root_disk but its host has no SR and its pool no shared SR")
+            what = "a root_disk" if disk is vm.root_disk else f"disk {disk.name_label!r}"
+            raise ValueError(f"VM {vm.name_label!r} has {what} but its host has no SR and its pool no shared SR")
         return nearby[0].id
 
     def resolve_sr(self, ref: str) -> str:
         """Return the id of the SR named by id or unique name_label; ValueError otherwise."""
-        matches = [sr.id for _, _, sr in self.srs() if ref in (sr.id, sr.name_label)]
+        matches = self._sr_refs.get(ref, [])
         if len(matches) != 1:
             raise ValueError(f"VDI sr {ref!r} must name exactly one SR by id or name_label ({len(matches)} match)")
         return matches[0]
+
+    @cached_property
+    def _sr_refs(self) -> dict[str, list[str]]:
+        """SR ids by id and by name_label (a name may be shared)."""
+        refs: dict[str, list[str]] = {}
+        for _, _, sr in self.srs():
+            for ref in {sr.id, sr.name_label}:
+                refs.setdefault(ref, []).append(sr.id)
+        return refs
 
 
 def _dicts(value: Any) -> Iterator[dict[str, Any]]:

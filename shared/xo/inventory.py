@@ -1,7 +1,10 @@
-"""A cache of XO's slowly changing objects the driver reads (SRs, VMs), kept current by XO's ``all``
-notifications and reloaded when it is older than ``max_age_s`` or after a reconnect.
+"""A cache of XO's slowly changing objects the driver reads (SRs, VMs), kept current by XO's ``all`` notifications.
 
-VDIs and VBDs are never cached: every decision about a disk re-reads XO.
+Each kind is loaded in full once (``warm()`` at start, else at its first read) and again, before the read that
+needs it, after ``invalidate()`` or when the socket to XO closed (notifications were missed: the load reconnects).
+Every ``max_age_s`` it is also reloaded as a safety net, in the background: the notifications keep it current
+meanwhile, so no request waits for a list of thousands of VMs. VDIs and VBDs are never cached: every decision
+about a disk re-reads XO.
 """
 
 from __future__ import annotations
@@ -13,27 +16,33 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from shared.logging import get_logger
 from shared.xo.client import XoClient
+from shared.xo.errors import XoError
 from shared.xo.models import Sr, Vm, XoObject
 
+log = get_logger(__name__)
 M = TypeVar("M", bound=XoObject)
 _MODELS: dict[str, type[XoObject]] = {"SR": Sr, "VM": Vm}
+_NEVER = float("-inf")
 
 
 class Inventory:
     """Read-through cache; ``sr()``/``vm()`` fall back to XO on a miss."""
 
-    def __init__(self, client: XoClient, *, max_age_s: float = 30.0) -> None:
+    def __init__(self, client: XoClient, *, max_age_s: float = 300.0) -> None:
         self._client = client
         self._max_age_s = max_age_s
         self._objects: dict[str, dict[str, XoObject]] = {kind: {} for kind in _MODELS}
-        self._loaded_at = float("-inf")
-        self._lock = asyncio.Lock()
+        self._loaded_at = dict.fromkeys(_MODELS, _NEVER)  # _NEVER: must load before the next read
+        self._epoch = dict.fromkeys(_MODELS, 0)  # bumped by invalidate()
+        self._locks = {kind: asyncio.Lock() for kind in _MODELS}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         client.session.subscribe(self._on_notification)
         client.session.on_reconnect(self._invalidate)
 
     async def srs(self, *, tag: str | None = None) -> list[Sr]:
-        await self._fresh()
+        await self._fresh("SR")
         found = [obj for obj in self._objects["SR"].values() if isinstance(obj, Sr)]
         return [sr for sr in found if tag is None or tag in sr.tags]
 
@@ -43,10 +52,30 @@ class Inventory:
     async def vm(self, vm_id: str) -> Vm | None:
         return await self._read_through("VM", Vm, vm_id, self._client.get_vm)
 
+    async def warm(self) -> None:
+        """Load every kind now (at start, so that no request pays for it); logs and returns when XO cannot be
+        read yet (the first read loads then)."""
+        started = time.perf_counter()
+        try:
+            for kind in _MODELS:
+                await self._fresh(kind)
+        except XoError as exc:
+            log.warning("inventory_not_loaded", error=exc.message)
+            return
+        log.info("inventory_loaded", duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                 **{kind.lower() + "s": len(objects) for kind, objects in self._objects.items()})
+
+    async def close(self) -> None:
+        """Stop the background reloads."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _read_through(self, kind: str, model: type[M], obj_id: str,
                             fetch: Callable[[str], Awaitable[M | None]]) -> M | None:
         """The cached object, else XO's (then cached); None when XO has none."""
-        await self._fresh()
+        await self._fresh(kind)
         cached = self._objects[kind].get(obj_id)
         if isinstance(cached, model):
             return cached
@@ -55,25 +84,40 @@ class Inventory:
             self._objects[kind][found.id] = found
         return found
 
-    def invalidate(self) -> None:
-        """Force a reload on the next read (e.g. after an SR's usage changed by our own call)."""
-        self._loaded_at = float("-inf")
+    def invalidate(self, *kinds: str) -> None:
+        """Reload ``kinds`` (default: all) before their next read, e.g. ``"SR"`` after our own call changed an
+        SR's usage."""
+        for kind in kinds or tuple(_MODELS):
+            self._loaded_at[kind] = _NEVER
+            self._epoch[kind] += 1
 
     async def _invalidate(self) -> None:
-        self.invalidate()
+        self.invalidate()  # after a (re)connection: notifications may have been missed
 
-    async def _fresh(self) -> None:
-        if time.monotonic() - self._loaded_at < self._max_age_s:
-            return
-        async with self._lock:
-            if time.monotonic() - self._loaded_at < self._max_age_s:
-                return
-            started = time.monotonic()
-            kinds = list(_MODELS)
-            results = await asyncio.gather(*(self._client.get_objects({"type": kind}) for kind in kinds))
-            for kind, objs in zip(kinds, results, strict=True):
-                self._objects[kind] = {m.id: m for m in (_parse(kind, obj) for obj in objs) if m is not None}
-            self._loaded_at = started
+    async def _fresh(self, kind: str) -> None:
+        if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:
+            async with self._locks[kind]:
+                if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:  # else loaded meanwhile
+                    await self._load(kind)
+        elif time.monotonic() - self._loaded_at[kind] >= self._max_age_s and kind not in self._refreshing:
+            task = asyncio.create_task(self._refresh(kind), name=f"inventory-refresh-{kind}")
+            self._refreshing[kind] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(kind, None))
+
+    async def _refresh(self, kind: str) -> None:
+        try:
+            async with self._locks[kind]:
+                await self._load(kind)
+        except XoError as exc:  # reads go on with what notifications keep current; the next read tries again
+            log.warning("inventory_refresh_failed", kind=kind, error=exc.message)
+
+    async def _load(self, kind: str) -> None:
+        await self._client.session.ensure_connected()  # a reconnection invalidates before the read, not during it
+        epoch, started = self._epoch[kind], time.monotonic()
+        objs = await self._client.get_objects({"type": kind})
+        self._objects[kind] = {m.id: m for m in (_parse(kind, obj) for obj in objs) if m is not None}
+        if self._epoch[kind] == epoch:  # else invalidated while reading: load again before the next read
+            self._loaded_at[kind] = started
 
     def _on_notification(self, method: str, params: Any) -> None:
         if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):

@@ -235,6 +235,16 @@ class RpcSession:
         """Run ``callback`` after each successful sign-in (e.g. to resynchronise a cache)."""
         self._on_connect.append(callback)
 
+    @property
+    def is_connected(self) -> bool:
+        """Whether a signed-in socket is open now (notifications are arriving)."""
+        return self._connection is not None and not self._connection.reader.done()
+
+    async def ensure_connected(self) -> None:
+        """Connect and sign in now unless connected (the ``on_reconnect`` callbacks run before this returns);
+        XoUnavailable/XoAuthError as for a call."""
+        await self._ensure_connection()
+
     async def call(self, method: str, params: dict[str, Any], *, timeout_s: float | None = None,
                    idempotent: bool = False) -> Any:
         """Call ``method`` and return its result; raises the XoError subclass for XO's answer."""

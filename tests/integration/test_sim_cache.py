@@ -120,3 +120,18 @@ async def test_instant_cache_for_benchmarks() -> None:
         assert sim.cache.get(vbd_id) is sim.state.get(vbd_id)
         assert await rpc.call("vbd.disconnect", {"id": vbd_id}) is True
         assert sim.cache.get(vbd_id)["attached"] is False
+
+
+async def test_stats_say_how_long_after_its_answer_a_call_s_changes_reached_the_cache() -> None:
+    async with running(cache_lag_ms="100-100", noise_events_per_s=200) as sim, client(sim) as rpc:
+        stats = sim.simulator.stats
+        vdi_id = await rpc.call("disk.create", {"name": "old", "size": MiB, "sr": SR_LOCAL_A1})
+        assert stats.cache_wait_s["disk.create"] < 0.05  # it waited for the cache itself before answering
+        await rpc.call("vdi.set", {"id": vdi_id, "name_label": "new"})
+        assert stats.cache_waits_pending == 1 and "vdi.set" not in stats.cache_wait_s  # the noise is nobody's
+        renamed = await rpc.wait_notification(lambda n: items_of(n, "enter").get(vdi_id, {}).get("name_label") == "new")
+        assert items_of(renamed, "enter")[vdi_id]["name_label"] == "new"
+        await eventually(lambda: stats.cache_waits_pending == 0)
+        assert 0.09 <= stats.cache_wait_s["vdi.set"] < 1.0  # the lag, from the answer to the notification
+        await rpc.objects(id=vdi_id)
+        assert stats.cache_wait_s["xo.getAllObjects"] == 0.0 and stats.cache_waits_pending == 0  # reads change nothing

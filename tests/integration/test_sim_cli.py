@@ -24,14 +24,23 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+async def _started_and_url(proc: asyncio.subprocess.Process) -> tuple[str, str]:
+    """The start-up line (what was loaded, how fast) and the URL of the listening line after it."""
+    assert proc.stdout is not None
+    started = (await asyncio.wait_for(proc.stdout.readline(), 10.0)).decode().strip()
+    assert started.startswith("xo-sim started in ")
+    line = (await asyncio.wait_for(proc.stdout.readline(), 2.0)).decode().strip()
+    assert line.startswith("xo-sim listening on ws://127.0.0.1:") and line.endswith("/api/")
+    return started, line.rsplit(" ", 1)[1]
+
+
 async def test_cli_prints_its_url_quickly_and_serves_json_rpc() -> None:
     proc = await _spawn("--topology", "shared-pool", "--listen", "127.0.0.1:0", "--log-level", "debug",
                         "--fault", '{"method": "vdi.delete", "xapi": "VDI_IN_USE"}')
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 2.0)).decode().strip()
-        assert line.startswith("xo-sim listening on ws://127.0.0.1:") and line.endswith("/api/")
-        rpc = await RpcClient.open(line.rsplit(" ", 1)[1])
+        started, url = await _started_and_url(proc)
+        assert started.endswith(" s: 12 objects (1 pool, 2 host, 1 SR, 2 VM, 2 VDI, 2 VBD)")
+        rpc = await RpcClient.open(url)
         assert (await rpc.call("session.signIn", {"email": "admin@example.org", "password": "admin"}))["email"]
         srs = await rpc.objects(type="SR", tags=["k8s-shared"])
         assert [sr["name_label"] for sr in srs.values()] == ["NFS Shared"]
@@ -60,9 +69,8 @@ async def test_cli_starts_with_a_lost_pool_and_softened_knobs() -> None:
     proc = await _spawn("--topology", "shared-pool", "--listen", "127.0.0.1:0", "--fault", fault,
                         "--cache-lag-ms", "0", "--noise-events-per-s", "0")
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 2.0)).decode().strip()
-        rpc = await RpcClient.open(line.rsplit(" ", 1)[1])
+        _, url = await _started_and_url(proc)
+        rpc = await RpcClient.open(url)
         await rpc.sign_in()
         assert await rpc.call("xo.getAllObjects") == {}  # the only pool is lost: XO shows nothing
         await rpc.close()
@@ -79,3 +87,19 @@ async def test_cli_help_lists_the_harsh_defaults_and_their_knobs() -> None:
     for expected in ("--cache-lag-ms LOW-HIGH", "(default 20-150); 0 = instant", "--noise-events-per-s N",
                      "(default 20); 0 = off", "--migrate-retry-ms MS", "--destroy-retry-ms MS", "pool_disconnect"):
         assert expected in text
+
+
+async def test_cli_generates_an_xo_of_the_size_asked_for() -> None:
+    proc = await _spawn("--topology", "generated:pools=2,hosts=4,vms=40,vdis=200,seed=3", "--listen", "127.0.0.1:0")
+    try:
+        started, url = await _started_and_url(proc)
+        assert started.endswith(" s: 432 objects (2 pool, 4 host, 6 SR, 40 VM, 200 VDI, 172 VBD)")  # same seed, same XO
+        rpc = await RpcClient.open(url)
+        await rpc.sign_in()
+        nodes = await rpc.objects(type="VM", power_state="Running", name_label="node-1-01")
+        assert [vm["name_label"] for vm in nodes.values()] == ["node-1-01"]
+        await rpc.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0

@@ -50,6 +50,10 @@ def test_sizes_accept_units_and_ids_are_derived_from_names() -> None:
         ("tokens: [{token: t, expires_in_s: 0}]", "expires_in_s"),
         ("pools: [{name_label: P, hosts: [{name_label: h, vms: [{name_label: v, root_disk: {size: 1GiB}}]}]}]",
          "root_disk but its host has no SR"),
+        ("pools: [{name_label: P, hosts: [{name_label: h, vms: [{name_label: v, disks: [{name_label: d, size: 1}]}]}]}"
+         "]", "disk 'd' but its host has no SR"),
+        ("pools: [{name_label: P, hosts: [{name_label: h, srs: [{name_label: L, size: 1}], vms: [{name_label: v, "
+         "disks: [{name_label: d, size: 1, sr: nowhere}]}]}]}]", "exactly one SR"),
     ],
 )
 def test_invalid_topologies_are_rejected_with_a_reason(yaml_text: str, message: str) -> None:
@@ -89,3 +93,15 @@ def test_two_pools_has_local_migrating_srs_on_every_host() -> None:
     for _, host in topology.hosts():
         assert [sr.tags for sr in host.srs] == [["k8s-migrating"]]
         assert len(host.vms) == 1
+
+
+def test_a_vm_may_have_data_disks_next_to_its_root_disk() -> None:
+    topology = parse_topology(YAML.replace("vms: [{name_label: vm1, power_state: Halted}]", "vms: [{name_label: vm1, "
+                                           "root_disk: {size: 2GiB}, disks: [{name_label: logs, size: 1GiB, sr: NFS, "
+                                           "name_description: app logs}, {name_label: db, size: 5GiB}]}]"))
+    pool = topology.pools[0]
+    host = pool.hosts[0]
+    vm = host.vms[0]
+    assert [(d.name_label, d.size, d.name_description) for d in vm.disks] == [
+        ("logs", 1024**3, "app logs"), ("db", 5 * 1024**3, "")]
+    assert [topology.disk_sr(pool, host, vm, d) for d in vm.disks] == [pool.shared_srs[0].id, host.srs[0].id]
