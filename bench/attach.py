@@ -144,13 +144,14 @@ async def run(args: argparse.Namespace) -> None:
     print(f"machine: {machine()} (at end)")
 
 
-def describe_knobs(args: argparse.Namespace) -> None:
+def describe_knobs(args: argparse.Namespace, *, noise_floor: float = DEFAULT_NOISE_EVENTS_PER_S) -> None:
+    """The simulator's knobs as run; a cache lag other than the harsh default, or noise below ``noise_floor``
+    events/s, is printed as softened."""
     softened = " (SOFTENED on request: not the harsh default {}; figures not comparable)"
-    print(f"simulator: topology {args.topology}; cache lag {args.cache_lag_ms} ms"
+    print(f"simulator: topology {getattr(args, 'topology', 'two-hosts')}; cache lag {args.cache_lag_ms} ms"
           + ("" if args.cache_lag_ms == DEFAULT_CACHE_LAG else softened.format(f"{DEFAULT_CACHE_LAG} ms"))
           + f"; noise {args.noise_events_per_s:g} events/s"
-          + (softened.format(f"{DEFAULT_NOISE_EVENTS_PER_S:g}/s")
-             if args.noise_events_per_s < DEFAULT_NOISE_EVENTS_PER_S else ""))
+          + (softened.format(f"{noise_floor:g}/s") if args.noise_events_per_s < noise_floor else ""))
 
 
 async def report_start_up(stack: Stack) -> None:

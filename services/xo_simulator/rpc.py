@@ -186,6 +186,7 @@ class Dispatcher:
         started_s = time.perf_counter()
         outcome = "ok"
         self.stats.calls[method] += 1
+        self.stats.xo_enter(started_s)
         trace = CallTrace()
         token = CURRENT_CALL.set(trace)  # the changes made from here on in this task (and its children) are the call's
         try:
@@ -213,14 +214,17 @@ class Dispatcher:
             self.stats.busy_s[method] += elapsed_s
             if self.mirror.shows(trace.ticket):
                 self.stats.cache_wait_s[method] += 0.0
+                self.stats.xo_leave(answered_s)
             else:
                 self.stats.cache_waits_pending += 1
                 self.mirror.when_shown(trace.ticket, lambda: self._cache_waited(method, answered_s))
             log.debug("rpc_finished", rpc=method, outcome=outcome, duration_ms=round(elapsed_s * 1000, 3))
 
     def _cache_waited(self, method: str, answered_s: float) -> None:
+        now_s = time.perf_counter()
         self.stats.cache_waits_pending -= 1
-        self.stats.cache_wait_s[method] += time.perf_counter() - answered_s
+        self.stats.cache_wait_s[method] += now_s - answered_s
+        self.stats.xo_leave(now_s)
 
     async def _inject(self, method: str) -> None:
         delay_s = self.faults.latency.for_method_s(method)

@@ -27,6 +27,11 @@ class Stats:
     streams: Counter[str] = field(default_factory=Counter)  # REST content streams started: rest.vdi.export|import
     active_streams: int = 0  # REST content streams running now
     cache_waits_pending: int = 0  # calls answered whose changes XO's cache does not show yet (kept by reset())
+    # Wall time during which a call ran or a call's change was not in XO's cache yet: XO's share of a client's
+    # time when one client works at a time (busy_s and cache_wait_s add up overlapping calls and waits).
+    xo_time_s: float = 0.0
+    _xo_open: int = 0  # calls running + changes pending (kept by reset())
+    _xo_since_s: float = 0.0
     started_at_s: float = field(default_factory=time.time)
 
     def reset(self) -> None:
@@ -39,7 +44,22 @@ class Stats:
         self.streams.clear()
         self.live_migrations = self.copy_migrations = self.dropped_sockets = 0
         self.expired_sessions = self.notifications = 0
+        self.xo_time_s = 0.0
+        if self._xo_open:
+            self._xo_since_s = time.perf_counter()
         self.started_at_s = time.time()
+
+    def xo_enter(self, now_s: float) -> None:
+        """A call starts (``time.perf_counter()`` now)."""
+        if self._xo_open == 0:
+            self._xo_since_s = now_s
+        self._xo_open += 1
+
+    def xo_leave(self, now_s: float) -> None:
+        """A call is over: answered and its changes shown in XO's cache."""
+        self._xo_open -= 1
+        if self._xo_open == 0:
+            self.xo_time_s += now_s - self._xo_since_s
 
     def snapshot(self, *, active_migrations: int, open_connections: int) -> dict[str, Any]:
         """JSON-ready view of the counters."""
@@ -61,5 +81,6 @@ class Stats:
             "streams": dict(self.streams),
             "active_streams": self.active_streams,
             "cache_waits_pending": self.cache_waits_pending,
+            "xo_time_s": round(self.xo_time_s + (time.perf_counter() - self._xo_since_s if self._xo_open else 0.0), 6),
             "since_s": self.started_at_s,
         }
