@@ -25,6 +25,7 @@ from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
+from services.csi_frontend.sightings import VdiSightings
 from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
@@ -85,17 +86,19 @@ class Frontend:
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve the CSI services on ``settings.endpoint`` (with /metrics, /readyz, /livez and, when asked, the
         temp-disk cleanup) until SIGTERM/SIGINT or ``stop``; then stop gracefully within ``settings.grace_s``.
-        XO's SRs and VMs are loaded meanwhile, so that no request waits for them."""
+        XO's SRs and VMs are loaded meanwhile, and the migration events subscribed, so that no request waits for
+        them."""
         settings = self.settings
         async with asyncio.TaskGroup() as tasks:
             warm = tasks.create_task(self.inventory.warm()) if self.inventory is not None else None
+            subscribe = tasks.create_task(self.gate.prepare()) if self.gate is not None else None
             cleanup = None
             if settings.serves_controller and settings.temp_cleanup:
                 cleanup = tasks.create_task(self._temp_cleanup())
             async with metrics.serving(settings.metrics_port, readiness=self.readiness):
                 await serve(self.servicers, settings.endpoint, grace_s=settings.grace_s, observe=_observe_rpc,
                             stop=stop)
-            for task in (warm, cleanup):
+            for task in (warm, subscribe, cleanup):
                 if task is not None:
                     task.cancel()
 
@@ -184,7 +187,8 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
                     result_ttl_s=settings.job_result_ttl_s)
     events = MigrationEvents(connection, setup_timeout_s=rabbit.connect_timeout_s)
     stack.push_async_callback(events.close)
-    gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.xo, margin_s=settings.publish_margin_s)
+    gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.inventory,
+                              sightings=VdiSightings(frontend.xo), margin_s=settings.publish_margin_s)
     frontend.marks = MarkPolicy(frontend.xo, jobs, clear_after_s=settings.stale_mark_after_s)
     frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
                                  locks=frontend.locks, migrations=gate, marks=frontend.marks)

@@ -93,7 +93,7 @@ class Attacher:
         if context is not None:
             return context
         usable = await self._ensure_usable(disk, place, deadline_s)
-        if usable.vdi.id != disk.vdi.id:  # it moved: what the new VDI has (another replica may have attached it)
+        if usable.vdi.id != disk.vdi.id and usable.vdi.vbd_ids:  # it moved: reuse or remove what the new VDI has
             context = await self._reuse(usable, node_id, read_only)
             if context is not None:
                 return context

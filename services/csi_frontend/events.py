@@ -51,6 +51,14 @@ class MigrationEvents:
             if not waiters:
                 self._waiters.pop(disk_name, None)
 
+    async def prepare(self) -> None:
+        """Set the consumer up now (at start); logs and returns when RabbitMQ cannot be used yet (``waiting`` tries
+        again)."""
+        try:
+            await self._consuming()
+        except BackendUnavailable as exc:
+            log.warning("migration_events_not_consumed", error=exc.message, note="the first migrating attach retries")
+
     async def _consuming(self) -> None:
         if self._channel is not None:
             return

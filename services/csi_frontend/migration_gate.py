@@ -9,12 +9,15 @@ call's task, so a timeout does not disturb it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk, DiskLocator
 from services.csi_frontend.events import MigrationEvents
+from services.csi_frontend.sightings import Obj, VdiSightings, disk_after
 from shared import broker, messages, metrics, placement
 from shared.backoff import Backoff
 from shared.errors import (
@@ -30,7 +33,7 @@ from shared.errors import (
 from shared.jobs import JobRecord, JobStore
 from shared.logging import get_logger
 from shared.messages import FailureReason, JobRequest, MigrationFinished, MigrationRequested
-from shared.xo.client import XoClient
+from shared.xo.inventory import Inventory
 
 log = get_logger(__name__)
 
@@ -50,23 +53,39 @@ class QueueMigrationGate:
 
     def __init__(
         self, events: MigrationEvents, publisher: broker.Publisher, jobs: JobStore, disks: DiskLocator,
-        xo: XoClient, *, margin_s: float = 2.0, poll_max_s: float = 2.0,
+        inventory: Inventory, *, sightings: VdiSightings | None = None, margin_s: float = 2.0, poll_max_s: float = 2.0,
     ) -> None:
         self._events = events
         self._publisher = publisher
         self._jobs = jobs
         self._disks = disks
-        self._xo = xo
+        self._inventory = inventory
+        self._sightings = sightings
         self._margin_s = margin_s
         self._poll_max_s = poll_max_s
+
+    async def prepare(self) -> None:
+        """Subscribe to the migration events now (at start), so that the first migrating attach does not wait for
+        it; when RabbitMQ cannot be used yet, the first attach tries again."""
+        await self._events.prepare()
 
     async def migrate_for(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
         name = disk.vdi.name_label
         if disk.tag is None:
             raise PreconditionFailed(f"disk {name} has no srsWithTag in its description; it cannot migrate")
-        result = await self.run_job(_request(disk, place), deadline_s,
-                                    f"disk {name} is migrating to host {place.host_id}")
-        return await self._outcome(disk, place, result)
+        # Watched from before the job: the copy's notifications, the source's exit.
+        with self._seeing(name, disk.vdi.id) as seen:
+            result = await self.run_job(_request(disk, place), deadline_s,
+                                        f"disk {name} is migrating to host {place.host_id}")
+            return await self._outcome(disk, place, result, seen)
+
+    @contextlib.contextmanager
+    def _seeing(self, name: str, vdi_id: str) -> Iterator[dict[str, Obj | None]]:
+        if self._sightings is None:
+            yield {}
+            return
+        with self._sightings.watching(name, present=(vdi_id,)) as seen:
+            yield seen
 
     async def run_job(self, request: JobRequest, deadline_s: float, doing: str) -> MigrationFinished:
         """Create-or-join the job of ``request.disk_name`` (a migration, or a clone: services/csi_frontend/cloning.py)
@@ -138,13 +157,16 @@ class QueueMigrationGate:
             except TimeoutError:
                 interval_s = next(polls)
 
-    async def _outcome(self, disk: Disk, place: NodePlace, result: MigrationFinished) -> Disk:
+    async def _outcome(self, disk: Disk, place: NodePlace, result: MigrationFinished, seen: dict[str, Obj | None]
+                       ) -> Disk:
         name = disk.vdi.name_label
         where = f"migration of disk {name} to host {place.host_id} (job {result.job_id})"
         if result.outcome == "failed":
             raise failed_job_error(where, result.error)
-        moved = await self._disks.get(disk.volume_id)
-        sr = await self._xo.get_sr(moved.vdi.sr_id)
+        # The disk as XO's notifications showed it when conclusive (the migrator waited for XO's cache to show its
+        # last write before it announced the job), else as read now.
+        moved = disk_after(disk, result, seen) or await self._disks.get(disk.volume_id)
+        sr = await self._inventory.sr(moved.vdi.sr_id)
         if sr is None or not placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
             raise OperationPending(f"{where} finished, but the disk is on SR {moved.vdi.sr_id}, not usable from "
                                    "that host (another node asked for it meanwhile); retry")

@@ -5,6 +5,7 @@ __main__, the tests, the demo and the benchmarks all run what it builds; setting
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.jobs import JobStore
 from shared.logging import get_logger
 from shared.xo.client import XoClient
+from shared.xo.inventory import Inventory
 from shared.xo.rest import XoRest
 
 log = get_logger(__name__)
@@ -37,10 +39,15 @@ class Migrator:
     jobs: JobStore
     consumer: Consumer
     health: HealthServer | None = None
+    inventory: Inventory | None = None
 
     async def start(self) -> None:
-        """Consume and reap; serve /livez and /readyz on ``health_port`` and /metrics on ``metrics_port`` (0: off)."""
+        """Consume and reap; serve /livez and /readyz on ``health_port`` and /metrics on ``metrics_port`` (0: off).
+        XO's SRs (placement) are loaded meanwhile, so that the first job does not wait for them."""
         settings = self.settings
+        if self.inventory is not None:  # logs and returns when XO cannot be read yet (the first job loads them)
+            warming = asyncio.create_task(self.inventory.warm("SR"), name="inventory-warm")
+            self.stack.push_async_callback(_cancel, warming)
         await self.consumer.start()
         if settings.health_port:
             self.health = HealthServer(
@@ -63,12 +70,18 @@ class Migrator:
         await self.consumer.abort()
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def handler_deps(settings: MigratorSettings, xo: XoClient, redis: aioredis.Redis, key_prefix: str,
-                 rest: XoRest | None = None) -> HandlerDeps:
+                 rest: XoRest | None = None, inventory: Inventory | None = None) -> HandlerDeps:
     """What ``migrate.handle`` needs, from the worker's settings."""
     return HandlerDeps(xo=xo, redis=redis, key_prefix=key_prefix, lock_ttl_s=settings.lock_ttl_s,
                        lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s,
-                       per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s, rest=rest)
+                       per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s, rest=rest,
+                       inventory=inventory)
 
 
 async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, rabbit: RabbitSettings,
@@ -83,6 +96,9 @@ async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, r
     redis_client, connection, publisher = await open_messaging(stack, rabbit, redis, name=settings.worker_name)
     jobs = JobStore(redis_client, redis.key_prefix, active_ttl_s=settings.job_active_ttl_s,
                     result_ttl_s=settings.job_result_ttl_s)
-    deps = handler_deps(settings, xo_client, redis_client, redis.key_prefix, rest)
+    # SRs (placement) from XO's notifications, loaded at the first job: not one SR read per job
+    inventory = Inventory(xo_client)
+    stack.push_async_callback(inventory.close)
+    deps = handler_deps(settings, xo_client, redis_client, redis.key_prefix, rest, inventory)
     consumer = Consumer(connection, publisher, jobs, deps, settings)
-    return Migrator(settings, stack, xo_client, redis_client, publisher, jobs, consumer)
+    return Migrator(settings, stack, xo_client, redis_client, publisher, jobs, consumer, inventory=inventory)

@@ -85,6 +85,7 @@ class _Job:
     record: JobRecord
     work: asyncio.Task[Any] | None = None  # what _owned() runs now: the handler, or a backoff
     stream: progress.ProgressBox = field(default_factory=progress.ProgressBox)  # how far the handler streamed
+    slot_freed: bool = False  # its slot went back once the handler succeeded (the outcome steps need none)
 
     def interrupt(self) -> None:
         """stop(): cancel the handler (or backoff) so the job is handed back; an outcome step in progress ends."""
@@ -263,17 +264,25 @@ class Consumer:
             return
         self._free -= 1
         spawned = False
+        # The last slot pauses the consumer (basic.cancel) while Redis claims the job: both round trips at once,
+        # the pause done before the ack (with prefetch 1 nothing else is delivered until then).
+        pausing = asyncio.create_task(self._pause()) if self._free == 0 else None
         try:
-            if self._free == 0:
-                with contextlib.suppress(BackendUnavailable):  # channel gone: nothing is delivered anyway
-                    await self._reconcile()
             claim = await self._claim(request, message)
+            if pausing is not None:
+                await pausing
             if claim is not None:
                 spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
                 await _settle(message.ack())
         finally:
+            if pausing is not None and not pausing.done():  # cancelled meanwhile: the pause still completes
+                await asyncio.shield(pausing)
             if not spawned:
                 self._release_slot()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(BackendUnavailable):  # channel gone: nothing is delivered anyway
+            await self._reconcile()
 
     async def _claim(self, request: JobRequest, message: AbstractIncomingMessage) -> Claim | None:
         try:
@@ -304,9 +313,11 @@ class Consumer:
         return True
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        if self._running.pop(task, None) is not None:
+        job = self._running.pop(task, None)
+        if job is not None:
             metrics.JOBS_RUNNING.dec()
-        self._release_slot()
+        if job is None or not job.slot_freed:
+            self._release_slot()
         self._update_idle()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("migration_task_failed", error=repr(exc), exc_info=exc)  # a bug: the reaper recovers the job
@@ -346,6 +357,10 @@ class Consumer:
             log.exception("migration_crashed")
             await self._after_failure(job, BackendUnavailable(f"worker error: {exc!r}"))
             return
+        # The migration is done: its slot takes the next delivery while the outcome is recorded and announced
+        # (Redis, RabbitMQ: no XO work), so the next job's subscribe and claim overlap with those round trips.
+        job.slot_freed = True
+        self._release_slot()
         await self._outcomes.succeeded(job.record, result)
 
     async def _after_failure(self, job: _Job, exc: DomainError) -> None:

@@ -22,7 +22,9 @@ from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
 from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
-from shared.xo.models import Vdi
+from shared.xo.errors import XoNotFound
+from shared.xo.inventory import Inventory
+from shared.xo.models import Sr, Vdi
 from shared.xo.rest import XoRest
 
 log = get_logger(__name__)
@@ -40,6 +42,7 @@ class HandlerDeps:
     sr_slot_wait_s: float = 60.0
     duplicate_grace_s: float = 30.0  # how long XO may take to destroy a copied disk's source (_source_destroyed)
     rest: XoRest | None = None  # XO's REST API: content streams of cross-pool moves and clones (transfer.py)
+    inventory: Inventory | None = None  # SRs kept current by XO's notifications (else read from XO per job)
 
 
 async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
@@ -55,16 +58,21 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        await transfer.settle(deps.xo, request.disk_name, lock)  # what an interrupted cross-pool move left
-        vdi = await _source_vdi(deps, request, lock)
-        vdi, sr_id = await _move(deps, request, vdi, lock)
+        named = await deps.xo.find_vdis(name_label=request.disk_name)
+        settled = transfer.unsettled(named)
+        if settled:  # what an interrupted move or clone left: settled, then looked up again
+            await transfer.settle(deps.xo, request.disk_name, lock)
+            named = await deps.xo.find_vdis(name_label=request.disk_name)
+        vdi = await _source_vdi(deps, request, lock, named)
+        vdi, sr_id = await _move(deps, request, vdi, lock, settled=settled)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
                              vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: DiskLock) -> tuple[Vdi, str]:
+async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: DiskLock, *,
+                settled: bool = False) -> tuple[Vdi, str]:
     xo = deps.xo
-    views = {sr.id: placement.view(sr) for sr in await xo.find_srs(tag=request.tag)}
+    views = {sr.id: placement.view(sr) for sr in await _tagged_srs(deps, request.tag)}
     info = vdi_metadata.parse(vdi.name_description) or StorageInfo(srs_with_tag=request.tag, migrating=True)
     current = views.get(vdi.sr_id)
     if current is None:
@@ -75,28 +83,33 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         return await _clear_mark(xo, vdi, lock), vdi.sr_id
     if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
         target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
+        if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
+            await transfer.settle(xo, request.disk_name, lock)
         async with _sr_slots(deps, request.disk_name, vdi.sr_id, target.id):
             return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
                                                     lock), target.id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
                                        from_pool=current.pool_id if current is not None else None)
-    new_id = await _copy(deps, request, vdi, target.id, info, lock)
-    moved = await xo.get_vdi(new_id)
-    if moved is None:  # XO answers vdi.migrate once its cache has the new VDI: gone since, or its pool was lost
-        moved = await xo.confirm_absent(f"VDI {new_id}", lambda: xo.get_vdi(new_id))
+    moved = await _copy(deps, request, vdi, target.id, info, lock)
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
-        raise BackendFailure(f"XO migrated disk {request.disk_name} to VDI {new_id}, but that VDI {where}, "
-                             f"not on target SR {target.id}")
-    lock.ensure_held()
-    return await _clear_mark(xo, moved, lock), target.id
+        raise BackendFailure(f"XO migrated disk {request.disk_name}, but its new VDI {where}, not on target SR "
+                             f"{target.id}")
+    return moved, target.id
+
+
+async def _tagged_srs(deps: HandlerDeps, tag: str) -> list[Sr]:
+    if deps.inventory is not None:
+        return await deps.inventory.srs(tag=tag)
+    return await deps.xo.find_srs(tag=tag)
 
 
 async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
-                lock: DiskLock) -> str:
-    """Mark the disk, then vdi.migrate it to ``target_id``; the new VDI's id. With a per-SR limit both steps run
-    while holding a slot on the source and the target SR: the mark is set only once the copy can start, so
-    attaches do not see a disk "being migrated" while it merely waits for a slot."""
+                lock: DiskLock) -> Vdi | None:
+    """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
+    XO's cache shows it then (None once it is gone). With a per-SR limit the mark and the copy happen while
+    holding a slot on the source and the target SR: the mark is set only once the copy can start, so attaches do
+    not see a disk "being migrated" while it merely waits for a slot."""
     xo = deps.xo
     slots = _sr_slots(deps, request.disk_name, vdi.sr_id, target_id)
     async with slots:
@@ -107,14 +120,24 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         await xo.set_vdi(vdi.id, name_description=marked)
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
         copy_started = time.monotonic()
+        cleared = vdi_metadata.with_mark(marked, None) or info.marked(None).to_description()
         try:
-            new_id = await xo.migrate_vdi(vdi, target_id, timeout_s=deps.migrate_timeout_s)
+            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared,
+                                                              timeout_s=deps.migrate_timeout_s)
+        except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
+            moved = await xo.confirm_absent(f"the copy of disk {request.disk_name}",
+                                            lambda: _copy_on(xo, request.disk_name, target_id))
         except DomainError:
             await _unmark_unmoved(xo, vdi, lock)
             raise
     metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
     metrics.MIGRATION_BYTES.inc(vdi.size)
-    return new_id
+    return moved
+
+
+async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:
+    copies = await xo.find_vdis(name_label=disk_name, sr_id=sr_id)
+    return copies[0] if len(copies) == 1 else None
 
 
 def _sr_slots(
@@ -150,11 +173,10 @@ async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:
         log.warning("migration_mark_kept", disk_name=vdi.name_label, vdi=vdi.id, error=exc.message)
 
 
-async def _source_vdi(deps: HandlerDeps, request: MigrationRequested, lock: DiskLock) -> Vdi:
-    """The disk's one VDI, after XO finished a copy in flight and an interrupted copy was settled (see
-    ``settle_duplicates``)."""
+async def _source_vdi(deps: HandlerDeps, request: MigrationRequested, lock: DiskLock, vdis: list[Vdi]) -> Vdi:
+    """The disk's one VDI (``vdis``: the VDIs named after it, just read), after XO finished a copy in flight and
+    an interrupted copy was settled (see ``settle_duplicates``)."""
     xo = deps.xo
-    vdis = await xo.find_vdis(name_label=request.disk_name)
     if any(v.current_operations for v in vdis):
         vdis = await _settled(xo, request.disk_name, deps.migrate_timeout_s)
     if len(vdis) > 1:

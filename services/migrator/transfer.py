@@ -106,6 +106,16 @@ async def finish(xo: XoClient, disk_name: str, target_id: str, mark: TransferMar
     return await _present(xo, target_id)
 
 
+def unsettled(named: list[Vdi]) -> bool:
+    """Whether an interrupted attempt may have left something ``settle`` must handle, from the VDIs named after the
+    disk: one renamed target (a transfer mark), or a source marked "being migrated" (a stream marks it before it
+    creates ``<disk>~incoming``, and unmarks it only once that is gone). No mark: nothing to settle, no lookup of
+    ``~incoming`` (a cross-pool move still settles before it streams)."""
+    return any(transfer_marks.is_marked(v.name_description)
+               or ((info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr)
+               for v in named)
+
+
 async def settle(xo: XoClient, disk_name: str, lock: DiskLock) -> None:
     """Before an attempt on ``disk_name`` does anything: delete the targets an interrupted attempt left that are
     not proven complete and carry a renamed complete one through ``finish``. Nothing to do: one lookup pair."""

@@ -212,20 +212,45 @@ class XoClient:
         after finds one VDI. XO before 5.104.1 returns ``true``: the copy is then found by name on the target SR.
         """
         async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
-            result = await self._session.call("vdi.migrate", {"id": vdi.id, "sr_id": sr_id}, timeout_s=timeout_s)
-            new_id = result if isinstance(result, str) and result else None
-            if result is True:
-                copies = await self.find_vdis(name_label=vdi.name_label, sr_id=sr_id)
-                new_id = copies[0].id if len(copies) == 1 else None
-            if new_id is None:
-                raise XoError(f"XO vdi.migrate returned {type(result).__name__}, not the new VDI UUID",
-                              method="vdi.migrate")
+            new_id = await self._call_migrate(vdi, sr_id, timeout_s)
             if new_id != vdi.id:
-                met, _ = await source_gone.settle(self._read, timeout_s=self._settle_timeout_s)
-                if not met:
-                    raise XoUnavailable(f"XO migrated VDI {vdi.id} to {new_id} but its cache still shows the source "
-                                        f"{self._settle_timeout_s:g}s later; retry", method="vdi.migrate")
+                await self._source_left(vdi, new_id, source_gone)
         return new_id
+
+    async def migrate_vdi_described(self, vdi: Vdi, sr_id: str, description: str, *, timeout_s: float) -> Vdi:
+        """``migrate_vdi``, then ``vdi.set {name_description}`` on the VDI XO returns as soon as it answers (a copy
+        carries the source's description, e.g. a migration mark to clear). Returns that VDI as XO's cache shows it
+        once it has the description and the source has left the cache: the object the settle saw, no read after.
+        The two waits for XO's cache overlap (one cache lag, not two). XoNotFound when the VDI XO returned is gone.
+        """
+        async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
+            new_id = await self._call_migrate(vdi, sr_id, timeout_s)
+            described = self._write("vdi.set", {"id": new_id, "name_description": description}, ObjectState(
+                new_id, lambda obj: obj is not None and obj.get("name_description") == description), idempotent=True)
+            waits = [described] if new_id == vdi.id else [described, self._source_left(vdi, new_id, source_gone)]
+            results = await asyncio.gather(*waits, return_exceptions=True)
+        obj = results[0]
+        if error := next((r for r in results if isinstance(r, BaseException)), None):
+            raise error
+        assert not isinstance(obj, BaseException)
+        return _parse(Vdi, obj or {})
+
+    async def _call_migrate(self, vdi: Vdi, sr_id: str, timeout_s: float) -> str:
+        result = await self._session.call("vdi.migrate", {"id": vdi.id, "sr_id": sr_id}, timeout_s=timeout_s)
+        new_id = result if isinstance(result, str) and result else None
+        if result is True:
+            copies = await self.find_vdis(name_label=vdi.name_label, sr_id=sr_id)
+            new_id = copies[0].id if len(copies) == 1 else None
+        if new_id is None:
+            raise XoError(f"XO vdi.migrate returned {type(result).__name__}, not the new VDI UUID",
+                          method="vdi.migrate")
+        return new_id
+
+    async def _source_left(self, vdi: Vdi, new_id: str, source_gone: Watch) -> None:
+        met, _ = await source_gone.settle(self._read, timeout_s=self._settle_timeout_s)
+        if not met:
+            raise XoUnavailable(f"XO migrated VDI {vdi.id} to {new_id} but its cache still shows the source "
+                                f"{self._settle_timeout_s:g}s later; retry", method="vdi.migrate")
 
     async def attach_disk(self, vm_id: str, vdi_id: str, *, read_only: bool = False,
                           known_vbd_ids: frozenset[str] = frozenset()) -> Vbd:

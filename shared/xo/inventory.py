@@ -52,18 +52,18 @@ class Inventory:
     async def vm(self, vm_id: str) -> Vm | None:
         return await self._read_through("VM", Vm, vm_id, self._client.get_vm)
 
-    async def warm(self) -> None:
-        """Load every kind now (at start, so that no request pays for it); logs and returns when XO cannot be
-        read yet (the first read loads then)."""
+    async def warm(self, *kinds: str) -> None:
+        """Load ``kinds`` (default: every kind) now (at start, so that no request pays for it); logs and returns
+        when XO cannot be read yet (the first read loads then)."""
         started = time.perf_counter()
         try:
-            for kind in _MODELS:
+            for kind in kinds or tuple(_MODELS):
                 await self._fresh(kind)
         except XoError as exc:
             log.warning("inventory_not_loaded", error=exc.message)
             return
         log.info("inventory_loaded", duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                 **{kind.lower() + "s": len(objects) for kind, objects in self._objects.items()})
+                 **{kind.lower() + "s": len(self._objects[kind]) for kind in kinds or tuple(_MODELS)})
 
     async def close(self) -> None:
         """Stop the background reloads."""

@@ -15,7 +15,7 @@ from shared.xo.client import XoClient
 from shared.xo.errors import XoPoolDisconnected
 from shared.xo.models import Vdi
 from shared.xo.transport import Credentials, RpcSession
-from tests.unit.xo.memory_peer import MemoryPeer
+from tests.unit.xo.memory_peer import MemoryPeer, RpcFault
 
 MARK_TO_B = 'csi:info: {"migrating":{"inProgressToSRUUID":"sr-b"},"srsWithTag":"k8s"}'
 
@@ -100,6 +100,8 @@ async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo
                     if all(v.get(f) == x or (isinstance(x, list) and set(x) <= set(v.get(f) or [])) for f, x in
                            wanted.items())}
         if method == "vdi.set":
+            if params["id"] not in objects:  # the copy, right after the answer: its pool was lost
+                raise RpcFault(1, f"no such object {params['id']}", {"id": params["id"], "type": "VDI"})
             objects[params["id"]]["name_description"] = params["name_description"]
             return None
         if method == "vdi.migrate":

@@ -63,7 +63,7 @@ def _disk() -> Disk:
 
 async def test_a_publish_cancelled_while_the_request_is_sent_stays_cancelled_when_abandoning_fails() -> None:
     publisher, jobs = StuckPublisher(), RedisGoneAfterCreate()
-    gate = QueueMigrationGate(NoEvents(), publisher, jobs, disks=None, xo=None)  # type: ignore[arg-type]
+    gate = QueueMigrationGate(NoEvents(), publisher, jobs, disks=None, inventory=None)  # type: ignore[arg-type]
     place = NodePlace(Vm.model_validate({"id": "vm-a2", "type": "VM"}), "host-a2", "pool-a")
     call = asyncio.create_task(gate.migrate_for(_disk(), place, deadline_s=60))
     await asyncio.wait_for(publisher.entered.wait(), 5)
@@ -97,7 +97,7 @@ async def test_a_deadline_that_passes_while_the_job_is_created_leaves_no_record_
     # A record created but never published would be joined by every later publish, and no worker would ever
     # run it: it must go, so that the attacher's retry creates and publishes the job anew.
     jobs = CreatedThenSlow()
-    gate = QueueMigrationGate(NoEvents(), StuckPublisher(), jobs, disks=None, xo=None,  # type: ignore[arg-type]
+    gate = QueueMigrationGate(NoEvents(), StuckPublisher(), jobs, disks=None, inventory=None,  # type: ignore[arg-type]
                               margin_s=0)
     place = NodePlace(Vm.model_validate({"id": "vm-a2", "type": "VM"}), "host-a2", "pool-a")
     with pytest.raises(OperationPending, match="still running"):

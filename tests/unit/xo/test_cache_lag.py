@@ -181,3 +181,23 @@ async def test_a_migration_returns_once_the_source_left_the_cache(xo: LaggingXo)
     assert await client.migrate_vdi(source, "sr2", timeout_s=5) == "v2"
     assert [v.id for v in await client.find_vdis(name_label="csi-temp-a")] == ["v2"]
     await client.close()
+
+
+async def test_a_described_migration_returns_the_copy_described_once_the_source_left_without_reading(
+        xo: LaggingXo) -> None:
+    # The copy carries the source's description (a migration mark): it is described anew as soon as XO answers,
+    # and what the notification showed is the answer, once the source has left the cache too; no read after.
+    xo.cache["v1"]["name_description"] = "marked"
+    client = client_of(xo)
+    source = await client.get_vdi("v1")
+    assert source is not None
+    reads = xo.reads
+
+    moved = await client.migrate_vdi_described(source, "sr2", "cleared", timeout_s=5)
+
+    assert (moved.id, moved.sr_id, moved.name_description) == ("v2", "sr2", "cleared")
+    assert "v1" not in xo.cache
+    assert xo.reads == reads
+    assert [r["method"] for r in xo.peer.received if r["method"] != "session.signIn"][-2:] == ["vdi.migrate",
+                                                                                              "vdi.set"]
+    await client.close()
