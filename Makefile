@@ -2,7 +2,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: bootstrap venv test test-k8s test-ha demo lint bench-xo bench-attach bench-scale bench-migration bench-stream soak proto
+.PHONY: bootstrap venv test test-k8s test-ha demo lint bench-xo bench-attach bench-scale bench-migration bench-stream load soak proto
 
 bootstrap:           ## Debian packages (when missing) + .venv + editable install
 	@bash scripts/bootstrap.sh
@@ -39,6 +39,9 @@ bench-scale: bootstrap  ## bench-attach on a generated XO of real size (2,000 VM
 
 bench-migration: bootstrap
 	$(PY) -m bench.migration $(BENCH_ARGS)
+
+load: bootstrap         ## load held: 1,000 volumes, 16 migrator processes, 500 concurrent migrating attaches
+	$(PY) -m bench.load $(BENCH_ARGS)
 
 bench-stream: bootstrap  ## disk content through XO REST export/import (root: real data mode)
 	$(PY) -m bench.stream $(BENCH_ARGS)
