@@ -3,10 +3,12 @@
     make load                # 1,000 volumes, 16 migrators, 500 concurrent migrating attaches (several minutes)
     .venv/bin/python -m bench.load --volumes 40 --attaches 20 --migrators 4     # the suite's smoke size
 
-The whole stack as separate processes (the XO simulator with its harsh defaults, a controller, --migrators
-migrator processes, a local RabbitMQ with its management API and a local Redis). It creates --volumes volumes on
-Local A1 (a migrating StorageClass), then publishes --attaches of them to node-a2 at once, as the external-attacher
-does (300 s timeout, ABORTED/UNAVAILABLE retried with backoff): each needs a copy to Local A2 at --migration-rate.
+The whole stack as separate processes (the XO simulator with its harsh defaults on a generated pool of --hosts
+hosts, each with a local SR and a Kubernetes node VM; a controller; --migrators migrator processes; a local
+RabbitMQ with its management API and a local Redis). It creates --volumes volumes (a migrating StorageClass), the
+n-th on the local SR of host n mod --hosts, then publishes --attaches of them at once, each to the node VM of the
+next host, as the external-attacher does (300 s timeout, ABORTED/UNAVAILABLE retried with backoff): each needs a
+copy between two local SRs at --migration-rate. (A VM takes at most 254 disks: the attaches are spread.)
 
 It checks, and prints beside the figures: every attach completed; one copy per disk (the simulator's stats: no
 job lost, none run twice), and no other; the broker's and Redis's memory and connection counts at the peak of the
@@ -63,8 +65,9 @@ class LoadResult:
 async def run(work: Path, args: argparse.Namespace) -> LoadResult:
     """One load run (see the module docstring); raises nothing for a failed check: it lands in ``problems``."""
     os.environ["MIGRATOR_JOB_RESULT_TTL_S"] = os.environ["CSI_JOB_RESULT_TTL_S"] = f"{args.result_ttl_s:g}"
-    options = StackOptions(real_data=False, migrators=args.migrators, host_topology=True, management=True,
-                           nodes=False, log_level="warning", migrator_args=("--log-level", "info"),
+    topology = f"generated:pools=1,hosts={args.hosts},vms={args.hosts},vdis={args.hosts},seed=1,csi=0"
+    options = StackOptions(topology=topology, real_data=False, migrators=args.migrators, host_topology=True,
+                           management=True, nodes=False, log_level="warning", migrator_args=("--log-level", "info"),
                            sim_args=("--migration-rate", args.migration_rate, "--log-level", "warning"))
     started = time.perf_counter()
     async with running_stack(work, options) as stack, httpx.AsyncClient(base_url=stack.admin_url,
@@ -79,31 +82,34 @@ async def run(work: Path, args: argparse.Namespace) -> LoadResult:
 
 
 async def _load(stack: Stack, admin: httpx.AsyncClient, args: argparse.Namespace) -> LoadResult:
-    vm_a = await stack.xo.get_vm(stack.vm_ids["node-a1"])
-    assert vm_a is not None
-    preferred = csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(
-        segments={"pool": vm_a.pool_id, "host": vm_a.container})])
+    nodes = []
+    for name in sorted(n for n in stack.vm_ids if n.startswith("node-")):
+        vm = await stack.xo.get_vm(stack.vm_ids[name])
+        assert vm is not None
+        nodes.append((vm.id, csi_pb2.TopologyRequirement(preferred=[csi_pb2.Topology(
+            segments={"pool": vm.pool_id, "host": vm.container})])))
     created = time.perf_counter()
-    ids = await _create(stack, args.volumes, parse_size(args.size), preferred)
-    print(f"{len(ids)} volumes created in {time.perf_counter() - created:.1f} s")
-    chosen = ids[:: max(1, len(ids) // args.attaches)][: args.attaches]
+    ids = await _create(stack, args.volumes, parse_size(args.size), [where for _, where in nodes])
+    print(f"{len(ids)} volumes created in {time.perf_counter() - created:.1f} s on {len(nodes)} hosts")
+    step = max(1, len(ids) // args.attaches)
+    chosen = [(ids[n], nodes[(n + 1) % len(nodes)][0]) for n in range(0, len(ids), step)][: args.attaches]
     before = await stats(admin)
     latencies: list[float] = []
     retries: Counter[str] = Counter()
     peak: dict[str, Any] = {}
     started = time.perf_counter()
     async with _sampling(stack, peak):
-        results = await asyncio.gather(*(_timed(stack, v, latencies, retries) for v in chosen),
+        results = await asyncio.gather(*(_timed(stack, v, node, latencies, retries) for v, node in chosen),
                                        return_exceptions=True)
     makespan = time.perf_counter() - started
     after = await stats(admin)
     copies = Counter({d: n - before["migrations"].get(d, 0) for d, n in after["migrations"].items()
                       if n - before["migrations"].get(d, 0)})
     result = LoadResult(len(chosen), makespan, latencies, copies, peak, {})
-    failed = [f"{v}: {r!r}" for v, r in zip(chosen, results, strict=True) if isinstance(r, BaseException)]
+    failed = [f"{v}: {r!r}" for (v, _), r in zip(chosen, results, strict=True) if isinstance(r, BaseException)]
     if failed:
         result.problems.append(f"{len(failed)} attaches failed, e.g. {failed[:3]}")
-    wanted = {"csi-" + v.removeprefix("name:") for v in chosen}
+    wanted = {"csi-" + v.removeprefix("name:") for v, _ in chosen}
     if set(copies) != wanted or any(n != 1 for n in copies.values()):
         doubled = sorted(d for d, n in copies.items() if n > 1)
         result.problems.append(f"copies: {sum(copies.values())} for {len(wanted)} disks, missing "
@@ -114,7 +120,7 @@ async def _load(stack: Stack, admin: httpx.AsyncClient, args: argparse.Namespace
     return result
 
 
-async def _create(stack: Stack, count: int, size_bytes: int, preferred: csi_pb2.TopologyRequirement) -> list[str]:
+async def _create(stack: Stack, count: int, size_bytes: int, hosts: list[csi_pb2.TopologyRequirement]) -> list[str]:
     names = iter(range(count))
     ids: dict[int, str] = {}
 
@@ -122,7 +128,8 @@ async def _create(stack: Stack, count: int, size_bytes: int, preferred: csi_pb2.
         for n in names:
             response = await stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
                 name=f"load-{n:04d}", capacity_range=csi_pb2.CapacityRange(required_bytes=size_bytes),
-                volume_capabilities=[CAP], parameters=MIGRATING, accessibility_requirements=preferred), timeout=120)
+                volume_capabilities=[CAP], parameters=MIGRATING, accessibility_requirements=hosts[n % len(hosts)]),
+                timeout=120)
             ids[n] = response.volume.volume_id
 
     async with asyncio.TaskGroup() as group:
@@ -131,9 +138,9 @@ async def _create(stack: Stack, count: int, size_bytes: int, preferred: csi_pb2.
     return [ids[n] for n in sorted(ids)]
 
 
-async def _timed(stack: Stack, volume_id: str, latencies: list[float], retries: Counter[str]) -> None:
+async def _timed(stack: Stack, volume_id: str, node_id: str, latencies: list[float], retries: Counter[str]) -> None:
     started = time.perf_counter()
-    await publish_as_attacher(stack.controller, volume_id, stack.vm_ids["node-a2"], retries)
+    await publish_as_attacher(stack.controller, volume_id, node_id, retries)
     latencies.append(time.perf_counter() - started)
 
 
@@ -240,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", type=int, default=1000)
     p.add_argument("--attaches", type=int, default=500, help="concurrent migrating attaches (of the volumes)")
     p.add_argument("--migrators", type=int, default=16, help="migrator processes")
+    p.add_argument("--hosts", type=int, default=4, help="hosts of the generated pool (a local SR and a node VM each)")
     p.add_argument("--size", default="64MiB", help="volume size")
     p.add_argument("--migration-rate", default="64MiB", help="the simulator's copy rate per second (a copy takes "
                    "size / rate: 1 s by default)")

@@ -211,7 +211,9 @@ def _delta(before: dict[str, Any], after: dict[str, Any], key: str, method: str 
 
 
 async def sequential(bench: Bench, count: int, size_bytes: int) -> None:
-    """(a), (b), (d): one migrating attach at a time."""
+    """(a), (b), (d): one migrating attach at a time (at least 2; fewer: skipped)."""
+    if count < 2:
+        return
     ids = await create_volumes(bench, "seq", count, size_bytes)
     samples: list[Attach] = []
     retries: Counter[str] = Counter()
@@ -260,6 +262,8 @@ def report_sequential(samples: list[Attach], size_bytes: int, lags: list[float],
           f"{dict(sorted(Counter(calls).items()))}")
     print("    by method (mean): " + ", ".join(f"{m}={n / len(samples):.2f}" for m, n in sorted(per_method.items())))
     show_target("(d) XO calls per migrating attach (mean)", statistics.fmean(calls), "", TARGET_XO_CALLS)
+    if len(calls) > 1:  # the first re-reads the SRs: the frontend's own CreateVolumes changed their usage
+        show_target("(d) XO calls per migrating attach after the first (max)", max(calls[1:]), "", TARGET_XO_CALLS)
     if retries:
         print(f"    retried: {dict(retries)}")
 

@@ -226,7 +226,8 @@ class JobStore:
         try:
             raw = await self._redis.get(self.key(disk_name))
         except RedisError as exc:
-            raise BackendUnavailable(f"Redis is unreachable while reading the job of disk {disk_name}") from exc
+            raise BackendUnavailable(f"Redis is unreachable while reading the job of disk {disk_name} "
+                                     f"({type(exc).__name__})") from exc
         return _decode(raw) if raw is not None else None
 
     async def claim(self, request: JobRequest, worker: str, *, stale_after_s: float) -> Claim:
@@ -317,7 +318,8 @@ class JobStore:
         try:
             return await self._redis.eval(script, 1, self.key(disk_name), *args)
         except RedisError as exc:
-            raise BackendUnavailable(f"Redis is unreachable while updating the job of disk {disk_name}") from exc
+            raise BackendUnavailable(f"Redis is unreachable while updating the job of disk {disk_name} "
+                                     f"({type(exc).__name__})") from exc
 
 
 def _text(raw: object) -> bytes | str:

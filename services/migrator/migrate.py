@@ -109,10 +109,11 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
     XO's cache shows it then (None once it is gone). With a per-SR limit the mark and the copy happen while
     holding a slot on the source and the target SR: the mark is set only once the copy can start, so attaches do
-    not see a disk "being migrated" while it merely waits for a slot."""
+    not see a disk "being migrated" while it merely waits for a slot; the slots go back as soon as XO answered."""
     xo = deps.xo
     slots = _sr_slots(deps, request.disk_name, vdi.sr_id, target_id)
-    async with slots:
+    async with contextlib.AsyncExitStack() as held:
+        await held.enter_async_context(slots)
         if isinstance(slots, SrSlots):
             metrics.SR_SLOT_WAIT.observe(slots.waited_s)
         lock.ensure_held()  # the wait may have outlived the disk lock
@@ -122,7 +123,8 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         copy_started = time.monotonic()
         cleared = vdi_metadata.with_mark(marked, None) or info.marked(None).to_description()
         try:
-            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared,
+            # The slots go back once XO answered (the copy is over), not after the waits for its cache.
+            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=held.aclose,
                                                               timeout_s=deps.migrate_timeout_s)
         except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
             moved = await xo.confirm_absent(f"the copy of disk {request.disk_name}",

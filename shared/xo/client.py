@@ -217,18 +217,28 @@ class XoClient:
                 await self._source_left(vdi, new_id, source_gone)
         return new_id
 
-    async def migrate_vdi_described(self, vdi: Vdi, sr_id: str, description: str, *, timeout_s: float) -> Vdi:
+    async def migrate_vdi_described(self, vdi: Vdi, sr_id: str, description: str, *, timeout_s: float,
+                                    answered: Callable[[], Awaitable[None]] | None = None) -> Vdi:
         """``migrate_vdi``, then ``vdi.set {name_description}`` on the VDI XO returns as soon as it answers (a copy
         carries the source's description, e.g. a migration mark to clear). Returns that VDI as XO's cache shows it
         once it has the description and the source has left the cache: the object the settle saw, no read after.
         The two waits for XO's cache overlap (one cache lag, not two). XoNotFound when the VDI XO returned is gone.
+        ``answered`` is awaited once XO answered ``vdi.migrate`` (the copy is over), before those waits.
         """
         async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
             new_id = await self._call_migrate(vdi, sr_id, timeout_s)
-            described = self._write("vdi.set", {"id": new_id, "name_description": description}, ObjectState(
-                new_id, lambda obj: obj is not None and obj.get("name_description") == description), idempotent=True)
-            waits = [described] if new_id == vdi.id else [described, self._source_left(vdi, new_id, source_gone)]
-            results = await asyncio.gather(*waits, return_exceptions=True)
+            described = asyncio.ensure_future(self._write(
+                "vdi.set", {"id": new_id, "name_description": description},
+                ObjectState(new_id, lambda obj: obj is not None and obj.get("name_description") == description),
+                idempotent=True))
+            waits: list[Awaitable[Obj | None]] = [described]
+            if new_id != vdi.id:
+                waits.append(self._source_left(vdi, new_id, source_gone))
+            try:
+                if answered is not None:
+                    await answered()
+            finally:
+                results = await asyncio.gather(*waits, return_exceptions=True)
         obj = results[0]
         if error := next((r for r in results if isinstance(r, BaseException)), None):
             raise error

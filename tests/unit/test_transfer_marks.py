@@ -8,10 +8,12 @@ import asyncio
 
 import pytest
 
+from services.migrator.transfer import unsettled
 from shared import progress, transfer_marks, vdi_metadata
 from shared import volume_id as vid
 from shared.progress import ProgressBox, StreamProgress
 from shared.transfer_marks import TransferMark
+from shared.xo.models import Vdi
 
 INFO = 'csi:info: {"migrating":{"enabled":true},"srsWithTag":"k8s-migrating","handle":"name"}'
 
@@ -60,3 +62,15 @@ async def test_progress_reaches_the_box_of_the_job_whose_task_reports_it() -> No
     progress.report(StreamProgress(done_bytes=1, total_bytes=1, rate_bps=1))  # outside a job: nothing happens
     assert (box.latest, other.latest) == (step, None)
     assert step.fraction == 0.25 and StreamProgress(done_bytes=0, total_bytes=0, rate_bps=0).fraction == 1.0
+
+
+@pytest.mark.parametrize(("descriptions", "expected"), [
+    (['csi:info: {"migrating":{},"srsWithTag":"k8s"}'], False),  # a plain disk: no ~incoming lookup
+    ([], False),
+    (['csi:info: {"migrating":{"inProgressToSRUUID":"sr-b"},"srsWithTag":"k8s"}'], True),  # a stream may have left T
+    ([TransferMark("complete", "move", "v1", "j", "csi:info: {}").to_description()], True),  # T took the name
+])
+def test_only_a_marked_disk_may_have_left_something_to_settle(descriptions: list[str], expected: bool) -> None:
+    vdis = [Vdi.model_validate({"id": f"v{n}", "type": "VDI", "name_label": "csi-a", "name_description": d,
+                                "$SR": "sr-a"}) for n, d in enumerate(descriptions)]
+    assert unsettled(vdis) is expected
