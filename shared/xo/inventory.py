@@ -130,7 +130,8 @@ class Inventory:
             return
         for obj_id, obj in params["items"].items():
             kind = obj.get("type") if isinstance(obj, dict) else None
-            if kind in self._objects and (model := _parse(kind, obj)) is not None:
+            # a kind never loaded (the migrator reads SRs only) or to be reloaded anyway: nothing to parse or keep
+            if kind in self._objects and self._loaded_at[kind] != _NEVER and (model := _parse(kind, obj)) is not None:
                 self._objects[kind][obj_id] = model
 
 

@@ -117,3 +117,20 @@ async def test_after_the_socket_closed_each_kind_is_reloaded_before_its_next_rea
         assert vm is not None and vm.container == "h2" and xo.peer.connects == 2
         assert [sr.id for sr in await inventory.srs()] == ["sr1"]
         assert xo.reads() == ["SR", "VM", "VM", "SR"]  # once each, on the new socket
+
+
+async def test_a_kind_never_loaded_keeps_nothing_from_the_notifications() -> None:
+    # The migrator reads SRs only: the storm of VM changes (metrics) is neither parsed nor kept.
+    xo = _Xo()
+    inventory = Inventory(xo.client, max_age_s=3600)
+    assert [sr.id for sr in await inventory.srs()] == ["sr1"]
+    xo.peer.notify({"vm2": {**VM, "id": "vm2"}, "sr2": {**SR, "id": "sr2"}})
+
+    async def sr2_seen() -> bool:
+        return "sr2" in {sr.id for sr in await inventory.srs()}
+
+    await eventually(sr2_seen, 2)
+    assert inventory._objects["VM"] == {}
+    await inventory.close()
+    await xo.client.close()
+    await xo.peer.aclose()
