@@ -7,6 +7,7 @@ import time
 import aiohttp
 import pytest
 
+from dev.wait import eventually
 from tests.support.sim import (
     SR_LOCAL_A1,
     SR_LOCAL_A2,
@@ -18,7 +19,6 @@ from tests.support.sim import (
     RpcError,
     cached,
     client,
-    eventually,
     running,
 )
 

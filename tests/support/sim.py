@@ -1,4 +1,5 @@
-"""Helpers for the XO simulator tests: a raw JSON-RPC WebSocket client, waits on conditions, ids of bundled topologies.
+"""Helpers for the XO simulator tests: a raw JSON-RPC WebSocket client, waits on the cache (polled with
+dev/wait.py's `eventually`), ids of bundled topologies.
 
 Not a pytest conftest (pytest does not load it by name): test modules import what they need.
 """
@@ -9,12 +10,13 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from dev.wait import eventually
 from services.xo_simulator.server import SimulatorHandle, start_simulator
 from services.xo_simulator.topology import derived_id
 
@@ -169,18 +171,6 @@ def items_of(notification: dict[str, Any], kind: str) -> dict[str, Any]:
     if notification.get("method") == "all" and params.get("type") == kind:
         return dict(params.get("items", {}))
     return {}
-
-
-async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10) -> None:
-    """Poll ``predicate`` until it is true; fails with TimeoutError after ``timeout_s``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            value = predicate()
-            if isinstance(value, Awaitable):
-                value = await value
-            if value:
-                return
-            await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
