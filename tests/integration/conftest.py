@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from shared.units import GiB
 from tests.support.brokers import RedisEndpoint
 from tests.support.controller import Controller, controller
 from tests.support.cross_pool import cross_pool_env
-from tests.support.migration import Env, GiB, open_env
+from tests.support.migration import Env, open_env
 from tests.support.node_host import Host, skip_reason
 
 

@@ -12,13 +12,13 @@ from shared import placement
 from shared import volume_id as vid
 from shared.csi import csi_pb2
 from shared.errors import PreconditionFailed
+from shared.units import MiB
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import block_capability, mount_capability
 from tests.support.controller import Context, Controller
 from tests.support.migration import DISK, POOL_A, SR_A1, SR_A2, Env, open_env, vdis_named
 from tests.support.sim import SR_NFS_A, VM_A1
 
-MiB = 1024**2
 MOUNT = mount_capability()
 BLOCK = block_capability()
 

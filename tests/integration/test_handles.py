@@ -8,12 +8,12 @@ from __future__ import annotations
 from services.csi_frontend.controller import ControllerServicer
 from shared import volume_id as vid
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support import m4rcsi
 from tests.support.capabilities import mount_capability
 from tests.support.controller import Context, Controller
 from tests.support.sim import SR_LOCAL_A1, SR_NFS_A, VM_A1, VM_A2
 
-MiB = 1024**2
 CAP = mount_capability()
 LONG = "pvc-" + "0123456789abcdef" * 8  # 132 bytes: cut to 128 below
 

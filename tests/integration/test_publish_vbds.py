@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dev.wait import eventually
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support.capabilities import mount_capability
 from tests.support.controller import Context, Controller
 from tests.support.sim import VM_A1
 
-MiB = 1024**2
 CAP = mount_capability()
 
 

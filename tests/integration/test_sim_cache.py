@@ -9,7 +9,8 @@ import pytest
 
 from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from tests.support.sim import SR_LOCAL_A1, SR_NFS_A, VM_A1, MiB, RpcError, cached, client, items_of, running
+from shared.units import MiB
+from tests.support.sim import SR_LOCAL_A1, SR_NFS_A, VM_A1, RpcError, cached, client, items_of, running
 
 pytestmark = pytest.mark.integration
 QUIET = {"noise_events_per_s": 0}  # the lag stays; no background events, so a test can count notifications

@@ -10,14 +10,13 @@ import pytest
 from dev.wait import eventually
 from services.xo_simulator.accounting import vhd_metadata_bytes
 from services.xo_simulator.topology import derived_id
+from shared.units import GiB, MiB
 from tests.support.sim import (
     ROOT_A1,
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
-    MiB,
     RpcError,
     cached,
     client,

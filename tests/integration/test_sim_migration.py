@@ -10,13 +10,12 @@ import pytest
 from dev.wait import eventually
 from services.xo_simulator.server import SimulatorHandle
 from services.xo_simulator.topology import derived_id
+from shared.units import GiB, MiB
 from tests.support.sim import (
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
-    MiB,
     RpcClient,
     RpcError,
     cached,

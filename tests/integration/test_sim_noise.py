@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from dev.wait import eventually
-from tests.support.sim import SR_LOCAL_A1, VIEWER_TOKEN, MiB, RpcClient, client, items_of, running
+from shared.units import MiB
+from tests.support.sim import SR_LOCAL_A1, VIEWER_TOKEN, RpcClient, client, items_of, running
 
 pytestmark = pytest.mark.integration
 DRIVER_FIELDS = {"VM": ("power_state", "$container", "$VBDs", "name_label", "tags"),

@@ -10,7 +10,8 @@ import pytest
 
 from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from tests.support.sim import MiB, RpcError, client, items_of, running
+from shared.units import MiB
+from tests.support.sim import RpcError, client, items_of, running
 
 pytestmark = pytest.mark.integration
 POOL_A, POOL_B = derived_id("pool", "Pool A"), derived_id("pool", "Pool B")

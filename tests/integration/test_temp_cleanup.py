@@ -15,13 +15,13 @@ from shared import vdi_metadata
 from shared.csi import csi_pb2
 from shared.errors import BackendUnavailable
 from shared.locks import Lease
+from shared.units import MiB
 from shared.xo.errors import XoError
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import mount_capability
 from tests.support.controller import Context, Controller
 from tests.support.sim import SR_NFS_A
 
-MiB = 1024**2
 CAP = mount_capability()
 
 

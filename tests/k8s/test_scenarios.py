@@ -20,6 +20,7 @@ import pytest_asyncio
 from dev.wait import eventually
 from shared import volume_id as vid
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.k8s import kubelet
 from tests.k8s.cluster import KubectlError, Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
@@ -45,7 +46,6 @@ pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.
 MIGRATING_CLASS = "xoa-migrating"
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
 _Cap = csi_pb2.ControllerServiceCapability.RPC
-MiB = 1024**2
 DATA_BYTES = 64 * MiB  # written before a move: the sparse copy moves about this much (~2 s)
 FAILOVER_DATA_BYTES = 160 * MiB  # ~5 s of copy: the leader dies while it runs
 

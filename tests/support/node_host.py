@@ -11,8 +11,6 @@ from services.csi_frontend import mounter
 from services.csi_frontend.node import NodeConfig, NodeServicer
 from shared.csi import csi_pb2
 
-MiB = 1024 * 1024
-
 
 def skip_reason() -> str | None:
     if os.geteuid() != 0:

@@ -23,8 +23,6 @@ from services.xo_simulator.topology import derived_id
 TOKEN = "sim-token"
 VIEWER_TOKEN = "viewer-token"  # viewer@example.org, permission "none"
 INSTANT = {"cache_lag_ms": 0, "noise_events_per_s": 0}  # the softened simulator, where a test counts events
-GiB = 1024**3
-MiB = 1024**2
 
 # Ids of the bundled two-hosts topology (derived from names, see topology.derived_id).
 POOL_A = derived_id("pool", "Pool A")
