@@ -9,19 +9,9 @@ from typing import Any
 import pytest
 
 from shared.config import XoSettings
-from shared.errors import BackendUnavailable, CapacityExhausted, OperationPending, PreconditionFailed
+from shared.errors import BackendUnavailable
 from shared.xo.client import XoClient
-from shared.xo.errors import (
-    XoAuthError,
-    XoBusy,
-    XoError,
-    XoInvalidParameters,
-    XoNoSpace,
-    XoNotFound,
-    XoUnavailable,
-    XoVdiInUse,
-    from_rpc_error,
-)
+from shared.xo.errors import XoAuthError, XoError, XoUnavailable
 from shared.xo.models import Vdi
 from shared.xo.transport import Credentials, RpcSession
 from tests.unit.xo.memory_peer import DropSocket, MemoryPeer, RpcFault
@@ -200,38 +190,6 @@ async def test_connect_refused_is_unavailable() -> None:
     session = RpcSession(Refusing(), Credentials(token="t"), timeout_s=1, connect_timeout_s=1)
     with pytest.raises(XoUnavailable, match="cannot connect to XO"):
         await XoClient(session).ping()
-
-
-@pytest.mark.parametrize(
-    ("error", "cls", "domain"),
-    [
-        ({"code": 1, "message": "no such VDI x", "data": {"id": "x", "type": "VDI"}}, XoNotFound, None),
-        ({"code": 2, "message": "not enough permissions"}, XoAuthError, BackendUnavailable),
-        ({"code": 10, "message": "invalid parameters", "data": {"errors": []}}, XoInvalidParameters, None),
-        ({"code": 17, "message": "VDI in use", "data": {"objectId": "x"}}, XoVdiInUse, PreconditionFailed),
-        (
-            {"code": -32000, "message": "OTHER_OPERATION_IN_PROGRESS(VDI, OpaqueRef:1)",
-             "data": {"code": "OTHER_OPERATION_IN_PROGRESS", "params": ["VDI", "OpaqueRef:1"]}},
-            XoBusy,
-            OperationPending,
-        ),
-        ({"code": -32000, "message": "TOO_MANY_STORAGE_MIGRATES(3)"}, XoBusy, OperationPending),
-        ({"code": -32000, "message": "SR_BACKEND_FAILURE_44(, There is insufficient space, )"}, XoNoSpace,
-         CapacityExhausted),
-        ({"code": -32000, "message": "unknown error from the peer"}, XoError, None),
-    ],
-)
-def test_error_translation(error: dict[str, Any], cls: type[XoError], domain: type[Exception] | None) -> None:
-    translated = from_rpc_error(error, "vdi.migrate")
-    assert type(translated) is cls
-    if domain is not None:
-        assert isinstance(translated, domain)
-    assert translated.rpc_code == error["code"]
-
-
-def test_xapi_code_from_data_wins_over_message() -> None:
-    err = from_rpc_error({"code": -32000, "message": "weird", "data": {"code": "VDI_IN_USE"}}, "vdi.delete")
-    assert isinstance(err, XoVdiInUse) and err.xapi_code == "VDI_IN_USE"
 
 
 async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
