@@ -21,10 +21,10 @@ from dev.brokers import RedisEndpoint
 from dev.process import ServiceProcess
 from dev.stack import Stack, running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.units import MiB
 from tests.support.e2e import (
     MIGRATING,
     NEEDS_LOSETUP,
-    MiB,
     as_attacher,
     create,
     host_segment,

@@ -7,20 +7,19 @@ import time
 
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.accounting import vhd_metadata_bytes
 from services.xo_simulator.topology import derived_id
+from shared.units import GiB, MiB
 from tests.support.sim import (
     ROOT_A1,
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
-    MiB,
     RpcError,
     cached,
     client,
-    eventually,
     items_of,
     running,
     uncached,
@@ -153,7 +152,8 @@ async def test_delete_of_an_attached_vdi_succeeds_when_it_is_detached_during_xo_
         vbd_id = sim.state.get(vdi_id)["$VBDs"][0]
         await cached(sim, vbd_id)
         deleting = asyncio.create_task(rpc.call("vdi.delete", {"id": vdi_id}))
-        await eventually(lambda: sim.simulator.stats.calls["vdi.delete"] == 1)  # first try refused, retrying
+        # first try refused, retrying
+        await eventually(lambda: sim.simulator.stats.calls["vdi.delete"] == 1, timeout_s=10)
         assert not deleting.done()
         await other.call("vbd.disconnect", {"id": vbd_id})
         assert await deleting is True
