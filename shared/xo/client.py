@@ -87,22 +87,14 @@ class XoClient:
     async def find_vdis(self, *, name_label: str | None = None, sr_id: str | None = None) -> list[Vdi]:
         """VDIs (type ``VDI``, snapshots excluded) with this exact name and/or on this SR (every VDI without either).
         XoError when XO sends one we cannot read."""
-        query: dict[str, Any] = {"type": "VDI"}
-        if name_label is not None:
-            query["name_label"] = name_label
-        if sr_id is not None:
-            query["$SR"] = sr_id
-        return await self._typed(Vdi, query)
+        return await self._typed(Vdi, _query("VDI", {"name_label": name_label, "$SR": sr_id}))
 
     async def get_vdi(self, vdi_id: str) -> Vdi | None:
         return await self._one(Vdi, {"type": "VDI", "id": vdi_id})
 
     async def find_srs(self, *, tag: str | None = None) -> list[Sr]:
         """SRs carrying ``tag`` (all SRs when None)."""
-        query: dict[str, Any] = {"type": "SR"}
-        if tag is not None:
-            query["tags"] = [tag]
-        return await self._typed(Sr, query)
+        return await self._typed(Sr, _query("SR", {"tags": None if tag is None else [tag]}))
 
     async def get_sr(self, sr_id: str) -> Sr | None:
         return await self._one(Sr, {"type": "SR", "id": sr_id})
@@ -112,12 +104,7 @@ class XoClient:
 
     async def find_vbds(self, *, vm_id: str | None = None, vdi_id: str | None = None) -> list[Vbd]:
         """VBDs of a VM and/or a VDI."""
-        query: dict[str, Any] = {"type": "VBD"}
-        if vm_id is not None:
-            query["VM"] = vm_id
-        if vdi_id is not None:
-            query["VDI"] = vdi_id
-        return await self._typed(Vbd, query)
+        return await self._typed(Vbd, _query("VBD", {"VM": vm_id, "VDI": vdi_id}))
 
     # -- account and completeness -------------------------------------------------------------
 
@@ -345,6 +332,11 @@ class XoClient:
     async def _one(self, model: type[M], query: dict[str, Any]) -> M | None:
         found = await self.get_objects(query, limit=1)
         return _parse(model, found[0]) if found else None
+
+
+def _query(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``xo.getAllObjects`` filter on objects of ``kind``, with the fields that are not None."""
+    return {"type": kind, **{key: value for key, value in fields.items() if value is not None}}
 
 
 def _parse(model: type[M], obj: dict[str, Any]) -> M:
