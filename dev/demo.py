@@ -131,12 +131,8 @@ async def story(stack: Stack, size_bytes: int, rate_bps: int) -> Timeline:
             volume_id=volume_id, node_id=stack.vm_ids["node-a2"], volume_capability=CAP), timeout=300)
         await with_progress(publish, expected_s, "migrating disk to host-a2's SR")
     console.print(f"  disk now on SR {await _sr_name(stack, DISK)}")
-    read_back = await stage_and_read(stack, timeline, volume_id, "node-a2")
-    ok = read_back == checksum
-    console.print(f"  read back sha256 {read_back[:16]}… [{'green' if ok else 'red'}]"
-                  f"{'matches' if ok else 'DIFFERS'}[/]")
-    if not ok:
-        raise SystemExit("data read back differs from what was written")
+    await check_read_back(stack, timeline, volume_id, "node-a2", checksum, shown="read back",
+                          differs="data read back differs from what was written")
     await act_two(stack, timeline, size_bytes, pool, vms["node-b1"]["$pool"])
     return timeline
 
@@ -163,12 +159,18 @@ async def act_two(stack: Stack, timeline: Timeline, size_bytes: int, pool_a: str
             volume_id=volume_id, node_id=stack.vm_ids["node-b1"], volume_capability=CAP), timeout=300)
         await with_stream_progress(stack, publish, SHARED_DISK)
     console.print(f"  disk now on SR {await _sr_name(stack, SHARED_DISK)} (pool B)")
-    read_back = await stage_and_read(stack, timeline, volume_id, "node-b1")
+    await check_read_back(stack, timeline, volume_id, "node-b1", checksum, shown="read back on node-b1:",
+                          differs="data read back in pool B differs from what was written in pool A")
+
+
+async def check_read_back(stack: Stack, timeline: Timeline, volume_id: str, node: str, checksum: str, *,
+                          shown: str, differs: str) -> None:
+    """Stage the volume on ``node`` and read it back; print whether it matches ``checksum``, exit if it differs."""
+    read_back = await stage_and_read(stack, timeline, volume_id, node)
     ok = read_back == checksum
-    console.print(f"  read back on node-b1: sha256 {read_back[:16]}… [{'green' if ok else 'red'}]"
-                  f"{'matches' if ok else 'DIFFERS'}[/]")
+    console.print(f"  {shown} sha256 {read_back[:16]}… [{'green' if ok else 'red'}]{'matches' if ok else 'DIFFERS'}[/]")
     if not ok:
-        raise SystemExit("data read back in pool B differs from what was written in pool A")
+        raise SystemExit(differs)
 
 
 async def with_stream_progress(stack: Stack, call: Awaitable[T], disk: str) -> T:

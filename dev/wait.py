@@ -14,15 +14,36 @@ from typing import TypeVar, overload
 T = TypeVar("T")
 
 
-def _describe(predicate: Callable[[], object], description: str | None) -> str:
-    return description or str(getattr(predicate, "__qualname__", repr(predicate)))
+class _Attempts:
+    """What `eventually` and `wait_until` keep between calls of the predicate: how many, the last result or
+    assertion, and the deadline (on the clock ``now``)."""
 
+    def __init__(self, predicate: Callable[[], object], description: str | None, timeout_s: float,
+                 now: Callable[[], float]) -> None:
+        self.what = description or str(getattr(predicate, "__qualname__", repr(predicate)))
+        self.timeout_s, self.now = timeout_s, now
+        self.deadline = now() + timeout_s
+        self.count = 0
+        self.last_result: object = None
+        self.last_error: AssertionError | None = None
 
-def _timeout_error(
-    what: str, timeout_s: float, attempts: int, last_result: object, last_error: AssertionError | None
-) -> AssertionError:
-    detail = f"last assertion: {last_error}" if last_error is not None else f"last result: {last_result!r}"
-    return AssertionError(f"condition not met within {timeout_s} s ({attempts} attempts): {what}; {detail}")
+    def met(self, result: object) -> bool:
+        """Whether ``result`` is truthy; if not, it is the last result."""
+        if not result:
+            self.last_result, self.last_error = result, None
+        return bool(result)
+
+    def pause_s(self, interval_s: float) -> float:
+        """How long to sleep before the next call; raises the timeout AssertionError once the deadline passed."""
+        remaining_s = self.deadline - self.now()
+        if remaining_s <= 0:
+            raise self.timeout_error(self.last_result, self.last_error)
+        return min(interval_s, remaining_s)
+
+    def timeout_error(self, last_result: object, last_error: AssertionError | None) -> AssertionError:
+        detail = f"last assertion: {last_error}" if last_error is not None else f"last result: {last_result!r}"
+        return AssertionError(
+            f"condition not met within {self.timeout_s} s ({self.count} attempts): {self.what}; {detail}")
 
 
 @overload
@@ -51,31 +72,24 @@ async def eventually(
     Raises AssertionError naming the predicate and its last result or assertion once `timeout_s` has passed.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    attempts, last_result, last_error = 0, None, None
+    attempts = _Attempts(predicate, description, timeout_s, loop.time)
     while True:
-        attempts += 1
+        attempts.count += 1
         try:
             result = predicate()
             if inspect.isawaitable(result):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(attempts.deadline):
                     result = await result
         except AssertionError as exc:
-            last_error = exc
+            attempts.last_error = exc
         except TimeoutError as exc:
-            if loop.time() < deadline:
+            if loop.time() < attempts.deadline:
                 raise
-            raise _timeout_error(
-                _describe(predicate, description), timeout_s, attempts, "<still running at the deadline>", None
-            ) from exc
+            raise attempts.timeout_error("<still running at the deadline>", None) from exc
         else:
-            if result:
+            if attempts.met(result):
                 return result
-            last_result, last_error = result, None
-        remaining_s = deadline - loop.time()
-        if remaining_s <= 0:
-            raise _timeout_error(_describe(predicate, description), timeout_s, attempts, last_result, last_error)
-        await asyncio.sleep(min(interval_s, remaining_s))
+        await asyncio.sleep(attempts.pause_s(interval_s))
 
 
 def wait_until(
@@ -89,19 +103,14 @@ def wait_until(
 
     Never call it from a coroutine: it blocks the thread.
     """
-    deadline = time.monotonic() + timeout_s
-    attempts, last_result, last_error = 0, None, None
+    attempts = _Attempts(predicate, description, timeout_s, time.monotonic)
     while True:
-        attempts += 1
+        attempts.count += 1
         try:
             result = predicate()
         except AssertionError as exc:
-            last_error = exc
+            attempts.last_error = exc
         else:
-            if result:
+            if attempts.met(result):
                 return result
-            last_result, last_error = result, None
-        remaining_s = deadline - time.monotonic()
-        if remaining_s <= 0:
-            raise _timeout_error(_describe(predicate, description), timeout_s, attempts, last_result, last_error)
-        time.sleep(min(interval_s, remaining_s))
+        time.sleep(attempts.pause_s(interval_s))

@@ -52,6 +52,15 @@ end
 local function active(record)
   return record.state == 'queued' or record.state == 'running'
 end
+-- KEYS[1]'s record when it is job ARGV[1] in `state`, its heartbeat still the one seen (seen_ms) and older than
+-- after_ms at `now`; else nil.
+local function stale(state, seen_ms, after_ms, now)
+  local record = load(KEYS[1])
+  if not record or record.job_id ~= ARGV[1] or record.state ~= state then return nil end
+  local heartbeat = tonumber(record.heartbeat_ms) or 0
+  if heartbeat ~= tonumber(seen_ms) or now - heartbeat < tonumber(after_ms) then return nil end
+  return record
+end
 """
 
 # ARGV: new queued record, ttl ms. Returns {1, stored record} when created, {0, active record} when joined.
@@ -118,10 +127,8 @@ return store(KEYS[1], record, ARGV[4])
 # this caller took the stale job over, nil when it is not stale any more or another reaper won.
 _TAKE_OVER = _PRELUDE + """
 local now = now_ms()
-local record = load(KEYS[1])
-if not record or record.job_id ~= ARGV[1] or record.state ~= 'running' then return false end
-local heartbeat = tonumber(record.heartbeat_ms) or 0
-if heartbeat ~= tonumber(ARGV[2]) or now - heartbeat < tonumber(ARGV[5]) then return false end
+local record = stale('running', ARGV[2], ARGV[5], now)
+if not record then return false end
 record.claim = ARGV[3]
 record.worker = ARGV[4]
 record.heartbeat_ms = now
@@ -132,10 +139,8 @@ return store(KEYS[1], record, ARGV[6])
 # queued, untouched since the heartbeat seen and older than stale-after: this caller re-publishes it. Else nil.
 _TOUCH_QUEUED = _PRELUDE + """
 local now = now_ms()
-local record = load(KEYS[1])
-if not record or record.job_id ~= ARGV[1] or record.state ~= 'queued' then return false end
-local heartbeat = tonumber(record.heartbeat_ms) or 0
-if heartbeat ~= tonumber(ARGV[2]) or now - heartbeat < tonumber(ARGV[3]) then return false end
+local record = stale('queued', ARGV[2], ARGV[3], now)
+if not record then return false end
 record.heartbeat_ms = now
 return store(KEYS[1], record, ARGV[4])
 """

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+MiB = 1024**2  # binary units, for sizes written in code (tests, benchmarks): 64 * MiB
+GiB = 1024**3
+
 _UNITS = {
     "": 1,
     "b": 1,

@@ -34,12 +34,8 @@ class StorageInfo:
             body["migrating"] = {"enabled": True}
             if self.in_progress_to_sr:
                 body["migrating"]["inProgressToSRUUID"] = self.in_progress_to_sr
-        if self.srs_with_tag is not None:
-            body["srsWithTag"] = self.srs_with_tag
-        if self.sr_uuid is not None:
-            body["srUUID"] = self.sr_uuid
-        if self.handle is not None:
-            body["handle"] = self.handle
+        optional = {"srsWithTag": self.srs_with_tag, "srUUID": self.sr_uuid, "handle": self.handle}
+        body.update({key: value for key, value in optional.items() if value is not None})
         return PREFIX + json.dumps(body, separators=(",", ":"))
 
     def marked(self, sr_id: str | None) -> StorageInfo:

@@ -7,34 +7,15 @@
 # Idempotent: a node already gone is not an error.
 set -euo pipefail
 
-BASE=${1:?usage: stop.sh BASE [kill] [keep]}
-shift
-signal=TERM keep=0
-for arg in "$@"; do
-  case $arg in
-    kill) signal=KILL ;;
-    keep) keep=1 ;;
-    *) echo "rmq/stop: unknown argument $arg" >&2; exit 2 ;;
-  esac
-done
-[[ -d $BASE ]] || exit 0
-[[ -f $BASE/.xo-csi-rmq ]] || { echo "rmq/stop: $BASE was not made by start.sh; not touching it" >&2; exit 1; }
-source "$BASE/ports"
+source "$(dirname "${BASH_SOURCE[0]}")/../stop_lib.sh"
+stop_args rmq "$@"
 export ERL_EPMD_PORT=${ERL_EPMD_PORT:-4369}
-
-alive() { [[ -e /proc/$1 ]] && ! grep -qs '^State:[[:space:]]*Z' "/proc/$1/status"; }
-
-wait_gone() {   # wait_gone PID TIMEOUT_S
-  local i
-  for ((i = 0; i < $2 * 20; i++)); do alive "$1" || return 0; sleep 0.05; done
-  return 1
-}
 
 # Graceful: SIGTERM to beam (rabbit shuts down cleanly). Then, or at once for kill, SIGKILL to the process
 # group led by the launcher (start.sh made it a session leader): beam, its helpers and the launcher shell.
 beam=$(cat "$BASE/rabbit.pid" 2>/dev/null || true)
 launcher=$(cat "$BASE/launcher.pid" 2>/dev/null || true)
-if [[ $signal == TERM && -n $beam ]] && alive "$beam"; then
+if ((!kill)) && [[ -n $beam ]] && alive "$beam"; then
   kill -TERM "$beam" 2>/dev/null || true
   wait_gone "$beam" 30 || echo "rmq/stop: beam $beam still running 30 s after SIGTERM; killing it" >&2
 fi

@@ -13,13 +13,12 @@ second plug (services/csi_frontend/attach.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from shared import volume_id as vid
 from shared.errors import OperationPending
+from shared.keyed_locks import KeyedLocks
 
 
 def key_of(volume: vid.VolumeId, prefix: str) -> str:
@@ -28,44 +27,26 @@ def key_of(volume: vid.VolumeId, prefix: str) -> str:
     return volume.disk_name(prefix) if volume.kind == vid.NAME_KIND else volume.value
 
 
-@dataclass
-class _Entry:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 class VolumeLocks:
     """Per-volume in-process locks keyed by disk name or VDI UUID (``key_of``)."""
 
     def __init__(self, *, margin_s: float = 2.0) -> None:
         self._margin_s = margin_s
-        self._entries: dict[str, _Entry] = {}
+        self._locks = KeyedLocks()
 
     def busy(self, key: str) -> bool:
         """Whether an operation holds the key now."""
-        entry = self._entries.get(key)
-        return entry is not None and entry.lock.locked()
+        return self._locks.locked(key)
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str, *, deadline_s: float | None, volume: str | None = None) -> AsyncIterator[None]:
         """Hold ``key`` for the block. ``deadline_s``: seconds left to the caller (None: wait as long as it takes);
         a waiter gives up ``margin_s`` before it with OperationPending naming ``volume`` (default: the key)."""
-        entry = self._entries.setdefault(key, _Entry())
-        entry.users += 1
-        try:
-            wait_s = None if deadline_s is None else max(deadline_s - self._margin_s, 0.0)
-            try:
-                async with asyncio.timeout(wait_s):
-                    await entry.lock.acquire()
-            except TimeoutError as exc:
-                raise OperationPending(
-                    f"another operation on volume {volume or key} is in progress; retry once it has finished"
-                ) from exc
-            try:
-                yield
-            finally:
-                entry.lock.release()
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                self._entries.pop(key, None)
+        wait_s = None if deadline_s is None else max(deadline_s - self._margin_s, 0.0)
+
+        def pending() -> OperationPending:
+            return OperationPending(f"another operation on volume {volume or key} is in progress; "
+                                    "retry once it has finished")
+
+        async with self._locks.hold(key, timeout_s=wait_s, on_timeout=pending):
+            yield

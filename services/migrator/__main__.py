@@ -43,19 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags that override a MigratorSettings field when given: flag (argparse dest) -> field.
+_FLAG_SETTINGS = {"concurrency": "concurrency", "per_sr_limit": "per_sr_limit", "grace": "grace_s",
+                  "health_port": "health_port", "metrics_port": "metrics_port"}
+
+
 def load_settings(args: argparse.Namespace) -> tuple[MigratorSettings, RabbitSettings, RedisSettings, XoSettings,
                                                       LogSettings]:
-    migrator: dict[str, Any] = {}
-    if args.concurrency is not None:
-        migrator["concurrency"] = args.concurrency
-    if args.per_sr_limit is not None:
-        migrator["per_sr_limit"] = args.per_sr_limit
-    if args.grace is not None:
-        migrator["grace_s"] = args.grace
-    if args.health_port is not None:
-        migrator["health_port"] = args.health_port
-    if args.metrics_port is not None:
-        migrator["metrics_port"] = args.metrics_port
+    migrator: dict[str, Any] = {setting: getattr(args, flag) for flag, setting in _FLAG_SETTINGS.items()
+                                if getattr(args, flag) is not None}
     rabbit = RabbitSettings(**({"amqp_url": args.amqp_url} if args.amqp_url else {}))
     redis_args: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
     if args.redis_key_prefix:

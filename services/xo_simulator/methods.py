@@ -9,6 +9,7 @@ Framing and dispatch live in rpc.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
@@ -30,6 +31,10 @@ from .xapi import Xapi
 
 log = get_logger(__name__)
 SERVER_VERSION = "5.180.0"
+# XO's VBD creation without a position asks XAPI for the VM's allowed devices, then for its power state, then
+# creates the VBD (@xen-orchestra/xapi vbd.mjs): two XAPI round trips in which another attach to the same VM can
+# take the chosen device, and that VBD.create fails with DEVICE_ALREADY_EXISTS.
+XAPI_ROUND_TRIP_S = 0.002
 
 STR = Param("string")
 OPT_STR = Param("string", optional=True)
@@ -226,7 +231,11 @@ class Api:
         self._connected(vm)
         if vdi["$pool"] != vm["$pool"]:  # createVbd looks the VDI up in the VM's pool (xen-api getObject)
             raise PlainError(f"no object with UUID or opaque ref: {vdi['id']}")
-        vbd = self.xapi.create_vbd(vm["_xapiRef"], vdi["_xapiRef"], position=params.get("position"),
+        position = params.get("position")
+        if position is None:  # VM.get_allowed_VBD_devices, VM.power_state, then VBD.create with that device
+            position = self.xapi.free_position(vm["_xapiRef"])
+            await asyncio.sleep(2 * XAPI_ROUND_TRIP_S)
+        vbd = self.xapi.create_vbd(vm["_xapiRef"], vdi["_xapiRef"], position=position,
                                    bootable=params.get("bootable", False), read_only=read_only)
         if vm["power_state"] == "Running":  # XO decides from its cache
             await self.xapi.connect(vbd["id"])  # awaited and thrown since XO 5.113; the VBD stays

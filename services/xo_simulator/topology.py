@@ -50,12 +50,22 @@ class _Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SrSpec(_Node):
-    """A storage repository; local when listed under a host, shared when listed under a pool."""
+class _Named(_Node):
+    """An XO object named by the topology: its id (derived from the names when the file gives none) and name."""
 
     id: Uuid
     name_label: str
+
+
+class _Described(_Named):
+    """A named object that also has a description (name_description, empty unless the file gives one)."""
+
     name_description: str = ""
+
+
+class SrSpec(_Described):
+    """A storage repository; local when listed under a host, shared when listed under a pool."""
+
     size: Size
     tags: list[str] = []
     SR_type: str | None = None
@@ -79,12 +89,9 @@ class DataDiskSpec(RootDiskSpec):
     name_description: str = ""
 
 
-class VmSpec(_Node):
+class VmSpec(_Described):
     """A VM resident on its host when Running/Paused/Suspended."""
 
-    id: Uuid
-    name_label: str
-    name_description: str = ""
     power_state: PowerState = "Running"
     tags: list[str] = []
     cpus: int = 2
@@ -93,32 +100,24 @@ class VmSpec(_Node):
     disks: list[DataDiskSpec] = []
 
 
-class HostSpec(_Node):
+class HostSpec(_Named):
     """A host with its local SRs and the VMs resident on it."""
 
-    id: Uuid
-    name_label: str
     address: str | None = None
     srs: list[SrSpec] = []
     vms: list[VmSpec] = []
 
 
-class PoolSpec(_Node):
+class PoolSpec(_Described):
     """A pool: shared SRs plus hosts; the first host is the master."""
 
-    id: Uuid
-    name_label: str
-    name_description: str = ""
     shared_srs: list[SrSpec] = []
     hosts: list[HostSpec] = []
 
 
-class VdiSpec(_Node):
+class VdiSpec(_Described):
     """A VDI present at start; ``sr`` is an SR id or a unique SR name_label."""
 
-    id: Uuid
-    name_label: str
-    name_description: str = ""
     size: Size
     sr: str
     tags: list[str] = []

@@ -236,6 +236,11 @@ class Xapi:
         chosen = self._position(vm, position)
         return self.add_vbd_record(vm["id"], vdi["id"], position=chosen, bootable=bootable, read_only=read_only)
 
+    def free_position(self, vm_handle: str) -> str:
+        """The device XO picks for a new VBD from ``VM.get_allowed_VBD_devices``: the first free one from 0,
+        avoiding 3 (the CD position) while another is free."""
+        return self._position(self.record(vm_handle, "VM"), None)
+
     def _position(self, vm: XoObject, requested: str | None) -> str:
         used = {vbd["position"] for vbd_id in vm["$VBDs"] if (vbd := self.store.find(vbd_id))}
         if requested is not None:

@@ -151,9 +151,8 @@ def _snapshot_id(p: argparse.ArgumentParser) -> None:
     p.add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="snapshot id")
 
 
-def _node_stage(p: argparse.ArgumentParser) -> None:
-    _volume_id(p)
-    p.add_argument("--staging-path", required=True, metavar="P", help="staging_target_path")
+def _node_contexts(p: argparse.ArgumentParser) -> None:
+    """What NodeStage and NodePublish both take from the controller's answers: both contexts and the capability."""
     _pairs(p, "--publish-context", "publish context from `publish` (repeatable)")
     _pairs(p, "--context", "volume context from `volume create` (repeatable)")
     _capability(p)
@@ -164,14 +163,17 @@ def _node_unstage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging-path", required=True, metavar="P", help="staging_target_path")
 
 
+def _node_stage(p: argparse.ArgumentParser) -> None:
+    _node_unstage(p)
+    _node_contexts(p)
+
+
 def _node_publish(p: argparse.ArgumentParser) -> None:
     _volume_id(p)
     p.add_argument("--staging-path", metavar="P", help="staging_target_path (when the plugin stages)")
     p.add_argument("--target-path", required=True, metavar="T", help="target_path to publish at")
     p.add_argument("--readonly", action="store_true", help="publish read-only")
-    _pairs(p, "--publish-context", "publish context from `publish` (repeatable)")
-    _pairs(p, "--context", "volume context from `volume create` (repeatable)")
-    _capability(p)
+    _node_contexts(p)
 
 
 def _node_unpublish(p: argparse.ArgumentParser) -> None:

@@ -128,6 +128,11 @@ def identity(result: Result) -> list[View]:
     return [Pairs(rows)]
 
 
+def _page(table: Table, next_token: str) -> list[View]:
+    """A listing's table, then the token of the next page when there is one."""
+    return [table, Pairs([("next_token", next_token)])] if next_token else [table]
+
+
 def volumes(result: Result) -> list[View]:
     assert isinstance(result, csi_pb2.ListVolumesResponse)
     rows = []
@@ -142,10 +147,7 @@ def volumes(result: Result) -> list[View]:
                 _topologies(volume.accessible_topology),
             )
         )
-    views: list[View] = [Table(("VOLUME ID", "CAPACITY", "PUBLISHED ON", "CONDITION", "TOPOLOGY"), rows)]
-    if result.next_token:
-        views.append(Pairs([("next_token", result.next_token)]))
-    return views
+    return _page(Table(("VOLUME ID", "CAPACITY", "PUBLISHED ON", "CONDITION", "TOPOLOGY"), rows), result.next_token)
 
 
 def snapshots(result: Result) -> list[View]:
@@ -160,10 +162,7 @@ def snapshots(result: Result) -> list[View]:
         )
         for snap in (entry.snapshot for entry in result.entries)
     ]
-    views: list[View] = [Table(("SNAPSHOT ID", "SOURCE VOLUME", "SIZE", "READY", "CREATED"), rows)]
-    if result.next_token:
-        views.append(Pairs([("next_token", result.next_token)]))
-    return views
+    return _page(Table(("SNAPSHOT ID", "SOURCE VOLUME", "SIZE", "READY", "CREATED"), rows), result.next_token)
 
 
 def volume_stats(result: Result) -> list[View]:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from shared.backoff import Backoff
 from shared.config import XoSettings
+from shared.keyed_locks import KeyedLocks
 from shared.logging import get_logger
 from shared.xo.cache import FIRST_RECHECK_S, Expectation, MatchState, Obj, ObjectState, Watch
 from shared.xo.errors import XoAuthError, XoError, XoMethodNotFound, XoNotFound, XoPoolDisconnected, XoUnavailable
@@ -29,6 +30,11 @@ T = TypeVar("T")
 M = TypeVar("M", bound=XoObject)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# XO picks a new VBD's device two XAPI round trips before it creates the VBD, so an attach to the same VM by
+# another client (another controller replica, an operator) can take it first: XAPI DEVICE_ALREADY_EXISTS, nothing
+# made. Attaches of this client to one VM run one at a time; a race with another client is retried.
+DEVICE_TAKEN = "DEVICE_ALREADY_EXISTS"
+DEVICE_RACE_ATTEMPTS = 3
 Relevant = Callable[[str, Obj | None], bool]
 
 
@@ -40,6 +46,7 @@ class XoClient:
         self._session = session
         self._read_timeout_s = read_timeout_s
         self._settle_timeout_s = settle_timeout_s
+        self._vm_attaches = KeyedLocks()  # vm.attachDisk calls on one VM run one at a time (see attach_disk)
 
     @classmethod
     def from_settings(cls, settings: XoSettings) -> XoClient:
@@ -87,22 +94,14 @@ class XoClient:
     async def find_vdis(self, *, name_label: str | None = None, sr_id: str | None = None) -> list[Vdi]:
         """VDIs (type ``VDI``, snapshots excluded) with this exact name and/or on this SR (every VDI without either).
         XoError when XO sends one we cannot read."""
-        query: dict[str, Any] = {"type": "VDI"}
-        if name_label is not None:
-            query["name_label"] = name_label
-        if sr_id is not None:
-            query["$SR"] = sr_id
-        return await self._typed(Vdi, query)
+        return await self._typed(Vdi, _query("VDI", {"name_label": name_label, "$SR": sr_id}))
 
     async def get_vdi(self, vdi_id: str) -> Vdi | None:
         return await self._one(Vdi, {"type": "VDI", "id": vdi_id})
 
     async def find_srs(self, *, tag: str | None = None) -> list[Sr]:
         """SRs carrying ``tag`` (all SRs when None)."""
-        query: dict[str, Any] = {"type": "SR"}
-        if tag is not None:
-            query["tags"] = [tag]
-        return await self._typed(Sr, query)
+        return await self._typed(Sr, _query("SR", {"tags": None if tag is None else [tag]}))
 
     async def get_sr(self, sr_id: str) -> Sr | None:
         return await self._one(Sr, {"type": "SR", "id": sr_id})
@@ -112,12 +111,7 @@ class XoClient:
 
     async def find_vbds(self, *, vm_id: str | None = None, vdi_id: str | None = None) -> list[Vbd]:
         """VBDs of a VM and/or a VDI."""
-        query: dict[str, Any] = {"type": "VBD"}
-        if vm_id is not None:
-            query["VM"] = vm_id
-        if vdi_id is not None:
-            query["VDI"] = vdi_id
-        return await self._typed(Vbd, query)
+        return await self._typed(Vbd, _query("VBD", {"VM": vm_id, "VDI": vdi_id}))
 
     # -- account and completeness -------------------------------------------------------------
 
@@ -269,20 +263,29 @@ class XoClient:
 
         When the plug fails XO keeps the VBD it created: that VBD (one not in ``known_vbd_ids``, the VBDs of the
         VM and VDI before the call) is deleted before the error is raised, so a failed attach leaves nothing.
+        Attaches to one VM run one at a time in this client, and a device taken by another client meanwhile
+        (DEVICE_ALREADY_EXISTS) is retried up to DEVICE_RACE_ATTEMPTS times, then raised as XoBusy.
         """
         fields = {"type": "VBD", "VM": vm_id, "VDI": vdi_id}
         plugged = MatchState(fields, lambda vbd: bool(vbd.get("attached") and vbd.get("device")))
         # The VBD a failed plug leaves: a new one, not plugged (a plugged one is another call's, which succeeded).
         left = MatchState(fields, lambda vbd: vbd.get("id") not in known_vbd_ids and not vbd.get("attached"))
-        async with self._watching(left) as created:
-            try:
-                obj = await self._write("vm.attachDisk", {"vm": vm_id, "vdi": vdi_id, "mode": "RO" if read_only
-                                                          else "RW"}, plugged)
-            except XoError as exc:
-                if not isinstance(exc, XoUnavailable):  # XO answered: the VBD exists or not, and we can look
-                    await self._remove_created_vbd(created, exc)
-                raise
-        return _parse(Vbd, obj or {})
+        params = {"vm": vm_id, "vdi": vdi_id, "mode": "RO" if read_only else "RW"}
+        attempt = 1
+        while True:
+            async with self._watching(left) as created:
+                try:
+                    obj = await self._write("vm.attachDisk", params, plugged, one_at_a_time=vm_id)
+                    return _parse(Vbd, obj or {})
+                except XoError as exc:
+                    if exc.xapi_code == DEVICE_TAKEN:  # VBD.create failed: nothing was made
+                        if attempt < DEVICE_RACE_ATTEMPTS:
+                            log.info("attach_device_taken_retrying", vm=vm_id, vdi=vdi_id, attempt=attempt)
+                            attempt += 1
+                            continue
+                    elif not isinstance(exc, XoUnavailable):  # XO answered: the VBD exists or not, and we can look
+                        await self._remove_created_vbd(created, exc)
+                    raise
 
     async def _remove_created_vbd(self, created: Watch, cause: XoError) -> None:
         found, obj = await created.settle(self._read, timeout_s=min(self._settle_timeout_s, 5.0))
@@ -308,11 +311,16 @@ class XoClient:
             await self.check_view_complete(what)  # "no such object" from a pool XO lost is not "deleted"
 
     async def _write(self, method: str, params: dict[str, Any], expected: Expectation, *,
-                     idempotent: bool = False) -> Obj | None:
+                     idempotent: bool = False, one_at_a_time: str | None = None) -> Obj | None:
         """Call ``method``, then wait until the cache shows ``expected``; XoUnavailable when it does not within
-        ``settle_timeout_s`` (the call succeeded: a retry finds its effect)."""
+        ``settle_timeout_s`` (the call succeeded: a retry finds its effect). Calls with the same
+        ``one_at_a_time`` key run one at a time in this client (the wait for the cache is not serialised)."""
         async with self._watching(expected) as watch:
-            await self._session.call(method, params, idempotent=idempotent)
+            if one_at_a_time is None:
+                await self._session.call(method, params, idempotent=idempotent)
+            else:
+                async with self._vm_attaches.hold(one_at_a_time):
+                    await self._session.call(method, params, idempotent=idempotent)
             met, obj = await watch.settle(self._read, timeout_s=self._settle_timeout_s)
         if not met:
             raise XoUnavailable(f"XO's object cache has not shown the result of {method} "
@@ -380,6 +388,11 @@ class XoClient:
     async def _one(self, model: type[M], query: dict[str, Any]) -> M | None:
         found = await self.get_objects(query, limit=1)
         return _parse(model, found[0]) if found else None
+
+
+def _query(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``xo.getAllObjects`` filter on objects of ``kind``, with the fields that are not None."""
+    return {"type": kind, **{key: value for key, value in fields.items() if value is not None}}
 
 
 def _parse(model: type[M], obj: dict[str, Any]) -> M:

@@ -7,7 +7,8 @@ Tree (each leaf also inherits the domain error that the edges map to a code)::
     │   └── XoPoolDisconnected                XO lost a pool: its objects are missing, not deleted
     ├── XoAuthError (BackendUnavailable)     XO codes 2, 3, 8: the credentials are wrong or lack rights
     ├── XoNotFound                            XO code 1 (no such object), XAPI HANDLE_INVALID / UUID_INVALID
-    ├── XoBusy (OperationPending)             XAPI OTHER_OPERATION_IN_PROGRESS, TOO_MANY_STORAGE_MIGRATES
+    ├── XoBusy (OperationPending)             XAPI OTHER_OPERATION_IN_PROGRESS, TOO_MANY_STORAGE_MIGRATES,
+    │                                         DEVICE_ALREADY_EXISTS
     ├── XoVdiInUse (PreconditionFailed)       XO code 17 (XAPI VDI_IN_USE)
     ├── XoInvalidParameters                   XO code 10: a bug on our side, never user input
     ├── XoNoSpace (CapacityExhausted)         XAPI SR_BACKEND_FAILURE_44 (insufficient space)
@@ -102,6 +103,7 @@ _BY_XO_CODE: dict[int, type[XoError]] = {
 _BY_XAPI_CODE: dict[str, type[XoError]] = {
     "OTHER_OPERATION_IN_PROGRESS": XoBusy,
     "TOO_MANY_STORAGE_MIGRATES": XoBusy,
+    "DEVICE_ALREADY_EXISTS": XoBusy,  # another attach to the VM took the device XO had picked (a race)
     "HANDLE_INVALID": XoNotFound,
     "UUID_INVALID": XoNotFound,
     "VDI_IN_USE": XoVdiInUse,

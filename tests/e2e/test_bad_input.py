@@ -24,7 +24,8 @@ from dev.stack import Stack
 from dev.wait import eventually
 from shared import messages
 from shared.csi import csi_pb2, csi_pb2_grpc
-from tests.support.e2e import MIGRATING, MiB, create, mount_cap, queue_contents, redis_keys, stack_on_session_brokers
+from shared.units import MiB
+from tests.support.e2e import MIGRATING, create, mount_cap, queue_contents, redis_keys, stack_on_session_brokers
 from tests.support.e2e import vhost_of as vhost_name
 
 pytestmark = [

@@ -21,10 +21,10 @@ from dev.brokers import RedisEndpoint
 from dev.process import ServiceProcess
 from dev.stack import Stack, running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.units import MiB
 from tests.support.e2e import (
     MIGRATING,
     NEEDS_LOSETUP,
-    MiB,
     as_attacher,
     create,
     host_segment,
@@ -207,3 +207,21 @@ async def test_waiters_of_one_migration_over_two_replicas_attach_once(
         assert {r.publish_context["device"] for r in results} == {"xvdb"}
         assert await migrations_of(stack, "csi-pvc-joined") == 1
         assert await _vbds(stack, "csi-pvc-joined") == [("node-a2", True)]
+
+
+async def test_eight_volumes_published_to_one_node_at_once_each_get_their_own_device(stack: Stack) -> None:
+    """A pod with several claims, or the attacher's worker threads: publishes of different volumes to one node at
+    once. XO picks a new VBD's device, then creates it two XAPI round trips later, so two attaches to one VM can
+    pick the same device and one fails with DEVICE_ALREADY_EXISTS. The controller attaches to one VM one at a
+    time: all eight answer OK at the first call, each volume with one plugged VBD on its own device."""
+    names = [f"pvc-many-{n}" for n in range(8)]
+    volume_ids = [await create(stack, name, 64 * MiB, SHARED_FIXED) for name in names]
+    controller = stack.controller
+    results = await asyncio.gather(*(_code_of(controller.ControllerPublishVolume(
+        _request(stack, volume_id, "node-a1"), timeout=60)) for volume_id in volume_ids))
+    assert _summary(results) == {"OK": 8}, results
+    devices = [(await controller.ControllerPublishVolume(_request(stack, volume_id, "node-a1"), timeout=30))
+               .publish_context["device"] for volume_id in volume_ids]
+    assert sorted(devices) == ["xvdb", "xvdc", "xvde", "xvdf", "xvdg", "xvdh", "xvdi", "xvdj"]
+    for name in names:
+        assert await _vbds(stack, f"csi-{name}") == [("node-a1", True)]

@@ -24,10 +24,10 @@ from dev.wait import eventually
 from shared import transfer_marks
 from shared.csi import csi_pb2
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobStore
+from shared.units import MiB
 from tests.support.e2e import (
     MIGRATING,
     SHARED_MIGRATING,
-    MiB,
     as_attacher,
     create,
     host_segment,

@@ -16,6 +16,7 @@ import pytest
 
 from dev.stack import Stack, running_stack
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support.e2e import mount_cap
 
 pytestmark = [
@@ -23,7 +24,6 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(shutil.which("losetup") is None, reason="needs losetup (util-linux) for real data mode"),
 ]
-MiB = 1024**2
 
 
 @pytest.fixture

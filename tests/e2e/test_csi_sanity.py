@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared.units import GiB
 from tests.support.brokers import RedisEndpoint
 from tests.support.e2e import sim_stats, stack_on_session_brokers
 
@@ -27,7 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SANITY_NODE = "node-a1"
-GiB = 1024**3
 RUN_TIMEOUT_S = 780.0
 CLASSES = {
     "shared": {"srsWithTag": "k8s-shared"},

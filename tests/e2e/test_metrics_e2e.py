@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dev.brokers import RedisEndpoint
-from tests.support.e2e import MIGRATING, MiB, create, host_segment, publish, stack_on_session_brokers
+from shared.units import MiB
+from tests.support.e2e import MIGRATING, create, host_segment, publish, stack_on_session_brokers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

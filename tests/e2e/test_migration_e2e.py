@@ -22,9 +22,9 @@ import pytest
 from dev.brokers import RabbitEndpoint, RedisEndpoint
 from dev.wait import eventually
 from shared import messages
+from shared.units import MiB
 from tests.support.e2e import (
     MIGRATING,
-    MiB,
     create,
     host_segment,
     migration_mark,

@@ -26,9 +26,9 @@ from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import messages
 from shared.jobs import DEFAULT_ACTIVE_TTL_S, DEFAULT_RESULT_TTL_S, JobRecord, JobStore
+from shared.units import MiB
 from tests.support.e2e import (
     MIGRATING,
-    MiB,
     arrived_intact,
     copying,
     create,

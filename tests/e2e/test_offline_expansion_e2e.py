@@ -13,8 +13,8 @@ import pytest
 from dev.brokers import RedisEndpoint
 from dev.stack import Stack
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support.e2e import (
-    MiB,
     mount_cap,
     mounted,
     publish,

@@ -16,7 +16,8 @@ import pytest
 
 from dev.stack import Stack, StackOptions, running_stack
 from shared.csi import csi_pb2
-from tests.support.e2e import NEEDS_LOSETUP, MiB, create, mount_cap, publish, require_root
+from shared.units import MiB
+from tests.support.e2e import NEEDS_LOSETUP, create, mount_cap, publish, require_root
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120), NEEDS_LOSETUP]
 SHARED_FIXED = {"srsWithTag": "k8s-shared"}

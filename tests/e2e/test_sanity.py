@@ -26,6 +26,7 @@ import pytest_asyncio
 
 from dev.stack import running_stack
 from shared.csi import csi_pb2, csi_pb2_grpc
+from shared.units import GiB
 from tests.support.e2e import require_root
 
 pytestmark = [
@@ -35,7 +36,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("losetup") is None, reason="needs losetup (util-linux) for real data mode"),
 ]
 
-GiB = 1024**3
 TEST_VOLUME_SIZE = 1 * GiB
 TEST_VOLUME_EXPAND_SIZE = TEST_VOLUME_SIZE + 1 * GiB  # csi-sanity's DefTestExpandIncrement
 TEST_VOLUME_PARAMETERS = {"srsWithTag": "k8s-shared"}  # the shared SR: usable from every node VM

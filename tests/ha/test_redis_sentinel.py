@@ -26,14 +26,8 @@ from dev.ha import LocalRedisSentinel
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import keys
-from tests.support.e2e import (
-    MiB,
-    arrived_intact,
-    copying,
-    publish,
-    require_root,
-    written_on_a1,
-)
+from shared.units import MiB
+from tests.support.e2e import arrived_intact, copying, publish, require_root, written_on_a1
 from tests.support.ha import each_moved_exactly_once, publish_all, volumes_on_a1
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -1,7 +1,9 @@
 """Fixtures of the in-process migration tests (helpers in tests/support/migration.py): ``env``, a simulator and a
 frontend on this test's vhost and key prefix, whose disk copies in ``copy_s`` seconds (a module overrides
 ``copy_s``, or ``env_vhost`` to use another broker); ``xenv``, the same on two pools in real data mode for
-cross-pool moves and clones (tests/support/cross_pool.py), with the simulator options ``stream_options``."""
+cross-pool moves and clones (tests/support/cross_pool.py), with the simulator options ``stream_options``; ``ctl``, a
+controller against the simulator alone (tests/support/controller.py); ``host``, a sandbox for the node tests on real
+loop devices (tests/support/node_host.py; skips, saying why, where those cannot run)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from typing import Any
 
 import pytest
 
+from shared.units import GiB
 from tests.support.brokers import RedisEndpoint
+from tests.support.controller import Controller, controller
 from tests.support.cross_pool import cross_pool_env
-from tests.support.migration import Env, GiB, open_env
+from tests.support.migration import Env, open_env
+from tests.support.node_host import Host, skip_reason
 
 
 @pytest.fixture
@@ -48,3 +53,22 @@ async def xenv(tmp_path: Path, amqp_vhost: str, redis_server: RedisEndpoint, red
                stream_options: dict[str, Any]) -> AsyncIterator[Env]:
     async with cross_pool_env(tmp_path, amqp_vhost, redis_server, redis_prefix, **stream_options) as env:
         yield env
+
+
+@pytest.fixture
+async def ctl() -> AsyncIterator[Controller]:
+    async with controller() as running:
+        yield running
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[Host]:
+    reason = skip_reason()
+    if reason:
+        print(f"skipping node integration tests: {reason}")
+        pytest.skip(reason)
+    sandbox = Host(tmp_path)
+    try:
+        yield sandbox
+    finally:
+        await sandbox.cleanup()

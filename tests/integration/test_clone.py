@@ -16,6 +16,7 @@ from services.csi_frontend.cloning import CloneRequest
 from shared import messages, storage_class, transfer_marks
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
+from shared.units import MiB
 from shared.vdi_metadata import StorageInfo
 from shared.volume_id import by_name
 from tests.support.cross_pool import (
@@ -23,7 +24,6 @@ from tests.support.cross_pool import (
     POOL_B,
     SR_A1,
     SR_B1,
-    MiB,
     assert_one_complete_disk,
     backing_path,
     finished,

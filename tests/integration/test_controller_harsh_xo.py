@@ -4,8 +4,6 @@ every controller RPC over gRPC is tests/e2e/test_pool_loss.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from dev.wait import eventually
@@ -14,23 +12,15 @@ from shared import placement
 from shared import volume_id as vid
 from shared.csi import csi_pb2
 from shared.errors import PreconditionFailed
+from shared.units import MiB
 from tests.support.brokers import RedisEndpoint
-from tests.support.controller import Context, Controller, controller
+from tests.support.capabilities import block_capability, mount_capability
+from tests.support.controller import Context, Controller
 from tests.support.migration import DISK, POOL_A, SR_A1, SR_A2, Env, open_env, vdis_named
 from tests.support.sim import SR_NFS_A, VM_A1
 
-MiB = 1024**2
-_Mode = csi_pb2.VolumeCapability.AccessMode
-MOUNT = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
-                                 access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
-BLOCK = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
-                                 access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
-
-
-@pytest.fixture
-async def ctl() -> AsyncIterator[Controller]:
-    async with controller() as running:
-        yield running
+MOUNT = mount_capability()
+BLOCK = block_capability()
 
 
 async def _expand(ctl: Controller, volume_id: str, size: int,

@@ -17,6 +17,7 @@ from services.xo_simulator.faults import Faults
 from shared import vdi_metadata
 from shared.errors import OperationPending
 from shared.progress import StreamProgress
+from shared.units import MiB
 from shared.volume_id import by_name
 from tests.support.cross_pool import (
     DISK_SIZE,
@@ -24,7 +25,6 @@ from tests.support.cross_pool import (
     SR_A1,
     SR_B1,
     VM_B1,
-    MiB,
     assert_one_complete_disk,
     finished,
     streaming,

@@ -5,28 +5,17 @@ that a rollback to m4rCsi finds (and can delete) every disk this driver made.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from services.csi_frontend.controller import ControllerServicer
 from shared import volume_id as vid
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support import m4rcsi
-from tests.support.controller import Context, Controller, controller
+from tests.support.capabilities import mount_capability
+from tests.support.controller import Context, Controller
 from tests.support.sim import SR_LOCAL_A1, SR_NFS_A, VM_A1, VM_A2
 
-MiB = 1024**2
-_Mode = csi_pb2.VolumeCapability.AccessMode
-CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
-                               access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+CAP = mount_capability()
 LONG = "pvc-" + "0123456789abcdef" * 8  # 132 bytes: cut to 128 below
-
-
-@pytest.fixture
-async def ctl() -> AsyncIterator[Controller]:
-    async with controller() as running:
-        yield running
 
 
 async def _create(servicer: ControllerServicer, name: str, **parameters: str) -> str:

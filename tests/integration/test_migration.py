@@ -14,6 +14,7 @@ import pytest
 from shared import messages
 from shared.errors import CapacityExhausted
 from shared.keys import disk_job_key, disk_lock_key
+from shared.units import GiB
 from shared.volume_id import by_name
 from tests.support.brokers import RedisEndpoint
 from tests.support.migration import (
@@ -23,7 +24,6 @@ from tests.support.migration import (
     TIMEOUT_S,
     VM_A2,
     Env,
-    GiB,
     dead_letters,
     open_env,
     two_hosts,

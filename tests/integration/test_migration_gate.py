@@ -12,10 +12,11 @@ import pytest
 
 from services.csi_frontend.disks import Disk
 from shared import metrics
+from shared.units import GiB
 from shared.volume_id import by_name
 from tests.support.brokers import RabbitEndpoint, RedisEndpoint, management_client
 from tests.support.e2e import vhost_of
-from tests.support.migration import DISK, SR_A2, TIMEOUT_S, VM_A2, Env, GiB, open_env, two_hosts, vdis_named
+from tests.support.migration import DISK, SR_A2, TIMEOUT_S, VM_A2, Env, open_env, two_hosts, vdis_named
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration

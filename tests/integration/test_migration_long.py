@@ -16,6 +16,7 @@ import pytest
 from shared import messages
 from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
+from shared.units import GiB
 from shared.volume_id import by_name
 from tests.support import brokers
 from tests.support.brokers import LocalRabbit, RabbitEndpoint
@@ -36,7 +37,6 @@ from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
-GiB = 1024**3
 COPY_S = 8  # the simulated copy of the 2 GiB disk: twice the broker's ~4 s ack timeout
 STRICT_RABBIT_CONFIG = "{consumer_timeout, 3000}, {channel_tick_interval, 1000}"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")

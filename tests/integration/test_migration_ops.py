@@ -15,6 +15,7 @@ from services.xocsi import cli
 from shared import messages
 from shared.messages import FailureReason, MigrationRequested
 from shared.progress import StreamProgress
+from shared.units import GiB
 from tests.support.brokers import pick_free_port
 from tests.support.migration import (
     DISK,
@@ -33,7 +34,6 @@ from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
-GiB = 1024**3
 TIMEOUT_S = 30.0
 
 

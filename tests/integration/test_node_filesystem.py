@@ -17,23 +17,11 @@ from services.csi_frontend import filesystem, mounter
 from services.csi_frontend.filesystem import FilesystemCorrupt
 from services.csi_frontend.status import code_for
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.support.capabilities import mount_capability
-from tests.support.node_host import (
-    Host,
-    MiB,
-    expand,
-    host,
-    publish,
-    servicer,
-    stage,
-    unpublish,
-    unstage,
-    usage,
-    volume_stats,
-)
+from tests.support.node_host import Host, expand, publish, servicer, stage, unpublish, unstage, usage, volume_stats
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(180)]
-__all__ = ["host"]  # the fixture, imported for pytest
 
 DATA = os.urandom(3 * MiB)
 

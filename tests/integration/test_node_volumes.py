@@ -21,24 +21,12 @@ from shared.errors import (
     PreconditionFailed,
     VolumeNotFound,
 )
+from shared.units import MiB
 from tests.support.capabilities import block_capability as _block_cap
 from tests.support.capabilities import mount_capability as _mount_cap
-from tests.support.node_host import (
-    Host,
-    MiB,
-    expand,
-    host,
-    publish,
-    servicer,
-    stage,
-    unpublish,
-    unstage,
-    usage,
-    volume_stats,
-)
+from tests.support.node_host import Host, expand, publish, servicer, stage, unpublish, unstage, usage, volume_stats
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(180)]
-__all__ = ["host"]  # the fixture, imported for pytest
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
 

@@ -3,25 +3,14 @@ whatever earlier attaches left there."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from dev.wait import eventually
 from shared.csi import csi_pb2
-from tests.support.controller import Context, Controller, controller
+from shared.units import MiB
+from tests.support.capabilities import mount_capability
+from tests.support.controller import Context, Controller
 from tests.support.sim import VM_A1
 
-MiB = 1024**2
-_Mode = csi_pb2.VolumeCapability.AccessMode
-CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
-                               access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
-
-
-@pytest.fixture
-async def ctl() -> AsyncIterator[Controller]:
-    async with controller() as running:
-        yield running
+CAP = mount_capability()
 
 
 async def _unplugged_vbd(ctl: Controller, vdi_id: str) -> str:

@@ -17,15 +17,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.content import data_extents
 from services.xo_simulator.server import SimulatorHandle
 from shared import vhd
 from shared.config import XoSettings
+from shared.units import MiB
 from shared.vhd_stream import ByteReader, iter_blocks, read_head, with_exact_length
 from shared.xo.errors import XoError, XoUnavailable
 from shared.xo.rest import XoRest
 from shared.xo.streaming import Progress, stream_copy
-from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, MiB, eventually, running
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 requires_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("losetup") is None,

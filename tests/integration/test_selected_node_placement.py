@@ -16,6 +16,7 @@ from services.csi_frontend.selected_node import PVC_NAME, PVC_NAMESPACE, SELECTE
 from services.csi_frontend.settings import DEFAULT_DRIVER_NAME
 from services.xo_simulator.topology import derived_id
 from shared.csi import csi_pb2
+from shared.units import GiB
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import mount_capability
 from tests.support.kube_api import FakeKubeApi, fake_kube_api
@@ -25,7 +26,6 @@ from tests.support.node_host import FakeContext
 pytestmark = pytest.mark.integration
 
 VM_A1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
-GiB = 1024**3
 
 
 @pytest.fixture

@@ -7,18 +7,18 @@ import time
 import aiohttp
 import pytest
 
+from dev.wait import eventually
+from shared.units import MiB
 from tests.support.sim import (
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     TOKEN,
     VIEWER_TOKEN,
     VM_A1,
-    MiB,
     RpcClient,
     RpcError,
     cached,
     client,
-    eventually,
     running,
 )
 

@@ -8,13 +8,13 @@ import time
 import aiohttp
 import pytest
 
+from shared.units import GiB
 from tests.support.sim import (
     ROOT_A1,
     ROOT_A2,
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     VM_A1,
-    GiB,
     RpcClient,
     RpcError,
     cached,

@@ -8,19 +8,10 @@ from typing import Any
 
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from tests.support.sim import (
-    SR_LOCAL_A1,
-    SR_NFS_A,
-    VM_A1,
-    MiB,
-    RpcError,
-    cached,
-    client,
-    eventually,
-    items_of,
-    running,
-)
+from shared.units import MiB
+from tests.support.sim import SR_LOCAL_A1, SR_NFS_A, VM_A1, RpcError, cached, client, items_of, running
 
 pytestmark = pytest.mark.integration
 QUIET = {"noise_events_per_s": 0}  # the lag stays; no background events, so a test can count notifications
@@ -73,11 +64,11 @@ async def test_changes_of_one_batch_make_one_enter_then_one_exit_with_values_0()
         vdi_id = await rpc.call("disk.create", {"name": "d", "size": MiB, "sr": HALTED_SR})
         await rpc.call("vm.attachDisk", {"vm": HALTED_VM, "vdi": vdi_id})
         vbd_id = sim.state.get(vdi_id)["$VBDs"][0]
-        await eventually(lambda: sim.simulator.mirror.pending == 0)
+        await eventually(lambda: sim.simulator.mirror.pending == 0, timeout_s=10)
         before = await rpc.settled()
         assert await rpc.call("vdi.delete", {"id": vdi_id}) is True  # VDI, VBD, VM and SR change together
         await rpc.wait_notification(lambda n: vdi_id in items_of(n, "exit"))
-        await eventually(lambda: sim.simulator.mirror.pending == 0)
+        await eventually(lambda: sim.simulator.mirror.pending == 0, timeout_s=10)
         await rpc.settled()
         batch = rpc.notifications[before:]
         assert [n["params"]["type"] for n in batch] == ["enter", "exit"]
@@ -96,7 +87,7 @@ async def test_what_lives_shorter_than_the_lag_is_never_shown() -> None:
         await sim.simulator.xapi.destroy_vbd(vbd_id)  # gone on the XAPI side before XO's next poll
         await rpc.wait_notification(lambda n: items_of(n, "enter").get(vdi_id, {}).get("name_label") == "renamed",
                                     since=before)
-        await eventually(lambda: sim.simulator.mirror.pending == 0)
+        await eventually(lambda: sim.simulator.mirror.pending == 0, timeout_s=10)
         await rpc.settled()
         assert _about(vbd_id, rpc.notifications[before:]) == []
         assert [kind for n in rpc.notifications[before:] if (kind := n["params"]["type"]) == "exit"] == []
@@ -132,7 +123,7 @@ async def test_stats_say_how_long_after_its_answer_a_call_s_changes_reached_the_
         assert stats.cache_waits_pending == 1 and "vdi.set" not in stats.cache_wait_s  # the noise is nobody's
         renamed = await rpc.wait_notification(lambda n: items_of(n, "enter").get(vdi_id, {}).get("name_label") == "new")
         assert items_of(renamed, "enter")[vdi_id]["name_label"] == "new"
-        await eventually(lambda: stats.cache_waits_pending == 0)
+        await eventually(lambda: stats.cache_waits_pending == 0, timeout_s=10)
         assert 0.09 <= stats.cache_wait_s["vdi.set"] < 1.0  # the lag, from the answer to the notification
         await rpc.objects(id=vdi_id)
         assert stats.cache_wait_s["xo.getAllObjects"] == 0.0 and stats.cache_waits_pending == 0  # reads change nothing

@@ -6,21 +6,23 @@ import asyncio
 import time
 
 import pytest
+from pydantic import SecretStr
 
+from dev.wait import eventually
 from services.xo_simulator.accounting import vhd_metadata_bytes
 from services.xo_simulator.topology import derived_id
+from shared.config import XoSettings
+from shared.units import GiB, MiB
+from shared.xo.client import XoClient
 from tests.support.sim import (
     ROOT_A1,
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
-    MiB,
     RpcError,
     cached,
     client,
-    eventually,
     items_of,
     running,
     uncached,
@@ -153,7 +155,8 @@ async def test_delete_of_an_attached_vdi_succeeds_when_it_is_detached_during_xo_
         vbd_id = sim.state.get(vdi_id)["$VBDs"][0]
         await cached(sim, vbd_id)
         deleting = asyncio.create_task(rpc.call("vdi.delete", {"id": vdi_id}))
-        await eventually(lambda: sim.simulator.stats.calls["vdi.delete"] == 1)  # first try refused, retrying
+        # first try refused, retrying
+        await eventually(lambda: sim.simulator.stats.calls["vdi.delete"] == 1, timeout_s=10)
         assert not deleting.done()
         await other.call("vbd.disconnect", {"id": vbd_id})
         assert await deleting is True
@@ -247,3 +250,33 @@ async def test_a_destroyed_object_still_in_the_cache_answers_with_the_xapi_error
         with pytest.raises(RpcError) as info:
             await rpc.call("vdi.delete", {"id": vdi_id})
         assert info.value.code == 1
+
+
+async def test_two_attaches_to_one_vm_at_once_race_for_its_device_and_the_client_serialises_and_retries() -> None:
+    """XO picks a new VBD's device two XAPI round trips before creating it: two vm.attachDisk calls on one VM at
+    once pick the same device, and the second VBD.create fails with DEVICE_ALREADY_EXISTS, creating nothing. The
+    XoClient attaches to one VM one at a time, and retries when another client took the device meanwhile."""
+    async with running() as sim, client(sim) as rpc, client(sim) as other:
+        disks = [await rpc.call("disk.create", {"name": f"race-{n}", "size": MiB, "sr": SR_LOCAL_A1})
+                 for n in range(4)]
+        outcomes = await asyncio.gather(rpc.call("vm.attachDisk", {"vm": VM_A1, "vdi": disks[0]}),
+                                        other.call("vm.attachDisk", {"vm": VM_A1, "vdi": disks[1]}),
+                                        return_exceptions=True)
+        errors = [o for o in outcomes if isinstance(o, RpcError)]
+        assert outcomes.count(True) == 1 and len(errors) == 1, outcomes
+        assert (errors[0].code, errors[0].error["message"], errors[0].data["code"], errors[0].data["params"],
+                errors[0].data["call"]["method"]) == (-32000, "DEVICE_ALREADY_EXISTS(1)", "DEVICE_ALREADY_EXISTS",
+                                                      ["1"], "VBD.create")
+        loser = disks[0] if outcomes[0] is errors[0] else disks[1]
+        assert sum(len(sim.state.get(vdi_id)["$VBDs"]) for vdi_id in disks[:2]) == 1  # the loser made nothing
+        settings = XoSettings(url=sim.http_url, token=SecretStr("sim-token"), timeout_s=10)
+        first, second = XoClient.from_settings(settings), XoClient.from_settings(settings)
+        try:  # one client's attaches in turn, and another client's racing them: all retried to success
+            vbds = await asyncio.gather(first.attach_disk(VM_A1, disks[2]), first.attach_disk(VM_A1, disks[3]),
+                                        second.attach_disk(VM_A1, loser))
+        finally:
+            await first.close()
+            await second.close()
+        assert sorted(vbd.device for vbd in vbds) == ["xvdc", "xvde", "xvdf"]
+        # The clients' race happened (once, or twice when the retry met the first client's next attach): retried.
+        assert sim.simulator.stats.errors["DEVICE_ALREADY_EXISTS"] in (2, 3)

@@ -7,20 +7,19 @@ import time
 
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.server import SimulatorHandle
 from services.xo_simulator.topology import derived_id
+from shared.units import GiB, MiB
 from tests.support.sim import (
     SR_LOCAL_A1,
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
-    MiB,
     RpcClient,
     RpcError,
     cached,
     client,
-    eventually,
     items_of,
     running,
     uncached,
@@ -87,7 +86,7 @@ async def test_live_cap_is_retried_by_xo_ten_times_before_the_caller_sees_it() -
             client(sim) as rpc:
         first, second = await _live_disk(rpc, "first"), await _live_disk(rpc, "second")
         migration = asyncio.create_task(rpc.call("vdi.migrate", {"id": first, "sr_id": SR_LOCAL_A1}))
-        await eventually(lambda: sim.simulator.migrator.active == 1)
+        await eventually(lambda: sim.simulator.migrator.active == 1, timeout_s=10)
         started = time.monotonic()
         with pytest.raises(RpcError) as info:
             await rpc.call("vdi.migrate", {"id": second, "sr_id": SR_LOCAL_A1})
@@ -108,7 +107,7 @@ async def test_live_cap_freed_during_xo_retries_lets_the_migration_through() -> 
             client(sim) as rpc:
         first, second = await _live_disk(rpc, "first"), await _live_disk(rpc, "second")
         migration = asyncio.create_task(rpc.call("vdi.migrate", {"id": first, "sr_id": SR_LOCAL_A1}))
-        await eventually(lambda: sim.simulator.migrator.active == 1)  # holds the slot for 0.25 s
+        await eventually(lambda: sim.simulator.migrator.active == 1, timeout_s=10)  # holds the slot for 0.25 s
         moved = await rpc.call("vdi.migrate", {"id": second, "sr_id": SR_LOCAL_A1})
         assert sim.state.get(moved)["$SR"] == SR_LOCAL_A1
         assert sim.state.get(await migration)["$SR"] == SR_LOCAL_A1
@@ -169,7 +168,7 @@ async def test_migration_completes_when_the_caller_goes_away() -> None:
         await caller.sign_in()
         vdi_id, _ = await _detached_disk(caller, sim)
         pending = asyncio.create_task(caller.call("vdi.migrate", {"id": vdi_id, "sr_id": SR_LOCAL_A2}))
-        await eventually(lambda: bool(sim.state.get(vdi_id)["current_operations"]))
+        await eventually(lambda: bool(sim.state.get(vdi_id)["current_operations"]), timeout_s=10)
         await caller.close()
         with pytest.raises(ConnectionError):
             await pending
@@ -182,7 +181,7 @@ async def test_stop_during_migration_rolls_back_the_copy() -> None:
     async with running(migration_rate_bps=1) as sim, client(sim) as rpc:
         vdi_id, _ = await _detached_disk(rpc, sim)
         pending = asyncio.create_task(rpc.call("vdi.migrate", {"id": vdi_id, "sr_id": SR_LOCAL_A2}))
-        await eventually(lambda: sim.simulator.migrator.active == 1)
+        await eventually(lambda: sim.simulator.migrator.active == 1, timeout_s=10)
         await sim.stop()
         with pytest.raises((RpcError, ConnectionError)):
             await pending

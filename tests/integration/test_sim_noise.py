@@ -6,16 +6,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.sim import (
-    SR_LOCAL_A1,
-    VIEWER_TOKEN,
-    MiB,
-    RpcClient,
-    client,
-    eventually,
-    items_of,
-    running,
-)
+from dev.wait import eventually
+from shared.units import MiB
+from tests.support.sim import SR_LOCAL_A1, VIEWER_TOKEN, RpcClient, client, items_of, running
 
 pytestmark = pytest.mark.integration
 DRIVER_FIELDS = {"VM": ("power_state", "$container", "$VBDs", "name_label", "tags"),
@@ -69,7 +62,7 @@ async def test_no_storm_when_turned_off_for_benchmarks() -> None:
         vdi_id = await rpc.call("disk.create", {"name": "only", "size": MiB, "sr": SR_LOCAL_A1})
         await rpc.call("vdi.set", {"id": vdi_id, "name_label": "renamed"})
         await rpc.wait_notification(lambda n: items_of(n, "enter").get(vdi_id, {}).get("name_label") == "renamed")
-        await eventually(lambda: sim.simulator.mirror.pending == 0)
+        await eventually(lambda: sim.simulator.mirror.pending == 0, timeout_s=10)
         await rpc.settled()
         changed: set[str] = {obj_id for n in rpc.notifications for obj_id in items_of(n, "enter")}
         assert changed == {vdi_id, SR_LOCAL_A1}
@@ -82,9 +75,9 @@ async def test_reset_drops_noise_objects_and_the_storm_goes_on() -> None:
         def live(kind: str) -> list[Any]:
             return [o for o in sim.state.all().values() if o["type"] == kind]
 
-        await eventually(lambda: bool(live("message")))
+        await eventually(lambda: bool(live("message")), timeout_s=10)
         await sim.simulator.reset(reload_topology=True)
         assert live("message") == [] and live("task") == []
         emitted = sim.simulator.noise.emitted
-        await eventually(lambda: sim.simulator.noise.emitted > emitted + 10)
+        await eventually(lambda: sim.simulator.noise.emitted > emitted + 10, timeout_s=10)
         assert (await rpc.call("session.getUser"))["email"] == "admin@example.org"  # the socket stayed signed in

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.xo_simulator.topology import derived_id
+from shared.units import GiB
 from tests.support.sim import (
     HOST_A1,
     POOL_A,
@@ -13,7 +14,6 @@ from tests.support.sim import (
     SR_LOCAL_A2,
     SR_NFS_A,
     VM_A1,
-    GiB,
     cached,
     client,
     running,

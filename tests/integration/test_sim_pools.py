@@ -8,15 +8,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from tests.support.sim import (
-    MiB,
-    RpcError,
-    client,
-    eventually,
-    items_of,
-    running,
-)
+from shared.units import MiB
+from tests.support.sim import RpcError, client, items_of, running
 
 pytestmark = pytest.mark.integration
 POOL_A, POOL_B = derived_id("pool", "Pool A"), derived_id("pool", "Pool B")
@@ -39,7 +34,7 @@ async def test_a_lost_pool_leaves_the_cache_in_one_exit_and_comes_back_in_one_en
     async with running("two-pools", admin=True, **QUIET) as sim, client(sim) as rpc, aiohttp.ClientSession() as http:
         vdi_a = await rpc.call("disk.create", {"name": "a", "size": MiB, "sr": NFS_A})
         vdi_b = await rpc.call("disk.create", {"name": "b", "size": MiB, "sr": NFS_B})
-        await eventually(lambda: sim.simulator.mirror.pending == 0)
+        await eventually(lambda: sim.simulator.mirror.pending == 0, timeout_s=10)
         pool_a_ids = _pool_ids(sim.cache.all(), POOL_A)
         before = await rpc.settled()
         view = await _fault(http, sim.http_url, {"kind": "pool_disconnect", "pool": POOL_A, "duration_s": 30})
@@ -78,9 +73,10 @@ async def test_xapi_keeps_running_a_migration_whose_call_returns_after_the_pool_
             aiohttp.ClientSession() as http:
         vdi_id = await rpc.call("disk.create", {"name": "moving", "size": 256 * MiB, "sr": LOCAL_A1})
         migration = asyncio.create_task(rpc.call("vdi.migrate", {"id": vdi_id, "sr_id": NFS_A}))
-        await eventually(lambda: sim.simulator.migrator.active == 1)
+        await eventually(lambda: sim.simulator.migrator.active == 1, timeout_s=10)
         await _fault(http, sim.http_url, {"kind": "pool_disconnect", "pool": POOL_A})  # until cleared
-        await eventually(lambda: sim.state.get(vdi_id)["current_operations"] == {})  # VDI.copy done on XAPI
+        # VDI.copy done on XAPI
+        await eventually(lambda: sim.state.get(vdi_id)["current_operations"] == {}, timeout_s=10)
         copy = next(v for v in sim.state.of_type("VDI") if v["name_label"] == "moving" and v["id"] != vdi_id)
         assert (copy["$SR"], copy["current_operations"]) == (NFS_A, {})
         assert copy["id"] not in sim.cache and not migration.done()  # XO's barrier waits for the lost pool
@@ -95,7 +91,8 @@ async def test_a_call_resolved_before_the_pool_was_lost_gets_the_plain_no_connec
             aiohttp.ClientSession() as http:
         vdi_id = await rpc.call("disk.create", {"name": "late", "size": MiB, "sr": NFS_A})
         setting = asyncio.create_task(rpc.call("vdi.set", {"id": vdi_id, "name_label": "x"}))
-        await eventually(lambda: sim.simulator.stats.calls["vdi.set"] == 1)  # resolved, now in XO's latency
+        # resolved, now in XO's latency
+        await eventually(lambda: sim.simulator.stats.calls["vdi.set"] == 1, timeout_s=10)
         await _fault(http, sim.http_url, {"kind": "pool_disconnect", "pool": POOL_A})
         with pytest.raises(RpcError) as info:
             await setting

@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.sim import (
-    SR_LOCAL_A1,
-    SR_LOCAL_A2,
-    SR_NFS_A,
-    VM_A1,
-    VM_A2,
-    MiB,
-    RpcError,
-    cached,
-    client,
-    running,
-)
+from shared.units import MiB
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, SR_NFS_A, VM_A1, VM_A2, RpcError, cached, client, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 SKIP_REASON = "real data mode needs root and losetup for loop devices"

@@ -11,15 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
+from dev.wait import eventually
 from services.xo_simulator.server import SimulatorHandle
 from services.xo_simulator.topology import derived_id
 from shared import vhd
 from shared.config import XoSettings
+from shared.units import MiB
 from shared.vhd_stream import ByteReader, iter_blocks, read_head
 from shared.xo.errors import XoAuthError, XoBusy, XoNotFound, XoVdiInUse
 from shared.xo.rest import XoRest
 from shared.xo.streaming import Progress, stream_copy
-from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, VM_A1, MiB, cached, client, eventually, running, uncached
+from tests.support.sim import SR_LOCAL_A1, SR_LOCAL_A2, TOKEN, VM_A1, cached, client, running, uncached
 
 pytestmark = pytest.mark.integration
 XAPI_INFO = "This is a XenServer/XCP-ng error, not an XO error"

@@ -23,6 +23,7 @@ from shared.errors import OperationPending
 from shared.keys import sr_doorbell_key, sr_slots_key
 from shared.locks import SrSlots
 from shared.messages import MigrationRequested
+from shared.units import GiB
 from shared.xo.client import XoClient
 from tests.support.brokers import RedisEndpoint
 from tests.support.migration import (
@@ -48,7 +49,6 @@ pytestmark = pytest.mark.integration
 SR_A, SR_B, SR_C = "sr-a", "sr-b", "sr-c"
 LEASE_S = 30.0  # long enough that no lease expires in a test unless the test means it to
 TIMEOUT_S = 20.0
-GiB = 1024**3
 
 
 @pytest.fixture

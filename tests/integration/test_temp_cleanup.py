@@ -5,10 +5,8 @@ no error ends it. The m4rCsi timing itself is in tests/unit/xo/test_temp_cleanup
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import cast
 
-import pytest
 import redis.asyncio as aioredis
 
 from dev.wait import eventually
@@ -17,15 +15,14 @@ from shared import vdi_metadata
 from shared.csi import csi_pb2
 from shared.errors import BackendUnavailable
 from shared.locks import Lease
+from shared.units import MiB
 from shared.xo.errors import XoError
 from tests.support.brokers import RedisEndpoint
-from tests.support.controller import Context, Controller, controller
+from tests.support.capabilities import mount_capability
+from tests.support.controller import Context, Controller
 from tests.support.sim import SR_NFS_A
 
-MiB = 1024**2
-_Mode = csi_pb2.VolumeCapability.AccessMode
-CAP = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(),
-                               access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+CAP = mount_capability()
 
 
 class Clock:
@@ -34,12 +31,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-@pytest.fixture
-async def ctl() -> AsyncIterator[Controller]:
-    async with controller() as running:
-        yield running
 
 
 def _cleanup(ctl: Controller, clock: Clock) -> TempCleanup:

@@ -20,6 +20,7 @@ import pytest_asyncio
 from dev.wait import eventually
 from shared import volume_id as vid
 from shared.csi import csi_pb2
+from shared.units import MiB
 from tests.k8s import kubelet
 from tests.k8s.cluster import KubectlError, Obj
 from tests.k8s.conftest import MIGRATION_RATE, record
@@ -45,7 +46,6 @@ pytestmark = [pytest.mark.k8s, pytest.mark.asyncio(loop_scope="module"), pytest.
 MIGRATING_CLASS = "xoa-migrating"
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
 _Cap = csi_pb2.ControllerServiceCapability.RPC
-MiB = 1024**2
 DATA_BYTES = 64 * MiB  # written before a move: the sparse copy moves about this much (~2 s)
 FAILOVER_DATA_BYTES = 160 * MiB  # ~5 s of copy: the leader dies while it runs
 
@@ -114,17 +114,22 @@ async def test_wait_for_first_consumer_claim_binds_near_its_node_and_capacity_fo
     assert await env.vdis(f"csi-{name}") == []
 
 
+async def _migrating_volume(env: Deployed, claim_name: str, size: str) -> tuple[str, str, str]:
+    """A bound claim of the migrating class made for node-a1: its PV name, disk (VDI name) and volume handle."""
+    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
+    await env.cluster.apply(claim(claim_name, MIGRATING_CLASS, size, node="node-a1"))
+    _, pv = await env.bound(claim_name)
+    name = pv["metadata"]["name"]
+    return name, f"csi-{name}", pv["spec"]["csi"]["volumeHandle"]
+
+
 # --- 2. attach, detach, attach elsewhere through a migration ------------------------------------------------
 
 
 async def test_volume_attachment_attaches_detaches_and_follows_its_pod_through_a_migration(
         driver: Deployed, timer: None) -> None:
     env, stack = driver, driver.stack
-    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
-    await env.cluster.apply(claim("data-move", MIGRATING_CLASS, "256Mi", node="node-a1"))
-    _, pv = await env.bound("data-move")
-    name = pv["metadata"]["name"]
-    disk, handle = f"csi-{name}", pv["spec"]["csi"]["volumeHandle"]
+    name, disk, handle = await _migrating_volume(env, "data-move", "256Mi")
 
     va, _ = await env.attach(name, "node-a1")
     assert va["metadata"]["annotations"]["csi.alpha.kubernetes.io/node-id"] == stack.vm_ids["node-a1"]
@@ -349,11 +354,7 @@ async def _phase(env: Deployed, pv: str, phase: str) -> bool:
 async def test_leader_killed_mid_migrating_attach_the_other_replica_finishes_it(driver: Deployed, timer: None
                                                                                ) -> None:
     env, stack = driver, driver.stack
-    await env.cluster.apply(storage_class("storageclass-xoa-migrating.yaml"))
-    await env.cluster.apply(claim("data-failover", MIGRATING_CLASS, "512Mi", node="node-a1"))
-    _, pv = await env.bound("data-failover")
-    name = pv["metadata"]["name"]
-    disk, handle = f"csi-{name}", pv["spec"]["csi"]["volumeHandle"]
+    name, disk, handle = await _migrating_volume(env, "data-failover", "512Mi")
     await env.attach(name, "node-a1")
     async with kubelet.mounted(env, "node-a1", name) as target:
         checksum = await asyncio.to_thread(write_file, target / "data.bin", FAILOVER_DATA_BYTES)

@@ -20,10 +20,10 @@ from services.xo_simulator.topology import derived_id
 from shared import transfer_marks, vdi_metadata
 from shared.jobs import JobRecord
 from shared.messages import MigrationRequested
+from shared.units import MiB
 from tests.support.brokers import RedisEndpoint
 from tests.support.migration import DESCRIPTION, DISK, TAG, Env, open_env, vdis_named
 
-MiB = 1024**2
 DISK_SIZE = 64 * MiB
 SR_A1 = derived_id("sr", "Pool A", "host-a1", "Local A1")
 SR_B1 = derived_id("sr", "Pool B", "host-b1", "Local B1")

@@ -25,6 +25,7 @@ from dev.wait import eventually
 from shared import keys, vdi_metadata
 from shared.backoff import Backoff, retrying
 from shared.csi import csi_pb2
+from shared.units import MiB
 
 MODE = csi_pb2.VolumeCapability.AccessMode
 
@@ -46,7 +47,6 @@ def mount_cap(fs_type: str = "ext4", mode: int = MODE.SINGLE_NODE_WRITER) -> csi
                                     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
 
 
-MiB = 1024**2
 T = TypeVar("T")
 ATTACHER_TIMEOUT_S = 300.0  # external-attacher --timeout as m4rCsi deploys it
 ATTACHER_BACKOFF = Backoff(start_s=0.1, cap_s=2.0, jitter=False)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from dev.stack import Stack
-from tests.support.e2e import MIGRATING, MiB, Volume, create, host_segment, migrations_of, publish, srs_of
+from shared.units import MiB
+from tests.support.e2e import MIGRATING, Volume, create, host_segment, migrations_of, publish, srs_of
 
 
 async def volumes_on_a1(stack: Stack, prefix: str, count: int, size: int = 64 * MiB) -> list[Volume]:

@@ -28,7 +28,6 @@ from shared.jobs import JobRecord, JobStore
 from shared.messages import MigrationRequested
 from tests.support.brokers import RedisEndpoint
 
-GiB = 1024**3
 TAG = "k8s-migrating"
 DISK = "csi-vol1"
 DESCRIPTION = 'csi:info: {"migrating":{},"srsWithTag":"k8s-migrating"}'

@@ -1,20 +1,15 @@
 """Loop devices standing in for attached XO disks, and NodeServicer calls on them, for the node integration tests
-(needs root and util-linux). ``host`` is a pytest fixture: import it into the test module."""
+(needs root and util-linux). The ``host`` fixture (a sandbox of them) is in tests/integration/conftest.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from services.csi_frontend import mounter
 from services.csi_frontend.node import NodeConfig, NodeServicer
 from shared.csi import csi_pb2
-
-MiB = 1024 * 1024
 
 
 def skip_reason() -> str | None:
@@ -71,19 +66,6 @@ class Host:
 def mount_points() -> list[str]:
     with open("/proc/self/mountinfo", encoding="utf-8") as lines:
         return [info.mount_point for line in lines if (info := mounter.parse_mountinfo_line(line))]
-
-
-@pytest.fixture
-async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    reason = skip_reason()
-    if reason:
-        print(f"skipping node integration tests: {reason}")
-        pytest.skip(reason)
-    sandbox = Host(tmp_path)
-    try:
-        yield sandbox
-    finally:
-        await sandbox.cleanup()
 
 
 def servicer(host: Host) -> NodeServicer:

@@ -1,4 +1,5 @@
-"""Helpers for the XO simulator tests: a raw JSON-RPC WebSocket client, waits on conditions, ids of bundled topologies.
+"""Helpers for the XO simulator tests: a raw JSON-RPC WebSocket client, waits on the cache (polled with
+dev/wait.py's `eventually`), ids of bundled topologies.
 
 Not a pytest conftest (pytest does not load it by name): test modules import what they need.
 """
@@ -9,20 +10,19 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from dev.wait import eventually
 from services.xo_simulator.server import SimulatorHandle, start_simulator
 from services.xo_simulator.topology import derived_id
 
 TOKEN = "sim-token"
 VIEWER_TOKEN = "viewer-token"  # viewer@example.org, permission "none"
 INSTANT = {"cache_lag_ms": 0, "noise_events_per_s": 0}  # the softened simulator, where a test counts events
-GiB = 1024**3
-MiB = 1024**2
 
 # Ids of the bundled two-hosts topology (derived from names, see topology.derived_id).
 POOL_A = derived_id("pool", "Pool A")
@@ -169,18 +169,6 @@ def items_of(notification: dict[str, Any], kind: str) -> dict[str, Any]:
     if notification.get("method") == "all" and params.get("type") == kind:
         return dict(params.get("items", {}))
     return {}
-
-
-async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10) -> None:
-    """Poll ``predicate`` until it is true; fails with TimeoutError after ``timeout_s``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            value = predicate()
-            if isinstance(value, Awaitable):
-                value = await value
-            if value:
-                return
-            await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager

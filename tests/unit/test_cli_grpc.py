@@ -48,12 +48,9 @@ class Identity(csi_pb2_grpc.IdentityServicer):
 
     async def GetPluginCapabilities(self, request, context):  # type: ignore[no-untyped-def]
         service = csi_pb2.PluginCapability.Service
+        kinds = (service.CONTROLLER_SERVICE, service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
         return csi_pb2.GetPluginCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.PluginCapability(service=service(type=service.CONTROLLER_SERVICE)),
-                csi_pb2.PluginCapability(service=service(type=service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
-            ]
-        )
+            capabilities=[csi_pb2.PluginCapability(service=service(type=kind)) for kind in kinds])
 
     async def Probe(self, request, context):  # type: ignore[no-untyped-def]
         return csi_pb2.ProbeResponse(ready=BoolValue(value=True))
@@ -93,12 +90,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
     async def ControllerGetCapabilities(self, request, context):  # type: ignore[no-untyped-def]
         rpc = csi_pb2.ControllerServiceCapability.RPC
+        kinds = (rpc.CREATE_DELETE_VOLUME, rpc.PUBLISH_UNPUBLISH_VOLUME)
         return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.ControllerServiceCapability(rpc=rpc(type=rpc.CREATE_DELETE_VOLUME)),
-                csi_pb2.ControllerServiceCapability(rpc=rpc(type=rpc.PUBLISH_UNPUBLISH_VOLUME)),
-            ]
-        )
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
 
 
 class Node(csi_pb2_grpc.NodeServicer):

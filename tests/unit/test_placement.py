@@ -7,9 +7,9 @@ import pytest
 from shared import placement
 from shared.errors import CapacityExhausted, PlacementImpossible
 from shared.placement import SrView
+from shared.units import GiB
 from shared.xo.models import Sr
 
-GiB = 1024**3
 A1 = SrView("sr-a1", "Local A1", "pool-a", "host-a1", 10 * GiB)
 A2 = SrView("sr-a2", "Local A2", "pool-a", "host-a2", 50 * GiB)
 B1 = SrView("sr-b1", "Local B1", "pool-b", "host-b1", 30 * GiB)

@@ -9,8 +9,7 @@ import pytest
 from services.xo_simulator.accounting import Accounting, is_thin, vhd_metadata_bytes
 from services.xo_simulator.errors import XapiError
 from services.xo_simulator.model import ObjectStore
-
-GiB = 1024**3
+from shared.units import GiB
 
 
 def _sr(sr_type: str, **extra: Any) -> dict[str, Any]:

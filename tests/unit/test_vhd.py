@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from shared import vhd
+from shared.units import MiB
 from shared.vhd import BITMAP_BYTES, BLOCK_BYTES, BLOCK_UNUSED, SECTOR_BYTES, Footer, Header, VhdError, VhdTruncated
 from shared.vhd_stream import ByteReader, iter_blocks, read_head, with_exact_length
 
-MiB = 1024**2
 SPAN = BITMAP_BYTES + BLOCK_BYTES
 UID = bytes(range(16))
 

@@ -36,7 +36,7 @@ async def test_waiters_run_one_at_a_time_in_arrival_order() -> None:
     release.set()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3] and not locks.busy("csi-pvc-1")
-    assert locks._entries == {}  # noqa: SLF001 - nothing kept once nobody holds or waits
+    assert len(locks._locks) == 0  # noqa: SLF001 - nothing kept once nobody holds or waits
 
 
 async def test_a_waiter_gives_up_before_its_deadline_with_aborted_naming_the_volume() -> None:
