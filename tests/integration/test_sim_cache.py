@@ -135,11 +135,11 @@ async def test_xos_time_counts_overlapping_calls_and_cache_waits_once() -> None:
     async with running(cache_lag_ms="100-100", noise_events_per_s=200) as sim, client(sim) as rpc:
         stats = sim.simulator.stats
         ids = [await rpc.call("disk.create", {"name": f"d{n}", "size": MiB, "sr": SR_LOCAL_A1}) for n in range(2)]
-        await eventually(lambda: stats.cache_waits_pending == 0)
+        await eventually(lambda: stats.cache_waits_pending == 0, timeout_s=10)
         before, waited = stats.snapshot(active_migrations=0, open_connections=1)["xo_time_s"], sum(
             stats.cache_wait_s.values())
         await asyncio.gather(*(rpc.call("vdi.set", {"id": vdi_id, "name_label": "renamed"}) for vdi_id in ids))
-        await eventually(lambda: stats.cache_waits_pending == 0)
+        await eventually(lambda: stats.cache_waits_pending == 0, timeout_s=10)
         xo_s = stats.snapshot(active_migrations=0, open_connections=1)["xo_time_s"] - before
         assert sum(stats.cache_wait_s.values()) - waited >= 0.18  # two lags of 100 ms, counted per call
         assert 0.09 <= xo_s < 0.17  # one stretch of XO's time: the two waits overlapped
