@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,21 +64,41 @@ class LoadResult:
 
 async def run(work: Path, args: argparse.Namespace) -> LoadResult:
     """One load run (see the module docstring); raises nothing for a failed check: it lands in ``problems``."""
-    os.environ["MIGRATOR_JOB_RESULT_TTL_S"] = os.environ["CSI_JOB_RESULT_TTL_S"] = f"{args.result_ttl_s:g}"
     topology = f"generated:pools=1,hosts={args.hosts},vms={args.hosts},vdis={args.hosts},seed=1,csi=0"
     options = StackOptions(topology=topology, real_data=False, migrators=args.migrators, host_topology=True,
                            management=True, nodes=False, log_level="warning", migrator_args=("--log-level", "info"),
                            sim_args=("--migration-rate", args.migration_rate, "--log-level", "warning"))
     started = time.perf_counter()
-    async with running_stack(work, options) as stack, httpx.AsyncClient(base_url=stack.admin_url,
-                                                                        timeout=30) as admin:
-        print(f"stack up in {time.perf_counter() - started:.1f} s: {args.migrators} migrator processes, "
-              f"copy rate {args.migration_rate}/s, XO's cache lag and notification noise at the simulator's defaults")
-        async with asyncio.timeout(args.timeout_s):
-            result = await _load(stack, admin, args)
-        result.migrator_rss_mb = [rss_mb(proc.pid) for name, proc in stack.processes.items()
-                                  if name.startswith("migrator")]
-        return result
+    ttl = f"{args.result_ttl_s:g}"  # read by the services this stack starts; restored afterwards (tests share us)
+    with _environment(MIGRATOR_JOB_RESULT_TTL_S=ttl, CSI_JOB_RESULT_TTL_S=ttl):
+        async with running_stack(work, options) as stack, httpx.AsyncClient(base_url=stack.admin_url,
+                                                                            timeout=30) as admin:
+            return await _measured(stack, admin, args, started)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+async def _measured(stack: Stack, admin: httpx.AsyncClient, args: argparse.Namespace, started: float
+                    ) -> LoadResult:
+    print(f"stack up in {time.perf_counter() - started:.1f} s: {args.migrators} migrator processes, "
+          f"copy rate {args.migration_rate}/s, XO's cache lag and notification noise at the simulator's defaults")
+    async with asyncio.timeout(args.timeout_s):
+        result = await _load(stack, admin, args)
+    result.migrator_rss_mb = [rss_mb(proc.pid) for name, proc in stack.processes.items()
+                              if name.startswith("migrator")]
+    return result
 
 
 async def _load(stack: Stack, admin: httpx.AsyncClient, args: argparse.Namespace) -> LoadResult:
