@@ -86,8 +86,6 @@ class KubeReader:
     async def _get(self, kind: Any, name: str, namespace: str | None, rbac: str) -> Any:
         what = f"{kind.__name__} {namespace + '/' if namespace else ''}{name}"
         try:
-            if namespace is None:
-                return await self._client.get(kind, name=name)
             return await self._client.get(kind, name=name, namespace=namespace)
         except httpx.HTTPStatusError as exc:  # lightkube's ApiError, or a non-JSON error page (a proxy's)
             code = exc.response.status_code

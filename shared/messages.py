@@ -188,8 +188,10 @@ class MigrationFinished(_Message):
     duration_s: float = 0.0
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in exc.errors()[:5])
+def _problems(exc: ValidationError, *, skip: int = 0) -> str:
+    """The first five validation errors, each at its location less its first ``skip`` parts."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'][skip:]) or '(body)'}: {err['msg']}"
+                     for err in exc.errors()[:5])
 
 
 def _parse(model: type[M], body: bytes | str) -> M:
@@ -205,14 +207,11 @@ def parse_requested(body: bytes | str) -> MigrationRequested | CloneRequested:
     try:
         return _REQUEST.validate_json(body)
     except ValidationError as exc:
-        errors = exc.errors()
-        tags = {str(err["loc"][0]) for err in errors if err["loc"]}
+        tags = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
         model = _MODEL_OF_KIND.get(tags.pop()) if len(tags) == 1 else None
         if model is None:
             raise MessageError(f"not a job request v{SCHEMA_VERSION} message: {_problems(exc)}") from exc
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or '(body)'}: {err['msg']}"
-                             for err in errors[:5])
-        raise MessageError(f"not a {model} v{SCHEMA_VERSION} message: {problems}") from exc
+        raise MessageError(f"not a {model} v{SCHEMA_VERSION} message: {_problems(exc, skip=1)}") from exc
 
 
 def parse_finished(body: bytes | str) -> MigrationFinished:

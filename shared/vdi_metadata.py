@@ -11,7 +11,7 @@ or clears the mark in a description and keeps every other field as it was (no fi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 PREFIX = "csi:info: "
@@ -40,7 +40,7 @@ class StorageInfo:
 
     def marked(self, sr_id: str | None) -> StorageInfo:
         """A copy with the in-progress migration mark set to ``sr_id`` (None clears it)."""
-        return StorageInfo(self.srs_with_tag, self.sr_uuid, self.migrating, sr_id, self.handle)
+        return replace(self, in_progress_to_sr=sr_id)
 
 
 def prefixed_object(description: str, prefix: str) -> dict[str, Any] | None:
@@ -76,13 +76,18 @@ def parse(description: str) -> StorageInfo | None:
 def with_mark(description: str, sr_id: str | None) -> str | None:
     """``description`` with the in-progress migration mark set to ``sr_id`` (None: cleared), every other field
     kept as written; None when it holds no readable csi:info of a migrating volume."""
-    info = parse(description)
-    if info is None or not info.migrating:
+    body = prefixed_object(description, PREFIX)
+    migrating = body.get("migrating") if body is not None else None
+    if body is None or not isinstance(migrating, dict):
         return None
-    body = json.loads(description[len(PREFIX):])
-    migrating = body["migrating"]
     for key in _MARK_KEYS:
         migrating.pop(key, None)
     if sr_id is not None:
         migrating["inProgressToSRUUID"] = sr_id
     return PREFIX + json.dumps(body, separators=(",", ":"))
+
+
+def remarked(description: str, sr_id: str | None, info: StorageInfo) -> str:
+    """``with_mark(description, sr_id)``, or ``info`` with that mark written afresh when ``description`` holds no
+    readable csi:info of a migrating volume."""
+    return with_mark(description, sr_id) or info.marked(sr_id).to_description()

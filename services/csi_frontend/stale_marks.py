@@ -77,7 +77,7 @@ class MarkPolicy:
 
     async def _clear(self, disk: Disk, *, reason: str) -> Disk:
         assert disk.info is not None
-        cleared = vdi_metadata.with_mark(disk.vdi.name_description, None) or disk.info.marked(None).to_description()
+        cleared = vdi_metadata.remarked(disk.vdi.name_description, None, disk.info)
         log.warning("migration_mark_cleared", vdi=disk.vdi.id, disk_name=disk.vdi.name_label,
                     sr_to=disk.info.in_progress_to_sr, reason=reason)
         await self._xo.set_vdi(disk.vdi.id, name_description=cleared)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.migrator.consumer import Consumer
-from services.migrator.health import HealthServer, connected
+from services.migrator.health import HealthServer
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
 from shared import broker, metrics
 from shared.backends import open_messaging
 from shared.config import RabbitSettings, RedisSettings, XoSettings
+from shared.health import connected
 from shared.jobs import JobStore
 from shared.logging import get_logger
 from shared.xo.client import XoClient

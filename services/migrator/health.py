@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from shared.health import Check, connected, http_answer, run_checks
+from shared.health import Check, http_answer, run_checks
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-__all__ = ["HealthServer", "connected"]
 
 
 class HealthServer:

@@ -117,11 +117,11 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         if isinstance(slots, SrSlots):
             metrics.SR_SLOT_WAIT.observe(slots.waited_s)
         lock.ensure_held()  # the wait may have outlived the disk lock
-        marked = vdi_metadata.with_mark(vdi.name_description, target_id) or info.marked(target_id).to_description()
+        marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
         await xo.set_vdi(vdi.id, name_description=marked)
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
         copy_started = time.monotonic()
-        cleared = vdi_metadata.with_mark(marked, None) or info.marked(None).to_description()
+        cleared = vdi_metadata.remarked(marked, None, info)
         try:
             # The slots go back once XO answered (the copy is over), not after the waits for its cache.
             moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=held.aclose,
@@ -157,7 +157,7 @@ async def _clear_mark(xo: XoClient, vdi: Vdi, lock: DiskLock) -> Vdi:
     if current is None or current.in_progress_to_sr is None:
         return vdi
     lock.ensure_held()
-    cleared = vdi_metadata.with_mark(vdi.name_description, None) or current.marked(None).to_description()
+    cleared = vdi_metadata.remarked(vdi.name_description, None, current)
     await xo.set_vdi(vdi.id, name_description=cleared)
     return vdi
 

@@ -62,8 +62,7 @@ class Reaper:
         return taken
 
     def _is_stale(self, record: JobRecord, now_ms: int) -> bool:
-        age_s = record.age_s(now_ms)
-        return age_s is None or age_s >= self._settings.stale_after_s
+        return _age_s(record, now_ms) >= self._settings.stale_after_s
 
     async def _republish(self, record: JobRecord) -> int:
         with structlog.contextvars.bound_contextvars(disk_name=record.disk_name, job_id=record.job_id):

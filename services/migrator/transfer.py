@@ -54,11 +54,11 @@ async def move_across_pools(deps: HandlerDeps, disk_name: str, job_id: str, sour
     deleted and the source unmarked (best effort: the next attempt settles what is left)."""
     lock.ensure_held()
     if info.in_progress_to_sr != sr_id:
-        marked = vdi_metadata.with_mark(source.name_description, sr_id) or info.marked(sr_id).to_description()
+        marked = vdi_metadata.remarked(source.name_description, sr_id, info)
         await deps.xo.set_vdi(source.id, name_description=marked)
     log.info("transfer_started", disk_name=disk_name, sr_from=source.sr_id, sr_to=sr_id, vdi=source.id)
     # The target gets the source's csi:info as written (every field kept), without the mark.
-    final = vdi_metadata.with_mark(source.name_description, None) or info.marked(None).to_description()
+    final = vdi_metadata.remarked(source.name_description, None, info)
     mark = TransferMark("copying", "move", source.id, job_id, final)
     try:
         target_id = await fill(deps, disk_name, source, sr_id, mark, lock)
@@ -231,7 +231,7 @@ async def _unmark(xo: XoClient, source: Vdi, lock: DiskLock) -> None:
         if current is None or info is None or info.in_progress_to_sr is None:
             return
         lock.ensure_held()
-        cleared = vdi_metadata.with_mark(current.name_description, None) or info.marked(None).to_description()
+        cleared = vdi_metadata.remarked(current.name_description, None, info)
         await xo.set_vdi(source.id, name_description=cleared)
     except DomainError as exc:
         log.warning("transfer_mark_kept", disk_name=source.name_label, vdi=source.id, error=exc.message)

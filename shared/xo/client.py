@@ -46,7 +46,7 @@ class XoClient:
         self._session = session
         self._read_timeout_s = read_timeout_s
         self._settle_timeout_s = settle_timeout_s
-        self._vm_attaches = KeyedLocks()  # vm.attachDisk calls on one VM run one at a time (see attach_disk)
+        self._serialised = KeyedLocks()  # _write calls with the same one_at_a_time key (attach_disk: the VM)
 
     @classmethod
     def from_settings(cls, settings: XoSettings) -> XoClient:
@@ -316,11 +316,9 @@ class XoClient:
         ``settle_timeout_s`` (the call succeeded: a retry finds its effect). Calls with the same
         ``one_at_a_time`` key run one at a time in this client (the wait for the cache is not serialised)."""
         async with self._watching(expected) as watch:
-            if one_at_a_time is None:
+            serial = contextlib.nullcontext() if one_at_a_time is None else self._serialised.hold(one_at_a_time)
+            async with serial:
                 await self._session.call(method, params, idempotent=idempotent)
-            else:
-                async with self._vm_attaches.hold(one_at_a_time):
-                    await self._session.call(method, params, idempotent=idempotent)
             met, obj = await watch.settle(self._read, timeout_s=self._settle_timeout_s)
         if not met:
             raise XoUnavailable(f"XO's object cache has not shown the result of {method} "

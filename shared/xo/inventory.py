@@ -55,15 +55,16 @@ class Inventory:
     async def warm(self, *kinds: str) -> None:
         """Load ``kinds`` (default: every kind) now (at start, so that no request pays for it); logs and returns
         when XO cannot be read yet (the first read loads then)."""
+        kinds = kinds or tuple(_MODELS)
         started = time.perf_counter()
         try:
-            for kind in kinds or tuple(_MODELS):
+            for kind in kinds:
                 await self._fresh(kind)
         except XoError as exc:
             log.warning("inventory_not_loaded", error=exc.message)
             return
         log.info("inventory_loaded", duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                 **{kind.lower() + "s": len(self._objects[kind]) for kind in kinds or tuple(_MODELS)})
+                 **{kind.lower() + "s": len(self._objects[kind]) for kind in kinds})
 
     async def close(self) -> None:
         """Stop the background reloads."""
