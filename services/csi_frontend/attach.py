@@ -127,10 +127,7 @@ class Attacher:
         None). A missing volume, node or VBD is success, once XO is known to see every pool (absent is not
         detached: XoPoolDisconnected while XO lost one)."""
         async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
-            vdis = await self._disks.candidates(volume_id)
-            if not vdis:
-                vdis = await self._xo.confirm_absent(f"volume {volume_id}",
-                                                     lambda: self._disks.candidates(volume_id))
+            vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
             found = 0
             for vdi in vdis:
                 for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):

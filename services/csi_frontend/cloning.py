@@ -104,9 +104,7 @@ class Cloner:
     async def _finished(self, disk_name: str) -> Vdi | None:
         """The volume's disk when it exists and is final (a disk still carrying a transfer mark is not yet); "none"
         only once XO is known to see every pool."""
-        vdis = await self._xo.find_vdis(name_label=disk_name)
-        if not vdis:
-            vdis = await self._xo.confirm_absent(f"disk {disk_name}", lambda: self._xo.find_vdis(name_label=disk_name))
+        vdis = await self._xo.lookup_confirmed(f"disk {disk_name}", lambda: self._xo.find_vdis(name_label=disk_name))
         if len(vdis) > 1:
             raise duplicate_error(disk_name, vdis)
         if not vdis or transfer_marks.is_marked(vdis[0].name_description):

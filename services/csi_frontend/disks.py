@@ -63,9 +63,7 @@ class DiskLocator:
         Two VDIs with the name: OperationPending while one of them carries a migration mark or an XAPI
         operation (a copy runs), else PreconditionFailed naming both so an operator can remove the stray.
         """
-        vdis = await self.candidates(volume_id)
-        if not vdis:
-            vdis = await self._xo.confirm_absent(f"volume {volume_id}", lambda: self.candidates(volume_id))
+        vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self.candidates(volume_id))
         if not vdis:
             return None
         if len(vdis) == 1 and transfer_marks.is_marked(vdis[0].name_description):

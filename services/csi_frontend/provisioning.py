@@ -94,10 +94,9 @@ class Provisioner:
         name = vid.volume_name_for_id(request_name) if by_name else request_name
         disk_name = vid.disk_name(self._disks.prefix, name)
         async with self._locks.hold(disk_name, deadline_s=deadline_s, volume=request_name):
-            existing = await self._xo.find_vdis(name_label=disk_name)
-            if not existing:  # a disk of a pool XO lost must not be created again
-                existing = await self._xo.confirm_absent(f"disk {disk_name}",
-                                                         lambda: self._xo.find_vdis(name_label=disk_name))
+            # a disk of a pool XO lost must not be created again
+            existing = await self._xo.lookup_confirmed(f"disk {disk_name}",
+                                                       lambda: self._xo.find_vdis(name_label=disk_name))
             if len(existing) > 1:
                 raise duplicate_error(disk_name, existing)
             vdi = existing[0] if existing else None
@@ -245,9 +244,7 @@ class Provisioner:
 
     async def describe(self, volume_id: vid.VolumeId) -> VolumeState:
         """Size, attached nodes and condition (abnormal: missing on its SR, or a stray same-named copy)."""
-        vdis = await self._disks.candidates(volume_id)
-        if not vdis:
-            vdis = await self._xo.confirm_absent(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
+        vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
         if not vdis:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
         vbds = await asyncio.gather(*(self._xo.find_vbds(vdi_id=v.id) for v in vdis))

@@ -48,9 +48,8 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
 
 async def _finished(xo: XoClient, disk_name: str) -> Vdi | None:
     """The new disk when a previous attempt finished it (``settle`` ran first: a VDI with the name is final)."""
-    vdis = await xo.find_vdis(name_label=disk_name)
-    if not vdis:  # a clone finished in a pool XO lost must not be made again
-        vdis = await xo.confirm_absent(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
+    # a clone finished in a pool XO lost must not be made again
+    vdis = await xo.lookup_confirmed(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
     if len(vdis) > 1:
         ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
         raise PreconditionFailed(f"{len(vdis)} VDIs are named {disk_name} ({ids}); remove the strays in XO")
@@ -64,15 +63,10 @@ async def _source(xo: XoClient, request: CloneRequested) -> Vdi:
     has none, OperationPending while it moves, PreconditionFailed while it is attached."""
     where = request.source_volume_id
     if request.source_disk_name:
-        vdis = await xo.find_vdis(name_label=request.source_disk_name)
-        if not vdis:
-            vdis = await xo.confirm_absent(f"the source volume {where}",
-                                           lambda: xo.find_vdis(name_label=request.source_disk_name))
+        vdis = await xo.lookup_confirmed(f"the source volume {where}",
+                                         lambda: xo.find_vdis(name_label=request.source_disk_name))
     else:
-        found = await xo.get_vdi(request.source_vdi_seen)
-        if found is None:
-            found = await xo.confirm_absent(f"the source volume {where}",
-                                            lambda: xo.get_vdi(request.source_vdi_seen))
+        found = await xo.lookup_confirmed(f"the source volume {where}", lambda: xo.get_vdi(request.source_vdi_seen))
         vdis = [found] if found is not None else []
     if not vdis:
         raise VolumeNotFound(f"the source volume {where} of the clone does not exist any more")

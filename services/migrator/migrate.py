@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -80,7 +81,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         current = placement.view(sr) if sr is not None else None
     if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
-        return await _clear_mark(xo, vdi, lock), vdi.sr_id
+        return await transfer.clear_mark(xo, vdi, lock), vdi.sr_id
     if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
         target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
@@ -152,16 +153,6 @@ def _sr_slots(
                    wait_s=deps.sr_slot_wait_s, owner=disk_name)
 
 
-async def _clear_mark(xo: XoClient, vdi: Vdi, lock: DiskLock) -> Vdi:
-    current = vdi_metadata.parse(vdi.name_description)
-    if current is None or current.in_progress_to_sr is None:
-        return vdi
-    lock.ensure_held()
-    cleared = vdi_metadata.remarked(vdi.name_description, None, current)
-    await xo.set_vdi(vdi.id, name_description=cleared)
-    return vdi
-
-
 async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:
     """vdi.migrate failed: when XO left the disk on its SR and runs no copy of it, drop the mark set just before.
     A kept mark makes every later attach where the disk is answer ABORTED "being migrated" (attach.py), for good
@@ -170,7 +161,7 @@ async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:
     try:
         current = await xo.get_vdi(vdi.id)
         if current is not None and current.sr_id == vdi.sr_id and not current.current_operations:
-            await _clear_mark(xo, current, lock)
+            await transfer.clear_mark(xo, current, lock)
     except DomainError as exc:
         log.warning("migration_mark_kept", disk_name=vdi.name_label, vdi=vdi.id, error=exc.message)
 
@@ -204,17 +195,10 @@ async def _settled(xo: XoClient, disk_name: str, timeout_s: float) -> list[Vdi]:
     failing or starting another one. OperationPending when XO is still busy after ``timeout_s``."""
     log.info("migration_in_flight_awaited", disk_name=disk_name, timeout_s=timeout_s)
 
-    known: set[str] = set()
-
-    async def idle() -> list[Vdi] | None:
-        vdis = await xo.find_vdis(name_label=disk_name)
-        known.update(v.id for v in vdis)
+    def idle(vdis: list[Vdi]) -> list[Vdi] | None:
         return None if any(v.current_operations for v in vdis) else vdis
 
-    def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
-        return obj_id in known or (obj is not None and obj.get("type") == "VDI" and obj.get("name_label") == disk_name)
-
-    vdis = await xo.wait_until(idle, timeout_s=timeout_s, max_interval_s=2.0, relevant=relevant)
+    vdis = await _named_until(xo, disk_name, idle, seen=(), timeout_s=timeout_s, max_interval_s=2.0)
     if vdis is None:
         raise OperationPending(f"disk {disk_name}: XO is still copying it after {timeout_s:g} s")
     return vdis
@@ -225,17 +209,10 @@ async def _source_destroyed(xo: XoClient, disk_name: str, vdis: list[Vdi], grace
     after its cache showed the copy (``Xapi#moveVdi``), so for a moment both exist and both are complete. Deleting
     the "stray" copy then would lose the disk once XO destroys the source: wait (``grace_s``) until one of them
     leaves the cache; only two VDIs still there afterwards are an interrupted copy for ``settle_duplicates``."""
-    known = {v.id for v in vdis}
-
-    async def one_left() -> list[Vdi] | None:
-        current = await xo.find_vdis(name_label=disk_name)
-        known.update(v.id for v in current)
+    def one_left(current: list[Vdi]) -> list[Vdi] | None:
         return current if len(current) < 2 or any(v.current_operations for v in current) else None
 
-    def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
-        return obj_id in known or (obj is not None and obj.get("type") == "VDI" and obj.get("name_label") == disk_name)
-
-    left = await xo.wait_until(one_left, timeout_s=grace_s, max_interval_s=1.0, relevant=relevant)
+    left = await _named_until(xo, disk_name, one_left, seen=vdis, timeout_s=grace_s, max_interval_s=1.0)
     if left is not None and any(v.current_operations for v in left):
         raise OperationPending(f"disk {disk_name}: XO copies it again ({', '.join(v.id for v in left)})")
     return left if left is not None else await xo.find_vdis(name_label=disk_name)
@@ -268,3 +245,19 @@ def settle_duplicates(disk_name: str, vdis: list[Vdi], vdi_id_seen: str) -> tupl
                                  "cannot be told safely; remove the stray copy in XO")
     return source, stray
 
+
+async def _named_until(xo: XoClient, disk_name: str, pick: Callable[[list[Vdi]], list[Vdi] | None], *,
+                       seen: Iterable[Vdi], timeout_s: float, max_interval_s: float) -> list[Vdi] | None:
+    """Re-read the VDIs named ``disk_name`` until ``pick`` returns something other than None (then that), woken by
+    notifications about a VDI of that name or one seen before (``seen`` and every read); None after ``timeout_s``."""
+    known = {v.id for v in seen}
+
+    async def check() -> list[Vdi] | None:
+        vdis = await xo.find_vdis(name_label=disk_name)
+        known.update(v.id for v in vdis)
+        return pick(vdis)
+
+    def relevant(obj_id: str, obj: dict[str, object] | None) -> bool:
+        return obj_id in known or (obj is not None and obj.get("type") == "VDI" and obj.get("name_label") == disk_name)
+
+    return await xo.wait_until(check, timeout_s=timeout_s, max_interval_s=max_interval_s, relevant=relevant)

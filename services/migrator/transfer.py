@@ -227,14 +227,22 @@ async def _unmark(xo: XoClient, source: Vdi, lock: DiskLock) -> None:
         if await xo.find_vdis(name_label=transfer_marks.incoming_name(source.name_label)):
             return
         current = await xo.get_vdi(source.id)
-        info = vdi_metadata.parse(current.name_description) if current is not None else None
-        if current is None or info is None or info.in_progress_to_sr is None:
-            return
-        lock.ensure_held()
-        cleared = vdi_metadata.remarked(current.name_description, None, info)
-        await xo.set_vdi(source.id, name_description=cleared)
+        if current is not None:
+            await clear_mark(xo, current, lock)
     except DomainError as exc:
         log.warning("transfer_mark_kept", disk_name=source.name_label, vdi=source.id, error=exc.message)
+
+
+async def clear_mark(xo: XoClient, vdi: Vdi, lock: DiskLock) -> Vdi:
+    """Drop ``vdi``'s "being migrated" mark (under the disk's lock), every other field of its csi:info kept; the
+    VDI as given (unchanged when it carries no mark)."""
+    current = vdi_metadata.parse(vdi.name_description)
+    if current is None or current.in_progress_to_sr is None:
+        return vdi
+    lock.ensure_held()
+    cleared = vdi_metadata.remarked(vdi.name_description, None, current)
+    await xo.set_vdi(vdi.id, name_description=cleared)
+    return vdi
 
 
 async def _present(xo: XoClient, vdi_id: str) -> Vdi:

@@ -155,6 +155,12 @@ class XoClient:
                 method="server.getAll",
             )
 
+    async def lookup_confirmed(self, what: str, lookup: Callable[[], Awaitable[T]]) -> T:
+        """``lookup()``'s answer; when it is empty (None, no objects), ``confirm_absent``'s: an empty answer is
+        returned only once XO is known to see every pool (absent is not deleted)."""
+        found = await lookup()
+        return found if found else await self.confirm_absent(what, lookup)
+
     async def confirm_absent(self, what: str, lookup: Callable[[], Awaitable[T]]) -> T:
         """A lookup came back empty: check that XO sees every pool, then look once more (a pool that came back
         meanwhile brings its objects back) and return that answer. XoPoolDisconnected while a pool is lost."""
