@@ -77,7 +77,7 @@ class Attacher:
 
     async def publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float) -> dict[str, str]:
         """Attach the volume to the node VM and return the publish context ``{device, vbd}``."""
-        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
             return await self._publish(volume_id, node_id, read_only, deadline_s)
 
     async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float
@@ -126,7 +126,7 @@ class Attacher:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
         None). A missing volume, node or VBD is success, once XO is known to see every pool (absent is not
         detached: XoPoolDisconnected while XO lost one)."""
-        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
             vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
             found = 0
             for vdi in vdis:

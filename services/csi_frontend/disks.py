@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.csi_frontend.volume_locks import key_of
 from shared import transfer_marks, vdi_metadata
 from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
 from shared.vdi_metadata import StorageInfo
@@ -44,10 +43,6 @@ class DiskLocator:
 
     def disk_name(self, volume_id: VolumeId) -> str:
         return volume_id.disk_name(self.prefix)
-
-    def lock_key(self, volume_id: VolumeId) -> str:
-        """The volume's key in the per-volume locks (volume_locks.key_of)."""
-        return key_of(volume_id, self.prefix)
 
     async def candidates(self, volume_id: VolumeId) -> list[Vdi]:
         """Every VDI that answers to the id (two while a migration copy runs)."""

@@ -198,7 +198,7 @@ class Provisioner:
     async def delete(self, volume_id: vid.VolumeId, deadline_s: float | None = None) -> None:
         """Idempotent: a missing disk is success (once XO is known to see every pool). Attached ->
         PreconditionFailed naming the VM."""
-        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
             disk = await self._disks.find(volume_id)
             if disk is None:
                 return
@@ -215,7 +215,7 @@ class Provisioner:
         """Grow the detached VDI to at least ``size[0]``; returns the new size. Offline only (no XCP-ng SR driver
         resizes an attached VDI): an attached disk is PreconditionFailed naming its node. Idempotent: a volume
         already that large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
-        async with self._locks.hold(self._disks.lock_key(volume_id), deadline_s=deadline_s, volume=str(volume_id)):
+        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
             disk = await self._marks.settle(await self._disks.get(volume_id))
             required, limit = size
             if limit and disk.vdi.size > limit:

@@ -38,6 +38,11 @@ class VolumeLocks:
         """Whether an operation holds the key now."""
         return self._locks.locked(key)
 
+    def hold_volume(self, volume_id: vid.VolumeId, prefix: str, *,
+                    deadline_s: float | None) -> contextlib.AbstractAsyncContextManager[None]:
+        """``hold`` of the volume's key (``key_of``), naming the volume in the ABORTED answer."""
+        return self.hold(key_of(volume_id, prefix), deadline_s=deadline_s, volume=str(volume_id))
+
     @contextlib.asynccontextmanager
     async def hold(self, key: str, *, deadline_s: float | None, volume: str | None = None) -> AsyncIterator[None]:
         """Hold ``key`` for the block. ``deadline_s``: seconds left to the caller (None: wait as long as it takes);
