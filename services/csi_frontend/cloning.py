@@ -82,7 +82,7 @@ class Cloner:
                    info: StorageInfo, deadline_s: float) -> Vdi:
         source = await self._source(request.source_id)
         size = _size_for(request, source.vdi)
-        target = placement.choose_for_create(srs, size, request.requisite, request.preferred)
+        target = await self._provisioner.place(srs, size, request.requisite, request.preferred)
         job = CloneRequested(
             kind="clone", job_id=messages.new_job_id(), disk_name=disk_name, volume_id=str(vid.by_name(name)),
             source_volume_id=str(source.volume_id), source_vdi_seen=source.vdi.id,

@@ -120,7 +120,7 @@ class Provisioner:
         else:
             if leftovers:
                 await self._xo.delete_vdi(leftovers[0].id)
-            target = await self._place(srs, size_bytes, *topology)
+            target = await self.place(srs, size_bytes, *topology)
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
             self._inventory.invalidate("SR")
             log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
@@ -134,7 +134,7 @@ class Provisioner:
             raise OperationPending(f"disk {vdi_id} vanished right after its creation; retry")
         return vdi
 
-    async def _place(self, srs: list[placement.SrView], size_bytes: int, requisite: Sequence[Mapping[str, str]],
+    async def place(self, srs: list[placement.SrView], size_bytes: int, requisite: Sequence[Mapping[str, str]],
                      preferred: Sequence[Mapping[str, str]]) -> placement.SrView:
         """The SR for a new disk; "no SR" or "no room" only once XO is known to see every pool (an SR of a pool
         XO lost is missing from the view)."""

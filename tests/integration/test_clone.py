@@ -19,6 +19,7 @@ from shared.messages import CloneRequested
 from shared.units import MiB
 from shared.vdi_metadata import StorageInfo
 from shared.volume_id import by_name
+from shared.xo.errors import XoPoolDisconnected
 from tests.support.cross_pool import (
     DISK_SIZE,
     POOL_B,
@@ -172,3 +173,30 @@ async def test_the_clone_job_record_is_visible_as_a_clone(xenv: Env) -> None:
     assert record.target_host.startswith("SR ")
     assert DISK in (record.request.source_disk_name if isinstance(record.request, CloneRequested) else "")
     assert os.path.exists(backing_path(xenv, vdis_named(xenv.sim, CLONE)[0]))
+
+
+async def test_no_sr_for_a_clone_while_xo_has_lost_the_pool_asked_for_is_unavailable_not_exhausted(
+        xenv: Env) -> None:
+    """A clone asked into pool B while XO has lost pool B: the clone's disk and pool B's SRs are missing from XO's
+    view, not gone, so the answer is the retryable UNAVAILABLE (XoPoolDisconnected) naming the pool, as for
+    CreateVolume, not "no SR" or "no room", and nothing is made; once the pool is back the same request makes the
+    clone there."""
+    write_content(xenv)
+    await xenv.worker("w1")
+    outages = xenv.sim.simulator.outages
+    outages.disconnect(POOL_B, None)
+    await eventually(lambda: not any(sr["id"] == SR_B1 for sr in xenv.sim.cache.of_type("SR")), 5,
+                     description="pool B's SRs gone from XO's cache")
+    with pytest.raises(XoPoolDisconnected, match="XO is not connected to Pool B"):
+        await _clone(xenv, _request(pool=POOL_B))
+    assert vdis_named(xenv.sim, CLONE) == []
+    outages.reconnect(POOL_B)
+    inventory = xenv.frontend.inventory
+    assert inventory is not None
+
+    async def pool_b_seen() -> bool:  # by the frontend: XO's enter notifications reached its inventory
+        return any(sr.id == SR_B1 for sr in await inventory.srs())
+
+    await eventually(pool_b_seen, 5, description="pool B's SRs back in the frontend's inventory")
+    await _clone(xenv, _request(pool=POOL_B))
+    assert [vdi["$SR"] for vdi in xenv.sim.state.of_type("VDI") if vdi["name_label"] == CLONE] == [SR_B1]
