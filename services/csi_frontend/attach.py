@@ -178,7 +178,7 @@ class Attacher:
         return await self._wait_device(node_id, disk.vdi.id)
 
     async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
-        sr = await self._inventory.sr(disk.vdi.sr_id)
+        sr = await self._inventory.sr(disk.vdi.sr_id, usage=False)
         if sr is not None and placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
             return await self._marks.settle(disk)
         where = f"SR {sr.name_label} ({sr.id})" if sr else f"SR {disk.vdi.sr_id}"

@@ -166,7 +166,7 @@ class QueueMigrationGate:
         # The disk as XO's notifications showed it when conclusive (the migrator waited for XO's cache to show its
         # last write before it announced the job), else as read now.
         moved = disk_after(disk, result, seen) or await self._disks.get(disk.volume_id)
-        sr = await self._inventory.sr(moved.vdi.sr_id)
+        sr = await self._inventory.sr(moved.vdi.sr_id, usage=False)
         if sr is None or not placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
             raise OperationPending(f"{where} finished, but the disk is on SR {moved.vdi.sr_id}, not usable from "
                                    "that host (another node asked for it meanwhile); retry")

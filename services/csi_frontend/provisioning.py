@@ -122,7 +122,7 @@ class Provisioner:
                 await self._xo.delete_vdi(leftovers[0].id)
             target = await self.place(srs, size_bytes, *topology)
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
-            self._inventory.invalidate("SR")
+            self._inventory.usage_changed()
             log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
         info = StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating,
                            handle=handle)
@@ -208,7 +208,7 @@ class Provisioner:
                     f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
                 )
             await self._xo.delete_vdi(disk.vdi.id)
-            self._inventory.invalidate("SR")
+            self._inventory.usage_changed()
             log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 
     async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int], deadline_s: float | None = None) -> int:
@@ -232,7 +232,7 @@ class Provisioner:
                 await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
             except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
                 raise _in_use(volume_id, "another node") from exc
-            self._inventory.invalidate("SR")
+            self._inventory.usage_changed()
             log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=required)
             return required
 

@@ -8,7 +8,9 @@ truth (states and crash points: docs/migrations.md).
 
 1. Unreadable body -> reject without requeue (the broker dead-letters it); the worker keeps running.
 2. Take a slot (``concurrency``). Prefetch is 1 and taking the last slot pauses the consumer (basic.cancel)
-   *before* the ack, so no delivery ever waits unacked for a slot (it would hit consumer_timeout).
+   *before* the ack, so no delivery ever waits unacked for a slot (it would hit consumer_timeout). A slot is
+   the XO copy's: it goes back as soon as XO has finished the copy (``progress.copied``), while the job still
+   waits for XO's cache to show the result and records it.
 3. Claim (shared/jobs.py, one Lua script): queued, stale, lower attempt or absent -> running under a new
    claim token; duplicate / finished / superseded -> ack and drop. Redis down -> backoff, nack(requeue):
    the quorum queue's delivery limit and dead-letter exchange are the safety net for that.
@@ -85,7 +87,7 @@ class _Job:
     record: JobRecord
     work: asyncio.Task[Any] | None = None  # what _owned() runs now: the handler, or a backoff
     stream: progress.ProgressBox = field(default_factory=progress.ProgressBox)  # how far the handler streamed
-    slot_freed: bool = False  # its slot went back once the handler succeeded (the outcome steps need none)
+    slot_freed: bool = False  # its slot went back once XO finished its copy (the steps after need none)
 
     def interrupt(self) -> None:
         """stop(): cancel the handler (or backoff) so the job is handed back; an outcome step in progress ends."""
@@ -233,6 +235,12 @@ class Consumer:
         self._free += 1
         self._changed.set()
 
+    def _free_slot(self, job: _Job) -> None:
+        """``job``'s slot goes back (once): XO's copy is over, or the job ended."""
+        if not job.slot_freed:
+            job.slot_freed = True
+            self._release_slot()
+
     # -- delivery: parse, slot, claim, ack ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -341,6 +349,7 @@ class Consumer:
     async def _attempt(self, job: _Job) -> None:
         request = job.record.request
         assert request is not None, "a claimed record always holds its request"
+        job.stream.on_copied = lambda: self._free_slot(job)
         try:
             with progress.collecting(job.stream):  # the handler's task inherits it: see shared/progress.py
                 result = await self._owned(job, handle(request, self._deps))
@@ -357,10 +366,9 @@ class Consumer:
             log.exception("migration_crashed")
             await self._after_failure(job, BackendUnavailable(f"worker error: {exc!r}"))
             return
-        # The migration is done: its slot takes the next delivery while the outcome is recorded and announced
-        # (Redis, RabbitMQ: no XO work), so the next job's subscribe and claim overlap with those round trips.
-        job.slot_freed = True
-        self._release_slot()
+        # The migration is done (its slot went back earlier when XO's copy ended: progress.copied): the next job's
+        # subscribe and claim overlap with recording and announcing the outcome (Redis, RabbitMQ: no XO work).
+        self._free_slot(job)
         await self._outcomes.succeeded(job.record, result)
 
     async def _after_failure(self, job: _Job, exc: DomainError) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.migrator import transfer
-from shared import metrics, placement, vdi_metadata
+from shared import metrics, placement, progress, vdi_metadata
 from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock, SrSlots
 from shared.logging import get_logger
@@ -123,9 +123,14 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
         copy_started = time.monotonic()
         cleared = vdi_metadata.remarked(marked, None, info)
+
+        async def answered() -> None:
+            progress.copied()  # the worker's slot takes its next job
+            await held.aclose()
+
         try:
             # The slots go back once XO answered (the copy is over), not after the waits for its cache.
-            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=held.aclose,
+            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=answered,
                                                               timeout_s=deps.migrate_timeout_s)
         except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
             moved = await xo.confirm_absent(f"the copy of disk {request.disk_name}",

@@ -21,8 +21,8 @@ class MigratorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MIGRATOR_", extra="ignore")
 
-    concurrency: int = Field(default=1, ge=1, description="migrations run at once (slots: the QoS prefetch stays 1, "
-                             "see consumer.py)")
+    concurrency: int = Field(default=1, ge=1, description="migrations copying at once (slots: the QoS prefetch stays "
+                             "1, see consumer.py; a slot goes back once XO finished the copy)")
     worker_name: str = Field(default_factory=_default_worker_name, description="connection and job owner name")
     migrate_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="bound on one vdi.migrate call")
     stream_idle_timeout_s: float = Field(default=300.0, gt=0, description="a content stream (cross-pool move, clone) "

@@ -2,6 +2,9 @@
 
 Each kind is loaded in full once (``warm()`` at start, else at its first read) and again, before the read that
 needs it, after ``invalidate()`` or when the socket to XO closed (notifications were missed: the load reconnects).
+``usage_changed()`` (our own call changed an SR's usage) reloads the SRs only before a read that decides from
+their usage (placement, capacity); a read of where an SR is (``sr(..., usage=False)``: an attach's "is it usable
+from this host") goes on from the cache, as an SR's pool, host and sharing never change with its usage.
 Every ``max_age_s`` it is also reloaded as a safety net, in the background: the notifications keep it current
 meanwhile, so no request waits for a list of thousands of VMs. VDIs and VBDs are never cached: every decision
 about a disk re-reads XO.
@@ -36,18 +39,23 @@ class Inventory:
         self._objects: dict[str, dict[str, XoObject]] = {kind: {} for kind in _MODELS}
         self._loaded_at = dict.fromkeys(_MODELS, _NEVER)  # _NEVER: must load before the next read
         self._epoch = dict.fromkeys(_MODELS, 0)  # bumped by invalidate()
+        self._usage_epoch = 0  # bumped by usage_changed()
+        self._usage_loaded = 0  # the usage epoch the SRs were last loaded at
         self._locks = {kind: asyncio.Lock() for kind in _MODELS}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         client.session.subscribe(self._on_notification)
         client.session.on_reconnect(self._invalidate)
 
     async def srs(self, *, tag: str | None = None) -> list[Sr]:
-        await self._fresh("SR")
+        """The SRs (tagged ``tag``), with current usage (placement and capacity decide from it)."""
+        await self._fresh("SR", usage=True)
         found = [obj for obj in self._objects["SR"].values() if isinstance(obj, Sr)]
         return [sr for sr in found if tag is None or tag in sr.tags]
 
-    async def sr(self, sr_id: str) -> Sr | None:
-        return await self._read_through("SR", Sr, sr_id, self._client.get_sr)
+    async def sr(self, sr_id: str, *, usage: bool = True) -> Sr | None:
+        """One SR; ``usage=False`` when only where it is matters (its pool, host, sharing): no reload after
+        ``usage_changed()``."""
+        return await self._read_through("SR", Sr, sr_id, self._client.get_sr, usage=usage)
 
     async def vm(self, vm_id: str) -> Vm | None:
         return await self._read_through("VM", Vm, vm_id, self._client.get_vm)
@@ -74,9 +82,9 @@ class Inventory:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read_through(self, kind: str, model: type[M], obj_id: str,
-                            fetch: Callable[[str], Awaitable[M | None]]) -> M | None:
+                            fetch: Callable[[str], Awaitable[M | None]], *, usage: bool = False) -> M | None:
         """The cached object, else XO's (then cached); None when XO has none."""
-        await self._fresh(kind)
+        await self._fresh(kind, usage=usage)
         cached = self._objects[kind].get(obj_id)
         if isinstance(cached, model):
             return cached
@@ -92,13 +100,22 @@ class Inventory:
             self._loaded_at[kind] = _NEVER
             self._epoch[kind] += 1
 
+    def usage_changed(self) -> None:
+        """Our own call changed an SR's usage (a disk created, deleted or grown): reload the SRs before the next
+        read that needs their usage; reads of where an SR is go on from the cache."""
+        self._usage_epoch += 1
+
     async def _invalidate(self) -> None:
         self.invalidate()  # after a (re)connection: notifications may have been missed
 
-    async def _fresh(self, kind: str) -> None:
-        if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:
+    def _stale(self, kind: str, usage: bool) -> bool:
+        return (self._loaded_at[kind] == _NEVER or not self._client.session.is_connected
+                or (usage and kind == "SR" and self._usage_loaded != self._usage_epoch))
+
+    async def _fresh(self, kind: str, *, usage: bool = False) -> None:
+        if self._stale(kind, usage):
             async with self._locks[kind]:
-                if self._loaded_at[kind] == _NEVER or not self._client.session.is_connected:  # else loaded meanwhile
+                if self._stale(kind, usage):  # else loaded meanwhile
                     await self._load(kind)
         elif time.monotonic() - self._loaded_at[kind] >= self._max_age_s and kind not in self._refreshing:
             task = asyncio.create_task(self._refresh(kind), name=f"inventory-refresh-{kind}")
@@ -114,11 +131,13 @@ class Inventory:
 
     async def _load(self, kind: str) -> None:
         await self._client.session.ensure_connected()  # a reconnection invalidates before the read, not during it
-        epoch, started = self._epoch[kind], time.monotonic()
+        epoch, usage_epoch, started = self._epoch[kind], self._usage_epoch, time.monotonic()
         objs = await self._client.get_objects({"type": kind})
         self._objects[kind] = {m.id: m for m in (_parse(kind, obj) for obj in objs) if m is not None}
         if self._epoch[kind] == epoch:  # else invalidated while reading: load again before the next read
             self._loaded_at[kind] = started
+        if kind == "SR":  # a usage change while reading may be missing from what was read: stays stale
+            self._usage_loaded = usage_epoch
 
     def _on_notification(self, method: str, params: Any) -> None:
         if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):

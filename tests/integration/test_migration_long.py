@@ -193,3 +193,33 @@ async def test_a_job_waiting_for_a_free_slot_stays_in_the_queue_not_unacked(env:
     stats = worker.consumer.stats
     assert (stats.channel_closed, stats.delivered, stats.claimed) == (0, 2, 2), "no delivery timed out"
     assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
+
+
+@pytest.mark.parametrize("sim_options", [{
+    "migration_rate_bps": 4 * GiB,  # copies of 0.5 s and 0.125 s
+    "cache_lag_ms": 2000,  # XO's cache shows each write 2 s after XO answered it
+    "topology": two_hosts(extra_vdis=({"name_label": SMALL_DISK, "name_description": DESCRIPTION,
+                                       "size": "512MiB", "sr": "Local A1"},)),
+}])
+async def test_a_slot_goes_back_once_xo_finished_the_copy_not_after_the_waits_for_its_cache(env: Env) -> None:
+    worker = await env.worker("w1", concurrency=1)
+    await env.submit(DISK)
+    await env.submit(SMALL_DISK)
+
+    async def second_claimed() -> tuple[str, str] | None:
+        second = await env.jobs.get(SMALL_DISK)
+        if second is None or second.state != "running":
+            return None
+        first = await env.jobs.get(DISK)
+        assert first is not None
+        return first.state, second.worker or ""
+
+    # The first job still waits 2 s for XO's cache to show its cleared mark and its source gone when the second,
+    # on the same one-slot worker, is claimed.
+    assert await eventually(second_claimed, TIMEOUT_S, interval_s=0.02) == ("running", "w1")
+    for disk in (DISK, SMALL_DISK):
+        done = await eventually(functools.partial(env.finished, disk), TIMEOUT_S, interval_s=0.1,
+                                description=f"{disk} migrated")
+        assert done is not None and (done.state, done.attempt) == ("succeeded", 1)
+        assert env.sim.simulator.stats.migrations[disk] == 1
+    assert (worker.consumer.stats.delivered, worker.consumer.stats.claimed) == (2, 2)

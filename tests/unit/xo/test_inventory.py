@@ -108,6 +108,19 @@ async def test_invalidating_one_kind_reloads_only_it_before_its_next_read() -> N
         assert xo.reads() == ["SR", "VM", "SR"]
 
 
+async def test_a_usage_change_reloads_the_srs_only_for_a_read_that_needs_their_usage() -> None:
+    async with _warmed(max_age_s=3600) as (xo, inventory):
+        xo.objects["sr1"] = {**SR, "usage": 60}
+        inventory.usage_changed()  # our own disk.create filled the SR; where it is did not change
+        where = await inventory.sr("sr1", usage=False)  # an attach: is it usable from the node's host?
+        assert where is not None and where.container == "h1" and where.usage == 0
+        assert xo.reads() == ["SR", "VM"]  # answered from the cache
+        assert [sr.usage for sr in await inventory.srs(tag="k8s")] == [60]  # placement: reloaded first
+        sr = await inventory.sr("sr1")
+        assert sr is not None and sr.usage == 60
+        assert xo.reads() == ["SR", "VM", "SR"]  # once
+
+
 async def test_after_the_socket_closed_each_kind_is_reloaded_before_its_next_read() -> None:
     async with _warmed(max_age_s=3600) as (xo, inventory):
         xo.peer.links[-1].drop()  # notifications sent meanwhile are lost to us
