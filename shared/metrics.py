@@ -33,6 +33,7 @@ PUBLISH_WAIT = Histogram("xocsi_migration_publish_wait_seconds",
 JOBS_STARTED = Counter("xocsi_migration_jobs_started", "migration jobs claimed by a worker")
 JOBS_FINISHED = Counter("xocsi_migration_jobs_finished",
                         "migration jobs finished by a worker: succeeded, failed, dead_lettered, requeued; "
+                        "given_back: put back unstarted (no copy slot of its worker freed in time); "
                         "republished: a stale queued job published again by the reaper", ["outcome"])
 JOBS_RUNNING = Gauge("xocsi_migration_jobs_running", "migration jobs this worker runs now (claimed, not finished): "
                      "RabbitMQ no longer counts them once claimed, so autoscaling adds this to the queue length")

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Disk migration worker (RabbitMQ consumer). Flags override MIGRATOR_* envs; AMQP_URL (one URL, "
                     "or a cluster's nodes comma-separated), REDIS_URL (or REDIS_SENTINELS + REDIS_SENTINEL_MASTER) "
                     "and XOA_* configure access.")
-    p.add_argument("--concurrency", type=int, help="migrations at once (default 1)")
+    p.add_argument("--concurrency", type=int, help="copies at once (default 1)")
+    p.add_argument("--prepare-ahead", type=int, help="jobs taken and prepared beyond --concurrency while every copy "
+                   "slot is busy, so the next copy starts the moment one ends (default 1; 0 = off)")
     p.add_argument("--per-sr-limit", type=int, help="most migrations at once whose source or target is a given SR, "
                    "across all replicas (default 0 = no limit)")
     p.add_argument("--amqp-url", help="AMQP_URL: one URL, or the nodes of a cluster as comma-separated URLs")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The flags that override a MigratorSettings field when given: flag (argparse dest) -> field.
-_FLAG_SETTINGS = {"concurrency": "concurrency", "per_sr_limit": "per_sr_limit", "grace": "grace_s",
+_FLAG_SETTINGS = {"concurrency": "concurrency", "prepare_ahead": "prepare_ahead", "per_sr_limit": "per_sr_limit",
+                  "grace": "grace_s",
                   "health_port": "health_port", "metrics_port": "metrics_port"}
 
 

@@ -15,6 +15,7 @@ from services.migrator.consumer import Consumer
 from services.migrator.health import HealthServer
 from services.migrator.migrate import HandlerDeps
 from services.migrator.settings import MigratorSettings
+from services.migrator.slots import CopySlots
 from shared import broker, metrics
 from shared.backends import open_messaging
 from shared.config import RabbitSettings, RedisSettings, XoSettings
@@ -82,7 +83,7 @@ def handler_deps(settings: MigratorSettings, xo: XoClient, redis: aioredis.Redis
     return HandlerDeps(xo=xo, redis=redis, key_prefix=key_prefix, lock_ttl_s=settings.lock_ttl_s,
                        lock_wait_s=settings.lock_wait_s, migrate_timeout_s=settings.migrate_timeout_s,
                        per_sr_limit=settings.per_sr_limit, sr_slot_wait_s=settings.sr_slot_wait_s, rest=rest,
-                       inventory=inventory)
+                       inventory=inventory, copies=CopySlots(settings.concurrency, wait_s=settings.prepared_wait_s))
 
 
 async def build_migrator(stack: AsyncExitStack, settings: MigratorSettings, *, rabbit: RabbitSettings,

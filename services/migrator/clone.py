@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from services.migrator import transfer
-from services.migrator.migrate import HandlerDeps, _sr_slots
+from services.migrator.migrate import HandlerDeps, copy_slots
 from shared import metrics, transfer_marks, vdi_metadata
 from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
@@ -38,7 +38,7 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
             source = await _source(deps.xo, request)
             mark = TransferMark("copying", "clone", source.id, request.job_id, request.description)
             log.info("clone_started", disk_name=name, source=source.id, sr_from=source.sr_id, sr_to=request.sr_id)
-            async with _sr_slots(deps, name, source.sr_id, request.sr_id):
+            async with copy_slots(deps, name, source.sr_id, request.sr_id):
                 target_id = await transfer.fill(deps, name, source, request.sr_id, mark, lock,
                                                 grow_to=request.size_bytes)
             done = await transfer.finish(deps.xo, name, target_id, mark.completed(), lock)

@@ -7,10 +7,12 @@ closed channel. So a message only carries a job to a worker; from the claim on, 
 truth (states and crash points: docs/migrations.md).
 
 1. Unreadable body -> reject without requeue (the broker dead-letters it); the worker keeps running.
-2. Take a slot (``concurrency``). Prefetch is 1 and taking the last slot pauses the consumer (basic.cancel)
-   *before* the ack, so no delivery ever waits unacked for a slot (it would hit consumer_timeout). A slot is
-   the XO copy's: it goes back as soon as XO has finished the copy (``progress.copied``), while the job still
-   waits for XO's cache to show the result and records it.
+2. Take a slot (``concurrency`` + ``prepare_ahead``). Prefetch is 1 and taking the last slot pauses the consumer
+   (basic.cancel) *before* the ack, so no delivery ever waits unacked for a slot (it would hit consumer_timeout).
+   A slot goes back as soon as XO has finished the job's copy (``progress.copied``), while the job still waits
+   for XO's cache to show the result and records it. The consumer's priority (``x-priority``) says whether a
+   copy slot is free: RabbitMQ delivers to a worker whose copy slots are all taken (a job prepared ahead, which
+   waits for this worker's next free copy slot: slots.py) only while no worker with a free one can take it.
 3. Claim (shared/jobs.py, one Lua script): queued, stale, lower attempt or absent -> running under a new
    claim token; duplicate / finished / superseded -> ack and drop. Redis down -> backoff, nack(requeue):
    the quorum queue's delivery limit and dead-letter exchange are the safety net for that.
@@ -45,6 +47,7 @@ from services.migrator.migrate import HandlerDeps
 from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
+from services.migrator.slots import NotStarted
 from shared import broker, messages, metrics, progress
 from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, DomainError
@@ -62,6 +65,7 @@ RETRY_BACKOFF_START_S = 0.5  # before a retryable failure's hand-back (or a fail
 LOOP_STOP_RETRY_S = 1.0  # stop(): how long a cancelled loop gets before it is cancelled again
 DRAIN_POLL = Backoff(start_s=0.01, cap_s=0.2, jitter=False)  # drain(): re-reading the queue depth
 _AMQP_ERRORS = (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError)
+FREE_PRIORITY, PREPARE_PRIORITY = 10, 0  # x-priority of the consumer: a copy slot free / only jobs to prepare ahead
 
 
 class JobLost(Exception):
@@ -111,8 +115,10 @@ class Consumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._priority: int | None = None  # the x-priority of the consumer ``_tag`` (None: not consuming)
         self._intake = asyncio.Lock()  # serialises consume/cancel of this object's consumer only
-        self._free = settings.concurrency
+        self._capacity = settings.concurrency + settings.prepare_ahead
+        self._free = self._capacity
         self._changed = asyncio.Event()
         self._stopping = False
         self._callbacks: set[asyncio.Task[Any]] = set()
@@ -136,6 +142,7 @@ class Consumer:
         self._loops = [asyncio.create_task(self._consume_loop(), name="migrator-consume-loop"),
                        asyncio.create_task(self._reaper.run(), name="migrator-reaper")]
         log.info("consumer_started", queue=messages.JOBS_QUEUE, concurrency=self._settings.concurrency,
+                 prepare_ahead=self._settings.prepare_ahead,
                  stale_after_s=self._settings.stale_after_s, max_attempts=self._settings.max_attempts,
                  per_sr_limit=self._settings.per_sr_limit)
 
@@ -216,18 +223,27 @@ class Consumer:
                 async with asyncio.timeout(TICK_S):
                     await self._changed.wait()
 
+    def _wanted(self) -> int | None:
+        """The consumer's priority now: FREE_PRIORITY while a copy slot is free, PREPARE_PRIORITY while only a
+        job to prepare ahead fits, None (no consumer) when full or stopping."""
+        if self._free <= 0 or self._stopping:
+            return None
+        taken = self._capacity - self._free
+        return FREE_PRIORITY if taken < self._settings.concurrency else PREPARE_PRIORITY
+
     async def _reconcile(self) -> None:
-        """Consume when a slot is free and we are not stopping, else cancel the consumer."""
+        """Consume at the priority ``_wanted()`` says (cancel and consume again when it changed), or cancel."""
         assert self._queue is not None
         async with self._intake:
-            want = self._free > 0 and not self._stopping
+            want = self._wanted()
             try:
                 async with asyncio.timeout(self._settings.probe_timeout_s):
-                    if want and self._tag is None:
-                        self._tag = await self._queue.consume(self._on_message)
-                    elif not want and self._tag is not None:
-                        tag, self._tag = self._tag, None  # forgotten first: a dead channel has no consumer left
-                        await self._queue.cancel(tag)
+                    if self._tag is not None and self._priority != want:
+                        tag, self._tag, self._priority = self._tag, None, None  # forgotten first: see below
+                        await self._queue.cancel(tag)  # a dead channel has no consumer left to cancel
+                    if want is not None and self._tag is None:
+                        self._tag = await self._queue.consume(self._on_message, arguments={"x-priority": want})
+                        self._priority = want
             except _AMQP_ERRORS as exc:
                 raise BackendUnavailable(f"cannot (un)subscribe the jobs queue ({type(exc).__name__})") from exc
 
@@ -272,15 +288,17 @@ class Consumer:
             return
         self._free -= 1
         spawned = False
-        # The last slot pauses the consumer (basic.cancel) while Redis claims the job: both round trips at once,
-        # the pause done before the ack (with prefetch 1 nothing else is delivered until then).
-        pausing = asyncio.create_task(self._pause()) if self._free == 0 else None
+        # The last slot pauses the consumer (basic.cancel), the last copy slot lowers its priority, while Redis
+        # claims the job: the round trips at once, the change done before the ack (with prefetch 1 nothing else is
+        # delivered to the old consumer until then).
+        pausing = asyncio.create_task(self._pause()) if self._wanted() != self._priority else None
         try:
             claim = await self._claim(request, message)
+            if claim is not None:  # the job starts now, the consumer's change goes on meanwhile
+                spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
             if pausing is not None:
                 await pausing
             if claim is not None:
-                spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
                 await _settle(message.ack())
         finally:
             if pausing is not None and not pausing.done():  # cancelled meanwhile: the pause still completes
@@ -356,6 +374,9 @@ class Consumer:
         except Interrupted:
             await self._outcomes.hand_back(job.record, reason="shutdown", error=FailureReason(
                 code=messages.WORKER_STOPPED, retryable=True, message=f"worker {self._settings.worker_name} stopped"))
+            return
+        except NotStarted as exc:  # prepared ahead, and this worker's copies outlasted its wait: no attempt spent
+            await self._outcomes.give_back(job.record, reason=exc.message)
             return
         except JobLost:
             raise

@@ -1,5 +1,6 @@
-"""handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock; with a per-SR
-limit, the vdi.migrate call also holds a slot on its source and its target SR (shared/locks.py SrSlots).
+"""handle(MigrationRequested, deps): one disk migration, idempotent, under the disk's Redis lock. The copy holds one of
+this worker's copy slots (slots.py) and, with a per-SR limit, a slot on its source and its target SR
+(shared/locks.py SrSlots).
 
 XO is the fence: every step re-reads XO first, so a redelivered, re-published or reaped request finds the
 work done (or XO's copy still running, which it waits for). Raises domain errors only (the consumer retries
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from services.migrator import transfer
+from services.migrator.slots import CopySlots
 from shared import metrics, placement, progress, vdi_metadata
 from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock, SrSlots
@@ -44,6 +46,7 @@ class HandlerDeps:
     duplicate_grace_s: float = 30.0  # how long XO may take to destroy a copied disk's source (_source_destroyed)
     rest: XoRest | None = None  # XO's REST API: content streams of cross-pool moves and clones (transfer.py)
     inventory: Inventory | None = None  # SRs kept current by XO's notifications (else read from XO per job)
+    copies: CopySlots | None = None  # this worker's copy slots (--concurrency); None: no limit here
 
 
 async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFinished:
@@ -86,7 +89,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
             await transfer.settle(xo, request.disk_name, lock)
-        async with _sr_slots(deps, request.disk_name, vdi.sr_id, target.id):
+        async with copy_slots(deps, request.disk_name, vdi.sr_id, target.id):
             return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
                                                     lock), target.id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
@@ -108,15 +111,12 @@ async def _tagged_srs(deps: HandlerDeps, tag: str) -> list[Sr]:
 async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
                 lock: DiskLock) -> Vdi | None:
     """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
-    XO's cache shows it then (None once it is gone). With a per-SR limit the mark and the copy happen while
-    holding a slot on the source and the target SR: the mark is set only once the copy can start, so attaches do
-    not see a disk "being migrated" while it merely waits for a slot; the slots go back as soon as XO answered."""
+    XO's cache shows it then (None once it is gone). The mark and the copy happen while holding the copy slots
+    (``copy_slots``): the mark is set only once the copy can start, so attaches do not see a disk "being
+    migrated" while it merely waits for a slot; the slots go back as soon as XO answered."""
     xo = deps.xo
-    slots = _sr_slots(deps, request.disk_name, vdi.sr_id, target_id)
     async with contextlib.AsyncExitStack() as held:
-        await held.enter_async_context(slots)
-        if isinstance(slots, SrSlots):
-            metrics.SR_SLOT_WAIT.observe(slots.waited_s)
+        await held.enter_async_context(copy_slots(deps, request.disk_name, vdi.sr_id, target_id))
         lock.ensure_held()  # the wait may have outlived the disk lock
         marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
         await xo.set_vdi(vdi.id, name_description=marked)
@@ -148,14 +148,19 @@ async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:
     return copies[0] if len(copies) == 1 else None
 
 
-def _sr_slots(
-    deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str
-) -> contextlib.AbstractAsyncContextManager[object]:
-    """A slot on both SRs when ``per_sr_limit`` is set (lease = the disk lock's TTL), else nothing to hold."""
-    if deps.per_sr_limit <= 0:
-        return contextlib.nullcontext()
-    return SrSlots(deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit, lease_s=deps.lock_ttl_s,
-                   wait_s=deps.sr_slot_wait_s, owner=disk_name)
+@contextlib.asynccontextmanager
+async def copy_slots(deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str) -> AsyncIterator[None]:
+    """What a copy holds: one of this worker's copy slots (NotStarted when none frees within its wait), then, when
+    ``per_sr_limit`` is set, a slot on both SRs (lease = the disk lock's TTL)."""
+    async with contextlib.AsyncExitStack() as held:
+        if deps.copies is not None:
+            await held.enter_async_context(deps.copies.hold(disk_name))
+        if deps.per_sr_limit > 0:
+            slots = await held.enter_async_context(SrSlots(
+                deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit, lease_s=deps.lock_ttl_s,
+                wait_s=deps.sr_slot_wait_s, owner=disk_name))
+            metrics.SR_SLOT_WAIT.observe(slots.waited_s)
+        yield
 
 
 async def _unmark_unmoved(xo: XoClient, vdi: Vdi, lock: DiskLock) -> None:

@@ -1,5 +1,6 @@
 """How a job this worker owns ends: success recorded and announced; handed back to the queue (retry, shutdown,
-reaped) as attempt + 1; or failed: dead-lettered, recorded and announced. Used by the consumer and the reaper.
+reaped) as attempt + 1; given back unstarted (same attempt); or failed: dead-lettered, recorded and announced. Used
+by the consumer and the reaper.
 
 Every publish is confirmed and happens *before* the record changes; the record changes only while this
 worker's claim still owns it. A BackendUnavailable leaves the record running under the claim with no more
@@ -62,6 +63,19 @@ class Outcomes:
         metrics.JOBS_FINISHED.labels("requeued").inc()
         log.info("migration_finished", outcome="requeued", reason=reason, attempt=attempt,
                  error=error.message, recorded=queued is not None)
+
+    async def give_back(self, record: JobRecord, *, reason: str) -> None:
+        """Put a job this worker claimed but never started back in the queue, same attempt (it was no try): the
+        record goes ``queued`` first, then the request is published again (published first, a delivery claimed
+        before the record changed would be dropped as a duplicate of the running job). A crash between the two
+        leaves a queued record no message carries, which the reaper publishes again (``queued_stale_after_s``)."""
+        assert record.request is not None, "a claimed record always holds its request"
+        if await self._jobs.requeue(record, record.attempt) is None:
+            log.warning("migration_finished", outcome="lost", reason="the job was taken over before it was given back")
+            return
+        await self._publisher.request(record.request.with_attempt(record.attempt))
+        metrics.JOBS_FINISHED.labels("given_back").inc()
+        log.info("migration_finished", outcome="given_back", reason=reason, attempt=record.attempt)
 
     async def republish(self, record: JobRecord) -> None:
         """Publish a ``queued`` job's request again, same attempt (the reaper, for a record no message carries:

@@ -180,7 +180,7 @@ SMALL_DISK = "csi-vol2"
                                        "size": "512MiB", "sr": "Local A1"},)),
 }])
 async def test_a_job_waiting_for_a_free_slot_stays_in_the_queue_not_unacked(env: Env) -> None:
-    worker = await env.worker("w1", concurrency=1)
+    worker = await env.worker("w1", concurrency=1, prepare_ahead=0)
     await env.submit(DISK)
     await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
     await env.submit(SMALL_DISK)
@@ -202,7 +202,7 @@ async def test_a_job_waiting_for_a_free_slot_stays_in_the_queue_not_unacked(env:
                                        "size": "512MiB", "sr": "Local A1"},)),
 }])
 async def test_a_slot_goes_back_once_xo_finished_the_copy_not_after_the_waits_for_its_cache(env: Env) -> None:
-    worker = await env.worker("w1", concurrency=1)
+    worker = await env.worker("w1", concurrency=1, prepare_ahead=0)
     await env.submit(DISK)
     await env.submit(SMALL_DISK)
 
@@ -223,3 +223,82 @@ async def test_a_slot_goes_back_once_xo_finished_the_copy_not_after_the_waits_fo
         assert done is not None and (done.state, done.attempt) == ("succeeded", 1)
         assert env.sim.simulator.stats.migrations[disk] == 1
     assert (worker.consumer.stats.delivered, worker.consumer.stats.claimed) == (2, 2)
+
+
+THIRD_DISK = "csi-vol3"
+_THREE_DISKS = two_hosts(extra_vdis=tuple(
+    {"name_label": name, "name_description": DESCRIPTION, "size": "512MiB", "sr": "Local A1"}
+    for name in (SMALL_DISK, THIRD_DISK)))
+
+
+def _started(env: Env, disk: str) -> bool:
+    """XO copies ``disk`` now or has copied it (its VDI left Local A1)."""
+    return any(o.get("current_operations") or o["$SR"] == SR_A2 for o in vdis_named(env.sim, disk))
+
+
+@pytest.mark.parametrize("sim_options", [{
+    "migration_rate_bps": 2 * GiB // 5,  # csi-vol1 copies in 5 s, past the ack timeout; the others in 1.25 s
+    "topology": _THREE_DISKS,
+}])
+async def test_a_busy_worker_prepares_one_job_ahead_which_copies_as_soon_as_the_slot_frees(env: Env) -> None:
+    worker = await env.worker("w1", concurrency=1)  # prepare_ahead 1: the default
+    await env.submit(DISK)
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
+    await env.submit(SMALL_DISK)
+
+    async def prepared() -> bool:
+        record = await env.jobs.get(SMALL_DISK)
+        return record is not None and (record.state, record.worker) == ("running", "w1")
+
+    await eventually(prepared, TIMEOUT_S, description="the second job claimed by the busy worker")
+    await env.submit(THIRD_DISK)
+    assert await ready_jobs(env.amqp_url) == 1, "one job ahead at most: the third stays in the queue"
+    assert not _started(env, SMALL_DISK), "the prepared job waits for the worker's copy slot"
+    for disk in (DISK, SMALL_DISK, THIRD_DISK):
+        done = await eventually(functools.partial(env.finished, disk), TIMEOUT_S, interval_s=0.1,
+                                description=f"{disk} migrated")
+        assert done is not None and (done.state, done.attempt) == ("succeeded", 1)
+        assert env.sim.simulator.stats.migrations[disk] == 1
+    stats = worker.consumer.stats
+    assert (stats.channel_closed, stats.delivered, stats.claimed) == (0, 3, 3), "no delivery timed out"
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
+async def test_a_job_goes_to_a_worker_with_a_free_copy_slot_before_one_that_would_prepare_it(env: Env) -> None:
+    busy = await env.worker("w1", concurrency=1)
+    await env.submit(DISK)
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="w1 copies the first disk")
+    await env.worker("w2", concurrency=1)
+
+    await env.submit(SMALL_DISK)  # both consume it: w1 to prepare it ahead (priority 0), w2 to copy it (priority 10)
+
+    async def claimed_by() -> str | None:
+        record = await env.jobs.get(SMALL_DISK)
+        return record.worker if record is not None and record.state == "running" else None
+
+    assert await eventually(claimed_by, TIMEOUT_S, interval_s=0.02) == "w2"
+    done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1)
+    assert done is not None and done.state == "succeeded"
+    assert copying(env.sim), "w2 copied the second disk while w1 still copied the first"
+    assert busy.consumer.stats.claimed == 1
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 10, "topology": _THREE_DISKS}])
+async def test_a_prepared_job_goes_back_unstarted_when_its_worker_stays_busy_and_another_worker_takes_it(
+        env: Env) -> None:
+    first = await env.worker("w1", concurrency=1, prepared_wait_s=0.5)  # csi-vol1 copies in 10 s
+    await env.submit(DISK)
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="w1 copies the first disk")
+    await env.submit(SMALL_DISK)
+
+    async def given_back() -> bool:
+        return first.consumer.stats.claimed >= 3  # claimed, given back after 0.5 s, claimed again, ...
+
+    await eventually(given_back, TIMEOUT_S, description="the prepared job given back and taken again")
+    await env.worker("w2", concurrency=1)
+    done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
+                            description="the second disk migrated by the new worker")
+    assert done is not None and (done.state, done.attempt) == ("succeeded", 1), "a give-back is no attempt"
+    assert copying(env.sim), "long before w1 finished its copy"
+    assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
+    assert await dead_letters(env.amqp_url) == 0

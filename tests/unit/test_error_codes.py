@@ -41,6 +41,7 @@ CODES = {
     "XoNoSpace": "xo_no_space",
     "XoMethodNotFound": "xo_method_not_found",
     "LockLost": "lock_lost",
+    "NotStarted": "not_started",
     "MountError": "mount_failed",
     "FilesystemCorrupt": "filesystem_corrupt",
 }

@@ -20,6 +20,7 @@ EXPECTED = {
     "AlreadyExistsIncompatible": Code.ALREADY_EXISTS,
     "OperationPending": Code.ABORTED,  # "operation pending for volume"
     "LockLost": Code.ABORTED,
+    "NotStarted": Code.ABORTED,
     "CapacityExhausted": Code.RESOURCE_EXHAUSTED,  # "unable to provision in accessible_topology"
     "PlacementImpossible": Code.RESOURCE_EXHAUSTED,
     "PreconditionFailed": Code.FAILED_PRECONDITION,

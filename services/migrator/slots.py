@@ -1,0 +1,42 @@
+"""This worker's copy slots (``--concurrency``): a job holds one while XO copies its disk (``vdi.migrate``, or a
+content stream across pools, a clone) and gives it back as soon as XO has finished. A job the worker took ahead
+(``--prepare-ahead``: claimed, its disk locked and read from XO while every slot was busy) waits here for the next
+free slot, so its copy starts the moment the one before ends, without a trip through RabbitMQ in between. It waits
+at most ``wait_s``: then it goes back to the queue unstarted (NotStarted; the consumer puts it back with the same
+attempt), so a long copy never keeps a job another worker could start now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from shared.errors import OperationPending
+
+
+class NotStarted(OperationPending, code="not_started"):
+    """A job found no free copy slot on this worker within ``wait_s``: back to the queue, as no attempt."""
+
+
+class CopySlots:
+    """``async with slots.hold(disk_name)``: one of ``count`` copy slots, waited for at most ``wait_s``."""
+
+    def __init__(self, count: int, *, wait_s: float) -> None:
+        if count < 1 or wait_s < 0:
+            raise ValueError(f"CopySlots needs count >= 1 and wait_s >= 0 (got {count}, {wait_s})")
+        self._free = asyncio.Semaphore(count)
+        self._wait_s = wait_s
+
+    @contextlib.asynccontextmanager
+    async def hold(self, disk_name: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._free.acquire()
+        except TimeoutError:
+            raise NotStarted(f"disk {disk_name}: every copy slot of this worker stayed busy for {self._wait_s:g} s; "
+                             "the job goes back to the queue for a free worker") from None
+        try:
+            yield
+        finally:
+            self._free.release()
