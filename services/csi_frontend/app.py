@@ -160,7 +160,7 @@ async def _controller(stack: AsyncExitStack, frontend: Frontend, rabbit: RabbitS
     frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology,
                                        locks=frontend.locks, marks=frontend.marks)
     if frontend.gate is not None:
-        frontend.cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate, frontend.locks)
+        frontend.cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate)
     selected = _selected_node(stack, settings, inventory)
     frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory, selected,
                                                   frontend.cloner), csi_pb2_grpc.add_ControllerServicer_to_server))
