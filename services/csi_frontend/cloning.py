@@ -95,7 +95,7 @@ class Cloner:
             source = await self._disks.get(vid.parse(source_id, field))
         except VolumeNotFound as exc:
             raise VolumeNotFound(f"{field} {source_id!r}: the source volume does not exist ({exc.message})") from exc
-        attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=source.vdi.id) if vbd.attached]
+        attached = await self._xo.attached_vbds(source.vdi.id)
         if attached:
             raise PreconditionFailed(f"source volume {source_id} is attached to node {attached[0].vm_id}: "
                                      f"{transfer_marks.DETACH_TO_CLONE}")

@@ -223,7 +223,7 @@ class Provisioner:
             disk = await self._disks.find(volume_id)
             if disk is None:
                 return
-            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            attached = await self._xo.attached_vbds(disk.vdi.id)
             if attached:
                 raise PreconditionFailed(
                     f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
@@ -246,7 +246,7 @@ class Provisioner:
                 )
             if disk.vdi.size >= required:
                 return disk.vdi.size
-            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            attached = await self._xo.attached_vbds(disk.vdi.id)
             if attached:
                 raise _in_use(volume_id, attached[0].vm_id)
             try:
@@ -268,8 +268,8 @@ class Provisioner:
         vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
         if not vdis:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
-        vbds = await asyncio.gather(*(self._xo.find_vbds(vdi_id=v.id) for v in vdis))
-        nodes = sorted({vbd.vm_id for found in vbds for vbd in found if vbd.attached})
+        vbds = await asyncio.gather(*(self._xo.attached_vbds(v.id) for v in vdis))
+        nodes = sorted({vbd.vm_id for found in vbds for vbd in found})
         abnormal, message = condition(vdis)
         return VolumeState(max(v.size for v in vdis), nodes, abnormal, message)
 

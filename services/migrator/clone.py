@@ -73,7 +73,7 @@ async def _source(xo: XoClient, request: CloneRequested) -> Vdi:
     if len(vdis) > 1 or any(_moving(v) for v in vdis):
         raise OperationPending(f"the source volume {where} is being migrated; the clone starts once it is in place")
     source = vdis[0]
-    attached = [vbd for vbd in await xo.find_vbds(vdi_id=source.id) if vbd.attached]
+    attached = await xo.attached_vbds(source.id)
     if attached:
         raise PreconditionFailed(f"the source volume {where} is attached to node {attached[0].vm_id}: "
                                  f"{transfer_marks.DETACH_TO_CLONE}")
