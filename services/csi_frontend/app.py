@@ -20,7 +20,7 @@ from services.csi_frontend.events import MigrationEvents
 from services.csi_frontend.identity import IdentityServicer
 from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.csi_frontend.node import NodeConfig, NodeServicer
-from services.csi_frontend.node_identity import NodeMetadata, from_kubernetes, resolve_node, topology
+from services.csi_frontend.node_identity import NodeMetadata, from_kubernetes, resolve_node
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
@@ -30,7 +30,7 @@ from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
 from services.csi_frontend.volume_locks import VolumeLocks
-from shared import broker, health, metrics
+from shared import broker, health, metrics, placement
 from shared.backends import open_messaging, redis_client
 from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
@@ -215,7 +215,7 @@ async def _node_metadata(frontend: Frontend) -> NodeMetadata:
         assert frontend.inventory is not None and frontend.attacher is not None
         node_id = await resolve_node(frontend.inventory, settings.node_id, settings.dmi_uuid_path)
         place = await frontend.attacher.place_of(node_id)
-        return NodeMetadata(node_id, topology(place, settings.host_topology))
+        return NodeMetadata(node_id, placement.node_segments(place.pool_id, place.host_id, settings.host_topology))
     if not settings.node_name:
         raise InvalidRequest("a node plugin needs --node-name (CSI_NODE_NAME; the DaemonSet sets it from the downward "
                              "API spec.nodeName) to read its Node's labels, or --node-metadata=xo with an XO account")
