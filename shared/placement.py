@@ -72,6 +72,12 @@ def segment(sr: SrView, host_topology: bool) -> dict[str, str]:
     return {POOL_KEY: sr.pool_id, HOST_KEY: sr.host_id or ""}
 
 
+def node_segments(pool_id: str, host_id: str, host_topology: bool) -> dict[str, str]:
+    """A node's topology segments (NodeGetInfo, or a term to place a volume near a node): its pool, and its host
+    with host topology."""
+    return {POOL_KEY: pool_id, HOST_KEY: host_id} if host_topology else {POOL_KEY: pool_id}
+
+
 def matches(sr: SrView, term: Mapping[str, str]) -> bool:
     """Does a topology term (node segments) reach the SR? Unknown keys never match."""
     if any(key not in (POOL_KEY, HOST_KEY) for key in term):

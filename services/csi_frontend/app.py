@@ -20,7 +20,7 @@ from services.csi_frontend.events import MigrationEvents
 from services.csi_frontend.identity import IdentityServicer
 from services.csi_frontend.migration_gate import QueueMigrationGate
 from services.csi_frontend.node import NodeConfig, NodeServicer
-from services.csi_frontend.node_identity import NodeMetadata, from_kubernetes, resolve_node, topology
+from services.csi_frontend.node_identity import NodeMetadata, from_kubernetes, resolve_node
 from services.csi_frontend.provisioning import Provisioner
 from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
@@ -30,7 +30,7 @@ from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
 from services.csi_frontend.volume_locks import VolumeLocks
-from shared import broker, health, metrics
+from shared import broker, health, metrics, placement
 from shared.backends import open_messaging, redis_client
 from shared.config import RabbitSettings, RedisSettings, XoSettings
 from shared.csi import csi_pb2_grpc
@@ -136,9 +136,12 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         stack.push_async_callback(frontend.inventory.close)
         frontend.disks = DiskLocator(xo, settings.disk_name_prefix)
         frontend.locks = VolumeLocks(margin_s=settings.publish_margin_s)  # the one per-volume lock of this controller
-        frontend.marks = MarkPolicy(xo, None, clear_after_s=settings.stale_mark_after_s)
+        if settings.serves_controller and rabbit is not None and redis is not None:
+            await _enable_migrations(stack, frontend, frontend.disks, rabbit, redis)
+        # Built once: with the job store and the migration gate when migrations are on, else without.
+        frontend.marks = MarkPolicy(xo, frontend.jobs, clear_after_s=settings.stale_mark_after_s)
         frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s,
-                                     locks=frontend.locks, marks=frontend.marks)
+                                     locks=frontend.locks, migrations=frontend.gate, marks=frontend.marks)
     frontend.servicers.append((IdentityServicer(settings.driver_name), csi_pb2_grpc.add_IdentityServicer_to_server))
     if settings.serves_controller:
         await _controller(stack, frontend, rabbit, redis)
@@ -152,15 +155,13 @@ async def _controller(stack: AsyncExitStack, frontend: Frontend, rabbit: RabbitS
                       redis: RedisSettings | None) -> None:
     settings, xo, inventory, disks = frontend.settings, frontend.xo, frontend.inventory, frontend.disks
     assert xo is not None and inventory is not None and disks is not None, "the controller always has XO"
-    if rabbit is not None and redis is not None:
-        await _enable_migrations(stack, frontend, disks, rabbit, redis)
-    elif redis is not None:  # Redis alone: the temporary-disk cleanup's lease
+    if rabbit is None and redis is not None:  # Redis alone: the temporary-disk cleanup's lease (else: migrations)
         frontend.redis, frontend.redis_prefix = redis_client(stack, redis), redis.key_prefix
     assert frontend.attacher is not None
     frontend.provisioner = Provisioner(xo, inventory, disks, host_topology=settings.host_topology,
                                        locks=frontend.locks, marks=frontend.marks)
     if frontend.gate is not None:
-        frontend.cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate, frontend.locks)
+        frontend.cloner = Cloner(xo, disks, frontend.provisioner, frontend.gate)
     selected = _selected_node(stack, settings, inventory)
     frontend.servicers.append((ControllerServicer(frontend.provisioner, frontend.attacher, disks, inventory, selected,
                                                   frontend.cloner), csi_pb2_grpc.add_ControllerServicer_to_server))
@@ -189,9 +190,6 @@ async def _enable_migrations(stack: AsyncExitStack, frontend: Frontend, disks: D
     stack.push_async_callback(events.close)
     gate = QueueMigrationGate(events, publisher, jobs, disks, frontend.inventory,
                               sightings=VdiSightings(frontend.xo), margin_s=settings.publish_margin_s)
-    frontend.marks = MarkPolicy(frontend.xo, jobs, clear_after_s=settings.stale_mark_after_s)
-    frontend.attacher = Attacher(frontend.xo, frontend.inventory, disks, device_wait_s=settings.device_wait_s,
-                                 locks=frontend.locks, migrations=gate, marks=frontend.marks)
     frontend.gate, frontend.jobs, frontend.connection, frontend.publisher = gate, jobs, connection, publisher
     frontend.redis, frontend.redis_prefix = redis, redis_settings.key_prefix
     log.info("migrations_enabled")
@@ -217,7 +215,7 @@ async def _node_metadata(frontend: Frontend) -> NodeMetadata:
         assert frontend.inventory is not None and frontend.attacher is not None
         node_id = await resolve_node(frontend.inventory, settings.node_id, settings.dmi_uuid_path)
         place = await frontend.attacher.place_of(node_id)
-        return NodeMetadata(node_id, topology(place, settings.host_topology))
+        return NodeMetadata(node_id, placement.node_segments(place.pool_id, place.host_id, settings.host_topology))
     if not settings.node_name:
         raise InvalidRequest("a node plugin needs --node-name (CSI_NODE_NAME; the DaemonSet sets it from the downward "
                              "API spec.nodeName) to read its Node's labels, or --node-metadata=xo with an XO account")

@@ -14,18 +14,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.csi_frontend.disks import Disk, DiskLocator, duplicate_error
+from services.csi_frontend.disks import Disk, DiskLocator
 from services.csi_frontend.migration_gate import QueueMigrationGate, failed_job_error
-from services.csi_frontend.provisioning import CreatedVolume, Provisioner, check_class, check_size
-from services.csi_frontend.volume_locks import VolumeLocks
-from shared import messages, placement, transfer_marks
+from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan
+from shared import messages, transfer_marks
 from shared import volume_id as vid
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.logging import get_logger
 from shared.messages import CloneRequested
 from shared.storage_class import StorageParams
 from shared.units import format_size
-from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
 from shared.xo.models import Vdi
 
@@ -48,68 +46,48 @@ class CloneRequest:
 
 
 class Cloner:
-    """CreateVolume with a volume source, over the provisioner's placement and the gate's job machinery; holds the
-    new volume's lock (``VolumeLocks``, shared with the provisioner) while it runs, as CreateVolume does."""
+    """CreateVolume with a volume source, within the provisioner's CreateVolume frame (its SRs, names, lock, lookup
+    and answer) and over the gate's job machinery."""
 
-    def __init__(self, xo: XoClient, disks: DiskLocator, provisioner: Provisioner, gate: QueueMigrationGate,
-                 locks: VolumeLocks) -> None:
+    def __init__(self, xo: XoClient, disks: DiskLocator, provisioner: Provisioner, gate: QueueMigrationGate) -> None:
         self._xo = xo
         self._disks = disks
         self._provisioner = provisioner
         self._gate = gate
-        self._locks = locks
 
     async def create(self, request: CloneRequest, deadline_s: float) -> CreatedVolume:
-        """The new volume once its disk holds the source's content. Raises VolumeNotFound (NOT_FOUND: the source),
+        """The new volume once its disk holds the source's content (Provisioner.provide, as CreateVolume; a disk
+        still carrying a transfer mark is not the volume's yet). Raises VolumeNotFound (NOT_FOUND: the source),
         OutOfRange (a limit below the source's size), PreconditionFailed (an attached source), OperationPending
         (ABORTED: the clone still runs), AlreadyExistsIncompatible (a volume of that name with another size or
         class), and what a failed clone job reports."""
-        srs = await self._provisioner.class_srs(request.params)
-        by_name = vid.named_by_disk(migrating=request.params.migrating, shared_sr=all(sr.is_shared for sr in srs))
-        name = vid.volume_name_for_id(request.name) if by_name else request.name
-        disk_name = vid.disk_name(self._disks.prefix, name)
-        async with self._locks.hold(disk_name, deadline_s=deadline_s, volume=request.name):
-            existing = await self._finished(disk_name)
-            if existing is not None:
-                check_size(existing, request.size, disk_name)
-                check_class(existing, request.params, disk_name)
-            else:
-                info = _info(request.params, vid.HANDLE_NAME if by_name else vid.HANDLE_VDI)
-                existing = await self._run(request, name, disk_name, srs, info, deadline_s)
-        return self._provisioner.describe_created(name, by_name, existing, request.params, srs, request.requisite)
+        async def clone(plan: VolumePlan) -> Vdi:
+            return await self._run(request, plan, deadline_s)
 
-    async def _run(self, request: CloneRequest, name: str, disk_name: str, srs: list[placement.SrView],
-                   info: StorageInfo, deadline_s: float) -> Vdi:
+        return await self._provisioner.provide(request.name, request.size, request.params, request.requisite, clone,
+                                               deadline_s=deadline_s, final_only=True)
+
+    async def _run(self, request: CloneRequest, plan: VolumePlan, deadline_s: float) -> Vdi:
         source = await self._source(request.source_id)
         size = _size_for(request, source.vdi)
-        target = await self._provisioner.place(srs, size, request.requisite, request.preferred)
+        target = await self._provisioner.place(plan.srs, size, request.requisite, request.preferred)
         job = CloneRequested(
-            kind="clone", job_id=messages.new_job_id(), disk_name=disk_name, volume_id=str(vid.by_name(name)),
+            kind="clone", job_id=messages.new_job_id(), disk_name=plan.disk_name, volume_id=str(vid.by_name(plan.name)),
             source_volume_id=str(source.volume_id), source_vdi_seen=source.vdi.id,
             source_disk_name=source.vdi.name_label if source.volume_id.kind == "name" else "", sr_id=target.id,
-            size_bytes=size, description=info.to_description(), requested_at=messages.utc_now(),
+            size_bytes=size, description=plan.info.to_description(), requested_at=messages.utc_now(),
             correlation_id=uuid.uuid4().hex)
         result = await self._gate.run_job(job, deadline_s, f"volume {request.name} is being cloned from "
                                           f"{request.source_id}")
         if result.outcome == "failed":
             raise failed_job_error(f"clone of volume {request.source_id} into {request.name} (job {result.job_id})",
                                    result.error)
-        done = await self._finished(disk_name)
+        done = await self._provisioner.existing(plan.disk_name, final_only=True)
         if done is None:
             raise OperationPending(f"the clone job of volume {request.name} succeeded but XO does not show disk "
-                                   f"{disk_name} yet; retry")
-        log.info("volume_cloned", disk_name=disk_name, vdi=done.id, sr=done.sr_id, source=request.source_id)
+                                   f"{plan.disk_name} yet; retry")
+        log.info("volume_cloned", disk_name=plan.disk_name, vdi=done.id, sr=done.sr_id, source=request.source_id)
         return done
-
-    async def _finished(self, disk_name: str) -> Vdi | None:
-        """The volume's disk when it exists and is final (a disk still carrying a transfer mark is not yet); "none"
-        only once XO is known to see every pool."""
-        vdis = await self._xo.lookup_confirmed(f"disk {disk_name}", lambda: self._xo.find_vdis(name_label=disk_name))
-        if len(vdis) > 1:
-            raise duplicate_error(disk_name, vdis)
-        if not vdis or transfer_marks.is_marked(vdis[0].name_description):
-            return None
-        return vdis[0]
 
     async def _source(self, source_id: str) -> Disk:
         field = "volume_content_source.volume.volume_id"
@@ -117,7 +95,7 @@ class Cloner:
             source = await self._disks.get(vid.parse(source_id, field))
         except VolumeNotFound as exc:
             raise VolumeNotFound(f"{field} {source_id!r}: the source volume does not exist ({exc.message})") from exc
-        attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=source.vdi.id) if vbd.attached]
+        attached = await self._xo.attached_vbds(source.vdi.id)
         if attached:
             raise PreconditionFailed(f"source volume {source_id} is attached to node {attached[0].vm_id}: "
                                      f"{transfer_marks.DETACH_TO_CLONE}")
@@ -132,7 +110,3 @@ def _size_for(request: CloneRequest, source: Vdi) -> int:
                          f"({format_size(source.size)}): a clone holds all of its source")
     return max(required, source.size) if request.sized else source.size
 
-
-def _info(params: StorageParams, handle: str) -> StorageInfo:
-    return StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating,
-                       handle=handle)

@@ -17,7 +17,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.csi_frontend.attach import NodePlace
 from shared import placement
 from shared.backoff import Backoff
 from shared.errors import NodeNotFound, PreconditionFailed
@@ -59,10 +58,8 @@ async def from_kubernetes(kube: KubeReader, node_name: str, *, node_id: str | No
     wanted = (POOL_LABEL, HOST_LABEL) if host_topology else (POOL_LABEL,)
     node = await _labelled_node(kube, node_name, wanted, wait_s)
     chosen = node_id.lower() if node_id else choose_dmi_form(await read_dmi_uuid(dmi_path), node.provider_id, dmi_path)
-    segments = {placement.POOL_KEY: node.labels[POOL_LABEL]}
-    if host_topology:
-        segments[placement.HOST_KEY] = node.labels[HOST_LABEL]
-    return NodeMetadata(chosen, segments)
+    return NodeMetadata(chosen, placement.node_segments(node.labels[POOL_LABEL], node.labels.get(HOST_LABEL, ""),
+                                                        host_topology))
 
 
 async def _labelled_node(kube: KubeReader, node_name: str, wanted: tuple[str, ...], wait_s: float) -> NodeObject:
@@ -117,12 +114,3 @@ async def resolve_node(inventory: Inventory, node_id: str | None, dmi_path: Path
         f"XO knows no VM with UUID {raw} (nor its byte-swapped form {byte_swapped(raw)}) read from {dmi_path}; "
         "pass --node-id with the VM UUID"
     )
-
-
-def topology(place: NodePlace, host_topology: bool) -> dict[str, str]:
-    """Node topology segments: the pool, and the host with --host-topology."""
-    segments = {placement.POOL_KEY: place.pool_id}
-    if host_topology:
-        segments[placement.HOST_KEY] = place.host_id
-    return segments
-

@@ -6,14 +6,14 @@ Talks to XO only through XoClient/Inventory and decides placement only through s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.csi_frontend.disks import DiskLocator, duplicate_error
 from services.csi_frontend.listing import VolumeEntry, condition, list_volumes
 from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.volume_locks import VolumeLocks
-from shared import placement, vdi_metadata
+from shared import placement, transfer_marks, vdi_metadata
 from shared import volume_id as vid
 from shared.errors import (
     AlreadyExistsIncompatible,
@@ -43,6 +43,24 @@ class CreatedVolume:
     size_bytes: int
     context: dict[str, str]
     topology: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """What CreateVolume settles before it looks for or makes the disk (Provisioner.provide): the class's SRs,
+    whether the handle is the volume's name or its VDI UUID, the name the handle carries and the disk's name."""
+
+    params: StorageParams
+    srs: list[placement.SrView]
+    by_name: bool
+    name: str
+    disk_name: str
+
+    @property
+    def info(self) -> StorageInfo:
+        """The ``csi:info`` the new disk carries: the class, and how its handle names it."""
+        return StorageInfo(srs_with_tag=self.params.srs_with_tag, sr_uuid=self.params.sr_uuid,
+                           migrating=self.params.migrating, handle=vid.HANDLE_NAME if self.by_name else vid.HANDLE_VDI)
 
 
 @dataclass(frozen=True)
@@ -81,37 +99,55 @@ class Provisioner:
         preferred: Sequence[Mapping[str, str]],
         deadline_s: float | None = None,
     ) -> CreatedVolume:
-        """Idempotent by name: an existing disk of a compatible size and class, reachable from ``requisite``,
-        is returned as is; any other existing disk is AlreadyExistsIncompatible (spec: ALREADY_EXISTS).
+        """CreateVolume without a content source (``provide``): a blank disk of ``size[0]`` on an SR of the class.
+
+        The disk is created under ``<prefix>temp-<name>``, then described and renamed in one vdi.set, so a crash
+        leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
+        """
+        async def make(plan: VolumePlan) -> Vdi:
+            return await self._create_disk(plan, size[0], (requisite, preferred))
+
+        return await self.provide(request_name, size, params, requisite, make, deadline_s=deadline_s)
+
+    async def provide(self, request_name: str, size: tuple[int, int], params: StorageParams,
+                      requisite: Sequence[Mapping[str, str]], make: Callable[[VolumePlan], Awaitable[Vdi]], *,
+                      deadline_s: float | None = None, final_only: bool = False) -> CreatedVolume:
+        """CreateVolume's one frame, for a blank disk (``create``) and a clone (cloning.py). Idempotent by name:
+        under the volume's lock, an existing disk (``existing``) of a compatible size and class, reachable from
+        ``requisite``, is returned as is; any other existing disk is AlreadyExistsIncompatible (spec:
+        ALREADY_EXISTS); without one, ``make(plan)`` makes the disk. InvalidRequest when the class names no SR XO
+        has.
 
         The handle follows m4rCsi (vid.named_by_disk): ``name:<name>`` for migrating or local-SR volumes (long
-        names mapped by vid.volume_name_for_id), the bare VDI UUID for fixed shared ones. The disk is created
-        under ``<prefix>temp-<name>``, then described and renamed in one vdi.set, so a crash leaves only a
-        temporary disk that the next attempt (or --temp-cleanup) picks up.
+        names mapped by vid.volume_name_for_id), the bare VDI UUID for fixed shared ones.
         """
         srs = await self._class_srs(params)
         by_name = vid.named_by_disk(migrating=params.migrating, shared_sr=all(sr.is_shared for sr in srs))
         name = vid.volume_name_for_id(request_name) if by_name else request_name
-        disk_name = vid.disk_name(self._disks.prefix, name)
-        async with self._locks.hold(disk_name, deadline_s=deadline_s, volume=request_name):
-            # a disk of a pool XO lost must not be created again
-            existing = await self._xo.lookup_confirmed(f"disk {disk_name}",
-                                                       lambda: self._xo.find_vdis(name_label=disk_name))
-            if len(existing) > 1:
-                raise duplicate_error(disk_name, existing)
-            vdi = existing[0] if existing else None
+        plan = VolumePlan(params, srs, by_name, name, vid.disk_name(self._disks.prefix, name))
+        async with self._locks.hold(plan.disk_name, deadline_s=deadline_s, volume=request_name):
+            vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
-                _check_size(vdi, size, disk_name)
-                _check_class(vdi, params, disk_name)
+                _check_size(vdi, size, plan.disk_name)
+                _check_class(vdi, params, plan.disk_name)
             else:
-                handle = vid.HANDLE_NAME if by_name else vid.HANDLE_VDI
-                vdi = await self._create_disk(name, size[0], params, handle, srs, (requisite, preferred))
-            return self._created(name, by_name, vdi, params, srs, requisite)
+                vdi = await make(plan)
+            return self._created(plan, vdi, requisite)
 
-    async def _create_disk(self, name: str, size_bytes: int, params: StorageParams, handle: str,
-                           srs: list[placement.SrView],
+    async def existing(self, disk_name: str, *, final_only: bool = False) -> Vdi | None:
+        """The VDI named ``disk_name``; None only once XO is known to see every pool (a disk of a pool XO lost must
+        not be created again). Several VDIs of that name: duplicate_error. ``final_only``: a disk still carrying a
+        transfer mark (a clone finishing) counts as none yet."""
+        vdis = await self._xo.lookup_confirmed(f"disk {disk_name}", lambda: self._xo.find_vdis(name_label=disk_name))
+        if len(vdis) > 1:
+            raise duplicate_error(disk_name, vdis)
+        if not vdis or (final_only and transfer_marks.is_marked(vdis[0].name_description)):
+            return None
+        return vdis[0]
+
+    async def _create_disk(self, plan: VolumePlan, size_bytes: int,
                            topology: tuple[Sequence[Mapping[str, str]], Sequence[Mapping[str, str]]]) -> Vdi:
-        temp_name = vid.temp_disk_name(self._disks.prefix, name)
+        temp_name = vid.temp_disk_name(self._disks.prefix, plan.name)
         leftovers = await self._xo.find_vdis(name_label=temp_name)
         for extra in leftovers[1:]:
             await self._xo.delete_vdi(extra.id)
@@ -120,15 +156,12 @@ class Provisioner:
         else:
             if leftovers:
                 await self._xo.delete_vdi(leftovers[0].id)
-            target = await self.place(srs, size_bytes, *topology)
+            target = await self.place(plan.srs, size_bytes, *topology)
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
             self._inventory.usage_changed()
             log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
-        info = StorageInfo(srs_with_tag=params.srs_with_tag, sr_uuid=params.sr_uuid, migrating=params.migrating,
-                           handle=handle)
         # One vdi.set: the disk is never seen renamed but undescribed (or described but still temporary).
-        await self._xo.set_vdi(vdi_id, name_label=vid.disk_name(self._disks.prefix, name),
-                               name_description=info.to_description())
+        await self._xo.set_vdi(vdi_id, name_label=plan.disk_name, name_description=plan.info.to_description())
         vdi = await self._xo.get_vdi(vdi_id)
         if vdi is None:
             raise OperationPending(f"disk {vdi_id} vanished right after its creation; retry")
@@ -144,13 +177,12 @@ class Provisioner:
             await self._xo.check_view_complete("the SRs of the StorageClass")
             raise
 
-    def _created(self, name: str, by_name: bool, vdi: Vdi, params: StorageParams, srs: list[placement.SrView],
-                 requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
-        volume_id = vid.by_name(name) if by_name else vid.by_vdi(vdi.id)
-        home = next((sr for sr in srs if sr.id == vdi.sr_id), None)
-        if params.migrating and home is not None:
+    def _created(self, plan: VolumePlan, vdi: Vdi, requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
+        volume_id = vid.by_name(plan.name) if plan.by_name else vid.by_vdi(vdi.id)
+        home = next((sr for sr in plan.srs if sr.id == vdi.sr_id), None)
+        if plan.params.migrating and home is not None:
             # Every SR of the tag: the migrator moves the disk to any of them, across pools by streaming its content.
-            reachable = srs
+            reachable = plan.srs
         else:
             reachable = [home] if home is not None else []
         if requisite and not any(placement.matches(sr, term) for sr in reachable for term in requisite):
@@ -158,22 +190,11 @@ class Provisioner:
                 f"volume {vdi.name_label} already exists on SR {vdi.sr_id}, which the requested topology cannot "
                 "reach; use another name or a topology that reaches it"
             )
-        context = {**params.context(), "diskName": vid.disk_name(self._disks.prefix, name)}
-        if params.fs_type:
-            context["fsType"] = params.fs_type
+        context = {**plan.params.context(), "diskName": plan.disk_name}
+        if plan.params.fs_type:
+            context["fsType"] = plan.params.fs_type
         return CreatedVolume(volume_id, vdi.size, context,
                              placement.accessible_segments(reachable, self._host_topology))
-
-    # -- for clones (services/csi_frontend/cloning.py) --------------------------------------------------
-
-    async def class_srs(self, params: StorageParams) -> list[placement.SrView]:
-        """The SRs a volume of the class may live on (InvalidRequest when the class names none XO has)."""
-        return await self._class_srs(params)
-
-    def describe_created(self, name: str, by_name: bool, vdi: Vdi, params: StorageParams,
-                         srs: list[placement.SrView], requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
-        """CreateVolume's answer for the volume's disk ``vdi``, as ``create`` gives it."""
-        return self._created(name, by_name, vdi, params, srs, requisite)
 
     async def _class_srs(self, params: StorageParams) -> list[placement.SrView]:
         """The SRs of the class; "no such SR" only once XO is known to see every pool."""
@@ -202,7 +223,7 @@ class Provisioner:
             disk = await self._disks.find(volume_id)
             if disk is None:
                 return
-            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            attached = await self._xo.attached_vbds(disk.vdi.id)
             if attached:
                 raise PreconditionFailed(
                     f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
@@ -225,7 +246,7 @@ class Provisioner:
                 )
             if disk.vdi.size >= required:
                 return disk.vdi.size
-            attached = [vbd for vbd in await self._xo.find_vbds(vdi_id=disk.vdi.id) if vbd.attached]
+            attached = await self._xo.attached_vbds(disk.vdi.id)
             if attached:
                 raise _in_use(volume_id, attached[0].vm_id)
             try:
@@ -247,8 +268,8 @@ class Provisioner:
         vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
         if not vdis:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
-        vbds = await asyncio.gather(*(self._xo.find_vbds(vdi_id=v.id) for v in vdis))
-        nodes = sorted({vbd.vm_id for found in vbds for vbd in found if vbd.attached})
+        vbds = await asyncio.gather(*(self._xo.attached_vbds(v.id) for v in vdis))
+        nodes = sorted({vbd.vm_id for found in vbds for vbd in found})
         abnormal, message = condition(vdis)
         return VolumeState(max(v.size for v in vdis), nodes, abnormal, message)
 
@@ -281,10 +302,6 @@ def _check_class(vdi: Vdi, params: StorageParams, disk_name: str) -> None:
     mismatch = class_mismatch(params, info) if info is not None else None
     if mismatch:
         raise AlreadyExistsIncompatible(f"volume {disk_name} already exists: {mismatch}; use another name")
-
-
-check_size = _check_size  # for clones (cloning.py): an existing disk must fit the request as in create
-check_class = _check_class
 
 
 def class_mismatch(params: StorageParams, info: StorageInfo) -> str | None:

@@ -60,4 +60,4 @@ class SelectedNode:
                      reason="no CSINode entry for the driver" if not vm_id else "VM not resident on a host")
             return []
         log.debug("selected_node_found", pvc=f"{namespace}/{name}", node=node_name, vm=vm_id, host=vm.container)
-        return [{placement.POOL_KEY: vm.pool_id, placement.HOST_KEY: vm.container}]
+        return [placement.node_segments(vm.pool_id, vm.container, host_topology=True)]

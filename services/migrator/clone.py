@@ -32,8 +32,7 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
     name = request.disk_name
     async with DiskLock(deps.redis, deps.key_prefix, name, ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        await transfer.settle(deps.xo, name, lock)
-        done = await _finished(deps.xo, name)
+        done = await _finished(deps.xo, name, await transfer.settle(deps.xo, name, lock))
         if done is None:
             source = await _source(deps.xo, request)
             mark = TransferMark("copying", "clone", source.id, request.job_id, request.description)
@@ -46,10 +45,11 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
                              sr_id=done.sr_id, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _finished(xo: XoClient, disk_name: str) -> Vdi | None:
-    """The new disk when a previous attempt finished it (``settle`` ran first: a VDI with the name is final)."""
+async def _finished(xo: XoClient, disk_name: str, named: list[Vdi]) -> Vdi | None:
+    """The new disk when a previous attempt finished it, from ``named``, the VDIs ``settle`` left with the name (a
+    VDI with the name is final then)."""
     # a clone finished in a pool XO lost must not be made again
-    vdis = await xo.lookup_confirmed(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
+    vdis = named or await xo.confirm_absent(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
     if len(vdis) > 1:
         ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
         raise PreconditionFailed(f"{len(vdis)} VDIs are named {disk_name} ({ids}); remove the strays in XO")
@@ -73,7 +73,7 @@ async def _source(xo: XoClient, request: CloneRequested) -> Vdi:
     if len(vdis) > 1 or any(_moving(v) for v in vdis):
         raise OperationPending(f"the source volume {where} is being migrated; the clone starts once it is in place")
     source = vdis[0]
-    attached = [vbd for vbd in await xo.find_vbds(vdi_id=source.id) if vbd.attached]
+    attached = await xo.attached_vbds(source.id)
     if attached:
         raise PreconditionFailed(f"the source volume {where} is attached to node {attached[0].vm_id}: "
                                  f"{transfer_marks.DETACH_TO_CLONE}")

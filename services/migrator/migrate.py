@@ -64,9 +64,8 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
         named = await deps.xo.find_vdis(name_label=request.disk_name)
         settled = transfer.unsettled(named)
-        if settled:  # what an interrupted move or clone left: settled, then looked up again
-            await transfer.settle(deps.xo, request.disk_name, lock)
-            named = await deps.xo.find_vdis(name_label=request.disk_name)
+        if settled:  # what an interrupted move or clone left: settled (settle returns the VDIs named after it then)
+            named = await transfer.settle(deps.xo, request.disk_name, lock)
         vdi = await _source_vdi(deps, request, lock, named)
         vdi, sr_id = await _move(deps, request, vdi, lock, settled=settled)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",

@@ -116,13 +116,17 @@ def unsettled(named: list[Vdi]) -> bool:
                for v in named)
 
 
-async def settle(xo: XoClient, disk_name: str, lock: DiskLock) -> None:
+async def settle(xo: XoClient, disk_name: str, lock: DiskLock) -> list[Vdi]:
     """Before an attempt on ``disk_name`` does anything: delete the targets an interrupted attempt left that are
-    not proven complete and carry a renamed complete one through ``finish``. Nothing to do: one lookup pair."""
+    not proven complete and carry a renamed complete one through ``finish``. Returns the VDIs named after the disk
+    once settled, for the caller to go on from without a lookup of its own: as read when there was nothing to do
+    (one lookup pair in all), else read again. Like any lookup, an empty answer is not proof of absence while XO
+    may miss a pool (``XoClient.confirm_absent``)."""
     incoming = await xo.find_vdis(name_label=transfer_marks.incoming_name(disk_name))
-    renamed = [v for v in await xo.find_vdis(name_label=disk_name) if transfer_marks.is_marked(v.name_description)]
+    named = await xo.find_vdis(name_label=disk_name)
+    renamed = [v for v in named if transfer_marks.is_marked(v.name_description)]
     if not incoming and not renamed:
-        return
+        return named
     await xo.check_view_complete(f"the VDIs of disk {disk_name}")  # a source in a lost pool is not a deleted one
     for vdi in incoming:  # never renamed: at best complete but unused; a new stream is cheaper than a doubt
         await _discard(xo, vdi, lock, reason="left by an interrupted attempt before it took the disk's name")
@@ -136,6 +140,7 @@ async def settle(xo: XoClient, disk_name: str, lock: DiskLock) -> None:
             continue
         log.warning("transfer_resumed", disk_name=disk_name, vdi=vdi.id, kind=mark.kind, source=mark.source)
         await finish(xo, disk_name, vdi.id, mark, lock)
+    return await xo.find_vdis(name_label=disk_name)
 
 
 # -- the stream ----------------------------------------------------------------------------------------------

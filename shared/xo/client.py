@@ -113,6 +113,10 @@ class XoClient:
         """VBDs of a VM and/or a VDI."""
         return await self._typed(Vbd, _query("VBD", {"VM": vm_id, "VDI": vdi_id}))
 
+    async def attached_vbds(self, vdi_id: str) -> list[Vbd]:
+        """The VBDs through which a VM has the VDI plugged now (``attached``); one read, as ``find_vbds``."""
+        return [vbd for vbd in await self.find_vbds(vdi_id=vdi_id) if vbd.attached]
+
     # -- account and completeness -------------------------------------------------------------
 
     async def current_user(self) -> dict[str, Any]:

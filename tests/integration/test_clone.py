@@ -200,3 +200,28 @@ async def test_no_sr_for_a_clone_while_xo_has_lost_the_pool_asked_for_is_unavail
     await eventually(pool_b_seen, 5, description="pool B's SRs back in the frontend's inventory")
     await _clone(xenv, _request(pool=POOL_B))
     assert [vdi["$SR"] for vdi in xenv.sim.state.of_type("VDI") if vdi["name_label"] == CLONE] == [SR_B1]
+
+
+async def test_a_clone_job_decides_from_what_settling_read_not_from_a_lookup_of_its_own(xenv: Env) -> None:
+    """The XO calls of one clone job into pool B (the worker's alone, counted by the simulator): the name of the new
+    disk is looked up once (transfer.settle returns what it read), then confirmed absent as XO sees every pool."""
+    write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    worker = await xenv.worker("w1")
+    assert worker.migrator.inventory is not None
+    await worker.migrator.inventory.srs()  # the SRs loaded (the worker warms them at start): not counted below
+    stats = xenv.sim.simulator.stats
+    stats.reset()
+    request = CloneRequested(
+        kind="clone", job_id=messages.new_job_id(), disk_name=CLONE, volume_id="name:vol2",
+        source_volume_id="name:vol1", source_vdi_seen=source["id"], source_disk_name=DISK, sr_id=SR_B1,
+        size_bytes=DISK_SIZE, description=DESCRIPTION, requested_at=messages.utc_now(), correlation_id="c-count")
+    await xenv.jobs.create_or_join(request)
+    await xenv.publisher.request(request)
+    record = await finished(xenv, name=CLONE)
+    assert record.state == "succeeded", record
+    # reads: settle's (~incoming, the name: the job's first look, not read again), the name once more after
+    # server.getAll (absent only once XO sees every pool), the source by name, its VBDs, the target after the
+    # stream and after its csi:info
+    assert dict(stats.calls) == {"xo.getAllObjects": 7, "server.getAll": 1, "rest.vdi.create": 1, "rest.vdi.get": 1,
+                                 "rest.vdi.export": 1, "rest.vdi.import": 1, "vdi.set": 3}

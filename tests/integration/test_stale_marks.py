@@ -13,6 +13,7 @@ from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
 from shared import messages, vdi_metadata
 from shared.errors import OperationPending
+from shared.jobs import JobRecord
 from shared.messages import MigrationRequested
 from shared.volume_id import by_name
 from tests.support.brokers import RedisEndpoint
@@ -83,3 +84,23 @@ async def test_a_mark_a_live_job_backs_is_respected(marked: Env) -> None:
     assert aborted >= 1
     [vdi] = vdis_named(marked.sim)
     assert '"inProgressToSRUUID"' not in vdi["name_description"]
+
+
+async def test_a_marked_disk_s_migration_goes_on_from_what_settling_read(marked: Env) -> None:
+    """The XO calls of one migration of a marked disk (the worker's alone, counted by the simulator): the mark
+    makes the worker settle first, and the VDIs settle read are the ones it goes on from, not read again."""
+    worker = await marked.worker("w1")
+    assert worker.migrator.inventory is not None
+    await worker.migrator.inventory.srs()  # the SRs loaded (the worker warms them at start): not counted below
+    stats = marked.sim.simulator.stats
+    stats.reset()
+    await marked.submit()
+
+    async def ended() -> JobRecord | None:
+        return await marked.finished()
+
+    record = await eventually(ended, 20, 0.05, description="the migration ended")
+    assert record.state == "succeeded", record
+    # reads: the disk's VDIs (a mark: settle first), settle's two (~incoming, the disk's VDIs: the ones the worker
+    # goes on from, not read again); the SRs come from the worker's inventory
+    assert dict(stats.calls) == {"xo.getAllObjects": 3, "vdi.set": 2, "vdi.migrate": 1}

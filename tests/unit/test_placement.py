@@ -92,6 +92,14 @@ def test_segments_and_capacity() -> None:
     assert placement.capacity([A1, A2, B1], {"pool": "nope"}) == (0, 0)
 
 
+@pytest.mark.parametrize(("host_topology", "segments"), [
+    (False, {"pool": "pool-a"}),
+    (True, {"pool": "pool-a", "host": "host-a1"}),
+])
+def test_node_segments_name_the_host_only_with_host_topology(host_topology: bool, segments: dict[str, str]) -> None:
+    assert placement.node_segments("pool-a", "host-a1", host_topology) == segments
+
+
 def test_vdi_migrate_never_moves_a_disk_to_another_pool() -> None:
     with pytest.raises(PlacementImpossible, match="only within a pool"):
         placement.choose_for_host([A1, B1], GiB, "host-b1", "pool-b", from_pool="pool-a")
