@@ -262,7 +262,7 @@ def report_sequential(samples: list[Attach], size_bytes: int, lags: list[float],
           f"{dict(sorted(Counter(calls).items()))}")
     print("    by method (mean): " + ", ".join(f"{m}={n / len(samples):.2f}" for m, n in sorted(per_method.items())))
     show_target("(d) XO calls per migrating attach (mean)", statistics.fmean(calls), "", TARGET_XO_CALLS)
-    if len(calls) > 1:  # the first re-reads the SRs: the frontend's own CreateVolumes changed their usage
+    if len(calls) > 1:  # the first may read more than the others (e.g. a cache the frontend loads on first use)
         show_target("(d) XO calls per migrating attach after the first (max)", max(calls[1:]), "", TARGET_XO_CALLS)
     if retries:
         print(f"    retried: {dict(retries)}")
