@@ -2,13 +2,16 @@
 reaped) as attempt + 1; given back unstarted (same attempt); or failed: dead-lettered, recorded and announced. Used
 by the consumer and the reaper.
 
-Every publish is confirmed and happens *before* the record changes; the record changes only while this
-worker's claim still owns it. A BackendUnavailable leaves the record running under the claim with no more
-heartbeats, so the reaper finishes the hand-back later: nothing is lost, at worst a step repeats.
+Every publish is confirmed. A message that carries the job on (a hand-back, a dead letter) is published *before*
+the record changes; a give-back's, which repeats the attempt, right after (see ``give_back``); a success's event,
+which only wakes the waiters, at the same time. The record changes only while this worker's claim still owns it.
+A BackendUnavailable leaves the record running under the claim with no more heartbeats, so the reaper finishes the
+hand-back later: nothing is lost, at worst a step repeats.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from shared import broker, messages, metrics
@@ -36,11 +39,14 @@ class Outcomes:
         self._max_attempts = max_attempts
 
     async def succeeded(self, record: JobRecord, result: MigrationFinished) -> None:
-        """Record the result (kept ``result_ttl_s``), then announce it to the waiters."""
-        if not await self._jobs.finish(record, result):
+        """Record the result (kept ``result_ttl_s``) and announce it to the waiters, both at once: a waiter takes
+        the event's result as it is (the disk is where it says), and one that missed the event reads the record.
+        When another claim took the job over meanwhile (reaped while it ended), the announced result is still
+        true; the new owner finds the disk in place and announces it again."""
+        recorded, _ = await asyncio.gather(self._jobs.finish(record, result), self._announce(record, result))
+        if not recorded:
             log.warning("migration_finished", outcome="lost", reason="the job was taken over before it ended")
             return
-        await self._announce(record, result)
         metrics.JOBS_FINISHED.labels("succeeded").inc()
         log.info("migration_finished", outcome="succeeded", sr_to=result.sr_id, vdi=result.vdi_id,
                  attempt=record.attempt, duration_ms=int(result.duration_s * 1000))
