@@ -22,7 +22,7 @@ Prints each figure beside its target (issue 14 item 4):
   (b) lag from the MigrationFinished event (our own subscriber on xocsi.migration-events) to the publish
       answer, less XO's time in the one call after it, vm.attachDisk (the call, then its cache lag until the VBD
       shows plugged, which the answer needs: its device) (target p99 <= 10 ms);
-  (c) makespan of --herd concurrent migrating attaches over 4 migrators (one job each at a time) against the lower
+  (c) makespan of --herd concurrent migrating attaches over 4 migrators (one copy each at a time) against the lower
       bound count x copy / limit, the limit being the copies that may run at once (the worker slots, or the
       migrators' per-SR limit: every copy goes Local A1 -> Local A2). First under XO's harsh cache lag, shown
       without a target: each job waits for XO's cache three times by design (the mark, then the cleared mark and

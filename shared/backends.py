@@ -1,6 +1,6 @@
-"""Opening the messaging backends both services use: a Redis client (socket timeouts always set; one server, or the
-primary Redis Sentinel names) and a robust RabbitMQ connection (failing over along AMQP_URL's nodes) with a
-confirming publisher, all closed by the caller's exit stack."""
+"""Opening the messaging backends both services use: a Redis client (socket timeouts always set, a bounded pool of
+connections that commands wait for; one server, or the primary Redis Sentinel names) and a robust RabbitMQ
+connection (failing over along AMQP_URL's nodes) with a confirming publisher, all closed by the caller's exit stack."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from shared import broker
 from shared.config import RabbitSettings, RedisSettings
@@ -27,8 +28,12 @@ def redis_client(stack: AsyncExitStack, settings: RedisSettings, *, timeout_s: f
     failover")."""
     timeout = settings.socket_timeout_s if timeout_s is None else timeout_s
     sockets: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    # At most max_connections; a command finding them all busy waits for one (up to the socket timeout) instead of
+    # failing at once (redis-py's default pool raises MaxConnectionsError past 100: 200 attaches waiting at once).
+    pooled: dict[str, Any] = {"max_connections": settings.max_connections, "timeout": timeout}
     if not settings.uses_sentinel:
-        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **sockets)
+        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url.get_secret_value(), **pooled, **sockets))
         stack.push_async_callback(client.aclose)
         return client
     sentinel_kwargs = {**sockets, "password": _secret(settings.sentinel_password)}
@@ -36,9 +41,15 @@ def redis_client(stack: AsyncExitStack, settings: RedisSettings, *, timeout_s: f
                         **sockets)
     stack.push_async_callback(sentinel.aclose)
     primary: aioredis.Redis = sentinel.master_for(settings.sentinel_master, password=_secret(settings.password),
-                                                  db=settings.db)
+                                                  db=settings.db, connection_pool_class=_BlockingSentinelPool,
+                                                  **pooled)
     stack.push_async_callback(primary.aclose)  # closed first (last in, first out), then the sentinels' clients
     return primary
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's SentinelConnectionPool (connections to the primary the sentinels name) with its
+    BlockingConnectionPool's bound: past ``max_connections`` a command waits ``timeout`` for a free connection."""
 
 
 def _secret(value: SecretStr | None) -> str | None:

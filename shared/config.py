@@ -101,6 +101,9 @@ class RedisSettings(BaseSettings):
                     description="database number on the primary found through the sentinels")
     socket_timeout_s: float = Field(default=5.0, gt=0, validation_alias=AliasChoices(
         "socket_timeout_s", "REDIS_SOCKET_TIMEOUT_S"))
+    max_connections: int = Field(default=64, ge=1, validation_alias=AliasChoices(
+        "max_connections", "REDIS_MAX_CONNECTIONS"), description="connections one process keeps to Redis at most; a "
+        "command finding them all in use waits for one (up to REDIS_SOCKET_TIMEOUT_S)")
     key_prefix: str = Field(default="xocsi:", description="prefix of every key this project writes",
                             validation_alias=AliasChoices("key_prefix", "REDIS_KEY_PREFIX"))
 
