@@ -290,8 +290,11 @@ class Consumer:
         spawned = False
         # The last slot pauses the consumer (basic.cancel), the last copy slot lowers its priority, while Redis
         # claims the job: the round trips at once, the change done before the ack (with prefetch 1 nothing else is
-        # delivered to the old consumer until then).
-        pausing = asyncio.create_task(self._pause()) if self._wanted() != self._priority else None
+        # delivered to the consumer that delivered this until then). Full, it always reconciles before the ack,
+        # even when the consumer looks paused already: this may have come through a consumer another reconcile is
+        # subscribing right now, and acked before that one is cancelled, it would take a delivery we must nack.
+        want = self._wanted()
+        pausing = asyncio.create_task(self._pause()) if want is None or want != self._priority else None
         try:
             claim = await self._claim(request, message)
             if claim is not None:  # the job starts now, the consumer's change goes on meanwhile
