@@ -1,0 +1,53 @@
+"""A migrator's copy slots (services/migrator/slots.py): a job prepared ahead waits for the slot the copy before it
+frees, and goes back to the queue (NotStarted) when its wait runs out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.migrator.slots import CopySlots, NotStarted
+
+
+async def test_a_waiting_job_gets_the_slot_as_soon_as_the_copy_before_it_frees_it() -> None:
+    slots = CopySlots(1, wait_s=5)
+    order: list[str] = []
+    first_holds = asyncio.Event()
+    release_first = asyncio.Event()
+
+    async def first() -> None:
+        async with slots.hold("csi-a"):
+            order.append("a copies")
+            first_holds.set()
+            await release_first.wait()
+        order.append("a done")
+
+    async def second() -> None:
+        await first_holds.wait()
+        async with slots.hold("csi-b"):
+            order.append("b copies")
+
+    tasks = [asyncio.create_task(first()), asyncio.create_task(second())]
+    await first_holds.wait()
+    release_first.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a copies", "a done", "b copies"]
+
+
+async def test_a_job_still_waiting_when_its_wait_runs_out_goes_back_unstarted_and_takes_nothing() -> None:
+    slots = CopySlots(1, wait_s=0.05)
+    async with slots.hold("csi-a"):
+        busy = "disk csi-b: every copy slot of this worker stayed busy for 0.05 s"
+        with pytest.raises(NotStarted, match=busy) as err:
+            async with slots.hold("csi-b"):
+                pytest.fail("no slot was free")
+        assert err.value.retryable
+    async with asyncio.timeout(1), slots.hold("csi-c"):  # the slot csi-a held is free, and csi-b's wait took none
+        pass
+
+
+@pytest.mark.parametrize(("count", "wait_s"), [(0, 1.0), (1, -1.0)])
+def test_bad_sizes_are_refused(count: int, wait_s: float) -> None:
+    with pytest.raises(ValueError, match="CopySlots needs count >= 1 and wait_s >= 0"):
+        CopySlots(count, wait_s=wait_s)
