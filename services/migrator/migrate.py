@@ -24,6 +24,7 @@ from shared.locks import DiskLock, SrSlots
 from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
 from shared.vdi_metadata import StorageInfo
+from shared.xo.cache import DiskChanges
 from shared.xo.client import XoClient
 from shared.xo.errors import XoNotFound
 from shared.xo.inventory import Inventory
@@ -62,17 +63,20 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
                         ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        named = await deps.xo.find_vdis(name_label=request.disk_name)
-        settled = transfer.unsettled(named)
-        if settled:  # what an interrupted move or clone left: settled (settle returns the VDIs named after it then)
-            named = await transfer.settle(deps.xo, request.disk_name, lock)
-        vdi = await _source_vdi(deps, request, lock, named)
-        vdi, sr_id = await _move(deps, request, vdi, lock, settled=settled)
+        with deps.xo.noting_changes(request.disk_name) as changes:  # until the copy: see _as_read
+            named = await deps.xo.find_vdis(name_label=request.disk_name)
+            changes.track(v.id for v in named)
+            settled = transfer.unsettled(named)
+            if settled:  # what an interrupted move or clone left: settled (settle returns the VDIs named after it)
+                named = await transfer.settle(deps.xo, request.disk_name, lock)
+            vdi = await _source_vdi(deps, request, lock, named)
+            changes.track([vdi.id])
+            vdi, sr_id = await _move(deps, request, vdi, lock, changes, settled=settled)
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
                              vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: DiskLock, *,
+async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: DiskLock, changes: DiskChanges, *,
                 settled: bool = False) -> tuple[Vdi, str]:
     xo = deps.xo
     views = {sr.id: placement.view(sr) for sr in await _tagged_srs(deps, request.tag)}
@@ -89,11 +93,12 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
             await transfer.settle(xo, request.disk_name, lock)
         async with copy_slots(deps, request.disk_name, vdi.sr_id, target.id):
+            vdi = await _as_read(xo, vdi, changes)
             return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
                                                     lock), target.id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
                                        from_pool=current.pool_id if current is not None else None)
-    moved = await _copy(deps, request, vdi, target.id, info, lock)
+    moved = await _copy(deps, request, vdi, target.id, info, lock, changes)
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
         raise BackendFailure(f"XO migrated disk {request.disk_name}, but its new VDI {where}, not on target SR "
@@ -108,7 +113,7 @@ async def _tagged_srs(deps: HandlerDeps, tag: str) -> list[Sr]:
 
 
 async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
-                lock: DiskLock) -> Vdi | None:
+                lock: DiskLock, changes: DiskChanges) -> Vdi | None:
     """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
     XO's cache shows it then (None once it is gone). The mark and the copy happen while holding the copy slots
     (``copy_slots``): the mark is set only once the copy can start, so attaches do not see a disk "being
@@ -117,6 +122,7 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     async with contextlib.AsyncExitStack() as held:
         await held.enter_async_context(copy_slots(deps, request.disk_name, vdi.sr_id, target_id))
         lock.ensure_held()  # the wait may have outlived the disk lock
+        vdi = await _as_read(xo, vdi, changes)
         marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
         await xo.set_vdi(vdi.id, name_description=marked)
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
@@ -140,6 +146,22 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
     metrics.MIGRATION_BYTES.inc(vdi.size)
     return moved
+
+
+async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges) -> Vdi:
+    """``vdi`` as XO shows it now, before the job writes to it after waiting for its slots (a job prepared ahead waits
+    up to MIGRATOR_PREPARED_WAIT_S, a per-SR limit up to its slot wait): read again only when XO's notifications
+    showed a change to the disk meanwhile (or may have been missed). Changed in what the copy decides from (its SR,
+    description, VBDs, an operation on it; e.g. a node attached it where it is) -> OperationPending: the job runs
+    again from a new read."""
+    if not changes.changed:
+        return vdi
+    now = await xo.get_vdi(vdi.id)
+    if now is None or (now.sr_id, now.name_description, sorted(now.vbd_ids), bool(now.current_operations)) != (
+            vdi.sr_id, vdi.name_description, sorted(vdi.vbd_ids), False):
+        raise OperationPending(f"disk {vdi.name_label} changed in XO while its job waited for a copy slot "
+                               f"(VDI {vdi.id}); the job runs again from a new read")
+    return now
 
 
 async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:

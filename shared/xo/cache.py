@@ -11,7 +11,7 @@ and from a re-read on a capped cadence in case a notification was missed (reconn
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -130,3 +130,41 @@ class Watch:
                         interval_s = min(interval_s * 2, MAX_RECHECK_S)
         except TimeoutError:
             return False, last
+
+
+class DiskChanges:
+    """Whether XO may show a disk differently from a read taken when this started (``XoClient.noting_changes``).
+
+    ``changed`` turns True once an ``all`` notification shows a VDI named ``name`` or an id passed to ``track``
+    (entering, changed, or leaving the cache), or once notifications may have been missed: the socket closed
+    or another was opened since. Otherwise a new read would show what the old one did (reads and notifications
+    both show XO's cache), so it can be skipped. Exits carry only ids: every one is kept, so that an exit handled
+    before ``track`` still counts.
+    """
+
+    def __init__(self, name: str, connected: Callable[[], bool], connections: Callable[[], int]) -> None:
+        self._name = name
+        self._connected = connected
+        self._connections = connections
+        self._opened = connections()
+        self._tracked: set[str] = set()
+        self._exited: set[str] = set()
+        self._seen = False
+
+    def track(self, vdi_ids: Iterable[str]) -> None:
+        """Count changes to these VDIs too (those just read), whatever their name becomes."""
+        self._tracked.update(vdi_ids)
+
+    @property
+    def changed(self) -> bool:
+        return (self._seen or not self._tracked.isdisjoint(self._exited) or not self._connected()
+                or self._connections() != self._opened)
+
+    def __call__(self, method: str, params: Any) -> None:
+        if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
+            return
+        for obj_id, obj in params["items"].items():
+            if not isinstance(obj, dict):
+                self._exited.add(obj_id)
+            elif obj_id in self._tracked or (obj.get("type") == "VDI" and obj.get("name_label") == self._name):
+                self._seen = True

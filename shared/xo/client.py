@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -20,7 +20,7 @@ from shared.backoff import Backoff
 from shared.config import XoSettings
 from shared.keyed_locks import KeyedLocks
 from shared.logging import get_logger
-from shared.xo.cache import FIRST_RECHECK_S, Expectation, MatchState, Obj, ObjectState, Watch
+from shared.xo.cache import FIRST_RECHECK_S, DiskChanges, Expectation, MatchState, Obj, ObjectState, Watch
 from shared.xo.errors import XoAuthError, XoError, XoMethodNotFound, XoNotFound, XoPoolDisconnected, XoUnavailable
 from shared.xo.models import Sr, Vbd, Vdi, Vm, XoObject
 from shared.xo.transport import Credentials, RpcSession, WebSocketConnector, api_url, tls_context
@@ -334,6 +334,19 @@ class XoClient:
             raise XoUnavailable(f"XO's object cache has not shown the result of {method} "
                                 f"{self._settle_timeout_s:g}s after the call; retry", method=method)
         return obj
+
+    @contextlib.contextmanager
+    def noting_changes(self, disk_name: str) -> Iterator[DiskChanges]:
+        """Within the block, ``changes.changed`` says whether XO may show disk ``disk_name`` (its VDIs by name, and
+        the ids passed to ``track``) differently from a read taken at its start: a job that waited (for a slot)
+        re-reads only then."""
+        session = self._session
+        changes = DiskChanges(disk_name, lambda: session.is_connected, lambda: session.connections_opened)
+        unsubscribe = session.subscribe(changes)
+        try:
+            yield changes
+        finally:
+            unsubscribe()
 
     @contextlib.asynccontextmanager
     async def _watching(self, expected: Expectation) -> AsyncIterator[Watch]:

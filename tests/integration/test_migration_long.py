@@ -18,6 +18,7 @@ from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
 from shared.units import GiB
 from shared.volume_id import by_name
+from shared.xo.client import XoClient
 from tests.support import brokers
 from tests.support.brokers import LocalRabbit, RabbitEndpoint
 from tests.support.migration import (
@@ -30,6 +31,7 @@ from tests.support.migration import (
     copying,
     dead_letters,
     ready_jobs,
+    sim_settings,
     two_hosts,
     vdis_named,
 )
@@ -302,3 +304,33 @@ async def test_a_prepared_job_goes_back_unstarted_when_its_worker_stays_busy_and
     assert copying(env.sim), "long before w1 finished its copy"
     assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
     assert await dead_letters(env.amqp_url) == 0
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
+async def test_a_prepared_job_whose_disk_changed_while_it_waited_acts_on_a_new_read_not_the_old_one(
+        env: Env) -> None:
+    await env.worker("w1", concurrency=1)  # csi-vol1 copies in 5 s while csi-vol2 is prepared ahead
+    await env.submit(DISK)
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
+    await env.submit(SMALL_DISK)
+
+    async def prepared() -> bool:
+        record = await env.jobs.get(SMALL_DISK)
+        return record is not None and (record.state, record.worker) == ("running", "w1")
+
+    await eventually(prepared, TIMEOUT_S, description="the second job claimed and read, waiting for the slot")
+    # Meanwhile someone (an operator, another tool) writes a field of their own into the disk's description.
+    edited = DESCRIPTION[:-1] + ',"note":"kept"}'
+    xo = XoClient.from_settings(sim_settings(env.sim))
+    try:
+        [small] = vdis_named(env.sim, SMALL_DISK)
+        await xo.set_vdi(small["id"], name_description=edited)
+    finally:
+        await xo.close()
+
+    done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
+                            description="the second disk migrated")
+    assert done is not None and (done.state, done.attempt) == ("succeeded", 2), "run again from a new read"
+    [moved] = vdis_named(env.sim, SMALL_DISK)
+    assert (moved["$SR"], moved["name_description"]) == (SR_A2, edited), "the edit is kept, the mark cleared"
+    assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1

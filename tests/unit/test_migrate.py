@@ -121,8 +121,8 @@ async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo
     try:
         vdi = await client.get_vdi("v1")
         assert vdi is not None
-        with pytest.raises(error) as info:
-            await _move(deps, request, vdi, _HeldLock())  # type: ignore[arg-type]
+        with client.noting_changes("csi-a") as changes, pytest.raises(error) as info:
+            await _move(deps, request, vdi, _HeldLock(), changes)  # type: ignore[arg-type]
         assert info.value.retryable is (status == "disconnected")  # type: ignore[attr-defined]
     finally:
         await client.close()
