@@ -28,6 +28,7 @@ from tests.support.migration import (
     SR_A2,
     VM_A2,
     Env,
+    Worker,
     copying,
     dead_letters,
     ready_jobs,
@@ -238,12 +239,10 @@ def _started(env: Env, disk: str) -> bool:
     return any(o.get("current_operations") or o["$SR"] == SR_A2 for o in vdis_named(env.sim, disk))
 
 
-@pytest.mark.parametrize("sim_options", [{
-    "migration_rate_bps": 2 * GiB // 5,  # csi-vol1 copies in 5 s, past the ack timeout; the others in 1.25 s
-    "topology": _THREE_DISKS,
-}])
-async def test_a_busy_worker_prepares_one_job_ahead_which_copies_as_soon_as_the_slot_frees(env: Env) -> None:
-    worker = await env.worker("w1", concurrency=1)  # prepare_ahead 1: the default
+async def _second_prepared_ahead(env: Env) -> Worker:
+    """Worker w1 (one copy slot, prepare-ahead 1: the default) copies csi-vol1 and has claimed, locked and read
+    csi-vol2, which waits for its copy slot."""
+    worker = await env.worker("w1", concurrency=1)
     await env.submit(DISK)
     await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
     await env.submit(SMALL_DISK)
@@ -253,6 +252,15 @@ async def test_a_busy_worker_prepares_one_job_ahead_which_copies_as_soon_as_the_
         return record is not None and (record.state, record.worker) == ("running", "w1")
 
     await eventually(prepared, TIMEOUT_S, description="the second job claimed by the busy worker")
+    return worker
+
+
+@pytest.mark.parametrize("sim_options", [{
+    "migration_rate_bps": 2 * GiB // 5,  # csi-vol1 copies in 5 s, past the ack timeout; the others in 1.25 s
+    "topology": _THREE_DISKS,
+}])
+async def test_a_busy_worker_prepares_one_job_ahead_which_copies_as_soon_as_the_slot_frees(env: Env) -> None:
+    worker = await _second_prepared_ahead(env)
     await env.submit(THIRD_DISK)
     assert await ready_jobs(env.amqp_url) == 1, "one job ahead at most: the third stays in the queue"
     assert not _started(env, SMALL_DISK), "the prepared job waits for the worker's copy slot"
@@ -309,16 +317,7 @@ async def test_a_prepared_job_goes_back_unstarted_when_its_worker_stays_busy_and
 @pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
 async def test_a_prepared_job_whose_disk_changed_while_it_waited_acts_on_a_new_read_not_the_old_one(
         env: Env) -> None:
-    await env.worker("w1", concurrency=1)  # csi-vol1 copies in 5 s while csi-vol2 is prepared ahead
-    await env.submit(DISK)
-    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the first disk")
-    await env.submit(SMALL_DISK)
-
-    async def prepared() -> bool:
-        record = await env.jobs.get(SMALL_DISK)
-        return record is not None and (record.state, record.worker) == ("running", "w1")
-
-    await eventually(prepared, TIMEOUT_S, description="the second job claimed and read, waiting for the slot")
+    await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
     # Meanwhile someone (an operator, another tool) writes a field of their own into the disk's description.
     edited = DESCRIPTION[:-1] + ',"note":"kept"}'
     xo = XoClient.from_settings(sim_settings(env.sim))

@@ -160,6 +160,7 @@ class Env:
 
     @property
     def attacher(self) -> Attacher:
+        assert self.frontend.attacher is not None, "a controller frontend has an attacher"
         return self.frontend.attacher
 
     @property
