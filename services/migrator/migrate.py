@@ -57,7 +57,8 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     for the disk (started by a worker that died or was stopped) is waited for, up to ``migrate_timeout_s``.
     Raises OperationPending (lock held elsewhere, XO still copying after that, no free slot on the source or
     target SR within ``sr_slot_wait_s`` when ``per_sr_limit`` is set), LockLost, VolumeNotFound,
-    CapacityExhausted, PlacementImpossible, PreconditionFailed (ambiguous duplicates) and the XoError tree.
+    CapacityExhausted, PlacementImpossible, PreconditionFailed (ambiguous duplicates; a disk a VM has
+    plugged since the job was queued) and the XoError tree.
     """
     started = time.monotonic()
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
@@ -88,6 +89,7 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
     if current is not None and placement.usable_from(current, request.host_id, request.pool_id):
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
         return await transfer.clear_mark(xo, vdi, lock), vdi.sr_id
+    await _not_plugged(xo, vdi, request.host_id)
     if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
         target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
@@ -146,6 +148,19 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     metrics.MIGRATION_DURATION.observe(time.monotonic() - copy_started)
     metrics.MIGRATION_BYTES.inc(vdi.size)
     return moved
+
+
+async def _not_plugged(xo: XoClient, vdi: Vdi, host_id: str) -> None:
+    """PreconditionFailed when a VM has the disk plugged: a node uses it where it is (the CO published the volume
+    there after this job was queued), and XO would move it under that VM (a live storage migration) or refuse.
+    Read only when the disk has VBDs at all (``$VBDs``): a detached disk, the usual case, costs no call."""
+    if not vdi.vbd_ids:
+        return
+    plugged = await xo.attached_vbds(vdi.id)
+    if plugged:
+        raise PreconditionFailed(f"disk {vdi.name_label} is plugged into VM {plugged[0].vm_id}, which uses it where "
+                                 f"it is; it does not move to host {host_id} under it: unpublish it from that node "
+                                 "first")
 
 
 async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges) -> Vdi:

@@ -11,11 +11,13 @@ from typing import Any
 import aio_pika
 import pytest
 
+from services.xo_simulator.topology import derived_id
 from shared import messages
 from shared.errors import CapacityExhausted
 from shared.keys import disk_job_key, disk_lock_key
 from shared.units import GiB
 from shared.volume_id import by_name
+from shared.xo.client import XoClient
 from tests.support.brokers import RedisEndpoint
 from tests.support.migration import (
     DISK,
@@ -26,6 +28,7 @@ from tests.support.migration import (
     Env,
     dead_letters,
     open_env,
+    sim_settings,
     two_hosts,
     vdis_named,
 )
@@ -120,3 +123,27 @@ async def test_no_room_on_target_fails_the_publish_and_dead_letters_the_job(stac
     assert vdi["$SR"] == SR_A1
     assert _migrations(stack) == 0
     await eventually(lambda: _keys_gone(stack), TIMEOUT_S, description="lock and job records gone")
+
+
+async def test_a_queued_job_does_not_move_a_disk_a_node_has_plugged_since(stack: Env) -> None:
+    # The CO published the volume to node-a1 (where the disk is usable) while a job for node-a2 was queued.
+    vm_a1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
+    [vdi] = _vdis(stack)
+    xo = XoClient.from_settings(sim_settings(stack.sim))
+    try:
+        await xo.attach_disk(vm_a1, vdi["id"])
+    finally:
+        await xo.close()
+    await stack.submit()
+
+    async def failed() -> Any:
+        record = await stack.finished()
+        return record if record is not None and record.state == "failed" else None
+
+    record = await eventually(failed, TIMEOUT_S, description="the job failed")
+    assert record.result is not None and record.result.error is not None
+    assert (record.result.error.code, record.result.error.retryable) == ("precondition_failed", False)
+    assert f"is plugged into VM {vm_a1}" in record.result.error.message
+    assert await eventually(lambda: _dead_letters(stack), TIMEOUT_S) == 1
+    [still] = _vdis(stack)
+    assert (still["$SR"], _migrations(stack)) == (SR_A1, 0), "not moved under node-a1"
