@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from services.csi_frontend.disks import Disk
 from shared import transfer_marks, vdi_metadata
 from shared.messages import MigrationFinished
+from shared.xo.cache import changed_objects
 from shared.xo.client import XoClient
 from shared.xo.models import Vdi
 
@@ -57,17 +58,12 @@ class VdiSightings:
                     self._names.pop(vdi_id, None)
 
     def _on_notification(self, method: str, params: Any) -> None:
-        if method != "all" or not self._watched or not isinstance(params, dict):
+        if not self._watched:
             return
-        items = params.get("items")
-        if not isinstance(items, dict):
-            return
-        gone = params.get("type") == "exit"
-        for obj_id, value in items.items():
-            name = value.get("name_label") if not gone and isinstance(value, dict) and value.get("type") == "VDI" \
-                else None
+        for obj_id, obj in changed_objects(method, params):
+            name = obj.get("name_label") if obj is not None and obj.get("type") == "VDI" else None
             if name in self._watched:
-                self._watched[name][obj_id] = value
+                self._watched[name][obj_id] = obj
                 self._names[obj_id] = name
             elif (known := self._names.pop(obj_id, None)) is not None and known in self._watched:
                 self._watched[known][obj_id] = None  # left the cache, or renamed away

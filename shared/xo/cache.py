@@ -11,7 +11,7 @@ and from a re-read on a capped cadence in case a notification was missed (reconn
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,17 @@ class Expectation(Protocol):
 
 Reader = Callable[[Mapping[str, Any]], Awaitable[list[Obj]]]
 """``xo.getAllObjects`` with an object filter, returning the matching objects."""
+
+
+def changed_objects(method: str, params: Any) -> Iterator[tuple[str, Obj | None]]:
+    """The items of an ``all`` notification as (id, object), the object None when the id left the cache (``exit``
+    items carry ``0``, not the object); nothing for any other notification."""
+    items = params.get("items") if method == "all" and isinstance(params, dict) else None
+    if not isinstance(items, dict):
+        return
+    gone = params.get("type") == "exit"
+    for obj_id, value in items.items():
+        yield str(obj_id), None if gone or not isinstance(value, dict) else value
 
 
 @dataclass(frozen=True)
@@ -97,13 +108,9 @@ class Watch:
         self.changed = asyncio.Event()
 
     def __call__(self, method: str, params: Any) -> None:
-        if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
-            return
-        gone = params.get("type") == "exit"
-        for obj_id, value in params["items"].items():
-            obj = None if gone or not isinstance(value, dict) else value
-            if self.expectation.relevant(str(obj_id), obj):
-                self.items[str(obj_id)] = obj
+        for obj_id, obj in changed_objects(method, params):
+            if self.expectation.relevant(obj_id, obj):
+                self.items[obj_id] = obj
                 self.changed.set()
 
     async def settle(self, read: Reader, *, timeout_s: float) -> tuple[bool, Obj | None]:
@@ -161,10 +168,8 @@ class DiskChanges:
                 or self._connections() != self._opened)
 
     def __call__(self, method: str, params: Any) -> None:
-        if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
-            return
-        for obj_id, obj in params["items"].items():
-            if not isinstance(obj, dict):
+        for obj_id, obj in changed_objects(method, params):
+            if obj is None:
                 self._exited.add(obj_id)
             elif obj_id in self._tracked or (obj.get("type") == "VDI" and obj.get("name_label") == self._name):
                 self._seen = True

@@ -20,7 +20,16 @@ from shared.backoff import Backoff
 from shared.config import XoSettings
 from shared.keyed_locks import KeyedLocks
 from shared.logging import get_logger
-from shared.xo.cache import FIRST_RECHECK_S, DiskChanges, Expectation, MatchState, Obj, ObjectState, Watch
+from shared.xo.cache import (
+    FIRST_RECHECK_S,
+    DiskChanges,
+    Expectation,
+    MatchState,
+    Obj,
+    ObjectState,
+    Watch,
+    changed_objects,
+)
 from shared.xo.errors import XoAuthError, XoError, XoMethodNotFound, XoNotFound, XoPoolDisconnected, XoUnavailable
 from shared.xo.models import Sr, Vbd, Vdi, Vm, XoObject
 from shared.xo.transport import Credentials, RpcSession, WebSocketConnector, api_url, tls_context
@@ -372,11 +381,7 @@ class XoClient:
         changed = asyncio.Event()
 
         def on_notification(method: str, params: Any) -> None:
-            items = params.get("items") if isinstance(params, dict) else None
-            if method != "all" or relevant is None or not isinstance(items, dict):
-                return
-            gone = params.get("type") == "exit"
-            if any(relevant(str(k), None if gone or not isinstance(v, dict) else v) for k, v in items.items()):
+            if relevant is not None and any(relevant(obj_id, obj) for obj_id, obj in changed_objects(method, params)):
                 changed.set()
 
         unsubscribe = self._session.subscribe(on_notification)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from shared.logging import get_logger
+from shared.xo.cache import changed_objects
 from shared.xo.client import XoClient
 from shared.xo.errors import XoError
 from shared.xo.models import Sr, Vm, XoObject
@@ -140,16 +141,12 @@ class Inventory:
             self._usage_loaded = usage_epoch
 
     def _on_notification(self, method: str, params: Any) -> None:
-        if method != "all" or not isinstance(params, dict) or not isinstance(params.get("items"), dict):
-            return
-        if params.get("type") == "exit":
-            # XO sends each removed object's value as 0 (not the object): forget the id whatever its kind.
-            for obj_id in params["items"]:
+        for obj_id, obj in changed_objects(method, params):
+            if obj is None:  # left the cache (its value is 0, not the object): forget the id whatever its kind
                 for objects in self._objects.values():
                     objects.pop(obj_id, None)
-            return
-        for obj_id, obj in params["items"].items():
-            kind = obj.get("type") if isinstance(obj, dict) else None
+                continue
+            kind = obj.get("type")
             # a kind never loaded (the migrator reads SRs only) or to be reloaded anyway: nothing to parse or keep
             if kind in self._objects and self._loaded_at[kind] != _NEVER and (model := _parse(kind, obj)) is not None:
                 self._objects[kind][obj_id] = model
