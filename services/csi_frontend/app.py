@@ -49,8 +49,9 @@ Servicers = list[tuple[object, object]]  # (servicer, add_XServicer_to_server)
 
 @dataclass
 class Frontend:
-    """A wired frontend: its parts (for tests and tools) and ``serve()``. A node plugin that reads its metadata
-    from Kubernetes (the default) has no XO client, inventory, disk locator or attacher."""
+    """A wired frontend: its parts (for tests and tools) and ``serve()``. A node plugin has no XO client,
+    inventory, disk locator or attacher: it reads its metadata from Kubernetes (the default), or from XO once at
+    start (--node-metadata=xo), then signs out."""
 
     settings: FrontendSettings
     servicers: Servicers
@@ -71,7 +72,7 @@ class Frontend:
     cloner: Cloner | None = None  # CreateVolume from a volume (with the migration queue only)
 
     async def readiness(self) -> health.Report:
-        """/readyz on the metrics port: XO answers (controller, or node-metadata=xo), and with migrations on,
+        """/readyz on the metrics port: XO answers (controller), and with migrations on,
         RabbitMQ is connected and Redis answers PING. CSI Probe (the liveness probe) never asks these."""
         checks: dict[str, health.Check] = {}
         if self.xo is not None:
@@ -124,7 +125,7 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     now (BackendUnavailable when it cannot). Redis also holds the temporary-disk cleanup's lease (one replica).
     Controller mode refuses a non-admin XO account (XoAuthError).
     Node mode learns its VM and topology now (node_identity.py): from its Node object by default, with no XO
-    client at all; from XO with --node-metadata=xo (any signed-in account).
+    client at all; from XO with --node-metadata=xo (any signed-in account), whose session closes once it knows.
     """
     frontend = Frontend(settings, [])
     if settings.needs_xo:
@@ -148,7 +149,21 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
     if settings.serves_node:
         frontend.node = NodeServicer(await _node_config(frontend))
         frontend.servicers.append((frontend.node, csi_pb2_grpc.add_NodeServicer_to_server))
+        if not settings.serves_controller:
+            await _sign_out(frontend)
     return frontend
+
+
+async def _sign_out(frontend: Frontend) -> None:
+    """A node plugin that asked XO who it is (--node-metadata=xo) needs nothing more from it: its session closes,
+    as XO sends every signed-in connection every change of every pool (a storm per node, for nothing)."""
+    if frontend.xo is None:
+        return
+    assert frontend.inventory is not None
+    await frontend.inventory.close()
+    await frontend.xo.close()
+    frontend.xo = frontend.inventory = frontend.disks = frontend.attacher = frontend.marks = None
+    log.info("xo_session_closed", reason="node identified: a node plugin reads XO only at start")
 
 
 async def _controller(stack: AsyncExitStack, frontend: Frontend, rabbit: RabbitSettings | None,

@@ -225,6 +225,7 @@ class Dispatcher:
         self.stats.cache_waits_pending -= 1
         self.stats.cache_wait_s[method] += now_s - answered_s
         self.stats.xo_leave(now_s)
+        log.debug("rpc_shown", rpc=method, cache_wait_ms=round((now_s - answered_s) * 1000, 3))
 
     async def _inject(self, method: str) -> None:
         delay_s = self.faults.latency.for_method_s(method)
