@@ -210,6 +210,7 @@ class Consumer:
         delays = RESUME_BACKOFF.delays()
         while True:
             self.last_tick_s = time.monotonic()
+            self._changed.clear()  # before: a slot that goes back while this reconciles wakes the loop at once
             try:
                 await self._reconcile()
                 delays = RESUME_BACKOFF.delays()
@@ -218,7 +219,6 @@ class Consumer:
                 log.warning("consumer_resume_failed", error=exc.message, retry_in_s=round(delay_s, 3))
                 await asyncio.sleep(delay_s)  # capped jittered backoff
                 continue
-            self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
                     await self._changed.wait()
@@ -300,14 +300,16 @@ class Consumer:
             if claim is not None:  # the job starts now, the consumer's change goes on meanwhile
                 spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
             if pausing is not None:
-                await pausing
+                await asyncio.shield(pausing)  # cancelled meanwhile (the channel closed): the change still completes
             if claim is not None:
                 await _settle(message.ack())
         finally:
-            if pausing is not None and not pausing.done():  # cancelled meanwhile: the pause still completes
-                await asyncio.shield(pausing)
-            if not spawned:
-                self._release_slot()
+            try:
+                if pausing is not None and not pausing.done():
+                    await asyncio.wait({pausing})  # never raises what ended the change: the slot goes back below
+            finally:
+                if not spawned:
+                    self._release_slot()
 
     async def _pause(self) -> None:
         with contextlib.suppress(BackendUnavailable):  # channel gone: nothing is delivered anyway

@@ -90,12 +90,13 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         log.info("migration_not_needed", disk_name=request.disk_name, sr_to=vdi.sr_id)
         return await transfer.clear_mark(xo, vdi, lock), vdi.sr_id
     await _not_plugged(xo, vdi, request.host_id)
+    changes.track(vdi.vbd_ids)  # a VBD plugged where it is while the job waits for its slots: see _as_read
     if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
         target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
             await transfer.settle(xo, request.disk_name, lock)
         async with copy_slots(deps, request.disk_name, vdi.sr_id, target.id):
-            vdi = await _as_read(xo, vdi, changes)
+            vdi = await _as_read(xo, vdi, changes, request.host_id)
             return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
                                                     lock), target.id
     target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
@@ -124,7 +125,7 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     async with contextlib.AsyncExitStack() as held:
         await held.enter_async_context(copy_slots(deps, request.disk_name, vdi.sr_id, target_id))
         lock.ensure_held()  # the wait may have outlived the disk lock
-        vdi = await _as_read(xo, vdi, changes)
+        vdi = await _as_read(xo, vdi, changes, request.host_id)
         marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
         await xo.set_vdi(vdi.id, name_description=marked)
         log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
@@ -163,12 +164,13 @@ async def _not_plugged(xo: XoClient, vdi: Vdi, host_id: str) -> None:
                                  "first")
 
 
-async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges) -> Vdi:
+async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges, host_id: str) -> Vdi:
     """``vdi`` as XO shows it now, before the job writes to it after waiting for its slots (a job prepared ahead waits
     up to MIGRATOR_PREPARED_WAIT_S, a per-SR limit up to its slot wait): read again only when XO's notifications
-    showed a change to the disk meanwhile (or may have been missed). Changed in what the copy decides from (its SR,
-    description, VBDs, an operation on it; e.g. a node attached it where it is) -> OperationPending: the job runs
-    again from a new read."""
+    showed a change to the disk or its VBDs meanwhile (or may have been missed). Changed in what the copy decides
+    from (its SR, description, VBDs, an operation on it; e.g. a node attached it where it is) -> OperationPending:
+    the job runs again from a new read. A VBD it had, plugged meanwhile (its VM started) -> PreconditionFailed, as
+    before the wait (_not_plugged)."""
     if not changes.changed:
         return vdi
     now = await xo.get_vdi(vdi.id)
@@ -176,6 +178,7 @@ async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges) -> Vdi:
             vdi.sr_id, vdi.name_description, sorted(vdi.vbd_ids), False):
         raise OperationPending(f"disk {vdi.name_label} changed in XO while its job waited for a copy slot "
                                f"(VDI {vdi.id}); the job runs again from a new read")
+    await _not_plugged(xo, now, host_id)
     return now
 
 

@@ -158,9 +158,9 @@ class DiskChanges:
         self._exited: set[str] = set()
         self._seen = False
 
-    def track(self, vdi_ids: Iterable[str]) -> None:
-        """Count changes to these VDIs too (those just read), whatever their name becomes."""
-        self._tracked.update(vdi_ids)
+    def track(self, object_ids: Iterable[str]) -> None:
+        """Count changes to these objects too (the VDIs just read, whatever their name becomes; their VBDs)."""
+        self._tracked.update(object_ids)
 
     @property
     def changed(self) -> bool:

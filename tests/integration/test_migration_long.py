@@ -13,6 +13,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from services.xo_simulator.topology import derived_id
 from shared import messages
 from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
@@ -333,3 +334,31 @@ async def test_a_prepared_job_whose_disk_changed_while_it_waited_acts_on_a_new_r
     [moved] = vdis_named(env.sim, SMALL_DISK)
     assert (moved["$SR"], moved["name_description"]) == (SR_A2, edited), "the edit is kept, the mark cleared"
     assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
+async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_while_it_waited(env: Env) -> None:
+    # csi-vol2 has an unplugged VBD on node-a1 (its VM was stopped without an unpublish): the job may move it.
+    vm_a1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
+    xo = XoClient.from_settings(sim_settings(env.sim))
+    try:
+        [small] = vdis_named(env.sim, SMALL_DISK)
+        vbd = await xo.attach_disk(vm_a1, small["id"])
+        await xo.session.call("vbd.disconnect", {"id": vbd.id})
+        await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
+        await xo.connect_vbd(vbd.id)  # node-a1 starts again and plugs it: it uses the disk where it is
+    finally:
+        await xo.close()
+
+    async def failed() -> MigrationFinished | None:
+        record = await env.finished(SMALL_DISK)
+        return record.result if record is not None and record.state == "failed" else None
+
+    result = await eventually(failed, TIMEOUT_S, interval_s=0.1, description="the second job failed")
+    assert result is not None and result.error is not None
+    assert (result.error.code, result.error.retryable) == ("precondition_failed", False)
+    assert f"is plugged into VM {vm_a1}" in result.error.message
+    [still] = vdis_named(env.sim, SMALL_DISK)
+    assert (still["$SR"], env.sim.simulator.stats.migrations.get(SMALL_DISK, 0)) == (SR_A1, 0), "not moved under it"
+    done = await eventually(functools.partial(env.finished, DISK), TIMEOUT_S, interval_s=0.1)
+    assert done is not None and (done.state, env.sim.simulator.stats.migrations[DISK]) == ("succeeded", 1)
