@@ -174,6 +174,8 @@ class Consumer:
         """Stop consuming and reaping, let running jobs finish within ``grace_s``, hand the others back to the
         queue (their XO copies go on; the next owner waits for them), then close the channel."""
         self._stopping = True
+        if self._deps.copies is not None:
+            self._deps.copies.close()  # a job prepared ahead goes back now, with its attempt: it never started
         await self._stop_loops()
         with contextlib.suppress(BackendUnavailable):
             await self._reconcile()

@@ -362,3 +362,21 @@ async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_whil
     assert (still["$SR"], env.sim.simulator.stats.migrations.get(SMALL_DISK, 0)) == (SR_A1, 0), "not moved under it"
     done = await eventually(functools.partial(env.finished, DISK), TIMEOUT_S, interval_s=0.1)
     assert done is not None and (done.state, env.sim.simulator.stats.migrations[DISK]) == ("succeeded", 1)
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 10, "topology": _THREE_DISKS}])
+async def test_a_job_prepared_ahead_goes_back_with_its_attempt_when_its_worker_stops(env: Env) -> None:
+    first = await _second_prepared_ahead(env)  # csi-vol1 copies in 10 s while csi-vol2 waits for the copy slot
+    await first.stop(grace_s=0.5)  # a scale-down: the running copy is handed back, the prepared job given back
+
+    async def queued_again() -> bool:
+        record = await env.jobs.get(SMALL_DISK)
+        return record is not None and (record.state, record.attempt) == ("queued", 1)
+
+    assert await eventually(queued_again, TIMEOUT_S, interval_s=0.05) is True
+    assert not _started(env, SMALL_DISK), "no copy started as the worker stopped"
+    await env.worker("w2", concurrency=1)
+    done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
+                            description="the second disk migrated by the next worker")
+    assert done is not None and (done.state, done.attempt) == ("succeeded", 1), "no attempt spent: it never began"
+    assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1

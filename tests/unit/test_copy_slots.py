@@ -47,6 +47,34 @@ async def test_a_job_still_waiting_when_its_wait_runs_out_goes_back_unstarted_an
         pass
 
 
+async def test_when_the_worker_stops_a_waiting_job_goes_back_at_once_and_none_starts_after() -> None:
+    slots = CopySlots(1, wait_s=30)
+    async with slots.hold("csi-a"):
+        waiting = asyncio.create_task(_hold_once(slots, "csi-b"))
+        await asyncio.sleep(0)  # one step of the loop: the new task runs up to its wait for the slot (FIFO, no timing)
+        slots.close()
+        with pytest.raises(NotStarted, match="disk csi-b: this worker stops; the job goes back to the queue"):
+            await asyncio.wait_for(waiting, 1)
+    with pytest.raises(NotStarted, match="this worker stops"):  # the slot is free again, but no copy starts now
+        await _hold_once(slots, "csi-c")
+
+
+async def test_a_job_cancelled_while_it_waits_takes_no_slot() -> None:
+    slots = CopySlots(1, wait_s=30)
+    async with slots.hold("csi-a"):
+        waiting = asyncio.create_task(_hold_once(slots, "csi-b"))
+        await asyncio.sleep(0)  # as above: it waits for the slot now
+        waiting.cancel()
+        await asyncio.wait({waiting})
+    async with asyncio.timeout(1), slots.hold("csi-c"):  # csi-a's slot came back and csi-b took none
+        pass
+
+
+async def _hold_once(slots: CopySlots, disk: str) -> None:
+    async with slots.hold(disk):
+        pass
+
+
 @pytest.mark.parametrize(("count", "wait_s"), [(0, 1.0), (1, -1.0)])
 def test_bad_sizes_are_refused(count: int, wait_s: float) -> None:
     with pytest.raises(ValueError, match="CopySlots needs count >= 1 and wait_s >= 0"):
