@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="VM UUID of this node (default: /sys/class/dmi/id/product_uuid)")
     p.add_argument("--node-metadata", choices=["kubernetes", "xo"],
                    help="node plugin: read pool/host from this Node's labels set by the XO cloud controller manager "
-                   "(default kubernetes: no XO credentials needed) or from XO (any signed-in XO account)")
+                   "(default kubernetes: no XO credentials needed) or from XO once at start (any signed-in XO account; "
+                   "the session closes once it knows)")
     p.add_argument("--node-name", help="this node's Kubernetes name (CSI_NODE_NAME; downward API spec.nodeName)")
     p.add_argument("--kubeconfig", help="Kubernetes API access outside a pod (default: in-cluster, else $KUBECONFIG)")
     p.add_argument("--disk-name-prefix", help="prefix of VDI names (default csi-)")
