@@ -48,6 +48,10 @@ class CopySlots:
 
     async def _acquired(self) -> bool:
         """A slot taken (True), or none within ``wait_s`` or the worker stopping (False, nothing held)."""
+        if self._closed.is_set():
+            return False
+        if not self._free.locked():  # a free slot: taken at once, without waiting (even with wait_s 0)
+            return await self._free.acquire()
         acquiring = asyncio.ensure_future(self._free.acquire())
         closing = asyncio.ensure_future(self._closed.wait())
         waited = False

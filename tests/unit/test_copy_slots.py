@@ -70,6 +70,14 @@ async def test_a_job_cancelled_while_it_waits_takes_no_slot() -> None:
         pass
 
 
+async def test_a_free_slot_is_taken_even_when_the_wait_is_zero() -> None:
+    slots = CopySlots(1, wait_s=0)
+    async with slots.hold("csi-a"):
+        with pytest.raises(NotStarted, match="stayed busy for 0 s"):
+            await _hold_once(slots, "csi-b")
+    await _hold_once(slots, "csi-c")
+
+
 async def _hold_once(slots: CopySlots, disk: str) -> None:
     async with slots.hold(disk):
         pass
