@@ -146,7 +146,8 @@ async def test_source_pool_lost_mid_stream_the_move_completes_once_xo_sees_it_ag
     """XO loses pool A while its disk is exported: the stream breaks and the disk vanishes from XO's view. Absent is
     not deleted: the job retries (XoPoolDisconnected) until the pool is back, then moves the whole disk."""
     checksum = write_content(xenv)
-    await xenv.worker("w1", max_attempts=20)
+    # Retries 0.5 s apart at most, 1,000 of them: the 3 s outage never exhausts them, however fast each attempt is.
+    await xenv.worker("w1", max_attempts=1000, retry_backoff_max_s=0.5)
     await submit_to_pool_b(xenv)
     await streaming(xenv)
     pool_a = vdis_named(xenv.sim)[0]["$pool"]
