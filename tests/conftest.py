@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -23,6 +24,14 @@ from tests.support.brokers import (
     RabbitEndpoint,
     RedisEndpoint,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CPython 3.11.0-3.11.7 can raise "SystemError: AST constructor recursion depth mismatch" while pytest parses a
+    # failing test's source for its long traceback (python/cpython#106905, fixed in 3.11.8): the INTERNALERROR ends
+    # the session and hides which test failed. Python's own traceback format needs no such parse.
+    if (3, 11) <= sys.version_info < (3, 11, 8) and config.option.tbstyle == "auto":
+        config.option.tbstyle = "native"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
