@@ -46,12 +46,27 @@ class LockLost(OperationPending, code="lock_lost"):
     """The lock expired or was taken over while held (heartbeat failed); stop before the next XO write."""
 
 
+# Releases left running after their holder's exit (DiskLock ``release_after_exit``), kept referenced until done.
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+async def released(timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) for the releases still running after their holder's exit in this event loop: a
+    worker that stops lets them reach Redis before it closes its client (else the lock waits out its TTL)."""
+    loop = asyncio.get_running_loop()
+    pending = {task for task in _RELEASING if task.get_loop() is loop}
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
 class _Leased:
     """Exit of a held lease (DiskLock, SrSlots): stop the heartbeat, then release, shielded, even when
-    cancelled; a cancelled release could leave the lease held (redis-py #3847) until its TTL runs out."""
+    cancelled; a cancelled release could leave the lease held (redis-py #3847) until its TTL runs out.
+    With ``_release_after_exit``, a clean exit returns at once and both run in a task of their own (``released``)."""
 
     _heartbeat: asyncio.Task[None] | None
     _stopping: bool
+    _release_after_exit = False
 
     async def _release(self) -> None:
         raise NotImplementedError
@@ -60,6 +75,14 @@ class _Leased:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stopping = True
+        if self._release_after_exit and exc_type is None:
+            task = asyncio.create_task(self._end(), name=f"release:{type(self).__name__}")
+            _RELEASING.add(task)
+            task.add_done_callback(_RELEASING.discard)
+            return
+        await self._end()
+
+    async def _end(self) -> None:
         try:
             await _end_heartbeat(self._heartbeat)
         finally:
@@ -73,10 +96,14 @@ class DiskLock(_Leased):
     The key's TTL is ``ttl_s``; a heartbeat resets it every ``ttl_s / 3`` while held. ``ensure_held()``
     raises LockLost once a heartbeat found the lock gone, so callers check it before destructive calls.
     One DiskLock object per critical section (redis-py keeps the token on the object).
-    Redis errors become BackendUnavailable.
+    Redis errors become BackendUnavailable. ``release_after_exit``: a clean exit does not wait for the release
+    (one Redis round trip), which goes on in a task of its own (``released`` waits for it); an exit by an exception
+    or a cancellation still releases before it returns.
     """
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, disk_name: str, *, ttl_s: float, wait_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, disk_name: str, *, ttl_s: float, wait_s: float,
+                 release_after_exit: bool = False) -> None:
+        self._release_after_exit = release_after_exit
         self.key = disk_lock_key(prefix, disk_name)
         self._disk_name = disk_name
         self._ttl_s = ttl_s

@@ -48,7 +48,7 @@ from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
 from services.migrator.slots import NotStarted
-from shared import broker, messages, metrics, progress
+from shared import broker, locks, messages, metrics, progress
 from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, DomainError
 from shared.jobs import Claim, JobRecord, JobStore
@@ -192,6 +192,7 @@ class Consumer:
                     task.cancel()
                 if stuck:
                     await asyncio.wait(stuck, timeout=5)
+        await locks.released(self._settings.probe_timeout_s)  # disk locks the last jobs left going back
         await self._close_channel()
 
     async def abort(self) -> None:

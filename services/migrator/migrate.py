@@ -61,8 +61,10 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     plugged since the job was queued) and the XoError tree.
     """
     started = time.monotonic()
-    async with DiskLock(deps.redis, deps.key_prefix, request.disk_name,
-                        ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
+    # The outcome is recorded and announced while the lock goes back (the consumer's stop waits for the release):
+    # the attach waiting for it need not wait for that round trip too.
+    async with DiskLock(deps.redis, deps.key_prefix, request.disk_name, ttl_s=deps.lock_ttl_s,
+                        wait_s=deps.lock_wait_s, release_after_exit=True) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
         with deps.xo.noting_changes(request.disk_name) as changes:  # until the copy: see _as_read
             named = await deps.xo.find_vdis(name_label=request.disk_name)

@@ -65,6 +65,10 @@ async def _dead_letters(stack: Env) -> int:
     return await dead_letters(stack.amqp_url)
 
 
+async def _lock_gone(stack: Env) -> bool:
+    return not await stack.redis.exists(disk_lock_key(stack.prefix, DISK))
+
+
 async def _keys_gone(stack: Env) -> bool:
     return not await stack.redis.exists(disk_lock_key(stack.prefix, DISK), disk_job_key(stack.prefix, DISK))
 
@@ -77,7 +81,8 @@ async def test_publish_migrates_the_disk_once_then_attaches(stack: Env) -> None:
     assert '"inProgressToSRUUID"' not in vdi["name_description"]
     assert context["vbd"] in vdi["$VBDs"]
     assert _migrations(stack) == 1
-    assert not await stack.redis.exists(disk_lock_key(stack.prefix, DISK))
+    # the lock goes back while the outcome is announced, not before: released, not left to its TTL
+    await eventually(lambda: _lock_gone(stack), 1.0, description="disk lock released")
     await eventually(lambda: _keys_gone(stack), TIMEOUT_S, description="job record expired")
 
 

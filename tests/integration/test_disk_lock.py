@@ -1,0 +1,56 @@
+"""The disk lock (shared/locks.py DiskLock) against a real Redis: one holder at a time, and its release when held with
+``release_after_exit`` (the migrator's handler): a clean exit leaves the release running, which ``released`` waits
+for; an exit by an error releases before it returns, as without the option."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared import locks
+from shared.errors import OperationPending
+from shared.keys import disk_lock_key
+from shared.locks import DiskLock
+from tests.support.brokers import RedisEndpoint
+
+pytestmark = pytest.mark.integration
+
+DISK = "csi-vol1"
+
+
+@pytest.fixture
+async def redis(redis_server: RedisEndpoint) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
+    yield client
+    await client.aclose()
+
+
+def _lock(redis: aioredis.Redis, prefix: str, *, release_after_exit: bool = False) -> DiskLock:
+    return DiskLock(redis, prefix, DISK, ttl_s=30, wait_s=0, release_after_exit=release_after_exit)
+
+
+async def test_a_held_disk_lock_keeps_a_second_holder_out(redis: aioredis.Redis, redis_prefix: str) -> None:
+    async with _lock(redis, redis_prefix):
+        with pytest.raises(OperationPending, match=f"disk {DISK} is locked by another worker"):
+            async with _lock(redis, redis_prefix):
+                pass
+    assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 0
+
+
+async def test_released_after_exit_the_lock_is_free_for_the_next_holder(redis: aioredis.Redis,
+                                                                        redis_prefix: str) -> None:
+    async with _lock(redis, redis_prefix, release_after_exit=True):
+        assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 1
+    await locks.released(5)
+    assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 0
+    async with _lock(redis, redis_prefix):  # taken at once (wait_s 0): nothing was left to its 30 s TTL
+        pass
+
+
+async def test_an_exit_by_an_error_releases_before_it_returns(redis: aioredis.Redis, redis_prefix: str) -> None:
+    with pytest.raises(RuntimeError, match="the handler failed"):
+        async with _lock(redis, redis_prefix, release_after_exit=True):
+            raise RuntimeError("the handler failed")
+    assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 0
