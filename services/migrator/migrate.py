@@ -170,14 +170,15 @@ async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges, host_id: str) -
     """``vdi`` as XO shows it now, before the job writes to it after waiting for its slots (a job prepared ahead waits
     up to MIGRATOR_PREPARED_WAIT_S, a per-SR limit up to its slot wait): read again only when XO's notifications
     showed a change to the disk or its VBDs meanwhile (or may have been missed). Changed in what the copy decides
-    from (its SR, description, VBDs, an operation on it; e.g. a node attached it where it is) -> OperationPending:
-    the job runs again from a new read. A VBD it had, plugged meanwhile (its VM started) -> PreconditionFailed, as
-    before the wait (_not_plugged)."""
+    from (its SR, description, an operation on it, a VBD it did not have: e.g. a node attached it where it is) ->
+    OperationPending: the job runs again from a new read. A VBD gone meanwhile changes nothing the copy decides from
+    (the node it served detached: XO often shows that only after the job's read). A VBD it had, plugged meanwhile
+    (its VM started) -> PreconditionFailed, as before the wait (_not_plugged)."""
     if not changes.changed:
         return vdi
     now = await xo.get_vdi(vdi.id)
-    if now is None or (now.sr_id, now.name_description, sorted(now.vbd_ids), bool(now.current_operations)) != (
-            vdi.sr_id, vdi.name_description, sorted(vdi.vbd_ids), False):
+    if now is None or (now.sr_id, now.name_description, bool(now.current_operations)) != (
+            vdi.sr_id, vdi.name_description, False) or not set(now.vbd_ids) <= set(vdi.vbd_ids):
         raise OperationPending(f"disk {vdi.name_label} changed in XO while its job waited for a copy slot "
                                f"(VDI {vdi.id}); the job runs again from a new read")
     await _not_plugged(xo, now, host_id)

@@ -364,6 +364,28 @@ async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_whil
     assert done is not None and (done.state, env.sim.simulator.stats.migrations[DISK]) == ("succeeded", 1)
 
 
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
+async def test_a_prepared_job_whose_disk_lost_a_vbd_while_it_waited_moves_it_on_its_first_attempt(env: Env) -> None:
+    # csi-vol2 has an unplugged VBD on node-a1; its node unpublishes it (the VBD goes) while the job waits for its slot.
+    vm_a1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
+    xo = XoClient.from_settings(sim_settings(env.sim))
+    try:
+        [small] = vdis_named(env.sim, SMALL_DISK)
+        vbd = await xo.attach_disk(vm_a1, small["id"])
+        await xo.session.call("vbd.disconnect", {"id": vbd.id})
+        await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
+        await xo.delete_vbd(vbd.id)
+    finally:
+        await xo.close()
+
+    done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
+                            description="the second disk migrated")
+    assert done is not None and (done.state, done.attempt) == ("succeeded", 1), "a VBD gone changes nothing: no retry"
+    [moved] = vdis_named(env.sim, SMALL_DISK)
+    assert (moved["$SR"], moved["$VBDs"]) == (SR_A2, [])
+    assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
+
+
 @pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 10, "topology": _THREE_DISKS}])
 async def test_a_job_prepared_ahead_goes_back_with_its_attempt_when_its_worker_stops(env: Env) -> None:
     first = await _second_prepared_ahead(env)  # csi-vol1 copies in 10 s while csi-vol2 waits for the copy slot
