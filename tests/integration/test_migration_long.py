@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -336,19 +336,27 @@ async def test_a_prepared_job_whose_disk_changed_while_it_waited_acts_on_a_new_r
     assert env.sim.simulator.stats.migrations[SMALL_DISK] == 1
 
 
-@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
-async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_while_it_waited(env: Env) -> None:
-    # csi-vol2 has an unplugged VBD on node-a1 (its VM was stopped without an unpublish): the job may move it.
+async def _while_prepared_with_an_unplugged_vbd(env: Env, act: Callable[[XoClient, str], Awaitable[None]]) -> str:
+    """csi-vol2 gets an unplugged VBD on node-a1 (its VM was stopped without an unpublish: the job may move it), its
+    job is prepared ahead by a busy worker (csi-vol1 copies in 5 s meanwhile), then ``act(xo, vbd_id)`` changes that
+    VBD while the job waits for its copy slot. Returns node-a1's VM."""
     vm_a1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
     xo = XoClient.from_settings(sim_settings(env.sim))
     try:
         [small] = vdis_named(env.sim, SMALL_DISK)
         vbd = await xo.attach_disk(vm_a1, small["id"])
         await xo.session.call("vbd.disconnect", {"id": vbd.id})
-        await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
-        await xo.connect_vbd(vbd.id)  # node-a1 starts again and plugs it: it uses the disk where it is
+        await _second_prepared_ahead(env)
+        await act(xo, vbd.id)
     finally:
         await xo.close()
+    return vm_a1
+
+
+@pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
+async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_while_it_waited(env: Env) -> None:
+    # node-a1 starts again and plugs it: it uses the disk where it is
+    vm_a1 = await _while_prepared_with_an_unplugged_vbd(env, lambda xo, vbd_id: xo.connect_vbd(vbd_id))
 
     async def failed() -> MigrationFinished | None:
         record = await env.finished(SMALL_DISK)
@@ -366,17 +374,8 @@ async def test_a_prepared_job_does_not_move_a_disk_whose_vbd_a_node_plugged_whil
 
 @pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 2 * GiB // 5, "topology": _THREE_DISKS}])
 async def test_a_prepared_job_whose_disk_lost_a_vbd_while_it_waited_moves_it_on_its_first_attempt(env: Env) -> None:
-    # csi-vol2 has an unplugged VBD on node-a1; its node unpublishes it (the VBD goes) while the job waits for its slot.
-    vm_a1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
-    xo = XoClient.from_settings(sim_settings(env.sim))
-    try:
-        [small] = vdis_named(env.sim, SMALL_DISK)
-        vbd = await xo.attach_disk(vm_a1, small["id"])
-        await xo.session.call("vbd.disconnect", {"id": vbd.id})
-        await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
-        await xo.delete_vbd(vbd.id)
-    finally:
-        await xo.close()
+    # node-a1's node unpublishes it: the VBD goes
+    await _while_prepared_with_an_unplugged_vbd(env, lambda xo, vbd_id: xo.delete_vbd(vbd_id))
 
     done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
                             description="the second disk migrated")
