@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from shared.units import GiB
 from tests.support.brokers import RedisEndpoint
@@ -19,6 +20,14 @@ from tests.support.controller import Controller, controller
 from tests.support.cross_pool import cross_pool_env
 from tests.support.migration import Env, open_env
 from tests.support.node_host import Host, skip_reason
+
+
+@pytest.fixture
+async def redis(redis_server: RedisEndpoint) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session's Redis (use the ``redis_prefix`` fixture's prefix for this test's keys)."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ for; an exit by an error releases before it returns, as without the option."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
 
@@ -13,18 +11,10 @@ from shared import locks
 from shared.errors import OperationPending
 from shared.keys import disk_lock_key
 from shared.locks import DiskLock
-from tests.support.brokers import RedisEndpoint
 
 pytestmark = pytest.mark.integration
 
 DISK = "csi-vol1"
-
-
-@pytest.fixture
-async def redis(redis_server: RedisEndpoint) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
-    yield client
-    await client.aclose()
 
 
 def _lock(redis: aioredis.Redis, prefix: str, *, release_after_exit: bool = False) -> DiskLock:

@@ -4,7 +4,6 @@ hand-back, finish, the reaper's takeover) and who may make them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +12,6 @@ import redis.asyncio as aioredis
 from shared.jobs import JobRecord, JobStore
 from shared.keys import disk_job_key
 from shared.messages import MigrationFinished, MigrationRequested
-from tests.support.brokers import RedisEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +26,6 @@ def _request(job_id: str = "job-1", attempt: int = 1) -> MigrationRequested:
         host_id="host-2", pool_id="pool-a", requested_at=datetime(2026, 1, 2, tzinfo=UTC), correlation_id="c-1",
         attempt=attempt,
     )
-
-
-@pytest.fixture
-async def redis(redis_server: RedisEndpoint) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

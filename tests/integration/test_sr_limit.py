@@ -51,13 +51,6 @@ LEASE_S = 30.0  # long enough that no lease expires in a test unless the test me
 TIMEOUT_S = 20.0
 
 
-@pytest.fixture
-async def redis(redis_server: RedisEndpoint) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
-    yield client
-    await client.aclose()
-
-
 def _slots(redis: aioredis.Redis, prefix: str, *sr_ids: str, limit: int = 1, lease_s: float = LEASE_S,
            wait_s: float = 0.0) -> SrSlots:
     return SrSlots(redis, prefix, sr_ids, limit=limit, lease_s=lease_s, wait_s=wait_s, owner="test")
