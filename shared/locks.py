@@ -60,13 +60,16 @@ async def released(timeout_s: float) -> None:
 
 
 class _Leased:
-    """Exit of a held lease (DiskLock, SrSlots): stop the heartbeat, then release, shielded, even when
-    cancelled; a cancelled release could leave the lease held (redis-py #3847) until its TTL runs out.
+    """Exit of a held lease (DiskLock, SrSlots): stop the heartbeat, then release, even when cancelled; a cancelled
+    release could leave the lease held (redis-py #3847) until its TTL runs out, so a cancellation during the release
+    sends it again, shielded. The release leaves in the exiting task itself: a waiter on another replica (an SR slot's
+    next holder) is woken one Redis round trip after the exit, not a loop turn later.
     With ``_release_after_exit``, a clean exit returns at once and both run in a task of their own (``released``)."""
 
     _heartbeat: asyncio.Task[None] | None
     _stopping: bool
     _release_after_exit = False
+    _beating = False  # a heartbeat's Redis call is in flight (_beat_call)
 
     async def _release(self) -> None:
         raise NotImplementedError
@@ -84,9 +87,31 @@ class _Leased:
 
     async def _end(self) -> None:
         try:
-            await _end_heartbeat(self._heartbeat)
+            await self._stop_heartbeat()
         finally:
-            await asyncio.shield(self._release())
+            try:
+                await self._release()
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release())  # the first may not have reached Redis: idempotent
+                raise
+
+    async def _stop_heartbeat(self) -> None:
+        """A heartbeat asleep between beats is only cancelled: the cancellation ends its sleep, and with ``_stopping``
+        set it makes no further call, so the release need not wait for its end. One in a Redis call is waited for
+        (_end_heartbeat): its call could otherwise extend or put back the lease after the release."""
+        beat = self._heartbeat
+        if beat is not None and not beat.done() and not self._beating:
+            beat.cancel()
+            return
+        await _end_heartbeat(beat)
+
+    async def _beat_call(self, call: Awaitable[T]) -> T:
+        """Await a heartbeat's Redis call, flagged as in flight for _stop_heartbeat."""
+        self._beating = True
+        try:
+            return await call
+        finally:
+            self._beating = False
 
 
 class DiskLock(_Leased):
@@ -143,7 +168,7 @@ class DiskLock(_Leased):
         while not self._stopping:  # checked after each await: see _end_heartbeat
             await asyncio.sleep(interval_s)
             try:
-                await self._lock.reacquire()
+                await self._beat_call(self._lock.reacquire())
             except LockNotOwnedError:
                 self._lost = True
                 log.error("lock_lost", lock_key=self.key)
@@ -321,7 +346,7 @@ class SrSlots(_Leased):
         while not self._stopping:  # checked after each await: see _end_heartbeat
             await asyncio.sleep(interval_s)
             try:
-                reply = await self._eval(_EXTEND_SLOTS, self._limit, self._lease_ms)
+                reply = await self._beat_call(self._eval(_EXTEND_SLOTS, self._limit, self._lease_ms))
             except RedisError as exc:
                 # Transient: the next beat retries; the lease (3 beats) covers a short Redis outage.
                 log.warning("sr_slots_heartbeat_failed", sr_ids=self.sr_ids, reason=type(exc).__name__)

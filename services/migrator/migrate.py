@@ -13,8 +13,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from services.migrator import transfer
 from services.migrator.slots import CopySlots
@@ -120,25 +122,38 @@ async def _tagged_srs(deps: HandlerDeps, tag: str) -> list[Sr]:
 async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target_id: str, info: StorageInfo,
                 lock: DiskLock, changes: DiskChanges) -> Vdi | None:
     """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
-    XO's cache shows it then (None once it is gone). The mark and the copy happen while holding the copy slots
-    (``copy_slots``): the mark is set only once the copy can start, so attaches do not see a disk "being
-    migrated" while it merely waits for a slot; the slots go back as soon as XO answered."""
+    XO's cache shows it then (None once it is gone).
+
+    The mark is set once the job holds one of its worker's copy slots, so attaches do not see a disk "being
+    migrated" while it merely waits for a worker. With a per-SR limit, the job then waits for its SR slots marked:
+    an SR's slot passes from one copy to the next without an XO write in between (a hand-over costs the slot's
+    release and the next holder's wake-up only), and an attach elsewhere meanwhile answers ABORTED ("being
+    migrated") as the job, which holds the disk's lock, is committed to the move. The slots go back as soon as XO
+    answered; a job that fails before its copy started takes its mark back (``_unmark_unmoved``)."""
     xo = deps.xo
     async with contextlib.AsyncExitStack() as held:
-        await held.enter_async_context(copy_slots(deps, request.disk_name, vdi.sr_id, target_id))
+        if deps.copies is not None:
+            await held.enter_async_context(deps.copies.hold(request.disk_name))
         lock.ensure_held()  # the wait may have outlived the disk lock
         vdi = await _as_read(xo, vdi, changes, request.host_id)
         marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
+        changes.expect(vdi.id, _shows_as(vdi.model_copy(update={"name_description": marked})))
         await xo.set_vdi(vdi.id, name_description=marked)
-        log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id, vdi=vdi.id)
-        copy_started = time.monotonic()
         cleared = vdi_metadata.remarked(marked, None, info)
-
-        async def answered() -> None:
-            progress.copied()  # the worker's slot takes its next job
-            await held.aclose()
-
         try:
+            if deps.per_sr_limit > 0:
+                await held.enter_async_context(sr_slots(deps, request.disk_name, vdi.sr_id, target_id))
+                lock.ensure_held()
+                vdi = await _as_read(xo, vdi.model_copy(update={"name_description": marked}), changes,
+                                     request.host_id)
+            log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id,
+                     vdi=vdi.id)
+            copy_started = time.monotonic()
+
+            async def answered() -> None:
+                progress.copied()  # the worker's slot takes its next job
+                await held.aclose()
+
             # The slots go back once XO answered (the copy is over), not after the waits for its cache.
             moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=answered,
                                                               timeout_s=deps.migrate_timeout_s)
@@ -169,20 +184,36 @@ async def _not_plugged(xo: XoClient, vdi: Vdi, host_id: str) -> None:
 async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges, host_id: str) -> Vdi:
     """``vdi`` as XO shows it now, before the job writes to it after waiting for its slots (a job prepared ahead waits
     up to MIGRATOR_PREPARED_WAIT_S, a per-SR limit up to its slot wait): read again only when XO's notifications
-    showed a change to the disk or its VBDs meanwhile (or may have been missed). Changed in what the copy decides
-    from (its SR, description, an operation on it, a VBD it did not have: e.g. a node attached it where it is) ->
-    OperationPending: the job runs again from a new read. A VBD gone meanwhile changes nothing the copy decides from
-    (the node it served detached: XO often shows that only after the job's read). A VBD it had, plugged meanwhile
-    (its VM started) -> PreconditionFailed, as before the wait (_not_plugged)."""
+    showed a change to the disk or its VBDs meanwhile (or may have been missed), other than the job's own mark
+    (``DiskChanges.expect``). Changed in what the copy decides from (``_unchanged``) -> OperationPending: the job
+    runs again from a new read. A VBD it had, plugged meanwhile (its VM started) -> PreconditionFailed, as before
+    the wait (_not_plugged)."""
     if not changes.changed:
         return vdi
     now = await xo.get_vdi(vdi.id)
-    if now is None or (now.sr_id, now.name_description, bool(now.current_operations)) != (
-            vdi.sr_id, vdi.name_description, False) or not set(now.vbd_ids) <= set(vdi.vbd_ids):
+    if now is None or not _unchanged(vdi, now):
         raise OperationPending(f"disk {vdi.name_label} changed in XO while its job waited for a copy slot "
                                f"(VDI {vdi.id}); the job runs again from a new read")
     await _not_plugged(xo, now, host_id)
     return now
+
+
+def _unchanged(read: Vdi, now: Vdi) -> bool:
+    """Whether ``now`` shows the disk as ``read`` did in what the copy decides from: its SR, its description, no
+    operation on it, no VBD it did not have (e.g. a node attached it where it is). A VBD gone meanwhile changes
+    nothing of that (the node it served detached: XO often shows that only after the job's read)."""
+    return (now.sr_id == read.sr_id and now.name_description == read.name_description and not now.current_operations
+            and set(now.vbd_ids) <= set(read.vbd_ids))
+
+
+def _shows_as(read: Vdi) -> Callable[[dict[str, Any]], bool]:
+    """A notification's test for DiskChanges.expect: the VDI object shows the disk as ``read`` (``_unchanged``)."""
+    def unchanged(obj: dict[str, Any]) -> bool:
+        try:
+            return _unchanged(read, Vdi.model_validate(obj))
+        except ValidationError:
+            return False
+    return unchanged
 
 
 async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:
@@ -192,16 +223,24 @@ async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:
 
 @contextlib.asynccontextmanager
 async def copy_slots(deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str) -> AsyncIterator[None]:
-    """What a copy holds: one of this worker's copy slots (NotStarted when none frees within its wait), then, when
-    ``per_sr_limit`` is set, a slot on both SRs (lease = the disk lock's TTL)."""
+    """What a copy holds: one of this worker's copy slots (NotStarted when none frees within its wait), then
+    ``sr_slots``."""
     async with contextlib.AsyncExitStack() as held:
         if deps.copies is not None:
             await held.enter_async_context(deps.copies.hold(disk_name))
-        if deps.per_sr_limit > 0:
-            slots = await held.enter_async_context(SrSlots(
-                deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit, lease_s=deps.lock_ttl_s,
-                wait_s=deps.sr_slot_wait_s, owner=disk_name))
-            metrics.SR_SLOT_WAIT.observe(slots.waited_s)
+        await held.enter_async_context(sr_slots(deps, disk_name, sr_from, sr_to))
+        yield
+
+
+@contextlib.asynccontextmanager
+async def sr_slots(deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str) -> AsyncIterator[None]:
+    """When ``per_sr_limit`` is set, a slot on both SRs (lease = the disk lock's TTL); else nothing."""
+    if deps.per_sr_limit <= 0:
+        yield
+        return
+    async with SrSlots(deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit,
+                       lease_s=deps.lock_ttl_s, wait_s=deps.sr_slot_wait_s, owner=disk_name) as slots:
+        metrics.SR_SLOT_WAIT.observe(slots.waited_s)
         yield
 
 

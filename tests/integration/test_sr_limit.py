@@ -18,7 +18,7 @@ from services.migrator.app import handler_deps
 from services.migrator.migrate import handle
 from services.migrator.settings import MigratorSettings
 from services.xo_simulator.server import start_simulator
-from shared import messages
+from shared import messages, vdi_metadata
 from shared.errors import OperationPending
 from shared.keys import sr_doorbell_key, sr_slots_key
 from shared.locks import SrSlots
@@ -316,6 +316,21 @@ async def test_leaving_ends_the_heartbeat_even_if_its_redis_call_drops_the_cance
         await lossy.aclose()
 
 
+async def test_leaving_while_the_heartbeat_sleeps_releases_and_the_heartbeat_never_puts_the_lease_back(
+    redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    slots = _slots(redis, redis_prefix, SR_A)  # a beat every 10 s: asleep when the holder leaves
+    async with slots:
+        heartbeat = slots._heartbeat
+        assert heartbeat is not None
+    assert await _holders(redis, redis_prefix, SR_A) == []  # released by the exit itself
+    await asyncio.wait({heartbeat}, timeout=TIMEOUT_S)
+    assert heartbeat.cancelled()  # it ended in its sleep: no extend came after the release
+    assert await _holders(redis, redis_prefix, SR_A) == []
+    async with _slots(redis, redis_prefix, SR_A):  # the next holder takes the slot without waiting (wait_s 0)
+        pass
+
+
 async def test_a_waiter_cancelled_during_a_redis_call_that_drops_it_still_stops(
     redis: aioredis.Redis, redis_server: RedisEndpoint, redis_prefix: str
 ) -> None:
@@ -394,7 +409,8 @@ async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_onl
             with pytest.raises(OperationPending):
                 await handle(request, deps)
             [still] = vdis_named(sim)
-            assert (still["$SR"], still["name_description"]) == (SR_A1, DESCRIPTION)  # not marked, not copied
+            # Not copied, and the mark it waited under was taken back when it gave up.
+            assert (still["$SR"], still["name_description"]) == (SR_A1, DESCRIPTION)
             assert sim.simulator.stats.migrations[DISK] == 0
         task = asyncio.create_task(handle(request, deps))
 
@@ -408,6 +424,46 @@ async def test_the_handler_holds_a_slot_on_source_and_target_during_the_copy_onl
             result = await task
         assert (result.outcome, result.sr_id) == ("succeeded", SR_A2)
         assert await _holders(redis, redis_prefix, SR_A1) + await _holders(redis, redis_prefix, SR_A2) == []
+    finally:
+        await xo.close()
+        await sim.stop()
+
+
+async def test_a_job_waits_for_its_sr_slot_with_the_disk_marked_and_copies_once_the_slot_frees(
+    redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    sim = await start_simulator(two_hosts(), admin=True, migration_rate_bps=4 * GiB)
+    xo = XoClient.from_settings(sim_settings(sim))
+    settings = MigratorSettings(lock_ttl_s=3, lock_wait_s=1, migrate_timeout_s=30, per_sr_limit=1,
+                                sr_slot_wait_s=TIMEOUT_S)
+    deps = handler_deps(settings, xo, redis, redis_prefix)
+    try:
+        [vdi] = vdis_named(sim)
+        assert await xo.get_vdi(vdi["id"]) is not None  # connected: the job's notifications start complete
+        calls = sim.simulator.stats.calls.copy()
+        async with held(_slots(redis, redis_prefix, SR_A2)) as release:  # another migration to Local A2 runs
+            task = asyncio.create_task(handle(_request(DISK, vdi["id"]), deps))
+
+            def marked() -> bool:
+                [now] = vdis_named(sim)
+                info = vdi_metadata.parse(now["name_description"])
+                return info is not None and info.in_progress_to_sr == SR_A2
+
+            # An attach of the disk elsewhere now answers "being migrated" (services/csi_frontend/stale_marks.py).
+            await eventually(marked, TIMEOUT_S)
+            assert not task.done()
+            assert sim.simulator.stats.migrations[DISK] == 0
+            release.set()
+        async with asyncio.timeout(TIMEOUT_S):
+            result = await task
+        assert (result.outcome, result.sr_id) == ("succeeded", SR_A2)
+        [moved] = vdis_named(sim)
+        assert (moved["$SR"], vdi_metadata.parse(moved["name_description"])) == (SR_A2, vdi_metadata.parse(DESCRIPTION))
+        assert sim.simulator.stats.migrations[DISK] == 1
+        # The disk and the SRs read, the mark, the copy, the mark cleared: the mark it waited under counts as the
+        # job's own write, so nothing is read again after the wait.
+        made = {m: n - calls.get(m, 0) for m, n in sim.simulator.stats.calls.items() if n != calls.get(m, 0)}
+        assert made == {"xo.getAllObjects": 2, "vdi.set": 2, "vdi.migrate": 1}
     finally:
         await xo.close()
         await sim.stop()

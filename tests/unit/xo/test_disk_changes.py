@@ -47,3 +47,18 @@ def test_notifications_that_may_have_been_missed_count_as_a_change() -> None:
     assert changes.changed
     connected[0], connections[0] = True, 2  # and another one opened since
     assert changes.changed
+
+
+def test_the_callers_own_write_is_no_change_but_anything_else_on_that_object_is() -> None:
+    changes = _changes([True], [1])
+    changes.expect("v1", lambda obj: (obj.get("$SR"), obj.get("name_description")) == ("sr1", "marked"))
+    changes(*_all("enter", {"v1": {**VDI, "name_description": "marked"}}))  # the mark the job wrote shows
+    assert not changes.changed
+    changes(*_all("enter", {"v1": {**VDI, "name_description": "marked", "$SR": "sr2"}}))  # then XO moved it
+    assert changes.changed
+
+    other = _changes([True], [1])
+    other.track(["vbd1"])
+    other.expect("v1", lambda obj: True)
+    other(*_all("enter", {"vbd1": {"id": "vbd1", "type": "VBD", "attached": True}}))  # expect() covers v1 only
+    assert other.changed
