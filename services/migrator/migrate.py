@@ -124,28 +124,24 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     """Mark the disk, then vdi.migrate it to ``target_id`` and clear the mark the copy carries; the new VDI as
     XO's cache shows it then (None once it is gone).
 
-    The mark is set once the job holds one of its worker's copy slots, so attaches do not see a disk "being
-    migrated" while it merely waits for a worker. With a per-SR limit, the job then waits for its SR slots marked:
-    an SR's slot passes from one copy to the next without an XO write in between (a hand-over costs the slot's
-    release and the next holder's wake-up only), and an attach elsewhere meanwhile answers ABORTED ("being
-    migrated") as the job, which holds the disk's lock, is committed to the move. The slots go back as soon as XO
-    answered; a job that fails before its copy started takes its mark back (``_unmark_unmoved``)."""
+    The mark goes on as soon as the job, holding the disk's lock, has read the disk and chosen the target: the job
+    is committed to the move, and attaches of the disk elsewhere answer ABORTED ("being migrated") from then on.
+    The job then waits for its copy slots (``copy_slots``: its worker's, prepared ahead; an SR's, with a per-SR
+    limit) marked, so a slot passes from one copy to the next with no XO write in between. The mark counts as the
+    job's own write: the disk is read again after the wait only when something else changed it (``_as_read``). A
+    job that does not start its copy (a wait given up, the worker stopping, a change) takes its mark back
+    (``_unmark_unmoved``). The slots go back as soon as XO answered."""
     xo = deps.xo
+    marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
+    as_marked = vdi.model_copy(update={"name_description": marked})
+    changes.expect(vdi.id, _shows_as(as_marked))
+    await xo.set_vdi(vdi.id, name_description=marked)
+    cleared = vdi_metadata.remarked(marked, None, info)
     async with contextlib.AsyncExitStack() as held:
-        if deps.copies is not None:
-            await held.enter_async_context(deps.copies.hold(request.disk_name))
-        lock.ensure_held()  # the wait may have outlived the disk lock
-        vdi = await _as_read(xo, vdi, changes, request.host_id)
-        marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
-        changes.expect(vdi.id, _shows_as(vdi.model_copy(update={"name_description": marked})))
-        await xo.set_vdi(vdi.id, name_description=marked)
-        cleared = vdi_metadata.remarked(marked, None, info)
         try:
-            if deps.per_sr_limit > 0:
-                await held.enter_async_context(sr_slots(deps, request.disk_name, vdi.sr_id, target_id))
-                lock.ensure_held()
-                vdi = await _as_read(xo, vdi.model_copy(update={"name_description": marked}), changes,
-                                     request.host_id)
+            await held.enter_async_context(copy_slots(deps, request.disk_name, vdi.sr_id, target_id))
+            lock.ensure_held()  # the wait may have outlived the disk lock
+            vdi = await _as_read(xo, as_marked, changes, request.host_id)
             log.info("migration_started", disk_name=request.disk_name, sr_from=vdi.sr_id, sr_to=target_id,
                      vdi=vdi.id)
             copy_started = time.monotonic()
@@ -154,12 +150,12 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
                 progress.copied()  # the worker's slot takes its next job
                 await held.aclose()
 
-            # The slots go back once XO answered (the copy is over), not after the waits for its cache.
-            moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=answered,
-                                                              timeout_s=deps.migrate_timeout_s)
-        except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
-            moved = await xo.confirm_absent(f"the copy of disk {request.disk_name}",
-                                            lambda: _copy_on(xo, request.disk_name, target_id))
+            try:  # the slots go back once XO answered (the copy is over), not after the waits for its cache
+                moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=answered,
+                                                                  timeout_s=deps.migrate_timeout_s)
+            except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
+                moved = await xo.confirm_absent(f"the copy of disk {request.disk_name}",
+                                                lambda: _copy_on(xo, request.disk_name, target_id))
         except DomainError:
             await _unmark_unmoved(xo, vdi, lock)
             raise
@@ -223,24 +219,16 @@ async def _copy_on(xo: XoClient, disk_name: str, sr_id: str) -> Vdi | None:
 
 @contextlib.asynccontextmanager
 async def copy_slots(deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str) -> AsyncIterator[None]:
-    """What a copy holds: one of this worker's copy slots (NotStarted when none frees within its wait), then
-    ``sr_slots``."""
+    """What a copy holds: one of this worker's copy slots (NotStarted when none frees within its wait), then, when
+    ``per_sr_limit`` is set, a slot on both SRs (lease = the disk lock's TTL)."""
     async with contextlib.AsyncExitStack() as held:
         if deps.copies is not None:
             await held.enter_async_context(deps.copies.hold(disk_name))
-        await held.enter_async_context(sr_slots(deps, disk_name, sr_from, sr_to))
-        yield
-
-
-@contextlib.asynccontextmanager
-async def sr_slots(deps: HandlerDeps, disk_name: str, sr_from: str, sr_to: str) -> AsyncIterator[None]:
-    """When ``per_sr_limit`` is set, a slot on both SRs (lease = the disk lock's TTL); else nothing."""
-    if deps.per_sr_limit <= 0:
-        yield
-        return
-    async with SrSlots(deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit,
-                       lease_s=deps.lock_ttl_s, wait_s=deps.sr_slot_wait_s, owner=disk_name) as slots:
-        metrics.SR_SLOT_WAIT.observe(slots.waited_s)
+        if deps.per_sr_limit > 0:
+            slots = await held.enter_async_context(SrSlots(
+                deps.redis, deps.key_prefix, (sr_from, sr_to), limit=deps.per_sr_limit, lease_s=deps.lock_ttl_s,
+                wait_s=deps.sr_slot_wait_s, owner=disk_name))
+            metrics.SR_SLOT_WAIT.observe(slots.waited_s)
         yield
 
 

@@ -14,12 +14,13 @@ import aio_pika
 import pytest
 
 from services.xo_simulator.topology import derived_id
-from shared import messages
+from shared import messages, vdi_metadata
 from shared.errors import BackendUnavailable
 from shared.messages import MigrationFinished
 from shared.units import GiB
 from shared.volume_id import by_name
 from shared.xo.client import XoClient
+from shared.xo.models import Vdi
 from tests.support import brokers
 from tests.support.brokers import LocalRabbit, RabbitEndpoint
 from tests.support.migration import (
@@ -319,14 +320,24 @@ async def test_a_prepared_job_goes_back_unstarted_when_its_worker_stays_busy_and
 async def test_a_prepared_job_whose_disk_changed_while_it_waited_acts_on_a_new_read_not_the_old_one(
         env: Env) -> None:
     await _second_prepared_ahead(env)  # csi-vol1 copies in 5 s while csi-vol2 waits for the copy slot
-    # Meanwhile someone (an operator, another tool) writes a field of their own into the disk's description.
-    edited = DESCRIPTION[:-1] + ',"note":"kept"}'
+
+    # The job waits with the disk marked (being migrated). Once XO's cache shows the mark, someone (an operator,
+    # another tool) writes a field of their own into the disk's description.
     xo = XoClient.from_settings(sim_settings(env.sim))
     try:
         [small] = vdis_named(env.sim, SMALL_DISK)
-        await xo.set_vdi(small["id"], name_description=edited)
+
+        async def marked() -> Vdi | None:
+            vdi = await xo.get_vdi(small["id"])
+            info = vdi_metadata.parse(vdi.name_description) if vdi is not None else None
+            return vdi if info is not None and info.in_progress_to_sr == SR_A2 else None
+
+        shown = await eventually(marked, TIMEOUT_S, description="the waiting job's mark in XO's cache")
+        assert shown is not None
+        await xo.set_vdi(shown.id, name_description=shown.name_description[:-1] + ',"note":"kept"}')
     finally:
         await xo.close()
+    edited = DESCRIPTION[:-1] + ',"note":"kept"}'
 
     done = await eventually(functools.partial(env.finished, SMALL_DISK), TIMEOUT_S, interval_s=0.1,
                             description="the second disk migrated")
