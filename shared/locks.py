@@ -265,8 +265,9 @@ class SrSlots(_Leased):
     drop expired leases, then add this lease everywhere only when every SR has fewer than ``limit`` live ones.
     A full SR is retried with a capped jittered backoff (20 ms doubling to 500 ms) for ``wait_s``, then
     OperationPending (retryable). The backoff waits in a BLPOP on the SRs' doorbells, which every release rings,
-    so a waiter tries again as soon as a slot of its SRs frees (Redis wakes blocked clients in arrival order);
-    the delay only bounds the wait when no release comes (an expired lease rings nothing).
+    pipelined with the next try: a waiter tries again as soon as a slot of its SRs frees, in Redis itself, within
+    the release's own turn (Redis wakes blocked clients in arrival order, then runs what they sent next); the
+    delay only bounds the wait when no release comes (an expired lease rings nothing).
 
     A lease expires ``lease_s`` after it was taken or last extended, by Redis time (``TIME``), never a pod's
     clock, so a holder that vanished frees its slots after ``lease_s``. A heartbeat extends it every
@@ -313,11 +314,9 @@ class SrSlots(_Leased):
     async def _acquire(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         contended = False
-        while True:
-            try:
-                full = await self._eval(_ACQUIRE_SLOTS, self._limit, self._lease_ms)
-                if full == 0:
-                    return
+        try:
+            full = await self._eval(_ACQUIRE_SLOTS, self._limit, self._lease_ms)
+            while full != 0:
                 sr_id = self.sr_ids[full - 1] if isinstance(full, int) and 0 < full <= len(self.sr_ids) else "?"
                 if not contended:
                     contended = True
@@ -328,9 +327,19 @@ class SrSlots(_Leased):
                                            f"(waited {self._wait_s:g} s for a slot)")
                 # Capped jittered backoff, cut short by a release of one of our SRs' slots.
                 doze_s = max(min(next(self._delays_s), remaining_s), _MIN_DOZE_S)
-                await _keeping_cancellation(self._redis.blpop(self.doorbells, timeout=doze_s))
-            except RedisError as exc:
-                raise BackendUnavailable(f"Redis is unreachable while taking slots on SRs {self.sr_ids}") from exc
+                full = await _keeping_cancellation(self._doze_then_try(doze_s))
+        except RedisError as exc:
+            raise BackendUnavailable(f"Redis is unreachable while taking slots on SRs {self.sr_ids}") from exc
+
+    async def _doze_then_try(self, doze_s: float) -> object:
+        """BLPOP on the doorbells for at most ``doze_s``, then the acquire script, sent together: Redis runs the script
+        the moment the BLPOP returns (a blocked client's next command waits in its buffer), so a waiter a release
+        woke has its answer with the wake-up, not one more round trip later. The acquire script's reply."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.blpop(self.doorbells, timeout=doze_s)
+        pipe.eval(_ACQUIRE_SLOTS, len(self.keys), *self.keys, self.token, self._limit, self._lease_ms)
+        _, full = await pipe.execute()
+        return full
 
     async def _release(self) -> None:
         try:
