@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and XOA_* configure access.")
     p.add_argument("--concurrency", type=int, help="copies at once (default 1)")
     p.add_argument("--prepare-ahead", type=int, help="jobs taken and prepared beyond --concurrency while every copy "
-                   "slot is busy, so the next copy starts the moment one ends (default 1; 0 = off)")
+                   "slot is busy (claimed, locked, read, marked), so the next copy starts the moment one ends "
+                   "(default 1; 0 = off)")
     p.add_argument("--per-sr-limit", type=int, help="most migrations at once whose source or target is a given SR, "
                    "across all replicas (default 0 = no limit)")
     p.add_argument("--amqp-url", help="AMQP_URL: one URL, or the nodes of a cluster as comma-separated URLs")

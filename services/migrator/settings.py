@@ -24,10 +24,11 @@ class MigratorSettings(BaseSettings):
     concurrency: int = Field(default=1, ge=1, description="migrations copying at once (slots: the QoS prefetch stays "
                              "1, see consumer.py; a slot goes back once XO finished the copy)")
     prepare_ahead: int = Field(default=1, ge=0, description="jobs taken beyond --concurrency while every copy slot is "
-                               "busy and no other worker has a free one (claimed, disk locked, read from XO), each "
-                               "then waiting for this worker's next free copy slot; 0 = off")
+                               "busy and no other worker has a free one (claimed, disk locked, read from XO, "
+                               "marked), each then waiting for this worker's next free copy slot; 0 = off")
     prepared_wait_s: float = Field(default=30.0, gt=0, description="how long a job waits for a copy slot of this "
-                                   "worker before it goes back to the queue unstarted (same attempt)")
+                                   "worker before it takes its mark back and goes back to the queue unstarted (same "
+                                   "attempt)")
     worker_name: str = Field(default_factory=_default_worker_name, description="connection and job owner name")
     migrate_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="bound on one vdi.migrate call")
     stream_idle_timeout_s: float = Field(default=300.0, gt=0, description="a content stream (cross-pool move, clone) "
