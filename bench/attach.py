@@ -119,6 +119,20 @@ def schedstat(pid: int) -> tuple[float, float]:
     return on_cpu / 1e9, waiting / 1e9
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the machine so far (/proc/stat's first line; steal: time the hypervisor ran other
+    guests while this VM wanted a CPU)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_since(before: tuple[int, int]) -> str:
+    """The share of CPU time stolen by the hypervisor since ``before`` (``cpu_ticks``), for a figure's context: a
+    busy host slows every hop of the stack at once."""
+    total, stolen = (now - then for now, then in zip(cpu_ticks(), before, strict=True))
+    return f"CPU time stolen by the hypervisor meanwhile: {100 * stolen / total:.1f} %" if total else ""
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()

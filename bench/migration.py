@@ -37,7 +37,9 @@ Prints each figure beside its target (issue 14 item 4):
   (f) with root, a move across pools with real bytes (bench/cross_pool.py): stream throughput against a plain copy
       of the backing file's data (target >= 0.8), bytes sent per allocated byte (target <= 1.01), the migrator's
       peak memory while it streams a 4 GiB disk (target <= 100 MB).
-(a)-(e): plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate.
+(a)-(e): plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate. Beside (a)-(d), the
+share of CPU time the hypervisor gave to other guests meanwhile (/proc/stat steal): on a VM whose host is busy, every
+hop of the stack slows at once, and the figures move with it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,18 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench import cross_pool
-from bench.attach import CAP, DEFAULT_CACHE_LAG, describe_knobs, machine, rss_mb, schedstat, settled, stats
+from bench.attach import (
+    CAP,
+    DEFAULT_CACHE_LAG,
+    cpu_ticks,
+    describe_knobs,
+    machine,
+    rss_mb,
+    schedstat,
+    settled,
+    stats,
+    steal_since,
+)
 from bench.report import percentiles, show, show_target
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
@@ -217,6 +230,7 @@ async def sequential(bench: Bench, count: int, size_bytes: int) -> None:
     ids = await create_volumes(bench, "seq", count, size_bytes)
     samples: list[Attach] = []
     retries: Counter[str] = Counter()
+    ticks = cpu_ticks()
     async with finished_events(bench):
         for volume_id in ids:
             samples.append(await one_attach(bench, volume_id, retries))
@@ -227,6 +241,7 @@ async def sequential(bench: Bench, count: int, size_bytes: int) -> None:
     lags = [sample.answered_at - bench.events["csi-" + volume_id.removeprefix("name:")]
             for volume_id, sample in zip(ids, samples, strict=True)]
     report_sequential(samples, size_bytes, lags, retries)
+    print(f"\n(a), (b), (d): {steal_since(ticks)}")
 
 
 def report_sequential(samples: list[Attach], size_bytes: int, lags: list[float], retries: Counter[str]) -> None:
@@ -277,6 +292,7 @@ async def herd(bench: Bench, count: int, size_bytes: int, rate_bps: int, limit: 
     ids = await create_volumes(bench, f"herd{limit}", count, size_bytes)
     before = await settled(bench.admin)
     retries: Counter[str] = Counter()
+    ticks = cpu_ticks()
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for volume_id in ids:
@@ -292,6 +308,7 @@ async def herd(bench: Bench, count: int, size_bytes: int, rate_bps: int, limit: 
     print(f"    copies {copies} (expected {count}), vdi.migrate time {busy:.1f} s, "
           f"TOO_MANY_STORAGE_MIGRATES answered {_delta_count(before, after, 'TOO_MANY_STORAGE_MIGRATES')}, "
           f"publish retries {dict(retries) or 0}")
+    print(f"    {steal_since(ticks)}")
     if target_pct is not None:
         show_target(f"(c) {label}: makespan over the lower bound", (makespan / bound - 1) * 100, "%", target_pct)
         return
