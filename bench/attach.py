@@ -137,7 +137,22 @@ def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal:"))
-    return f"{os.cpu_count()} cores, {memory_kb / 1024**2:.0f} GiB RAM, load average {load} (1, 5, 15 min)"
+    return (f"{os.cpu_count()} cores, {memory_kb / 1024**2:.0f} GiB RAM, load average {load} (1, 5, 15 min), "
+            f"one core's speed: a reference loop in {reference_loop_ms():.0f} ms")
+
+
+def reference_loop_ms(steps: int = 5_000_000) -> float:
+    """One core's speed for pure Python, the best of three runs of a fixed loop (ms; lower is faster). Every hop
+    of the stack is Python on such a core, so the latency figures move with it from one machine, or one day, to the
+    next: compare runs by it."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for step in range(steps):
+            total += step
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -71,7 +71,8 @@ class _Leased:
     _release_after_exit = False
     _beating = False  # a heartbeat's Redis call is in flight (_beat_call)
 
-    async def _release(self) -> None:
+    async def _release(self, *, again: bool = False) -> None:
+        """Give the lease back; ``again``: a re-send after a cancelled release, which may have reached Redis."""
         raise NotImplementedError
 
     async def __aexit__(
@@ -92,7 +93,7 @@ class _Leased:
             try:
                 await self._release()
             except asyncio.CancelledError:
-                await asyncio.shield(self._release())  # the first may not have reached Redis: idempotent
+                await asyncio.shield(self._release(again=True))  # the first may not have reached Redis
                 raise
 
     async def _stop_heartbeat(self) -> None:
@@ -155,10 +156,13 @@ class DiskLock(_Leased):
         if self._lost:
             raise LockLost(f"lost the lock on disk {self._disk_name} (key {self.key}); another worker may act")
 
-    async def _release(self) -> None:
+    async def _release(self, *, again: bool = False) -> None:
         try:
             await self._lock.release()
         except LockError:
+            if again:  # the cancelled first release reached Redis: nothing is left to give back
+                log.debug("lock_release_resent", lock_key=self.key, note="already released")
+                return
             log.warning("lock_release_failed", lock_key=self.key, reason="not owned (expired)")
         except RedisError as exc:
             log.warning("lock_release_failed", lock_key=self.key, reason=type(exc).__name__)
@@ -341,8 +345,8 @@ class SrSlots(_Leased):
         _, full = await pipe.execute()
         return full
 
-    async def _release(self) -> None:
-        try:
+    async def _release(self, *, again: bool = False) -> None:
+        try:  # idempotent: a re-send (``again``) removes nothing more
             await _keeping_cancellation(self._redis.eval(
                 _RELEASE_SLOTS, 2 * len(self.keys), *self.keys, *self.doorbells, self.token, self._limit,
                 self._lease_ms))

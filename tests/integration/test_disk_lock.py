@@ -4,8 +4,11 @@ for; an exit by an error releases before it returns, as without the option."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from shared import locks
 from shared.errors import OperationPending
@@ -44,3 +47,24 @@ async def test_an_exit_by_an_error_releases_before_it_returns(redis: aioredis.Re
         async with _lock(redis, redis_prefix, release_after_exit=True):
             raise RuntimeError("the handler failed")
     assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 0
+
+
+async def test_a_release_cancelled_after_it_reached_redis_is_resent_quietly(redis: aioredis.Redis,
+                                                                            redis_prefix: str) -> None:
+    """The holder is cancelled while its release waits for Redis's answer, after Redis ran it: the re-sent release
+    finds nothing left to give back, which is no failure to warn an operator about."""
+    lock = _lock(redis, redis_prefix)
+    redis_lock = lock._lock
+    sent = redis_lock.do_release
+
+    async def cancelled_after_redis_ran_it(token: bytes) -> None:
+        await sent(token)
+        raise asyncio.CancelledError
+
+    redis_lock.do_release = cancelled_after_redis_ran_it  # type: ignore[method-assign,assignment]
+    with capture_logs() as logs, pytest.raises(asyncio.CancelledError):
+        async with lock:
+            pass
+    assert await redis.exists(disk_lock_key(redis_prefix, DISK)) == 0
+    assert [entry["event"] for entry in logs if entry["log_level"] in ("warning", "error")] == []
+    assert [entry["event"] for entry in logs if entry["event"].startswith("lock_release")] == ["lock_release_resent"]
