@@ -42,6 +42,7 @@ import asyncio
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from typing import Any, cast
 import httpx
 
 from bench.report import percentiles, show, show_target
+from dev import signals
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared.csi import csi_pb2, csi_pb2_grpc
@@ -349,7 +351,7 @@ def main() -> None:
     if args.noise_events_per_s is None:
         args.noise_events_per_s = SCALE_NOISE_EVENTS_PER_S if args.scale else DEFAULT_NOISE_EVENTS_PER_S
     configure_logging("warning")
-    asyncio.run(run(args))
+    sys.exit(signals.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from bench.attach import CAP, machine, rss_mb, stats
 from bench.migration import MIGRATING, publish_as_attacher
 from bench.report import percentiles, show
+from dev import signals
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import messages
@@ -280,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     configure_logging("warning")
-    raise SystemExit(asyncio.run(main_async(parser().parse_args())))
+    raise SystemExit(signals.run(main_async(parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -76,6 +77,7 @@ from bench.attach import (
     steal_since,
 )
 from bench.report import percentiles, show, show_target
+from dev import signals
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import messages
@@ -398,7 +400,7 @@ def main() -> None:
     parser.add_argument("--only-cross-pool", action="store_true", help="run (f) only")
     parser.add_argument("--workdir", help="keep the stack's logs here (default: a temporary dir, removed)")
     configure_logging("warning")
-    asyncio.run(run(parser.parse_args()))
+    sys.exit(signals.run(run(parser.parse_args())))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from dev import signals
 from dev.stack import simulator_process
 from services.xo_simulator.content import data_extents
 from services.xo_simulator.topology import derived_id
@@ -193,7 +194,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench.stream: the simulator's real data mode needs root", file=sys.stderr)
         return 1
-    return asyncio.run(run(args))
+    return signals.run(run(args))
 
 
 if __name__ == "__main__":

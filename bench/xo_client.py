@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.report import percentiles, show
+from dev import signals
 from dev.stack import sim_client, simulator_process
 from shared.logging import configure_logging
 from shared.xo.client import XoClient
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--topology", default="two-hosts")
     configure_logging("warning")
-    asyncio.run(main_async(parser.parse_args()))
+    sys.exit(signals.run(main_async(parser.parse_args())))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dev import signals
 from dev.stack import Stack, StackOptions, running_stack
 from dev.wait import eventually
 from shared import placement
@@ -60,7 +61,6 @@ SHARED_DISK = f"csi-{SHARED_VOLUME}"
 # The migrators write a stream's progress into the job record with each heartbeat: every 0.5 s here, for the bar.
 MIGRATOR_ENV = {"MIGRATOR_JOB_HEARTBEAT_S": "0.5"}
 DATA_BYTES = 96 << 20
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -317,20 +317,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def _stop_on_signals() -> None:
     """SIGTERM (``timeout``, a service manager, a CI runner) and SIGHUP stop the demo as Ctrl-C does: the main task
-    is cancelled, so the ``finally`` above stops everything it started. Once only: a second signal must not cut
-    that cleanup short (SIGKILL is the way to abandon it)."""
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-
-    def stop(sig: signal.Signals) -> None:
-        console.print(f"[yellow]{sig.name}: stopping everything the demo started…[/]")
-        for other in STOP_SIGNALS:
-            loop.add_signal_handler(other, lambda: None)
-        main_task.cancel()
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop, sig)
+    is cancelled, so the ``finally`` above stops everything it started (dev/signals.py)."""
+    signals.stop_on_signals(lambda sig: console.print(f"[yellow]{sig.name}: stopping everything the demo started…[/]"))
 
 
 def main(argv: list[str] | None = None) -> int:

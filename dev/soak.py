@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import grpc
 import httpx
 
-from dev import faults
+from dev import faults, signals
 from dev.invariants import check_during, check_final
 from dev.stack import Stack, StackOptions, running_stack
 from shared import backoff
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print("soak: needs root (the simulator attaches loop devices, the node plugins mount)", file=sys.stderr)
         return 2
     configure_logging("warning")
-    return asyncio.run(run(args))
+    return signals.run(run(args))
 
 
 if __name__ == "__main__":

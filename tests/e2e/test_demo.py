@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.e2e import processes_marked
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
@@ -27,21 +29,6 @@ async def test_demo_once_plays_the_story_and_cleans_up() -> None:
     assert "disk now on SR NFS B (pool B)" in text, text[-4000:]  # act two: another pool, a content stream
     assert "read back on node-b1" in text and text.count("matches") == 2
     assert "matches" in text and "Timeline" in text and "Where to look" in text
-
-
-def _processes_marked(marker: str) -> list[str]:
-    """pid and command line of every live process whose environment carries ``marker`` (inherited from the demo)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (proc / "environ").read_bytes():
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{proc.name}: {cmdline[:160]}")
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
-    return found
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root (loop devices and mounts)")
@@ -61,10 +48,10 @@ async def test_demo_stopped_by_sigterm_stops_everything_it_started(tmp_path: Pat
         while "The stack stays up" not in (line := (await proc.stdout.readline()).decode(errors="replace")):
             assert line, "".join(seen)[-4000:]  # EOF: the demo exited before its story ended
             seen.append(line)
-    started = _processes_marked(marker)
+    started = processes_marked(marker)
     assert len(started) >= 8, started  # RabbitMQ, Redis, xo-sim, controller, 3 node plugins, 2 migrators
     proc.send_signal(signal.SIGTERM)  # what `timeout` does when its time is up: it passes TERM to the demo
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output.decode(errors="replace")[-4000:]
     assert "SIGTERM: stopping everything the demo started" in output.decode(errors="replace")
-    assert _processes_marked(marker) == []
+    assert processes_marked(marker) == []

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,30 @@ MODE = csi_pb2.VolumeCapability.AccessMode
 
 NEEDS_LOSETUP = pytest.mark.skipif(shutil.which("losetup") is None,
                                    reason="needs losetup (util-linux) for real data mode")
+
+
+def processes_marked(marker: str) -> list[str]:
+    """pid and command line of every live process whose environment carries ``marker`` (inherited from a dev
+    command: the demo, a benchmark)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {cmdline[:160]}")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every live process whose environment carries ``marker``: what a failed test left behind must not
+    load the machine under the tests after it."""
+    for entry in processes_marked(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.partition(":")[0]), signal.SIGKILL)
 
 
 def require_root(what: str) -> None:
