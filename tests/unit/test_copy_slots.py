@@ -35,6 +35,52 @@ async def test_a_waiting_job_gets_the_slot_as_soon_as_the_copy_before_it_frees_i
     assert order == ["a copies", "a done", "b copies"]
 
 
+async def test_slots_pass_to_the_waiting_jobs_in_the_order_they_came_one_loop_step_after_each_release() -> None:
+    slots = CopySlots(1, wait_s=5)
+    order: list[str] = []
+    releases = {disk: asyncio.Event() for disk in ("csi-a", "csi-b", "csi-c", "csi-d")}
+
+    async def job(disk: str) -> None:
+        async with slots.hold(disk):
+            order.append(disk)
+            await releases[disk].wait()
+
+    tasks = []
+    for disk in releases:  # csi-a takes the free slot; b, c, d wait in that order
+        tasks.append(asyncio.create_task(job(disk)))
+        await asyncio.sleep(0)
+    assert order == ["csi-a"]
+    for done, following in (("csi-a", "csi-b"), ("csi-b", "csi-c"), ("csi-c", "csi-d")):
+        releases[done].set()
+        await asyncio.sleep(0)  # the holder leaves its block and hands the slot over
+        await asyncio.sleep(0)  # the waiter it was handed to copies: no second try, no step in between
+        assert order[-1] == following
+    releases["csi-d"].set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_job_cancelled_just_as_it_is_handed_the_slot_passes_it_to_the_next_waiter() -> None:
+    slots = CopySlots(1, wait_s=5)
+    got: list[str] = []
+    with pytest.raises(asyncio.CancelledError):
+        async with slots.hold("csi-a"):
+            second = asyncio.create_task(_hold_once(slots, "csi-b"))
+            third = asyncio.create_task(_note_hold(slots, "csi-c", got))
+            await asyncio.sleep(0)  # both wait now, csi-b first
+            raise asyncio.CancelledError  # csi-a leaves; the slot is handed to csi-b ...
+    second.cancel()  # ... which is cancelled before it could run
+    await asyncio.wait({second})
+    async with asyncio.timeout(1):
+        await third
+    assert second.cancelled() and got == ["csi-c"]
+    await _hold_once(slots, "csi-d")  # and the one slot is free again afterwards
+
+
+async def _note_hold(slots: CopySlots, disk: str, got: list[str]) -> None:
+    async with slots.hold(disk):
+        got.append(disk)
+
+
 async def test_a_job_still_waiting_when_its_wait_runs_out_goes_back_unstarted_and_takes_nothing() -> None:
     slots = CopySlots(1, wait_s=0.05)
     async with slots.hold("csi-a"):
