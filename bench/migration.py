@@ -39,7 +39,8 @@ Prints each figure beside its target (issue 14 item 4):
       peak memory while it streams a 4 GiB disk (target <= 100 MB).
 (a)-(e): plain simulator mode (no loop devices, no root needed): a copy takes exactly size / rate. Beside (a)-(d), the
 share of CPU time the hypervisor gave to other guests meanwhile (/proc/stat steal): on a VM whose host is busy, every
-hop of the stack slows at once, and the figures move with it.
+hop of the stack slows at once, and the figures move with it. At the start and the end, the machine line gives one
+core's speed too (a reference loop, best of three): compare runs by it.
 """
 
 from __future__ import annotations
