@@ -73,13 +73,18 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+_PICKED: set[int] = set()  # every port this process handed out
+
+
 def pick_free_port(exclude: frozenset[int] = frozenset()) -> int:
     """A free 127.0.0.1 port below the kernel's ephemeral range, so no outgoing connection can take it
-    between the pick and the server's bind (or a restart)."""
+    between the pick and the server's bind (or a restart). Never one this process handed out before: servers
+    picked together and started in parallel (RabbitMQ's four ports and Redis's) cannot get the same free port."""
     low, _ = _ephemeral_port_range()
     for _ in range(200):
         port = random.randrange(20000, max(low, 20001))
-        if port not in exclude and _port_is_free(port):
+        if port not in exclude and port not in _PICKED and _port_is_free(port):
+            _PICKED.add(port)
             return port
     raise BrokerStartError(f"no free port found in 20000-{low}")
 

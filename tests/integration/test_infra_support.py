@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dev import brokers
 from dev.process import ServiceExited, ServiceProcess
 from tests.support.wait import eventually
 
@@ -93,3 +94,14 @@ async def test_service_process_ready_callable(service_process: ServiceLauncher) 
 
     async with service_process([sys.executable, "-c", "import time; time.sleep(600)"], ready=ready) as proc:
         assert proc.returncode is None and len(checks) == 2
+
+
+def test_a_port_once_picked_is_never_picked_again_by_the_same_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RabbitMQ's four ports and Redis's are picked before any of them binds, then started in parallel: were the
+    same free port handed out twice, one of the servers would fail to listen (a demo that stops before its story)."""
+    offered = iter([24001, 24001, 24001, 24002])
+    monkeypatch.setattr("dev.brokers.random.randrange", lambda *_: next(offered))
+    monkeypatch.setattr(brokers, "_PICKED", set())
+    monkeypatch.setattr(brokers, "_port_is_free", lambda port: True)
+
+    assert [brokers.pick_free_port(), brokers.pick_free_port()] == [24001, 24002]
