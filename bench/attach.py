@@ -51,6 +51,7 @@ from typing import Any, cast
 
 import httpx
 
+from bench import wakeup
 from bench.report import percentiles, show, show_target
 from dev import signals
 from dev.stack import Stack, StackOptions, running_stack
@@ -140,7 +141,7 @@ def machine() -> str:
     memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal:"))
     return (f"{os.cpu_count()} cores, {memory_kb / 1024**2:.0f} GiB RAM, load average {load} (1, 5, 15 min), "
-            f"one core's speed: a reference loop in {reference_loop_ms():.0f} ms")
+            f"one core's speed: a reference loop in {reference_loop_ms():.0f} ms, {wakeup.across_cores()}")
 
 
 def reference_loop_ms(steps: int = 5_000_000) -> float:
