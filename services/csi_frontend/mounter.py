@@ -46,14 +46,20 @@ _MKFS_ARGV = {
 
 
 class MountError(BackendFailure, code="mount_failed"):
-    """An OS tool failed, timed out or was missing; the message holds the command and a short stderr."""
+    """An OS tool failed, timed out or was missing; the message holds the command, its ``-o`` options left out (the
+    CSI spec: mount_flags "MAY contain sensitive information", and this message reaches pod events), and a short
+    stderr."""
 
     def __init__(self, argv: Sequence[str], detail: str) -> None:
         detail = detail.strip()
         if len(detail) > _MAX_DETAIL_CHARS:
             detail = "..." + detail[-_MAX_DETAIL_CHARS:]
-        super().__init__(f"`{' '.join(argv)}` failed: {detail or 'no error output'}")
+        super().__init__(f"`{' '.join(_without_options(argv))}` failed: {detail or 'no error output'}")
         self.argv = tuple(argv)
+
+
+def _without_options(argv: Sequence[str]) -> list[str]:
+    return ["<options>" if index and argv[index - 1] == "-o" else arg for index, arg in enumerate(argv)]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,15 @@ async def test_run_failure_carries_command_exit_code_and_stderr() -> None:
     assert isinstance(raised.value, BackendFailure)
 
 
+async def test_a_failed_mount_names_the_command_but_not_its_mount_flags(tmp_path: Path) -> None:
+    # The CSI spec: mount_flags "MAY contain sensitive information"; the error reaches the pod's events.
+    with pytest.raises(mounter.MountError) as raised:
+        await mounter.mount(tmp_path / "no-such-device", tmp_path, "ext4", ("noatime", "password=hunter2"))
+
+    assert raised.value.message.startswith(f"`mount -t ext4 -o <options> {tmp_path / 'no-such-device'} {tmp_path}`")
+    assert "hunter2" not in raised.value.message and "noatime" not in raised.value.message
+
+
 async def test_run_accepts_listed_exit_codes() -> None:
     assert (await mounter.run("sh", "-c", "exit 2", timeout_s=5, ok_codes=(0, 2))).returncode == 2
 
