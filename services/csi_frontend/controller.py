@@ -70,7 +70,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         requisite = check.topology_terms(reqs.requisite)
         if source_id is not None and self._cloner is not None:
             sized = request.HasField("capacity_range") and request.capacity_range.required_bytes > 0
-            clone = CloneRequest(request.name, size, sized, params, requisite, preferred, source_id)
+            # Unsized: the clone takes its source's size, so no default minimum (a retry finding a clone of a small
+            # source must not answer ALREADY_EXISTS for it); a limit still holds.
+            clone = CloneRequest(request.name, size if sized else (0, size[1]), sized, params, requisite, preferred,
+                                 source_id)
             created = await self._cloner.create(clone, _deadline_s(context))
         else:
             created = await self._provisioner.create(request.name, size, params, requisite, preferred,

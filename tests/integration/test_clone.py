@@ -13,7 +13,9 @@ import pytest
 
 from dev.wait import eventually
 from services.csi_frontend.cloning import CloneRequest
+from services.csi_frontend.controller import ControllerServicer
 from shared import messages, storage_class, transfer_marks
+from shared.csi import csi_pb2
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
 from shared.units import MiB
@@ -33,6 +35,7 @@ from tests.support.cross_pool import (
     write_content,
 )
 from tests.support.migration import DESCRIPTION, DISK, TAG, Env, vdis_named
+from tests.support.node_host import FakeContext
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 CLONE = "csi-vol2"
@@ -153,6 +156,28 @@ async def test_worker_killed_mid_clone_the_other_one_finishes_it(xenv: Env) -> N
     assert created.volume_id == by_name("vol2")
     assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
     assert_one_complete_disk(xenv, checksum, SR_A1)
+
+
+async def test_a_clone_without_a_size_retried_after_it_finished_answers_the_same_volume(xenv: Env) -> None:
+    # No capacity_range: the clone takes its 64 MiB source's size, and the retry (CreateVolume answers ABORTED while
+    # the job runs, so retries are the normal path) finds it: OK, not ALREADY_EXISTS for being under the 1 GiB default.
+    write_content(xenv)
+    await xenv.worker("w1")
+    [controller] = [servicer for servicer, _ in xenv.frontend.servicers if isinstance(servicer, ControllerServicer)]
+    request = csi_pb2.CreateVolumeRequest(
+        name="vol2", parameters={"srsWithTag": TAG, "migrating": "true"},
+        volume_capabilities=[csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))],
+        volume_content_source=csi_pb2.VolumeContentSource(
+            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="name:vol1")))
+
+    first = await controller.CreateVolume(request, FakeContext())
+    again = await controller.CreateVolume(request, FakeContext())
+
+    assert first == again
+    assert (first.volume.volume_id, first.volume.capacity_bytes) == ("name:vol2", DISK_SIZE)
+    assert len(vdis_named(xenv.sim, CLONE)) == 1
 
 
 async def test_a_missing_source_is_not_found_and_a_limit_below_its_size_out_of_range(xenv: Env) -> None:
