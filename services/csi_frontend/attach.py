@@ -18,6 +18,7 @@ from shared.errors import (
     AlreadyExistsIncompatible,
     AttachedElsewhere,
     BackendFailure,
+    CapacityExhausted,
     NodeNotFound,
     OperationPending,
     PreconditionFailed,
@@ -25,7 +26,7 @@ from shared.errors import (
 from shared.logging import get_logger
 from shared.volume_id import VolumeId
 from shared.xo.client import XoClient
-from shared.xo.errors import XoVdiInUse
+from shared.xo.errors import XoNoFreeDevice, XoVdiInUse
 from shared.xo.inventory import Inventory
 from shared.xo.models import Vbd, Vm
 
@@ -111,6 +112,11 @@ class Attacher:
                 return context
             raise OperationPending(f"XO refused to plug volume {disk.volume_id} on node {place.vm.id} "
                                    f"({refused.message}) but shows it attached nowhere; retry") from refused
+        except XoNoFreeDevice as full:  # the spec's "max volumes attached": RESOURCE_EXHAUSTED
+            raise CapacityExhausted(
+                f"node {place.vm.id} has no free disk slot for volume {disk.volume_id} ({full.message}): detach a "
+                "disk from its VM, or set the node plugin's --max-volumes-per-node to what the VM takes, so that the "
+                "scheduler stops before") from full
         log.info("disk_attached", vdi=disk.vdi.id, node_id=place.vm.id, vbd=vbd.id)
         return _context(vbd)
 

@@ -18,6 +18,7 @@ from shared.logging import get_logger
 from . import shapes
 from .accounting import Accounting
 from .errors import (
+    PlainError,
     SimError,
     XapiError,
     backend_failure,
@@ -251,8 +252,8 @@ class Xapi:
             return str(int(requested))
         free = (str(n) for n in range(MAX_POSITION + 1) if str(n) not in used and str(n) != CD_POSITION)
         chosen = next(free, CD_POSITION if CD_POSITION not in used else None)
-        if chosen is None:
-            raise XapiError("INTERNAL_ERROR", ["no free userdevice"], method="VBD.create")
+        if chosen is None:  # xo-server's createVbd: VM.get_allowed_VBD_devices came back empty
+            raise PlainError("no allowed VBD devices")
         return chosen
 
     def _check_plug(self, vbd: XoObject) -> tuple[XoObject, XoObject, str]:

@@ -12,6 +12,7 @@ Tree (each leaf also inherits the domain error that the edges map to a code)::
     ├── XoVdiInUse (PreconditionFailed)       XO code 17 (XAPI VDI_IN_USE)
     ├── XoInvalidParameters                   XO code 10: a bug on our side, never user input
     ├── XoNoSpace (CapacityExhausted)         XAPI SR_BACKEND_FAILURE_44 (insufficient space)
+    ├── XoNoFreeDevice (CapacityExhausted)    xo-server's "no allowed VBD devices": the VM has no free disk slot
     └── XoMethodNotFound                      JSON-RPC -32601: this XO is too old for a method
 
 No websockets, httpx or ssl exception type escapes shared/xo/. Messages never contain call parameters or
@@ -86,6 +87,11 @@ class XoNoSpace(CapacityExhausted, XoError, code="xo_no_space"):
     """The SR has not enough free space."""
 
 
+class XoNoFreeDevice(CapacityExhausted, XoError, code="xo_no_free_device"):
+    """The VM has no device left for another disk (xo-server's createVbd: ``VM.get_allowed_VBD_devices`` is empty;
+    a plain Error, so only an admin account reads it)."""
+
+
 class XoMethodNotFound(XoError, code="xo_method_not_found"):
     """XO does not know the method (-32601)."""
 
@@ -110,6 +116,10 @@ _BY_XAPI_CODE: dict[str, type[XoError]] = {
     "SR_BACKEND_FAILURE_44": XoNoSpace,
 }
 
+_BY_MESSAGE: dict[str, type[XoError]] = {  # plain Errors thrown by xo-server itself, known by their message
+    "no allowed VBD devices": XoNoFreeDevice,
+}
+
 
 def xapi_code_of(message: str, data: Any) -> str | None:
     """The XAPI code of an error: ``data.code`` when present, else the message prefix before ``(``."""
@@ -129,7 +139,8 @@ def from_rpc_error(error: Any, method: str) -> XoError:
     message = str(error.get("message") or "unknown error")[:500]
     data = error.get("data")
     xapi_code = xapi_code_of(message, data)
-    cls = _BY_XAPI_CODE.get(xapi_code or "") or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError)
+    cls = (_BY_XAPI_CODE.get(xapi_code or "") or _BY_MESSAGE.get(message)
+           or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError))
     return cls(f"XO {method} failed: {message}", rpc_code=code, xapi_code=xapi_code, method=method, data=data)
 
 

@@ -3,8 +3,14 @@ whatever earlier attaches left there."""
 
 from __future__ import annotations
 
+import grpc
+import pytest
+
 from dev.wait import eventually
+from services.csi_frontend.status import code_for
+from services.xo_simulator.xapi import MAX_POSITION
 from shared.csi import csi_pb2
+from shared.errors import CapacityExhausted
 from shared.units import MiB
 from tests.support.capabilities import mount_capability
 from tests.support.controller import Context, Controller
@@ -42,3 +48,28 @@ async def test_a_publish_removes_unplugged_leftovers_and_leaves_one_plugged_vbd(
     again = await ctl.servicer.ControllerPublishVolume(request, Context())  # type: ignore[arg-type]
     assert again.publish_context == published.publish_context  # the plugged VBD is reused
     assert [v.id for v in await ctl.xo.find_vbds(vdi_id=vdi_id)] == [vbd.id]
+
+
+async def test_a_publish_to_a_vm_without_a_free_disk_slot_is_resource_exhausted_and_leaves_nothing(
+        ctl: Controller) -> None:
+    """The spec's "max volumes attached" row: XO's createVbd finds no allowed device (a plain Error) and the publish
+    answers RESOURCE_EXHAUSTED saying what to do, not INTERNAL; no VBD of the volume is left behind."""
+    filler, full = [(await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[CAP],
+        parameters={"srsWithTag": "k8s-shared"}), Context())).volume.volume_id  # type: ignore[arg-type]
+        for name in ("pvc-filler", "pvc-full")]
+    xapi = ctl.sim.simulator.xapi
+    with xapi.store.batch():  # every userdevice of the VM taken (0-254), as a VM full of disks
+        for position in range(MAX_POSITION + 1):
+            xapi.add_vbd_record(VM_A1, filler, position=str(position), bootable=False, read_only=False)
+    request = csi_pb2.ControllerPublishVolumeRequest(volume_id=full, node_id=VM_A1, volume_capability=CAP)
+
+    with pytest.raises(CapacityExhausted) as raised:
+        await ctl.servicer.ControllerPublishVolume(request, Context())  # type: ignore[arg-type]
+
+    assert raised.value.message == (
+        f"node {VM_A1} has no free disk slot for volume {full} (XO vm.attachDisk failed: no allowed VBD devices): "
+        "detach a disk from its VM, or set the node plugin's --max-volumes-per-node to what the VM takes, so that "
+        "the scheduler stops before")
+    assert code_for(raised.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await ctl.xo.find_vbds(vdi_id=full) == []

@@ -39,6 +39,7 @@ CODES = {
     "XoVdiInUse": "xo_vdi_in_use",
     "XoInvalidParameters": "xo_invalid_parameters",
     "XoNoSpace": "xo_no_space",
+    "XoNoFreeDevice": "xo_no_free_device",
     "XoMethodNotFound": "xo_method_not_found",
     "LockLost": "lock_lost",
     "NotStarted": "not_started",
