@@ -98,6 +98,7 @@ class CacheMirror:
         self._waiters: list[tuple[int, int, Callable[[], None]]] = []  # heap of (ticket, sequence, callback)
         self._sequence = itertools.count()
         self._hidden: dict[str, asyncio.Event] = {}
+        self._loading: dict[str, asyncio.TimerHandle] = {}  # reconnected pools whose objects have not entered yet
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         truth.subscribe(self._on_truth_change)
@@ -109,8 +110,8 @@ class CacheMirror:
         return list(self._hidden)
 
     def is_connected(self, pool_id: str) -> bool:
-        """Whether XO has a connection to this pool."""
-        return pool_id not in self._hidden
+        """Whether XO has a connection to this pool (``server.getAll``'s status), its objects loaded or still loading."""
+        return pool_id not in self._hidden or pool_id in self._loading
 
     @property
     def pending(self) -> int:
@@ -216,6 +217,8 @@ class CacheMirror:
     # -- lost pools ----------------------------------------------------------------------------------
     def hide_pool(self, pool_id: str) -> None:
         """XO lost the pool: every object of it leaves the cache at once (one ``exit``)."""
+        if (loading := self._loading.pop(pool_id, None)) is not None:
+            loading.cancel()  # lost again before its objects came back
         if pool_id in self._hidden:
             return
         self._hidden[pool_id] = asyncio.Event()
@@ -224,7 +227,20 @@ class CacheMirror:
                 self.cache.remove(obj["id"])
 
     def show_pool(self, pool_id: str) -> None:
-        """XO reconnected: every current object of the pool enters the cache at once (one ``enter``)."""
+        """XO reconnected: the pool's status turns ``connected`` at once, and every current object of it enters the
+        cache at once (one ``enter``) one cache lag (its high bound) later. xo-server's connectXenServer marks the
+        pool connected once XAPI's session is open, then xen-api's initial fetch (``get_all_records`` of every
+        type, one batch) brings the objects: in between, an empty lookup in that pool proves nothing."""
+        if pool_id not in self._hidden or pool_id in self._loading:
+            return
+        delay_s = self.lag.high_ms / 1000
+        if delay_s <= 0 or self._closed:
+            self._show_now(pool_id)
+            return
+        self._loading[pool_id] = asyncio.get_running_loop().call_later(delay_s, self._show_now, pool_id)
+
+    def _show_now(self, pool_id: str) -> None:
+        self._loading.pop(pool_id, None)
         lost = self._hidden.pop(pool_id, None)
         if lost is None:
             return
@@ -242,5 +258,8 @@ class CacheMirror:
             self._timer = None
         self._pending.clear()
         self._settle(self._issued)
+        for loading in self._loading.values():
+            loading.cancel()
+        self._loading.clear()
         for lost in self._hidden.values():
             lost.set()

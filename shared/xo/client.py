@@ -148,24 +148,36 @@ class XoClient:
             log.warning("xo_unreachable_at_start", component=component, error=exc.message)
 
     async def check_view_complete(self, what: str) -> None:
-        """XoPoolDisconnected unless XO is connected to every pool (XO server) it manages.
+        """XoPoolDisconnected unless XO is connected to every pool (XO server) it manages and holds their objects.
 
         While XO has lost a pool, every object of that pool is missing from its cache, so ``what`` (a lookup
-        that came back empty) cannot be told absent from unreachable.
+        that came back empty) cannot be told absent from unreachable. ``connected`` is not enough: xo-server marks
+        a pool connected once XAPI's session is open, and its objects enter the cache with xen-api's initial fetch
+        (every type in one batch, seconds on a large pool) after that, at XO's start and at each full reconnect.
+        The pool object enters in that batch, so each connected pool must also show as an object. A second
+        server entry of a pool already connected through another ("this pool is already connected") hides
+        nothing; a disabled one (``enabled: false``) does, until an operator enables or removes it.
         """
         try:
             servers = await self._session.call("server.getAll", {}, idempotent=True, timeout_s=self._read_timeout_s)
         except XoMethodNotFound:
             log.warning("xo_server_status_unknown", reason="server.getAll is not available")
             return
-        lost = [s for s in servers if isinstance(s, dict) and s.get("status") != "connected"] \
-            if isinstance(servers, list) else []
+        servers = [s for s in servers if isinstance(s, dict)] if isinstance(servers, list) else []
+        connected = {str(s["poolId"]) for s in servers if s.get("status") == "connected" and s.get("poolId")}
+        lost = [s for s in servers if s.get("status") != "connected" and not _served_elsewhere(s, connected)]
         if lost:
-            names = ", ".join(str(s.get("label") or s.get("host") or s.get("id")) for s in lost)
             raise XoPoolDisconnected(
-                f"XO is not connected to {names} ({', '.join(str(s.get('status')) for s in lost)}): {what} may be "
-                "there but invisible until XO reconnects; retry later",
+                f"XO is not connected to {'; '.join(_server_state(s) for s in lost)}: {what} may be there but "
+                "invisible until XO reconnects; retry later",
                 method="server.getAll",
+            )
+        shown = {obj.get("id") for obj in await self.get_objects({"type": "pool"})} if connected else set()
+        if loading := connected - shown:
+            raise XoPoolDisconnected(
+                f"XO is still loading the objects of pool {', '.join(sorted(loading))} (connected, not yet in its "
+                f"cache): {what} may be there but invisible until it has; retry later",
+                method="xo.getAllObjects",
             )
 
     async def lookup_confirmed(self, what: str, lookup: Callable[[], Awaitable[T]]) -> T:
@@ -433,3 +445,16 @@ def _expect_str(result: Any, method: str) -> str:
     if isinstance(result, str) and result:
         return result
     raise XoError(f"XO {method} returned {type(result).__name__}, expected a UUID string", method=method)
+
+
+def _served_elsewhere(server: dict[str, Any], connected: set[str]) -> bool:
+    """A duplicate entry of a pool XO reaches through another server (xo-server's PoolAlreadyConnected)."""
+    error = server.get("error")
+    return isinstance(error, dict) and str(error.get("poolId")) in connected
+
+
+def _server_state(server: dict[str, Any]) -> str:
+    name = str(server.get("label") or server.get("host") or server.get("id"))
+    if server.get("enabled") is False:
+        return (f"{name} (disabled in XO: enable it, or remove it from XO's servers if that pool is gone for good)")
+    return f"{name} ({server.get('status')})"

@@ -4,7 +4,8 @@ Tree (each leaf also inherits the domain error that the edges map to a code)::
 
     XoError (BackendFailure)            any XO answer we do not classify further; keeps rpc_code/xapi_code
     ├── XoUnavailable (BackendUnavailable)   connect/sign-in/call timeout, socket closed, XO code 9
-    │   └── XoPoolDisconnected                XO lost a pool: its objects are missing, not deleted
+    │   └── XoPoolDisconnected                XO lost a pool: its objects are missing, not deleted (also
+    │                                         xo-server's "no connection found for object ...")
     ├── XoAuthError (BackendUnavailable)     XO codes 2, 3, 8: the credentials are wrong or lack rights
     ├── XoNotFound                            XO code 1 (no such object), XAPI HANDLE_INVALID / UUID_INVALID
     ├── XoBusy (OperationPending)             XAPI OTHER_OPERATION_IN_PROGRESS, TOO_MANY_STORAGE_MIGRATES,
@@ -116,9 +117,10 @@ _BY_XAPI_CODE: dict[str, type[XoError]] = {
     "SR_BACKEND_FAILURE_44": XoNoSpace,
 }
 
-_BY_MESSAGE: dict[str, type[XoError]] = {  # plain Errors thrown by xo-server itself, known by their message
-    "no allowed VBD devices": XoNoFreeDevice,
-}
+_BY_MESSAGE_START: tuple[tuple[str, type[XoError]], ...] = (  # plain Errors of xo-server itself (admins read them)
+    ("no allowed VBD devices", XoNoFreeDevice),  # createVbd: VM.get_allowed_VBD_devices is empty
+    ("no connection found for object ", XoPoolDisconnected),  # getXapi(): the object's pool was lost meanwhile
+)
 
 
 def xapi_code_of(message: str, data: Any) -> str | None:
@@ -139,7 +141,8 @@ def from_rpc_error(error: Any, method: str) -> XoError:
     message = str(error.get("message") or "unknown error")[:500]
     data = error.get("data")
     xapi_code = xapi_code_of(message, data)
-    cls = (_BY_XAPI_CODE.get(xapi_code or "") or _BY_MESSAGE.get(message)
+    by_message = next((cls for start, cls in _BY_MESSAGE_START if message.startswith(start)), None)
+    cls = (_BY_XAPI_CODE.get(xapi_code or "") or by_message
            or (_BY_XO_CODE.get(code, XoError) if code is not None else XoError))
     return cls(f"XO {method} failed: {message}", rpc_code=code, xapi_code=xapi_code, method=method, data=data)
 

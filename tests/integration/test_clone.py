@@ -246,7 +246,7 @@ async def test_a_clone_job_decides_from_what_settling_read_not_from_a_lookup_of_
     record = await finished(xenv, name=CLONE)
     assert record.state == "succeeded", record
     # reads: settle's (~incoming, the name: the job's first look, not read again), the name once more after
-    # server.getAll (absent only once XO sees every pool), the source by name, its VBDs, the target after the
-    # stream and after its csi:info
-    assert dict(stats.calls) == {"xo.getAllObjects": 7, "server.getAll": 1, "rest.vdi.create": 1, "rest.vdi.get": 1,
+    # server.getAll and the pools shown (absent only once XO sees every pool and holds its objects), the source by
+    # name, its VBDs, the target after the stream and after its csi:info
+    assert dict(stats.calls) == {"xo.getAllObjects": 8, "server.getAll": 1, "rest.vdi.create": 1, "rest.vdi.get": 1,
                                  "rest.vdi.export": 1, "rest.vdi.import": 1, "vdi.set": 3}

@@ -38,6 +38,7 @@ EXPECTED = {
     "XoVdiInUse": Code.FAILED_PRECONDITION,
     "XoInvalidParameters": Code.INTERNAL,
     "XoNoSpace": Code.RESOURCE_EXHAUSTED,
+    "XoNoFreeDevice": Code.RESOURCE_EXHAUSTED,
     "XoMethodNotFound": Code.INTERNAL,
 }
 

@@ -11,7 +11,7 @@ import pytest
 from shared.config import XoSettings
 from shared.errors import BackendUnavailable
 from shared.xo.client import XoClient
-from shared.xo.errors import XoAuthError, XoError, XoUnavailable
+from shared.xo.errors import XoAuthError, XoError, XoPoolDisconnected, XoUnavailable
 from shared.xo.models import Vdi
 from shared.xo.transport import Credentials, RpcSession
 from tests.unit.xo.memory_peer import DropSocket, MemoryPeer, RpcFault
@@ -371,5 +371,48 @@ async def test_a_non_admin_account_is_refused_with_what_to_do() -> None:
         await client.ping()  # every later sign-in is checked too
     peer.user = {"id": "u1", "email": "admin@example.org", "permission": "admin"}
     await client.require_admin("controller")
+    await client.close()
+    await peer.aclose()
+
+
+def _servers_peer(servers: list[dict[str, Any]], pools: list[str]) -> MemoryPeer:
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "server.getAll":
+            return servers
+        if method == "xo.getAllObjects" and params["filter"] == {"type": "pool"}:
+            return {pool: {"id": pool, "type": "pool"} for pool in pools}
+        raise AssertionError(method)
+
+    return MemoryPeer(handler)
+
+
+POOL_A_SERVER = {"id": "s1", "label": "Pool A", "status": "connected", "enabled": True, "poolId": "pa"}
+
+
+async def test_a_second_entry_of_a_pool_connected_through_another_hides_nothing() -> None:
+    duplicate = {"id": "s2", "label": "Pool A again", "status": "disconnected", "enabled": True,
+                 "error": {"message": "this pool is already connected", "poolId": "pa", "connectedServerId": "s1"}}
+    peer = _servers_peer([POOL_A_SERVER, duplicate], ["pa"])
+    client = make_client(peer)
+    await client.check_view_complete("disk csi-a")
+    await client.close()
+    await peer.aclose()
+
+
+@pytest.mark.parametrize(("servers", "pools", "message"), [
+    ([POOL_A_SERVER, {"id": "s2", "label": "Pool B", "status": "disconnected", "enabled": False}], ["pa"],
+     "XO is not connected to Pool B (disabled in XO: enable it, or remove it from XO's servers if that pool is gone "
+     "for good): disk csi-a may be there but invisible until XO reconnects; retry later"),
+    ([POOL_A_SERVER], [],
+     "XO is still loading the objects of pool pa (connected, not yet in its cache): disk csi-a may be there but "
+     "invisible until it has; retry later"),
+], ids=["disabled", "loading"])
+async def test_a_pool_xo_does_not_show_yet_makes_an_empty_lookup_unprovable(
+        servers: list[dict[str, Any]], pools: list[str], message: str) -> None:
+    peer = _servers_peer(servers, pools)
+    client = make_client(peer)
+    with pytest.raises(XoPoolDisconnected) as raised:
+        await client.check_view_complete("disk csi-a")
+    assert raised.value.message == message
     await client.close()
     await peer.aclose()

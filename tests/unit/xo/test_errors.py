@@ -13,8 +13,10 @@ from shared.xo.errors import (
     XoBusy,
     XoError,
     XoInvalidParameters,
+    XoNoFreeDevice,
     XoNoSpace,
     XoNotFound,
+    XoPoolDisconnected,
     XoVdiInUse,
     from_rpc_error,
 )
@@ -37,6 +39,10 @@ from shared.xo.errors import (
         ({"code": -32000, "message": "SR_BACKEND_FAILURE_44(, There is insufficient space, )"}, XoNoSpace,
          CapacityExhausted),
         ({"code": -32000, "message": "unknown error from the peer"}, XoError, None),
+        ({"code": -32000, "message": "no allowed VBD devices", "data": {"name": "Error"}}, XoNoFreeDevice,
+         CapacityExhausted),
+        ({"code": -32000, "message": "no connection found for object v1", "data": {"name": "Error"}},
+         XoPoolDisconnected, BackendUnavailable),
     ],
 )
 def test_error_translation(error: dict[str, Any], cls: type[XoError], domain: type[Exception] | None) -> None:
