@@ -129,10 +129,22 @@ class Provisioner:
             vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
                 _check_size(vdi, size, plan.disk_name)
+                vdi = await self._described(vdi, plan)
                 _check_class(vdi, params, plan.disk_name)
             else:
                 vdi = await make(plan)
             return self._created(plan, vdi, requisite)
+
+    async def _described(self, vdi: Vdi, plan: VolumePlan) -> Vdi:
+        """``vdi`` with the class's ``csi:info`` written when its description is empty: XO's vdi.set renames
+        (VDI.set_name_label) before it describes (VDI.set_name_description), two XAPI calls, so a creation cut
+        between them leaves the final name with no description; its retry completes it. Both drivers describe
+        every volume (m4rCsi writes ``csi:info: {}`` at least), so an empty one is never a finished volume's."""
+        if vdi.name_description.strip():
+            return vdi
+        await self._xo.set_vdi(vdi.id, name_description=plan.info.to_description())
+        log.info("disk_description_completed", disk_name=plan.disk_name, vdi=vdi.id)
+        return vdi.model_copy(update={"name_description": plan.info.to_description()})
 
     async def existing(self, disk_name: str, *, final_only: bool = False) -> Vdi | None:
         """The VDI named ``disk_name``; None only once XO is known to see every pool (a disk of a pool XO lost must
@@ -160,7 +172,8 @@ class Provisioner:
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
             self._inventory.usage_changed()
             log.info("disk_created", disk_name=temp_name, vdi=vdi_id, sr=target.id, size_bytes=size_bytes)
-        # One vdi.set: the disk is never seen renamed but undescribed (or described but still temporary).
+        # One vdi.set: XO renames, then describes (two XAPI calls). A creation cut in between leaves the final name
+        # undescribed, which the retry's provide() completes (_described); it is never described but temporary.
         await self._xo.set_vdi(vdi_id, name_label=plan.disk_name, name_description=plan.info.to_description())
         vdi = await self._xo.get_vdi(vdi_id)
         if vdi is None:

@@ -201,11 +201,14 @@ class Api:
             if size < vdi["size"]:  # compared with the cached size, as XO does
                 raise invalid_parameters(message=f"cannot set new size ({size}) below the current size ({vdi['size']})")
             await self.xapi.resize_vdi(vdi["_xapiRef"], size)
-        changes: dict[str, Any] = {key: params[key] for key in ("name_label", "name_description") if key in params}
-        if "cbt" in params:
-            changes["cbt_enabled"] = params["cbt"]
-        if changes:
-            self.xapi.set_vdi_fields(vdi["_xapiRef"], changes)
+        # xo-server's vdi.set: one XAPI call per field, in this order (cbt, then VDI.set_name_label, then
+        # VDI.set_name_description): not atomic, the cache may show the new name before the new description.
+        changes = [("cbt_enabled", params["cbt"])] if "cbt" in params else []
+        changes += [(key, params[key]) for key in ("name_label", "name_description") if key in params]
+        for index, (field, value) in enumerate(changes):
+            if index:
+                await asyncio.sleep(0)  # the next XAPI round trip: other calls and the cache go on in between
+            self.xapi.set_vdi_fields(vdi["_xapiRef"], {field: value})
         return None
 
     async def _vdi_delete(self, session: Session, params: dict[str, Any], objects: dict[str, XoObject]) -> Any:

@@ -8,11 +8,13 @@ import pytest
 
 from dev.wait import eventually
 from services.csi_frontend.disks import Disk
-from shared import placement
+from services.xo_simulator.cache import Lag
+from shared import placement, vdi_metadata
 from shared import volume_id as vid
 from shared.csi import csi_pb2
 from shared.errors import PreconditionFailed
 from shared.units import MiB
+from shared.xo.errors import XoPoolDisconnected
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import block_capability, mount_capability
 from tests.support.controller import Context, Controller
@@ -104,3 +106,49 @@ async def test_a_migration_while_xo_lost_the_pool_is_retried_then_completes(
 async def _retried(env: Env) -> bool:
     record = await env.jobs.get(DISK)
     return record is not None and record.attempt >= 2 and record.is_active
+
+
+async def test_a_pool_connected_again_but_not_yet_loaded_proves_no_absence(ctl: Controller) -> None:
+    """xo-server marks a reconnected pool connected before xen-api's initial fetch brings its objects (issue 14
+    review): until the pool's objects show, an empty lookup there is not a deleted disk. DeleteVolume answers
+    UNAVAILABLE meanwhile (the disk kept), then deletes it once they show."""
+    created = await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-reload", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[MOUNT],
+        parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+    vdi_id = created.volume.volume_id  # a fixed shared volume: the bare VDI UUID
+    mirror = ctl.sim.simulator.mirror
+    pool = ctl.sim.simulator.store.get(vdi_id, "VDI")["$pool"]
+    mirror.lag = Lag.parse("3000")  # XO's initial fetch of the pool lasts 3 s (a large pool), the status at once
+    ctl.lose_pool(pool)
+    ctl.regain_pool(pool)
+    assert mirror.is_connected(pool) and mirror.cache.find(vdi_id) is None
+    delete = csi_pb2.DeleteVolumeRequest(volume_id=vdi_id)
+
+    with pytest.raises(XoPoolDisconnected, match=f"XO is still loading the objects of pool {pool}"):
+        await ctl.servicer.DeleteVolume(delete, Context())  # type: ignore[arg-type]
+
+    assert ctl.sim.simulator.store.find(vdi_id) is not None
+    await eventually(lambda: mirror.cache.find(vdi_id) is not None, 10, description="the pool's objects back")
+    await ctl.servicer.DeleteVolume(delete, Context())  # type: ignore[arg-type]
+    assert ctl.sim.simulator.store.find(vdi_id) is None
+
+
+async def test_a_creation_cut_between_xo_renaming_and_describing_the_disk_is_completed_by_its_retry(
+        ctl: Controller) -> None:
+    """XO's vdi.set renames (VDI.set_name_label), then describes (VDI.set_name_description): a CreateVolume cut in
+    between leaves the final name undescribed. Its retry answers the volume and writes the class's csi:info, so the
+    volume is listed and, for a migrating class, may migrate."""
+    half = await ctl.sim.simulator.xapi.create_vdi(SR_NFS_A, name_label="csi-pvc-half", size=64 * MiB)
+    await eventually(lambda: ctl.sim.simulator.mirror.cache.find(half["id"]) is not None, 5,
+                     description="XO's cache shows the renamed, undescribed disk")
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-half", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[MOUNT],
+        parameters={"srsWithTag": "k8s-shared"})
+
+    created = await ctl.servicer.CreateVolume(request, Context())  # type: ignore[arg-type]
+
+    assert created.volume.volume_id == half["id"]
+    described = await ctl.xo.get_vdi(half["id"])
+    assert described is not None and vdi_metadata.parse(described.name_description) is not None
+    listed = await ctl.servicer.ListVolumes(csi_pb2.ListVolumesRequest(), Context())  # type: ignore[arg-type]
+    assert [entry.volume.volume_id for entry in listed.entries] == [half["id"]]
