@@ -68,15 +68,19 @@ async def handle(request: MigrationRequested, deps: HandlerDeps) -> MigrationFin
     async with DiskLock(deps.redis, deps.key_prefix, request.disk_name, ttl_s=deps.lock_ttl_s,
                         wait_s=deps.lock_wait_s, release_after_exit=True) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        with deps.xo.noting_changes(request.disk_name) as changes:  # until the copy: see _as_read
-            named = await deps.xo.find_vdis(name_label=request.disk_name)
-            changes.track(v.id for v in named)
-            settled = transfer.unsettled(named)
-            if settled:  # what an interrupted move or clone left: settled (settle returns the VDIs named after it)
-                named = await transfer.settle(deps.xo, request.disk_name, lock)
-            vdi = await _source_vdi(deps, request, lock, named)
-            changes.track([vdi.id])
-            vdi, sr_id = await _move(deps, request, vdi, lock, changes, settled=settled)
+        try:
+            with deps.xo.noting_changes(request.disk_name) as changes:  # until the copy: see _as_read
+                named = await deps.xo.find_vdis(name_label=request.disk_name)
+                changes.track(v.id for v in named)
+                settled = transfer.unsettled(named)
+                if settled:  # what an interrupted move or clone left: settled (settle returns the VDIs named after)
+                    named = await transfer.settle(deps.xo, request.disk_name, lock)
+                vdi = await _source_vdi(deps, request, lock, named)
+                changes.track([vdi.id])
+                vdi, sr_id = await _move(deps, request, vdi, lock, changes, settled=settled)
+        except XoNotFound:  # a write on what the job had just read: its pool lost meanwhile (retryable) or gone
+            await deps.xo.check_view_complete(f"an object of disk {request.disk_name}")
+            raise
     return MigrationFinished(job_id=request.job_id, disk_name=request.disk_name, outcome="succeeded",
                              vdi_id=vdi.id, sr_id=sr_id, duration_s=round(time.monotonic() - started, 3))
 

@@ -9,6 +9,7 @@ import pytest
 from dev.wait import eventually
 from services.csi_frontend.disks import Disk
 from services.xo_simulator.cache import Lag
+from services.xo_simulator.faults import Faults, Latency
 from shared import placement, vdi_metadata
 from shared import volume_id as vid
 from shared.csi import csi_pb2
@@ -152,3 +153,26 @@ async def test_a_creation_cut_between_xo_renaming_and_describing_the_disk_is_com
     assert described is not None and vdi_metadata.parse(described.name_description) is not None
     listed = await ctl.servicer.ListVolumes(csi_pb2.ListVolumesRequest(), Context())  # type: ignore[arg-type]
     assert [entry.volume.volume_id for entry in listed.entries] == [half["id"]]
+
+
+async def test_a_write_xo_answers_no_such_object_while_it_lost_the_pool_is_retried_not_failed(
+        amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str) -> None:
+    """The job read the disk, then XO lost its pool: the mark's vdi.set answers "no such object" (code 1). That
+    proves nothing while XO has lost a pool: the job is retried (not failed for good) and completes once the pool
+    is back, with one copy."""
+    async with open_env(amqp_vhost, redis_server, redis_prefix) as env:
+        sim = env.sim.simulator
+        sim.faults.add(Faults.parse([{"method": "vdi.set", "error": {"code": 1, "message": "no such object"},
+                                      "count": 1}]))
+        sim.faults.latency = Latency.parse("server.getAll=1000")  # room to lose the pool before XO answers it
+        await env.worker("w1", max_attempts=1000)
+        await env.submit()
+        await eventually(lambda: sim.faults.rules()[0]["count"] == 0, 10, description="the mark answered code 1")
+        sim.outages.disconnect(POOL_A, None)
+        sim.faults.latency = Latency.parse(None)
+        await eventually(lambda: _retried(env), 10, description="the job retried while the pool is lost")
+        sim.outages.reconnect(POOL_A)
+        record = await eventually(env.finished, 20, description="the job finished")
+        assert record.result is not None and record.result.outcome == "succeeded", record
+        [vdi] = vdis_named(env.sim)
+        assert vdi["$SR"] == SR_A2 and sim.stats.migrations[DISK] == 1
