@@ -122,9 +122,13 @@ async def settle(xo: XoClient, disk_name: str, lock: DiskLock) -> list[Vdi]:
     once settled, for the caller to go on from without a lookup of its own: as read when there was nothing to do
     (one lookup pair in all), else read again. Like any lookup, an empty answer is not proof of absence while XO
     may miss a pool (``XoClient.confirm_absent``)."""
-    incoming = await xo.find_vdis(name_label=transfer_marks.incoming_name(disk_name))
+    incoming_name = transfer_marks.incoming_name(disk_name)
+    incoming = await xo.find_vdis(name_label=incoming_name)
     named = await xo.find_vdis(name_label=disk_name)
     renamed = [v for v in named if transfer_marks.is_marked(v.name_description)]
+    if not incoming and not renamed and unsettled(named):  # a source still marked: its target may sit in a pool
+        # XO has lost, or whose objects it is still loading: absent only once XO shows every pool, looked up again
+        incoming = await xo.confirm_absent(f"VDI {incoming_name}", lambda: xo.find_vdis(name_label=incoming_name))
     if not incoming and not renamed:
         return named
     await xo.check_view_complete(f"the VDIs of disk {disk_name}")  # a source in a lost pool is not a deleted one
@@ -217,8 +221,8 @@ async def _discard(xo: XoClient, vdi: Vdi, lock: DiskLock, *, reason: str) -> No
 
 async def _discard_quietly(xo: XoClient, target_id: str, lock: DiskLock, cause: DomainError) -> None:
     """After a failed fill: delete the target; when that fails too, the next attempt's ``settle`` does."""
-    try:
-        target = await xo.get_vdi(target_id)
+    try:  # not found while XO has lost a pool (the target's, as when that cut the stream) is not gone: kept
+        target = await xo.lookup_confirmed(f"the target VDI {target_id}", lambda: xo.get_vdi(target_id))
         if target is not None:
             await _discard(xo, target, lock, reason=f"the transfer failed: {cause.message}")
     except DomainError as exc:
@@ -227,9 +231,11 @@ async def _discard_quietly(xo: XoClient, target_id: str, lock: DiskLock, cause: 
 
 async def _unmark(xo: XoClient, source: Vdi, lock: DiskLock) -> None:
     """After a failed move: drop the source's "being migrated" mark so that it is usable again where it is, unless
-    the failed fill could not delete its target (the mark then keeps the source unused until a retry settles)."""
+    the failed fill could not delete its target, or XO, having lost a pool, cannot show whether it did (the mark
+    then keeps the source unused until a retry settles; a cleared one would leave the target to no one)."""
+    incoming = transfer_marks.incoming_name(source.name_label)
     try:
-        if await xo.find_vdis(name_label=transfer_marks.incoming_name(source.name_label)):
+        if await xo.lookup_confirmed(f"VDI {incoming}", lambda: xo.find_vdis(name_label=incoming)):
             return
         current = await xo.get_vdi(source.id)
         if current is not None:

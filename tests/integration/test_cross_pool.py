@@ -14,6 +14,7 @@ from dev.wait import eventually
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk
 from services.xo_simulator.faults import Faults
+from services.xo_simulator.topology import derived_id
 from shared import vdi_metadata
 from shared.errors import OperationPending
 from shared.progress import StreamProgress
@@ -22,6 +23,7 @@ from shared.volume_id import by_name
 from tests.support.cross_pool import (
     DISK_SIZE,
     INCOMING,
+    POOL_B,
     SR_A1,
     SR_B1,
     VM_B1,
@@ -31,9 +33,11 @@ from tests.support.cross_pool import (
     submit_to_pool_b,
     write_content,
 )
-from tests.support.migration import DISK, Env, vdis_named
+from tests.support.migration import DISK, POOL_A, Env, vdis_named
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+HOST_A1 = derived_id("host", "Pool A", "host-a1")
+VM_A1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
 SLOW = 8 * MiB  # bytes/s of the simulator's exports in tests that act while a stream runs (~3 s for the data)
 
 
@@ -227,3 +231,29 @@ async def test_a_crashed_attempt_s_target_is_deleted_by_the_next_one_even_on_ano
     assert record.state == "succeeded", record.result
     assert partial["id"] not in xenv.sim.state
     assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": SLOW}])
+async def test_target_pool_lost_mid_stream_leaves_no_orphan_even_when_the_job_gives_up(xenv: Env) -> None:
+    """XO loses pool B while the disk streams into it, and the job gives up (one attempt). XO cannot show whether
+    ``~incoming`` is gone, so the source keeps its mark; the next job on the disk waits for pool B, deletes the
+    leftover and clears the mark (here the pod is back on node-a1, where the disk is): no orphan VDI in pool B."""
+    checksum = write_content(xenv)
+    first = await xenv.worker("w1", max_attempts=1)
+    await submit_to_pool_b(xenv)
+    await streaming(xenv)
+    await _add_faults(xenv, {"kind": "pool_disconnect", "pool": POOL_B})  # until the faults are cleared
+    record = await finished(xenv)
+    assert record.state == "failed", record.result
+    [source] = vdis_named(xenv.sim)
+    info = vdi_metadata.parse(source["name_description"])
+    assert info is not None and info.in_progress_to_sr == SR_B1  # kept: its target may still be in pool B
+
+    await first.stop()
+    xenv.sim.simulator.clear_faults()  # and pool B is back: connected at once, its objects a cache lag later
+    xenv.sim.simulator.stream_rate_bps = 0
+    await xenv.worker("w2", max_attempts=1000, retry_backoff_max_s=0.5)
+    await xenv.submit(vm_id=VM_A1, host_id=HOST_A1, pool_id=POOL_A)  # back on node-a1: the disk is usable there
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert_one_complete_disk(xenv, checksum, SR_A1)  # unmarked, and no VDI named <disk>~incoming left anywhere
