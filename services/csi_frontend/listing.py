@@ -37,9 +37,12 @@ class VolumeEntry:
 
 
 async def list_volumes(xo: XoClient, prefix: str) -> list[VolumeEntry]:
-    """Every volume, sorted by handle (a migrating volume has two VDIs while a copy runs: one entry)."""
+    """Every volume, sorted by handle (a migrating volume has two VDIs while a copy runs: one entry). A listing
+    claims completeness: XO's view is checked before the reads (a pool lost, or still loading its objects) and
+    after them (a pool lost while they ran), XoPoolDisconnected otherwise."""
     await xo.check_view_complete("the volume list")
     vdis, vbds, srs = await asyncio.gather(xo.find_vdis(), xo.find_vbds(), xo.find_srs())
+    await xo.check_view_complete("the volume list")
     plugged: dict[str, list[Vbd]] = {}
     for vbd in vbds:
         if vbd.attached and vbd.vdi_id:

@@ -110,7 +110,7 @@ class CacheMirror:
         return list(self._hidden)
 
     def is_connected(self, pool_id: str) -> bool:
-        """Whether XO has a connection to this pool (``server.getAll``'s status), its objects loaded or still loading."""
+        """Whether XO has a connection to this pool (``server.getAll``'s status), its objects loaded or loading."""
         return pool_id not in self._hidden or pool_id in self._loading
 
     @property
