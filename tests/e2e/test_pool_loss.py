@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from dev.stack import Stack, StackOptions, running_stack
+from dev.wait import eventually
 from shared.csi import csi_pb2
 from shared.units import MiB
 from tests.support.e2e import NEEDS_LOSETUP, create, mount_cap, publish, require_root
@@ -37,6 +38,17 @@ async def _code(call: Awaitable[Any]) -> str:
     except grpc.aio.AioRpcError as exc:
         return exc.code().name
     return "OK"
+
+
+async def _listed(controller: Any) -> csi_pb2.ListVolumesResponse | None:
+    """ListVolumes' answer; None while it answers UNAVAILABLE (XO not yet showing every pool)."""
+    try:
+        response: csi_pb2.ListVolumesResponse = await controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+    return response
 
 
 async def _truth(stack: Stack) -> tuple[list[str], list[tuple[str, str, bool]]]:
@@ -93,8 +105,10 @@ async def test_while_xo_lost_the_pool_every_answer_is_unavailable_and_nothing_ch
     assert codes == dict.fromkeys(calls, "UNAVAILABLE"), codes
     assert await _truth(stack) == before  # nothing deleted, detached or created meanwhile
 
-    await _lose_pool(stack, None)  # the pool is back: everything works again
-    listed = await controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
+    # The pool is back: XO says it is connected at once and shows its objects once its initial fetch ran (a cache
+    # lag later); meanwhile a listing still answers UNAVAILABLE, and the sidecars retry as here. Then all works.
+    await _lose_pool(stack, None)
+    listed = await eventually(lambda: _listed(controller), 10, 0.02, description="ListVolumes once XO shows the pool")
     assert {e.volume.volume_id for e in listed.entries} >= {shared, migrating}
     assert (await publish(stack, shared, "node-a1"))["device"] == "xvdb"  # idempotent: the same VBD
     await controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
