@@ -2,10 +2,11 @@
 
 ``{"srsWithTag": "<tag>", "migrating": {"enabled": true, "inProgressToSRUUID": "<sr>"}}``: ``migrating`` present
 means the volume may migrate (m4rCsi writes ``enabled: true``, and so do we); the in-progress mark is set while a
-migration runs. m4rCsi versions that wrote ``toSRUUID`` are read too. ``srUUID`` and ``handle`` (the handle form
-CreateVolume returned) are this driver's additions; m4rCsi decodes the JSON with Go's encoding/json, which skips
-keys it does not know. The description survives VDI.copy (name_label and name_description do). ``with_mark`` sets
-or clears the mark in a description and keeps every other field as it was (no field another version wrote is lost).
+migration runs. m4rCsi versions that wrote ``toSRUUID`` are read too. ``srUUID``, ``handle`` (the handle form
+CreateVolume returned) and ``sourceVolume`` (the volume a clone was made from) are this driver's additions; m4rCsi
+decodes the JSON with Go's encoding/json, which skips keys it does not know. The description survives VDI.copy
+(name_label and name_description do). ``with_mark`` sets or clears the mark in a description and keeps every other
+field as it was (no field another version wrote is lost).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StorageInfo:
     migrating: bool = False
     in_progress_to_sr: str | None = None
     handle: str | None = None  # the handle form CreateVolume returned (shared/volume_id.py HANDLE_*); this version on
+    source_volume: str | None = None  # a clone's volume_content_source.volume.volume_id, as the CO gave it
 
     def to_description(self) -> str:
         body: dict[str, Any] = {}
@@ -34,7 +36,8 @@ class StorageInfo:
             body["migrating"] = {"enabled": True}
             if self.in_progress_to_sr:
                 body["migrating"]["inProgressToSRUUID"] = self.in_progress_to_sr
-        optional = {"srsWithTag": self.srs_with_tag, "srUUID": self.sr_uuid, "handle": self.handle}
+        optional = {"srsWithTag": self.srs_with_tag, "srUUID": self.sr_uuid, "handle": self.handle,
+                    "sourceVolume": self.source_volume}
         body.update({key: value for key, value in optional.items() if value is not None})
         return PREFIX + json.dumps(body, separators=(",", ":"))
 
@@ -63,13 +66,14 @@ def parse(description: str) -> StorageInfo | None:
     mark = None
     if isinstance(migrating, dict):
         mark = next((migrating[k] for k in _MARK_KEYS if isinstance(migrating.get(k), str) and migrating[k]), None)
-    tag, sr_uuid, handle = (body.get(key) for key in ("srsWithTag", "srUUID", "handle"))
+    tag, sr_uuid, handle, source = (body.get(key) for key in ("srsWithTag", "srUUID", "handle", "sourceVolume"))
     return StorageInfo(
         srs_with_tag=tag if isinstance(tag, str) else None,
         sr_uuid=sr_uuid if isinstance(sr_uuid, str) else None,
         migrating=isinstance(migrating, dict),
         in_progress_to_sr=mark,
         handle=handle if isinstance(handle, str) else None,
+        source_volume=source if isinstance(source, str) and source else None,
     )
 
 

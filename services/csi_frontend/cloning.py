@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from services.csi_frontend.disks import Disk, DiskLocator
 from services.csi_frontend.migration_gate import QueueMigrationGate, failed_job_error
-from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan
+from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan, check_source
 from shared import messages, transfer_marks
 from shared import volume_id as vid
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
@@ -59,13 +59,13 @@ class Cloner:
         """The new volume once its disk holds the source's content (Provisioner.provide, as CreateVolume; a disk
         still carrying a transfer mark is not the volume's yet). Raises VolumeNotFound (NOT_FOUND: the source),
         OutOfRange (a limit below the source's size), PreconditionFailed (an attached source), OperationPending
-        (ABORTED: the clone still runs), AlreadyExistsIncompatible (a volume of that name with another size or
-        class), and what a failed clone job reports."""
+        (ABORTED: the clone still runs), AlreadyExistsIncompatible (a volume of that name with another size,
+        class or source), and what a failed clone job reports."""
         async def clone(plan: VolumePlan) -> Vdi:
             return await self._run(request, plan, deadline_s)
 
         return await self._provisioner.provide(request.name, request.size, request.params, request.requisite, clone,
-                                               deadline_s=deadline_s, final_only=True)
+                                               deadline_s=deadline_s, final_only=True, source=request.source_id)
 
     async def _run(self, request: CloneRequest, plan: VolumePlan, deadline_s: float) -> Vdi:
         source = await self._source(request.source_id)
@@ -86,6 +86,7 @@ class Cloner:
         if done is None:
             raise OperationPending(f"the clone job of volume {request.name} succeeded but XO does not show disk "
                                    f"{plan.disk_name} yet; retry")
+        check_source(done, request.source_id, plan.disk_name)  # a blank disk of that name made meanwhile
         log.info("volume_cloned", disk_name=plan.disk_name, vdi=done.id, sr=done.sr_id, source=request.source_id)
         return done
 

@@ -21,6 +21,7 @@ from services.csi_frontend.sightings import Obj, VdiSightings, disk_after
 from shared import broker, messages, metrics, placement
 from shared.backoff import Backoff
 from shared.errors import (
+    AlreadyExistsIncompatible,
     BackendUnavailable,
     CapacityExhausted,
     DomainError,
@@ -39,7 +40,8 @@ log = get_logger(__name__)
 
 # What a job that failed for good answers the attach, by the family of its error (looked up by code); any other
 # cause is FAILED_PRECONDITION (PreconditionFailed) naming it.
-_REPORTED_AS_IS: tuple[type[DomainError], ...] = (CapacityExhausted, PlacementImpossible, VolumeNotFound)
+_REPORTED_AS_IS: tuple[type[DomainError], ...] = (CapacityExhausted, PlacementImpossible, VolumeNotFound,
+                                                   AlreadyExistsIncompatible)
 
 
 class QueueMigrationGate:

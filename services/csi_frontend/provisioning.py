@@ -55,12 +55,14 @@ class VolumePlan:
     by_name: bool
     name: str
     disk_name: str
+    source: str | None = None  # a clone's source volume id (volume_content_source), None for a blank disk
 
     @property
     def info(self) -> StorageInfo:
-        """The ``csi:info`` the new disk carries: the class, and how its handle names it."""
+        """The ``csi:info`` the new disk carries: the class, how its handle names it, and a clone's source."""
         return StorageInfo(srs_with_tag=self.params.srs_with_tag, sr_uuid=self.params.sr_uuid,
-                           migrating=self.params.migrating, handle=vid.HANDLE_NAME if self.by_name else vid.HANDLE_VDI)
+                           migrating=self.params.migrating, handle=vid.HANDLE_NAME if self.by_name else vid.HANDLE_VDI,
+                           source_volume=self.source)
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,13 @@ class Provisioner:
 
     async def provide(self, request_name: str, size: tuple[int, int], params: StorageParams,
                       requisite: Sequence[Mapping[str, str]], make: Callable[[VolumePlan], Awaitable[Vdi]], *,
-                      deadline_s: float | None = None, final_only: bool = False) -> CreatedVolume:
-        """CreateVolume's one frame, for a blank disk (``create``) and a clone (cloning.py). Idempotent by name:
-        under the volume's lock, an existing disk (``existing``) of a compatible size and class, reachable from
-        ``requisite``, is returned as is; any other existing disk is AlreadyExistsIncompatible (spec:
-        ALREADY_EXISTS); without one, ``make(plan)`` makes the disk. InvalidRequest when the class names no SR XO
-        has.
+                      deadline_s: float | None = None, final_only: bool = False,
+                      source: str | None = None) -> CreatedVolume:
+        """CreateVolume's one frame, for a blank disk (``create``) and a clone of volume ``source`` (cloning.py).
+        Idempotent by name: under the volume's lock, an existing disk (``existing``) of a compatible size, class and
+        content source (``check_source``), reachable from ``requisite``, is returned as is; any other existing disk
+        is AlreadyExistsIncompatible (spec: ALREADY_EXISTS); without one, ``make(plan)`` makes the disk.
+        InvalidRequest when the class names no SR XO has.
 
         The handle follows m4rCsi (vid.named_by_disk): ``name:<name>`` for migrating or local-SR volumes (long
         names mapped by vid.volume_name_for_id), the bare VDI UUID for fixed shared ones.
@@ -124,13 +127,14 @@ class Provisioner:
         srs = await self._class_srs(params)
         by_name = vid.named_by_disk(migrating=params.migrating, shared_sr=all(sr.is_shared for sr in srs))
         name = vid.volume_name_for_id(request_name) if by_name else request_name
-        plan = VolumePlan(params, srs, by_name, name, vid.disk_name(self._disks.prefix, name))
+        plan = VolumePlan(params, srs, by_name, name, vid.disk_name(self._disks.prefix, name), source)
         async with self._locks.hold(plan.disk_name, deadline_s=deadline_s, volume=request_name):
             vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
                 _check_size(vdi, size, plan.disk_name)
                 vdi = await self._described(vdi, plan)
                 _check_class(vdi, params, plan.disk_name)
+                check_source(vdi, source, plan.disk_name)
             else:
                 vdi = await make(plan)
             return self._created(plan, vdi, requisite)
@@ -315,6 +319,19 @@ def _check_class(vdi: Vdi, params: StorageParams, disk_name: str) -> None:
     mismatch = class_mismatch(params, info) if info is not None else None
     if mismatch:
         raise AlreadyExistsIncompatible(f"volume {disk_name} already exists: {mismatch}; use another name")
+
+
+def check_source(vdi: Vdi, source: str | None, disk_name: str) -> None:
+    """AlreadyExistsIncompatible unless the existing disk was made from ``source`` (a clone's source volume id; None:
+    blank), as its ``csi:info`` records (spec: a volume "incompatible with the specified ... volume_content_source").
+    A clone made before this driver recorded sources reads as blank."""
+    info = vdi_metadata.parse(vdi.name_description)
+    recorded = info.source_volume if info is not None else None
+    if recorded != source:
+        made = f"a clone of volume {recorded}" if recorded else "a blank volume"
+        asked = f"a clone of volume {source}" if source else "a blank volume"
+        raise AlreadyExistsIncompatible(f"volume {disk_name} already exists as {made}, not {asked}; use another "
+                                        "name")
 
 
 def class_mismatch(params: StorageParams, info: StorageInfo) -> str | None:

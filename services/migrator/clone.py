@@ -15,7 +15,7 @@ import time
 from services.migrator import transfer
 from services.migrator.migrate import HandlerDeps, copy_slots
 from shared import metrics, transfer_marks, vdi_metadata
-from shared.errors import OperationPending, PreconditionFailed, VolumeNotFound
+from shared.errors import AlreadyExistsIncompatible, OperationPending, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
 from shared.logging import get_logger
 from shared.messages import CloneRequested, MigrationFinished
@@ -32,7 +32,7 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
     name = request.disk_name
     async with DiskLock(deps.redis, deps.key_prefix, name, ttl_s=deps.lock_ttl_s, wait_s=deps.lock_wait_s) as lock:
         metrics.LOCK_WAIT.observe(time.monotonic() - started)
-        done = await _finished(deps.xo, name, await transfer.settle(deps.xo, name, lock))
+        done = await _finished(deps.xo, request, await transfer.settle(deps.xo, name, lock))
         if done is None:
             source = await _source(deps.xo, request)
             mark = TransferMark("copying", "clone", source.id, request.job_id, request.description)
@@ -45,15 +45,22 @@ async def handle(request: CloneRequested, deps: HandlerDeps) -> MigrationFinishe
                              sr_id=done.sr_id, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _finished(xo: XoClient, disk_name: str, named: list[Vdi]) -> Vdi | None:
+async def _finished(xo: XoClient, request: CloneRequested, named: list[Vdi]) -> Vdi | None:
     """The new disk when a previous attempt finished it, from ``named``, the VDIs ``settle`` left with the name (a
-    VDI with the name is final then)."""
+    VDI with the name is final then). AlreadyExistsIncompatible when a disk of that name was not cloned from this
+    job's source (its ``csi:info`` says another, or none: a blank volume of that name made meanwhile)."""
+    disk_name = request.disk_name
     # a clone finished in a pool XO lost must not be made again
     vdis = named or await xo.confirm_absent(f"disk {disk_name}", lambda: xo.find_vdis(name_label=disk_name))
     if len(vdis) > 1:
         ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
         raise PreconditionFailed(f"{len(vdis)} VDIs are named {disk_name} ({ids}); remove the strays in XO")
     if vdis:
+        made, wanted = (_source_of(d) for d in (vdis[0].name_description, request.description))
+        if made != wanted:
+            was = f"from {made}" if made else "a blank volume"
+            raise AlreadyExistsIncompatible(f"disk {disk_name} already exists and was not cloned from volume "
+                                            f"{wanted or '-'} ({was}); the clone needs another name")
         log.info("clone_found_finished", disk_name=disk_name, vdi=vdis[0].id)
     return vdis[0] if vdis else None
 
@@ -84,3 +91,8 @@ def _moving(vdi: Vdi) -> bool:
     info = vdi_metadata.parse(vdi.name_description)
     marked = info is not None and info.in_progress_to_sr not in (None, vdi.sr_id)
     return marked or bool(vdi.current_operations) or transfer_marks.is_marked(vdi.name_description)
+
+
+def _source_of(description: str) -> str | None:
+    info = vdi_metadata.parse(description)
+    return info.source_volume if info is not None else None

@@ -14,9 +14,10 @@ import pytest
 from dev.wait import eventually
 from services.csi_frontend.cloning import CloneRequest
 from services.csi_frontend.controller import ControllerServicer
+from services.csi_frontend.migration_gate import failed_job_error
 from shared import messages, storage_class, transfer_marks
 from shared.csi import csi_pb2
-from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
+from shared.errors import AlreadyExistsIncompatible, OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
 from shared.units import MiB
 from shared.vdi_metadata import StorageInfo
@@ -54,6 +55,19 @@ async def _clone(env: Env, request: CloneRequest, deadline_s: float = 60) -> Any
     return await env.frontend.cloner.create(request, deadline_s)
 
 
+async def _enqueue_clone(env: Env, source: dict[str, Any], description: str = DESCRIPTION, *,
+                         by_uuid: bool = False) -> None:
+    """What the frontend's gate does for a clone of vol1 (``source``, named by its VDI UUID with ``by_uuid``) into
+    vol2 on SR B1, without waiting: the job record, then the confirmed request."""
+    request = CloneRequested(
+        kind="clone", job_id=messages.new_job_id(), disk_name=CLONE, volume_id="name:vol2",
+        source_volume_id="uuid:" + source["id"] if by_uuid else "name:vol1", source_vdi_seen=source["id"],
+        source_disk_name="" if by_uuid else DISK, sr_id=SR_B1, size_bytes=DISK_SIZE, description=description,
+        requested_at=messages.utc_now(), correlation_id="c-clone")
+    await env.jobs.create_or_join(request)
+    await env.publisher.request(request)
+
+
 def _vm_id(env: Env, name: str) -> str:
     return next(vm["id"] for vm in env.sim.state.of_type("VM") if vm["name_label"] == name)
 
@@ -69,7 +83,8 @@ async def test_clone_holds_the_sources_bytes_in_the_same_pool_or_another(xenv: E
     assert created.size_bytes == DISK_SIZE
     clone = assert_one_complete_disk(xenv, checksum, sr if sr != "either" else _sr_of(xenv, CLONE), name=CLONE)
     # the new volume's class, as CreateVolume writes it
-    assert clone["name_description"] == StorageInfo(srs_with_tag=TAG, migrating=True, handle="name").to_description()
+    assert clone["name_description"] == StorageInfo(srs_with_tag=TAG, migrating=True, handle="name",
+                                                    source_volume="name:vol1").to_description()
     assert_one_complete_disk(xenv, checksum, SR_A1)  # the source, untouched
     assert vdis_named(xenv.sim)[0]["id"] == source["id"]
     assert created.context["diskName"] == CLONE
@@ -112,12 +127,7 @@ async def test_a_source_attached_after_the_check_fails_the_job_with_the_same_rea
     [source] = vdis_named(xenv.sim)
     await xenv.attacher.publish(by_name("vol1"), _vm_id(xenv, VM_A1), False, 30)
     await xenv.worker("w1")
-    request = CloneRequested(
-        kind="clone", job_id=messages.new_job_id(), disk_name=CLONE, volume_id="name:vol2",
-        source_volume_id="uuid:" + source["id"], source_vdi_seen=source["id"], sr_id=SR_B1, size_bytes=DISK_SIZE,
-        description=DESCRIPTION, requested_at=messages.utc_now(), correlation_id="c-clone")
-    await xenv.jobs.create_or_join(request)
-    await xenv.publisher.request(request)
+    await _enqueue_clone(xenv, source, by_uuid=True)
     record = await finished(xenv, name=CLONE)
     assert record.state == "failed" and record.result is not None and record.result.error is not None
     assert record.result.error.code == "precondition_failed"
@@ -158,19 +168,33 @@ async def test_worker_killed_mid_clone_the_other_one_finishes_it(xenv: Env) -> N
     assert_one_complete_disk(xenv, checksum, SR_A1)
 
 
+def _controller(env: Env) -> ControllerServicer:
+    [controller] = [servicer for servicer, _ in env.frontend.servicers if isinstance(servicer, ControllerServicer)]
+    return controller
+
+
+def _create_request(*, source: str | None, size: int = 0) -> csi_pb2.CreateVolumeRequest:
+    """CreateVolume of "vol2" in the test's class: a clone of volume ``source``, or blank (None); ``size`` bytes
+    required (0: no capacity_range)."""
+    request = csi_pb2.CreateVolumeRequest(
+        name="vol2", parameters={"srsWithTag": TAG, "migrating": "true"},
+        volume_capabilities=[csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))])
+    if source is not None:
+        request.volume_content_source.volume.volume_id = source
+    if size:
+        request.capacity_range.required_bytes = size
+    return request
+
+
 async def test_a_clone_without_a_size_retried_after_it_finished_answers_the_same_volume(xenv: Env) -> None:
     # No capacity_range: the clone takes its 64 MiB source's size, and the retry (CreateVolume answers ABORTED while
     # the job runs, so retries are the normal path) finds it: OK, not ALREADY_EXISTS for being under the 1 GiB default.
     write_content(xenv)
     await xenv.worker("w1")
-    [controller] = [servicer for servicer, _ in xenv.frontend.servicers if isinstance(servicer, ControllerServicer)]
-    request = csi_pb2.CreateVolumeRequest(
-        name="vol2", parameters={"srsWithTag": TAG, "migrating": "true"},
-        volume_capabilities=[csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))],
-        volume_content_source=csi_pb2.VolumeContentSource(
-            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="name:vol1")))
+    controller = _controller(xenv)
+    request = _create_request(source="name:vol1")
 
     first = await controller.CreateVolume(request, FakeContext())
     again = await controller.CreateVolume(request, FakeContext())
@@ -178,6 +202,67 @@ async def test_a_clone_without_a_size_retried_after_it_finished_answers_the_same
     assert first == again
     assert (first.volume.volume_id, first.volume.capacity_bytes) == ("name:vol2", DISK_SIZE)
     assert len(vdis_named(xenv.sim, CLONE)) == 1
+
+
+async def test_a_name_taken_by_a_clone_is_already_exists_for_a_blank_volume_or_another_source(xenv: Env) -> None:
+    """Spec: a volume of that name "incompatible with the specified ... volume_content_source" is ALREADY_EXISTS.
+    The clone's csi:info records its source, so a blank CreateVolume of its name (same size and class) is refused,
+    and so is a clone of another source; the same request again is the same volume."""
+    write_content(xenv)
+    await xenv.worker("w1")
+    controller = _controller(xenv)
+    first = await controller.CreateVolume(_create_request(source="name:vol1"), FakeContext())
+
+    with pytest.raises(AlreadyExistsIncompatible,
+                       match="volume csi-vol2 already exists as a clone of volume name:vol1, not a blank volume"):
+        await controller.CreateVolume(_create_request(source=None, size=DISK_SIZE), FakeContext())
+    [source] = vdis_named(xenv.sim)
+    with pytest.raises(AlreadyExistsIncompatible, match=f"not a clone of volume uuid:{source['id']}"):
+        await controller.CreateVolume(_create_request(source=f"uuid:{source['id']}"), FakeContext())
+
+    assert await controller.CreateVolume(_create_request(source="name:vol1"), FakeContext()) == first
+    assert len(vdis_named(xenv.sim, CLONE)) == 1
+    assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 1
+
+
+async def test_a_blank_volume_of_that_name_is_already_exists_for_a_clone_and_no_job_runs(xenv: Env) -> None:
+    write_content(xenv)
+    await xenv.worker("w1")
+    controller = _controller(xenv)
+    blank = await controller.CreateVolume(_create_request(source=None, size=DISK_SIZE), FakeContext())
+
+    with pytest.raises(AlreadyExistsIncompatible,
+                       match="volume csi-vol2 already exists as a blank volume, not a clone of volume name:vol1"):
+        await controller.CreateVolume(_create_request(source="name:vol1"), FakeContext())
+
+    assert await xenv.jobs.get(CLONE) is None
+    assert blank.volume.volume_id == "name:vol2" and len(vdis_named(xenv.sim, CLONE)) == 1
+    assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 0
+
+
+async def test_a_clone_job_finding_a_blank_disk_of_its_name_fails_as_already_exists_and_leaves_it(
+        xenv: Env) -> None:
+    """A blank CreateVolume of the clone's name made its disk while the clone job was queued: the job does not take
+    that disk for its finished clone (it would answer OK over a volume without the source's content); it fails
+    with already_exists_incompatible, which the frontend answers as ALREADY_EXISTS, and the blank disk stays."""
+    write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    controller = _controller(xenv)
+    await controller.CreateVolume(_create_request(source=None, size=DISK_SIZE), FakeContext())
+    [blank] = vdis_named(xenv.sim, CLONE)
+    await _enqueue_clone(xenv, source, StorageInfo(srs_with_tag=TAG, migrating=True, handle="name",
+                                                   source_volume="name:vol1").to_description())
+    await xenv.worker("w1")
+
+    record = await finished(xenv, name=CLONE)
+    assert record.state == "failed" and record.result is not None and record.result.error is not None
+    assert record.result.error.code == "already_exists_incompatible"
+    assert "was not cloned from volume name:vol1 (a blank volume)" in record.result.error.message
+    answered = failed_job_error("clone of volume name:vol1 into vol2", record.result.error)
+    assert isinstance(answered, AlreadyExistsIncompatible)
+    assert [vdi["id"] for vdi in vdis_named(xenv.sim, CLONE)] == [blank["id"]]
+    assert vdis_named(xenv.sim, transfer_marks.incoming_name(CLONE)) == []
+    assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 0
 
 
 async def test_a_missing_source_is_not_found_and_a_limit_below_its_size_out_of_range(xenv: Env) -> None:
@@ -237,12 +322,7 @@ async def test_a_clone_job_decides_from_what_settling_read_not_from_a_lookup_of_
     await worker.migrator.inventory.srs()  # the SRs loaded (the worker warms them at start): not counted below
     stats = xenv.sim.simulator.stats
     stats.reset()
-    request = CloneRequested(
-        kind="clone", job_id=messages.new_job_id(), disk_name=CLONE, volume_id="name:vol2",
-        source_volume_id="name:vol1", source_vdi_seen=source["id"], source_disk_name=DISK, sr_id=SR_B1,
-        size_bytes=DISK_SIZE, description=DESCRIPTION, requested_at=messages.utc_now(), correlation_id="c-count")
-    await xenv.jobs.create_or_join(request)
-    await xenv.publisher.request(request)
+    await _enqueue_clone(xenv, source)
     record = await finished(xenv, name=CLONE)
     assert record.state == "succeeded", record
     # reads: settle's (~incoming, the name: the job's first look, not read again), the name once more after

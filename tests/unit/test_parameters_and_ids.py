@@ -141,6 +141,11 @@ def test_metadata_is_m4rcsi_compatible() -> None:
     assert vdi_metadata.parse(marked.to_description()) == marked
     fixed = vdi_metadata.StorageInfo(sr_uuid="sr-1", handle="vdi")
     assert vdi_metadata.parse(fixed.to_description()) == fixed
+    clone = vdi_metadata.StorageInfo(srs_with_tag="k8s", migrating=True, handle="name", source_volume="name:pvc-1")
+    assert clone.to_description() == ('csi:info: {"migrating":{"enabled":true},"srsWithTag":"k8s","handle":"name",'
+                                      '"sourceVolume":"name:pvc-1"}')
+    assert vdi_metadata.parse(clone.to_description()) == clone
+    assert vdi_metadata.with_mark(clone.to_description(), "sr-2") == clone.marked("sr-2").to_description()
     # an m4rCsi build that wrote toSRUUID
     old = vdi_metadata.parse('csi:info: {"migrating":{"toSRUUID":"sr-9"},"srsWithTag":"k8s"}')
     assert old is not None and old.in_progress_to_sr == "sr-9" and old.migrating
