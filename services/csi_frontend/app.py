@@ -6,7 +6,8 @@ the demo and the benchmarks all run what it builds; settings come in built, noth
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -26,7 +27,7 @@ from services.csi_frontend.selected_node import SelectedNode
 from services.csi_frontend.server import serve
 from services.csi_frontend.settings import FrontendSettings
 from services.csi_frontend.sightings import VdiSightings
-from services.csi_frontend.stale_marks import MarkPolicy
+from services.csi_frontend.stale_marks import STALE_MARK_LOCK_TTL_S, STALE_MARK_LOCK_WAIT_S, MarkPolicy
 from services.csi_frontend.temp_cleanup import TempCleanup
 from services.csi_frontend.temp_cleanup import run_forever as temp_cleanup_forever
 from services.csi_frontend.volume_locks import VolumeLocks
@@ -37,7 +38,7 @@ from shared.csi import csi_pb2_grpc
 from shared.errors import InvalidRequest
 from shared.jobs import JobStore
 from shared.kube import KubeReader, in_cluster
-from shared.locks import Lease
+from shared.locks import DiskLock, Lease
 from shared.logging import get_logger
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
@@ -140,7 +141,8 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         if settings.serves_controller and rabbit is not None and redis is not None:
             await _enable_migrations(stack, frontend, frontend.disks, rabbit, redis)
         # Built once: with the job store and the migration gate when migrations are on, else without.
-        frontend.marks = MarkPolicy(xo, frontend.jobs, clear_after_s=settings.stale_mark_after_s)
+        frontend.marks = MarkPolicy(xo, frontend.jobs, clear_after_s=settings.stale_mark_after_s,
+                                    disk_lock=_disk_lock(frontend))
         frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s,
                                      locks=frontend.locks, migrations=frontend.gate, marks=frontend.marks)
     frontend.servicers.append((IdentityServicer(settings.driver_name), csi_pb2_grpc.add_IdentityServicer_to_server))
@@ -152,6 +154,15 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
         if not settings.serves_controller:
             await _sign_out(frontend)
     return frontend
+
+
+def _disk_lock(frontend: Frontend) -> Callable[[str], AbstractAsyncContextManager[object]] | None:
+    """The migrators' per-disk lock, for the stale-mark clearing (stale_marks.py); None without migrations."""
+    redis = frontend.redis
+    if frontend.jobs is None or redis is None:
+        return None
+    return lambda disk_name: DiskLock(redis, frontend.redis_prefix, disk_name, ttl_s=STALE_MARK_LOCK_TTL_S,
+                                      wait_s=STALE_MARK_LOCK_WAIT_S)
 
 
 async def _sign_out(frontend: Frontend) -> None:

@@ -11,15 +11,23 @@ with nobody left to clear the mark, that would last for ever. ``MarkPolicy.settl
 - neither: the mark is stale once it has stayed so for ``clear_after_s`` (first seen by this controller, kept in
   memory; default 2 x the migrators' default stale-after, so a worker's job is reaped and retried before its mark
   is called stale); then it is cleared and the attach goes on.
+
+A move across pools that gave up leaves its mark on purpose while it cannot show that its ``<disk>~incoming`` is
+gone (services/migrator/transfer.py), for the next job's ``settle``. Clearing a stale mark does that job's part
+first, under the disk's Redis lock (the one the migrators hold): a ``~incoming`` XO shows is deleted (never
+renamed, it never was the volume), and none is proven only once XO sees every pool; else nobody would ever delete
+it once the disk stays where it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from services.csi_frontend.disks import Disk
-from shared import vdi_metadata
+from shared import transfer_marks, vdi_metadata
 from shared.errors import OperationPending
 from shared.jobs import JobStore
 from shared.logging import get_logger
@@ -27,16 +35,21 @@ from shared.xo.client import XoClient
 
 log = get_logger(__name__)
 DEFAULT_CLEAR_AFTER_S = 70.0  # 2 x the migrator's default stale_after_s (3 x 10 s heartbeat + 5 s)
+STALE_MARK_LOCK_TTL_S = 30.0  # the disk lock while a stale mark is cleared: a few XO calls, heartbeated
+STALE_MARK_LOCK_WAIT_S = 1.0  # a migrator holding it is working on the disk: the attach is retried (ABORTED)
 
 
 class MarkPolicy:
     """Clears marks no live migration backs, after ``clear_after_s``; ``jobs`` is None without migrations (no job
-    of ours can exist then: only XO's own operations count as live)."""
+    of ours can exist then: only XO's own operations count as live). ``disk_lock(disk_name)``: the migrators'
+    per-disk lock, held while a stale mark and what it guards are cleared (None without migrations)."""
 
     def __init__(self, xo: XoClient, jobs: JobStore | None, *, clear_after_s: float = DEFAULT_CLEAR_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 disk_lock: Callable[[str], AbstractAsyncContextManager[object]] | None = None) -> None:
         self._xo = xo
         self._jobs = jobs
+        self._disk_lock = disk_lock
         self._clear_after_s = clear_after_s
         self._clock = clock
         self._first_seen: dict[tuple[str, str], float] = {}  # (VDI id, marked SR) -> when first seen without a job
@@ -63,7 +76,19 @@ class MarkPolicy:
                 f"({self._clear_after_s - waited_s:.0f} s left); retry"
             )
         self._first_seen.pop(key, None)
-        return await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
+        held = self._disk_lock(disk.vdi.name_label) if self._disk_lock is not None else contextlib.nullcontext()
+        async with held:  # OperationPending while a migrator holds the disk
+            await self._discard_incoming(disk)
+            return await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
+
+    async def _discard_incoming(self, disk: Disk) -> None:
+        """Delete the ``<disk>~incoming`` a move across pools that gave up left (proven absent only once XO sees
+        every pool: XoPoolDisconnected otherwise), as the next job's ``settle`` would."""
+        name = transfer_marks.incoming_name(disk.vdi.name_label)
+        for vdi in await self._xo.lookup_confirmed(f"VDI {name}", lambda: self._xo.find_vdis(name_label=name)):
+            log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name,
+                        reason="left by a move across pools whose mark went stale")
+            await self._xo.delete_vdi(vdi.id)
 
     async def _live(self, disk: Disk) -> str | None:
         """Why a migration of the disk may be running now, or None."""
