@@ -10,6 +10,12 @@ import re
 
 MiB = 1024**2  # binary units, for sizes written in code (tests, benchmarks): 64 * MiB
 GiB = 1024**3
+DISK_STEP = 2 * MiB  # XAPI sizes a VHD disk in whole 2 MiB blocks: it rounds a create's or a resize's size up
+
+
+def disk_step_up(size: int) -> int:
+    """``size`` rounded up to a whole DISK_STEP (at least one): the size XAPI gives a disk asked for ``size``."""
+    return max(DISK_STEP, -(-size // DISK_STEP) * DISK_STEP)
 
 _UNITS = {
     "": 1,

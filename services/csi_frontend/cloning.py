@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from services.csi_frontend.disks import Disk, DiskLocator
 from services.csi_frontend.migration_gate import QueueMigrationGate, failed_job_error
-from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan, check_source
+from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan, check_source, disk_size
 from shared import messages, transfer_marks
 from shared import volume_id as vid
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
@@ -104,10 +104,13 @@ class Cloner:
 
 
 def _size_for(request: CloneRequest, source: Vdi) -> int:
-    """The new disk's size: the source's without a capacity_range, else the larger of the two, within the limit."""
+    """The new disk's size: the source's without a capacity_range, else the larger of the two (a larger request
+    rounded up as ``disk_size`` does), within the limit."""
     required, limit = request.size
     if limit and limit < source.size:
         raise OutOfRange(f"capacity_range.limit_bytes {limit} is below the size of the source volume "
                          f"({format_size(source.size)}): a clone holds all of its source")
-    return max(required, source.size) if request.sized else source.size
+    if not request.sized or required <= source.size:
+        return source.size
+    return disk_size((required, limit), "capacity_range")  # grown: XAPI rounds the size up to its 2 MiB step
 

@@ -27,7 +27,7 @@ from shared.errors import (
 )
 from shared.logging import get_logger
 from shared.storage_class import StorageParams
-from shared.units import format_size
+from shared.units import DISK_STEP, disk_step_up, format_size
 from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
 from shared.xo.errors import XoVdiInUse
@@ -107,7 +107,7 @@ class Provisioner:
         leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
         """
         async def make(plan: VolumePlan) -> Vdi:
-            return await self._create_disk(plan, size[0], (requisite, preferred))
+            return await self._create_disk(plan, disk_size(size, "capacity_range"), (requisite, preferred))
 
         return await self.provide(request_name, size, params, requisite, make, deadline_s=deadline_s)
 
@@ -263,16 +263,18 @@ class Provisioner:
                 )
             if disk.vdi.size >= required:
                 return disk.vdi.size
+            wanted = disk_size(size, "capacity_range")
             attached = await self._xo.attached_vbds(disk.vdi.id)
             if attached:
                 raise _in_use(volume_id, attached[0].vm_id)
             try:
-                await self._xo.set_vdi(disk.vdi.id, size_bytes=required)
+                grown = await self._xo.set_vdi(disk.vdi.id, size_bytes=wanted)
             except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
                 raise _in_use(volume_id, "another node") from exc
             self._inventory.usage_changed()
-            log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=required)
-            return required
+            new_size = max(wanted, int(grown.get("size") or 0)) if grown is not None else wanted
+            log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=new_size)
+            return new_size
 
     # -- list / capacity -------------------------------------------------------------------------
 
@@ -302,6 +304,18 @@ def _in_use(volume_id: vid.VolumeId, node: str) -> PreconditionFailed:
         f"volume {volume_id} is attached to node {node}: XCP-ng grows a disk only while it is detached (offline "
         "expansion); unpublish it first (stop the pod), then expand"
     )
+
+
+def disk_size(size: tuple[int, int], field: str) -> int:
+    """The size to ask XO for, for a disk within ``size`` (required, limit): required rounded up to XAPI's 2 MiB
+    step (XAPI rounds so itself, and the answer must not exceed the limit). OutOfRange when the range holds no
+    whole step."""
+    required, limit = size
+    wanted = disk_step_up(required)
+    if limit and wanted > limit:
+        raise OutOfRange(f"{field}: XCP-ng sizes disks in whole steps of {format_size(DISK_STEP)}, and none lies "
+                         f"between {required} and limit_bytes {limit}; raise the limit to {wanted} or more")
+    return wanted
 
 
 def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:

@@ -37,6 +37,13 @@ RESIDENT_STATES = frozenset({"Running", "Paused", "Suspended"})
 MAX_POSITION = 254
 CD_POSITION = "3"
 _CLASS_TYPES = {"VDI": ("VDI", "VDI-snapshot"), "VBD": ("VBD",), "VM": ("VM",), "SR": ("SR",)}
+VHD_BLOCK = 2 * 1024 * 1024  # xcp-ng/sm vhdutil: VHD_BLOCK_SIZE, also its MIN_VHD_SIZE
+
+
+def vhd_size(size: int) -> int:
+    """The virtual size XAPI gives a VDI asked for ``size`` bytes: sm's ``validate_and_round_vhd_size`` rounds it up
+    to the next 2 MiB block (at least one), on create and on resize, so a disk can be larger than asked."""
+    return max(VHD_BLOCK, -(-size // VHD_BLOCK) * VHD_BLOCK)
 
 
 class Xapi:
@@ -169,8 +176,10 @@ class Xapi:
     # -- VDI operations ------------------------------------------------------------------------------
     async def create_vdi(self, sr_handle: str, *, name_label: str, size: int, name_description: str = "",
                          tags: Sequence[str] = ()) -> XoObject:
-        """VDI.create: a user VDI on the SR; SR_BACKEND_FAILURE_44 when it does not fit (see accounting.py)."""
+        """VDI.create: a user VDI on the SR, of ``size`` rounded up to a VHD block (``vhd_size``);
+        SR_BACKEND_FAILURE_44 when it does not fit (see accounting.py)."""
         sr = self.record(sr_handle, "SR")
+        size = vhd_size(size)
         vdi = self.add_vdi_record(sr["id"], name_label=name_label, size=size, name_description=name_description,
                                   tags=tags)
         if self.data is not None:
@@ -188,8 +197,10 @@ class Xapi:
 
     async def resize_vdi(self, vdi_handle: str, size: int) -> None:
         """VDI.resize: refused with VDI_IN_USE (code 17) while any VBD is attached or reserved, unless the SR
-        supports online resize; SR_BACKEND_FAILURE_79 to shrink; space checked as the SR type does."""
+        supports online resize; SR_BACKEND_FAILURE_79 to shrink; space checked as the SR type does. The new size
+        is rounded up to a VHD block (``vhd_size``)."""
         vdi = self.record(vdi_handle, "VDI")
+        size = vhd_size(size)
         self.ensure_idle(vdi)
         sr = self.record(vdi["$SR"], "SR")
         if self.is_attached(vdi) and sr["id"] not in self.online_resize_srs:

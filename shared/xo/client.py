@@ -207,8 +207,9 @@ class XoClient:
         name_label: str | None = None,
         name_description: str | None = None,
         size_bytes: int | None = None,
-    ) -> None:
-        """``vdi.set``: rename, describe or grow (size only grows); returns once the cache shows the new values."""
+    ) -> Obj | None:
+        """``vdi.set``: rename, describe or grow (size only grows; XAPI may round it up); returns the VDI as the
+        cache shows it with the new values (a grown disk's size as XAPI rounded it)."""
         params: dict[str, Any] = {"id": vdi_id}
         wanted: dict[str, Any] = {}
         if name_label is not None:
@@ -222,7 +223,7 @@ class XoClient:
             return obj is not None and all(obj.get(k) == v for k, v in wanted.items()) and (
                 size_bytes is None or int(obj.get("size") or 0) >= size_bytes)
 
-        await self._write("vdi.set", params, ObjectState(vdi_id, shows), idempotent=True)
+        return await self._write("vdi.set", params, ObjectState(vdi_id, shows), idempotent=True)
 
     async def delete_vdi(self, vdi_id: str) -> None:
         """``vdi.delete``; returns once the VDI left the cache. Already deleted counts as success, but only once

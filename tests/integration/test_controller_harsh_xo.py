@@ -13,7 +13,7 @@ from services.xo_simulator.faults import Faults, Latency
 from shared import placement, vdi_metadata
 from shared import volume_id as vid
 from shared.csi import csi_pb2
-from shared.errors import PreconditionFailed
+from shared.errors import OutOfRange, PreconditionFailed
 from shared.units import MiB
 from shared.xo.errors import XoPoolDisconnected
 from tests.support.brokers import RedisEndpoint
@@ -51,6 +51,32 @@ async def test_expansion_is_offline_an_attached_disk_is_refused_naming_its_node(
     assert (await _expand(ctl, volume_id, 128 * MiB, BLOCK)).node_expansion_required is False
     vdi = await ctl.xo.get_vdi(volume_id)
     assert vdi is not None and vdi.size == 128 * MiB
+
+
+async def test_sizes_are_answered_as_xapi_rounds_them_and_a_limit_no_step_fits_is_out_of_range(
+        ctl: Controller) -> None:
+    """XAPI sizes a VHD disk in whole 2 MiB blocks, rounding up on create and on resize. A PVC of "1G" (10^9 bytes)
+    gets 477 blocks; the answers give the size XO made (CreateVolume and its retry, then an expansion to "2G"), and a
+    range with no whole block in it (required = limit = 10^9) is OUT_OF_RANGE naming the limit to set, not a disk
+    above its limit."""
+    servicer = ctl.servicer
+
+    def request(required: int, limit: int = 0) -> csi_pb2.CreateVolumeRequest:
+        return csi_pb2.CreateVolumeRequest(
+            name="pvc-1g", capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
+            volume_capabilities=[MOUNT], parameters={"srsWithTag": "k8s-shared"})
+
+    with pytest.raises(OutOfRange, match=r"capacity_range: XCP-ng sizes disks in whole steps of 2 MiB.*"
+                                         r"raise the limit to 1000341504 or more"):
+        await servicer.CreateVolume(request(10**9, 10**9), Context())  # type: ignore[arg-type]
+    assert ctl.sim.simulator.stats.calls["disk.create"] == 0
+
+    created = await servicer.CreateVolume(request(10**9), Context())  # type: ignore[arg-type]
+    again = await servicer.CreateVolume(request(10**9, 1000341504), Context())  # type: ignore[arg-type]
+    assert created.volume.capacity_bytes == again.volume.capacity_bytes == 477 * 2 * MiB == 1000341504
+    grown = await _expand(ctl, created.volume.volume_id, 2 * 10**9)
+    vdi = await ctl.xo.get_vdi(created.volume.volume_id)
+    assert vdi is not None and grown.capacity_bytes == vdi.size == 954 * 2 * MiB == 2000683008
 
 
 async def test_free_space_of_a_thin_sr_is_what_is_not_allocated_physically(ctl: Controller) -> None:

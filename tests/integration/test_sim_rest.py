@@ -90,10 +90,11 @@ async def test_post_creates_the_vdi_through_xapi_with_its_accounting() -> None:
         assert answer.json() == {"id": vdi_id}
         assert answer.headers["Location"] == f"/rest/v0/vdis/{vdi_id}"
         vdi = sim.state.get(vdi_id)
+        # 3 MiB asked: XAPI (sm's VHD rounding) makes whole 2 MiB blocks, 4 MiB
         assert (vdi["name_label"], vdi["name_description"], vdi["tags"], vdi["size"], vdi["$SR"]) == (
-            "csi-tmp", "csi:info: {}", ["a", "b"], 3 * MiB, SR_LOCAL_A1)
+            "csi-tmp", "csi:info: {}", ["a", "b"], 4 * MiB, SR_LOCAL_A1)
         sr = sim.state.get(SR_LOCAL_A1)
-        assert sr["usage"] == usage_before + 3 * MiB and vdi_id in sr["VDIs"]
+        assert sr["usage"] == usage_before + 4 * MiB and vdi_id in sr["VDIs"]
 
 
 @pytest.mark.parametrize(("body", "status", "error"), [
