@@ -209,6 +209,13 @@ async def mount_info(path: Path) -> MountInfo | None:
     return await asyncio.to_thread(_read_mount_info, path)
 
 
+async def mount_points_showing(path: Path) -> list[str]:
+    """Every mount point showing what is at ``path`` (a directory or a device node, symlinks resolved): the mounts
+    of the same filesystem and subtree (st_dev and root) as the one holding it, ``path``'s own mount included when
+    it is a mount point; a bind of a device node shows as the node's filesystem with the node as its root."""
+    return await asyncio.to_thread(_mount_points_showing, path)
+
+
 async def is_mountpoint(path: Path) -> bool:
     """True when something is mounted exactly at path."""
     return await mount_info(path) is not None
@@ -325,6 +332,20 @@ def _read_mount_info(path: Path) -> MountInfo | None:
             if info is not None and info.mount_point == wanted:
                 found = info  # later lines are mounted on top of earlier ones
     return found
+
+
+def _mount_points_showing(path: Path) -> list[str]:
+    wanted = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as lines:
+        table = [info for info in map(parse_mountinfo_line, lines) if info is not None]
+    holders = [m for m in table if wanted == m.mount_point or wanted.startswith(m.mount_point.rstrip("/") + "/")]
+    if not holders:
+        return []
+    holder = max(holders, key=lambda m: len(m.mount_point))  # the deepest; the last of equals is on top
+    holder = [m for m in holders if m.mount_point == holder.mount_point][-1]
+    inside = os.path.relpath(wanted, holder.mount_point)
+    root = os.path.normpath(os.path.join(holder.root, inside)) if inside != "." else holder.root
+    return [m.mount_point for m in table if (m.device_number, m.root) == (holder.device_number, root)]
 
 
 def parse_mountinfo_line(line: str) -> MountInfo | None:

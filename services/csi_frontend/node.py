@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ log = get_logger(__name__)
 
 _DEVICE_POLL = Backoff(start_s=0.01, cap_s=0.2)  # waiting for an attached disk's device node
 _Rpc = csi_pb2.NodeServiceCapability.RPC
-_CAPABILITIES = (_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION)
+_CAPABILITIES = (_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION,
+                 _Rpc.SINGLE_NODE_MULTI_WRITER)
 _HEALTHY = "volume is healthy"
 
 
@@ -143,7 +145,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         """Bind the staged filesystem (or the device node, block access) onto target_path, ro if asked.
 
         Same source and ro-ness already there: success. ALREADY_EXISTS: target holds something else or
-        the other ro-ness. FAILED_PRECONDITION: not staged. NOT_FOUND: block device gone.
+        the other ro-ness. FAILED_PRECONDITION: not staged, or SINGLE_NODE_SINGLE_WRITER and already published at
+        another target_path. NOT_FOUND: block device gone.
         """
         cmd = parse_publish(request)
         async with self._locks.hold(cmd.volume_id):
@@ -243,6 +246,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             same = current is not None and current.is_block_device and current.rdev == device.rdev
             _check_republish(cmd, existing, is_same_source=same)
             return
+        await _check_single_writer(cmd, device.resolved)
         await mounter.make_file(cmd.target_path)
         await mounter.bind_mount(device.resolved, cmd.target_path, readonly=cmd.readonly)
         log.debug("block_published", volume_id=cmd.volume_id, target=str(cmd.target_path))
@@ -296,9 +300,26 @@ async def _publish_filesystem(cmd: PublishCommand) -> None:
         same = (existing.device_number, existing.root) == (staged.device_number, staged.root)
         _check_republish(cmd, existing, is_same_source=same)
         return
+    await _check_single_writer(cmd, cmd.staging_path)
     await mounter.make_dir(cmd.target_path)
     await mounter.bind_mount(cmd.staging_path, cmd.target_path, readonly=cmd.readonly)
     log.debug("volume_published", volume_id=cmd.volume_id, target=str(cmd.target_path), readonly=cmd.readonly)
+
+
+async def _check_single_writer(cmd: PublishCommand, source: Path) -> None:
+    """SINGLE_NODE_SINGLE_WRITER (Kubernetes' ReadWriteOncePod): a publish at a new target_path while the volume
+    (``source``: its staging mount, or its device node) is published at another is FAILED_PRECONDITION (spec,
+    second NodePublishVolume table). SINGLE_NODE_MULTI_WRITER and SINGLE_NODE_WRITER publish at every target, as
+    Kubernetes does for the pods of one node sharing a ReadWriteOnce claim."""
+    if not cmd.access.is_single_writer:
+        return
+    own = {os.path.realpath(source), os.path.realpath(cmd.target_path)}
+    others = sorted(set(await mounter.mount_points_showing(source)) - own)
+    if others:
+        raise PreconditionFailed(
+            f"volume {cmd.volume_id} is already published at {others[0]} with access mode SINGLE_NODE_SINGLE_WRITER "
+            "(ReadWriteOncePod): one workload at a time; unpublish it there first"
+        )
 
 
 def _check_republish(cmd: PublishCommand, existing: mounter.MountInfo, *, is_same_source: bool) -> None:

@@ -100,6 +100,7 @@ class Access:
     fs_type: str | None  # None: not requested; the existing filesystem, or ext4 on a blank disk
     mount_flags: tuple[str, ...]
     is_reader_only: bool
+    is_single_writer: bool = False  # SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one publish on the node
 
     def stage_options(self) -> tuple[str, ...]:
         """Mount options for the staging mount; reader-only modes mount read-only."""
@@ -176,10 +177,12 @@ def parse_access(cap: csi_pb2.VolumeCapability | None) -> Access:
         raise InvalidRequest("volume_capability is required; set access_type (block or mount) and access_mode")
     check_capability(cap, "volume_capability")
     reader_only = cap.access_mode.mode in READ_ONLY_MODES
+    single = cap.access_mode.mode == _Mode.SINGLE_NODE_SINGLE_WRITER
     if cap.HasField("block"):
-        return Access(is_block=True, fs_type=None, mount_flags=(), is_reader_only=reader_only)
+        return Access(is_block=True, fs_type=None, mount_flags=(), is_reader_only=reader_only, is_single_writer=single)
     flags = tuple(flag for flag in cap.mount.mount_flags if flag)
-    return Access(is_block=False, fs_type=cap.mount.fs_type or None, mount_flags=flags, is_reader_only=reader_only)
+    return Access(is_block=False, fs_type=cap.mount.fs_type or None, mount_flags=flags, is_reader_only=reader_only,
+                  is_single_writer=single)
 
 
 def parse_device_name(publish_context: Mapping[str, str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from typing import Any
 
 import pytest
 
@@ -128,6 +129,38 @@ async def test_readonly_publish_refuses_writes_and_conflicting_republish(host: H
         await publish(node, staging, ro_target, _mount_cap(), readonly=False)
     with pytest.raises(AlreadyExistsIncompatible, match="read-write"):
         await publish(node, staging, rw_target, _mount_cap(mode=_Mode.SINGLE_NODE_READER_ONLY))
+
+
+@pytest.mark.parametrize("cap", [_mount_cap, _block_cap], ids=["mount", "block"])
+async def test_a_single_writer_volume_is_published_at_one_target_a_multi_writer_one_at_several(
+        host: Host, cap: Any) -> None:
+    """Spec, second NodePublishVolume table: SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) at another target_path is
+    FAILED_PRECONDITION while the first is published, and the same target again is OK; SINGLE_NODE_MULTI_WRITER
+    (ReadWriteOnce, as Kubernetes sends it to this driver) publishes for every pod of the node."""
+    await host.attach("xvdb", 64 * MiB)
+    node = servicer(host)
+    staging, first, second = host.root / "staging", host.root / "pod1" / "v", host.root / "pod2" / "v"
+    staging.mkdir()
+    single, multi = cap(mode=_Mode.SINGLE_NODE_SINGLE_WRITER), cap(mode=_Mode.SINGLE_NODE_MULTI_WRITER)
+    await stage(node, staging, "xvdb", single)
+
+    for _ in range(2):
+        await publish(node, staging, first, single)
+    with pytest.raises(PreconditionFailed, match=f"already published at {first} with access mode "
+                                                 "SINGLE_NODE_SINGLE_WRITER"):
+        await publish(node, staging, second, single)
+    assert not await mounter.is_mountpoint(second)
+
+    await unpublish(node, first)
+    await publish(node, staging, second, single)  # the one workload moved: allowed
+    await unpublish(node, second)
+
+    for target in (first, second):
+        await publish(node, staging, target, multi)
+    assert [await mounter.is_mountpoint(target) for target in (first, second)] == [True, True]
+    for target in (first, second):
+        await unpublish(node, target)
+    await unstage(node, staging)
 
 
 async def test_publish_before_stage_is_failed_precondition(host: Host) -> None:

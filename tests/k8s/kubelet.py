@@ -17,10 +17,13 @@ _Mode = csi_pb2.VolumeCapability.AccessMode
 
 
 def capability(pv: Obj) -> csi_pb2.VolumeCapability:
-    """A filesystem, single-node-writer capability with the PV's fsType."""
+    """A filesystem capability with the PV's fsType and the mode the kubelet sends a node plugin that advertises
+    SINGLE_NODE_MULTI_WRITER (pkg/volume/csi asCSIAccessModeV1): ReadWriteOncePod as SINGLE_NODE_SINGLE_WRITER,
+    ReadWriteOnce as SINGLE_NODE_MULTI_WRITER."""
+    once_pod = "ReadWriteOncePod" in pv["spec"].get("accessModes", [])
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=pv["spec"]["csi"].get("fsType", "")),
-        access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+        access_mode=_Mode(mode=_Mode.SINGLE_NODE_SINGLE_WRITER if once_pod else _Mode.SINGLE_NODE_MULTI_WRITER))
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,6 @@ def mount_capability(fs_type: str = "", mode: csi_pb2.VolumeCapability.AccessMod
                                     access_mode=_Mode(mode=mode))
 
 
-def block_capability() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
-                                    access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER))
+def block_capability(mode: csi_pb2.VolumeCapability.AccessMode.Mode = _Mode.SINGLE_NODE_WRITER
+                     ) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=_Mode(mode=mode))

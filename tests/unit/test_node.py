@@ -157,10 +157,11 @@ async def test_stats_and_expand_of_a_path_holding_nothing_is_not_found(
         await getattr(_node(tmp_path), rpc)(request_cls(volume_id="v", volume_path=volume_path), _context())
 
 
-async def test_capabilities_are_stage_expand_stats_and_condition(tmp_path: Path) -> None:
+async def test_capabilities_are_stage_expand_stats_condition_and_single_node_writer_modes(tmp_path: Path) -> None:
     response = await _node(tmp_path).NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), _context())
     kinds = {cap.rpc.type for cap in response.capabilities}
-    assert kinds == {_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION}
+    assert kinds == {_Rpc.STAGE_UNSTAGE_VOLUME, _Rpc.EXPAND_VOLUME, _Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION,
+                     _Rpc.SINGLE_NODE_MULTI_WRITER}
 
 
 async def test_info_reports_node_id_limit_and_topology(tmp_path: Path) -> None:
