@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from shared.csi import csi_pb2
 from shared.errors import InvalidRequest, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.storage_class import FS_TYPES
+from shared.units import DISK_STEP
 from shared.volume_id import MAX_ID_BYTES
 
 DEFAULT_SIZE_BYTES = 1024**3
@@ -80,8 +81,8 @@ def size_range(capacity: csi_pb2.CapacityRange | None, *, required: bool = False
         raise OutOfRange("capacity_range: required_bytes and limit_bytes must not be negative")
     if limit and need > limit:
         raise OutOfRange(f"capacity_range: required_bytes {need} is above limit_bytes {limit}")
-    if need == 0:
-        need = min(DEFAULT_SIZE_BYTES, limit)
+    if need == 0:  # the default, or the largest whole disk step within the limit (XAPI rounds sizes up)
+        need = min(DEFAULT_SIZE_BYTES, limit // DISK_STEP * DISK_STEP or limit)
     return need, limit
 
 

@@ -56,14 +56,14 @@ async def test_expansion_is_offline_an_attached_disk_is_refused_naming_its_node(
 async def test_sizes_are_answered_as_xapi_rounds_them_and_a_limit_no_step_fits_is_out_of_range(
         ctl: Controller) -> None:
     """XAPI sizes a VHD disk in whole 2 MiB blocks, rounding up on create and on resize. A PVC of "1G" (10^9 bytes)
-    gets 477 blocks; the answers give the size XO made (CreateVolume and its retry, then an expansion to "2G"), and a
+    gets 477 blocks; the answers give the size XO made (CreateVolume and its retry, then an expansion to "2G"), a
     range with no whole block in it (required = limit = 10^9) is OUT_OF_RANGE naming the limit to set, not a disk
-    above its limit."""
+    above its limit, and a limit alone gets the largest whole block count within it."""
     servicer = ctl.servicer
 
-    def request(required: int, limit: int = 0) -> csi_pb2.CreateVolumeRequest:
+    def request(required: int, limit: int = 0, name: str = "pvc-1g") -> csi_pb2.CreateVolumeRequest:
         return csi_pb2.CreateVolumeRequest(
-            name="pvc-1g", capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
             volume_capabilities=[MOUNT], parameters={"srsWithTag": "k8s-shared"})
 
     with pytest.raises(OutOfRange, match=r"capacity_range: XCP-ng sizes disks in whole steps of 2 MiB.*"
@@ -77,6 +77,9 @@ async def test_sizes_are_answered_as_xapi_rounds_them_and_a_limit_no_step_fits_i
     grown = await _expand(ctl, created.volume.volume_id, 2 * 10**9)
     vdi = await ctl.xo.get_vdi(created.volume.volume_id)
     assert vdi is not None and grown.capacity_bytes == vdi.size == 954 * 2 * MiB == 2000683008
+    # a limit alone: the largest whole block within it (the default 1 GiB is above it)
+    capped = await servicer.CreateVolume(request(0, 10**9, name="pvc-capped"), Context())  # type: ignore[arg-type]
+    assert capped.volume.capacity_bytes == 476 * 2 * MiB == 998244352
 
 
 async def test_free_space_of_a_thin_sr_is_what_is_not_allocated_physically(ctl: Controller) -> None:
