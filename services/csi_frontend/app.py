@@ -142,7 +142,7 @@ async def build_frontend(stack: AsyncExitStack, settings: FrontendSettings, xo_s
             await _enable_migrations(stack, frontend, frontend.disks, rabbit, redis)
         # Built once: with the job store and the migration gate when migrations are on, else without.
         frontend.marks = MarkPolicy(xo, frontend.jobs, clear_after_s=settings.stale_mark_after_s,
-                                    disk_lock=_disk_lock(frontend))
+                                    disk_lock=_disk_lock(frontend), inventory=frontend.inventory)
         frontend.attacher = Attacher(xo, frontend.inventory, frontend.disks, device_wait_s=settings.device_wait_s,
                                      locks=frontend.locks, migrations=frontend.gate, marks=frontend.marks)
     frontend.servicers.append((IdentityServicer(settings.driver_name), csi_pb2_grpc.add_IdentityServicer_to_server))

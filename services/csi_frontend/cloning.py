@@ -23,7 +23,7 @@ from shared.errors import OperationPending, OutOfRange, PreconditionFailed, Volu
 from shared.logging import get_logger
 from shared.messages import CloneRequested
 from shared.storage_class import StorageParams
-from shared.units import format_size
+from shared.units import disk_step_up, format_size
 from shared.xo.client import XoClient
 from shared.xo.models import Vdi
 
@@ -107,10 +107,11 @@ def _size_for(request: CloneRequest, source: Vdi) -> int:
     """The new disk's size: the source's without a capacity_range, else the larger of the two (a larger request
     rounded up as ``disk_size`` does), within the limit."""
     required, limit = request.size
-    if limit and limit < source.size:
+    whole = disk_step_up(source.size)  # what XAPI makes of the source's size (already so on a VHD SR)
+    if limit and limit < whole:
         raise OutOfRange(f"capacity_range.limit_bytes {limit} is below the size of the source volume "
-                         f"({format_size(source.size)}): a clone holds all of its source")
-    if not request.sized or required <= source.size:
-        return source.size
+                         f"({format_size(whole)}): a clone holds all of its source")
+    if not request.sized or required <= whole:
+        return whole
     return disk_size((required, limit), "capacity_range")  # grown: XAPI rounds the size up to its 2 MiB step
 

@@ -132,9 +132,9 @@ class Provisioner:
             vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
                 _check_size(vdi, size, plan.disk_name)
+                check_source(vdi, source, plan.disk_name)  # before an empty description is completed as asked
                 vdi = await self._described(vdi, plan)
                 _check_class(vdi, params, plan.disk_name)
-                check_source(vdi, source, plan.disk_name)
             else:
                 vdi = await make(plan)
             return self._created(plan, vdi, requisite)
@@ -338,8 +338,11 @@ def _check_class(vdi: Vdi, params: StorageParams, disk_name: str) -> None:
 def check_source(vdi: Vdi, source: str | None, disk_name: str) -> None:
     """AlreadyExistsIncompatible unless the existing disk was made from ``source`` (a clone's source volume id; None:
     blank), as its ``csi:info`` records (spec: a volume "incompatible with the specified ... volume_content_source").
-    A clone made before this driver recorded sources reads as blank."""
-    info = vdi_metadata.parse(vdi.name_description)
+    A clone made before this driver recorded sources reads as blank, and so does an empty description (a blank
+    creation cut before XO described the disk); a clone still finishing (its transfer mark) reads as the clone its
+    mark's final ``csi:info`` says."""
+    mark = transfer_marks.parse(vdi.name_description)
+    info = vdi_metadata.parse(mark.info if mark is not None else vdi.name_description)
     recorded = info.source_volume if info is not None else None
     if recorded != source:
         made = f"a clone of volume {recorded}" if recorded else "a blank volume"

@@ -12,11 +12,12 @@ with nobody left to clear the mark, that would last for ever. ``MarkPolicy.settl
   memory; default 2 x the migrators' default stale-after, so a worker's job is reaped and retried before its mark
   is called stale); then it is cleared and the attach goes on.
 
-A move across pools that gave up leaves its mark on purpose while it cannot show that its ``<disk>~incoming`` is
-gone (services/migrator/transfer.py), for the next job's ``settle``. Clearing a stale mark does that job's part
-first, under the disk's Redis lock (the one the migrators hold): a ``~incoming`` XO shows is deleted (never
-renamed, it never was the volume), and none is proven only once XO sees every pool; else nobody would ever delete
-it once the disk stays where it is.
+A stale mark is cleared under the disk's Redis lock (the one the migrators hold), after the disk is read again
+there. A move across pools that gave up leaves its mark on purpose while it cannot show that its
+``<disk>~incoming`` is gone (services/migrator/transfer.py), for the next job's ``settle``; clearing a mark toward
+an SR of another pool does that job's part first: a ``~incoming`` XO shows is deleted (never renamed, it never was
+the volume), and none is proven only once XO sees every pool; else nobody would ever delete it once the disk stays
+where it is. A mark within a pool (m4rCsi's, or a ``vdi.migrate`` of ours) has no ``~incoming`` to look for.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from shared.errors import OperationPending
 from shared.jobs import JobStore
 from shared.logging import get_logger
 from shared.xo.client import XoClient
+from shared.xo.inventory import Inventory
 
 log = get_logger(__name__)
 DEFAULT_CLEAR_AFTER_S = 70.0  # 2 x the migrator's default stale_after_s (3 x 10 s heartbeat + 5 s)
@@ -42,14 +44,17 @@ STALE_MARK_LOCK_WAIT_S = 1.0  # a migrator holding it is working on the disk: th
 class MarkPolicy:
     """Clears marks no live migration backs, after ``clear_after_s``; ``jobs`` is None without migrations (no job
     of ours can exist then: only XO's own operations count as live). ``disk_lock(disk_name)``: the migrators'
-    per-disk lock, held while a stale mark and what it guards are cleared (None without migrations)."""
+    per-disk lock, held while a stale mark and what it guards are cleared (None without migrations). ``inventory``
+    tells a mark within a pool (no ``~incoming`` to look for) from one across pools (without it: every mark)."""
 
     def __init__(self, xo: XoClient, jobs: JobStore | None, *, clear_after_s: float = DEFAULT_CLEAR_AFTER_S,
                  clock: Callable[[], float] = time.monotonic,
-                 disk_lock: Callable[[str], AbstractAsyncContextManager[object]] | None = None) -> None:
+                 disk_lock: Callable[[str], AbstractAsyncContextManager[object]] | None = None,
+                 inventory: Inventory | None = None) -> None:
         self._xo = xo
         self._jobs = jobs
         self._disk_lock = disk_lock
+        self._inventory = inventory
         self._clear_after_s = clear_after_s
         self._clock = clock
         self._first_seen: dict[tuple[str, str], float] = {}  # (VDI id, marked SR) -> when first seen without a job
@@ -75,11 +80,33 @@ class MarkPolicy:
                 f"and XO copies nothing; the mark is cleared if it stays so for {self._clear_after_s:g} s "
                 f"({self._clear_after_s - waited_s:.0f} s left); retry"
             )
-        self._first_seen.pop(key, None)
         held = self._disk_lock(disk.vdi.name_label) if self._disk_lock is not None else contextlib.nullcontext()
         async with held:  # OperationPending while a migrator holds the disk
-            await self._discard_incoming(disk)
-            return await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
+            await self._still_stale(disk)
+            if await self._across_pools(disk.vdi.sr_id, target):
+                await self._discard_incoming(disk)
+            cleared = await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
+        self._first_seen.pop(key, None)  # only once cleared: a failed try keeps the time already waited
+        return cleared
+
+    async def _still_stale(self, disk: Disk) -> None:
+        """Under the disk's lock: the disk as it was decided on (a job may have run between that read and the lock),
+        with no live migration; OperationPending otherwise."""
+        current = await self._xo.get_vdi(disk.vdi.id)
+        if current is None or (current.sr_id, current.name_description) != (disk.vdi.sr_id, disk.vdi.name_description):
+            raise OperationPending(f"volume {disk.volume_id} changed while its stale migration mark was being cleared; "
+                                   "retry")
+        live = await self._live(Disk(disk.volume_id, current, disk.info))
+        if live is not None:
+            raise OperationPending(f"volume {disk.volume_id} is being migrated ({live}); retry")
+
+    async def _across_pools(self, sr_id: str, target_id: str) -> bool:
+        """Whether a mark toward ``target_id`` may come from a move across pools (the only kind that streams into a
+        ``<disk>~incoming``): the two SRs in different pools, or either unknown."""
+        if self._inventory is None:
+            return True
+        here, there = await self._inventory.sr(sr_id, usage=False), await self._inventory.sr(target_id, usage=False)
+        return here is None or there is None or here.pool_id != there.pool_id
 
     async def _discard_incoming(self, disk: Disk) -> None:
         """Delete the ``<disk>~incoming`` a move across pools that gave up left (proven absent only once XO sees

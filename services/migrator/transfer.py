@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from shared import metrics, progress, transfer_marks, vdi_metadata
-from shared.errors import DomainError, PreconditionFailed, VolumeNotFound
+from shared.errors import AlreadyExistsIncompatible, DomainError, PreconditionFailed, VolumeNotFound
 from shared.locks import DiskLock
 from shared.logging import get_logger
 from shared.progress import StreamProgress
@@ -96,6 +96,8 @@ async def finish(xo: XoClient, disk_name: str, target_id: str, mark: TransferMar
     the volume's ``csi:info``. Each step is skipped when already done, so a retry resumes where a crash stopped."""
     target = await _present(xo, target_id)
     if target.name_label != disk_name:
+        if mark.kind == "clone":
+            await _name_still_free(xo, disk_name, target_id, lock)
         lock.ensure_held()
         await xo.set_vdi(target_id, name_label=disk_name)
     if mark.kind == "move":
@@ -210,6 +212,18 @@ async def _delete_source(xo: XoClient, source_id: str, lock: DiskLock) -> None:
     lock.ensure_held()
     await xo.delete_vdi(source_id)
     log.info("transfer_source_deleted", vdi=source_id)
+
+
+async def _name_still_free(xo: XoClient, disk_name: str, target_id: str, lock: DiskLock) -> None:
+    """Before a clone's target takes the new volume's name: a disk given that name meanwhile (a blank CreateVolume
+    of the same name while the clone streamed) keeps it; the target is deleted and the job fails with
+    AlreadyExistsIncompatible, rather than leave two disks of one name."""
+    taken = await xo.find_vdis(name_label=disk_name)
+    if not taken:
+        return
+    await _discard(xo, await _present(xo, target_id), lock, reason=f"disk {disk_name} was made meanwhile")
+    raise AlreadyExistsIncompatible(f"disk {disk_name} was made by another CreateVolume while it was being cloned "
+                                    f"(VDI {taken[0].id}); the clone needs another name")
 
 
 async def _discard(xo: XoClient, vdi: Vdi, lock: DiskLock, *, reason: str) -> None:

@@ -19,6 +19,7 @@ from shared import messages, storage_class, transfer_marks
 from shared.csi import csi_pb2
 from shared.errors import AlreadyExistsIncompatible, OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
+from shared.transfer_marks import TransferMark
 from shared.units import MiB
 from shared.vdi_metadata import StorageInfo
 from shared.volume_id import by_name
@@ -265,6 +266,51 @@ async def test_a_clone_job_finding_a_blank_disk_of_its_name_fails_as_already_exi
     assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 0
 
 
+async def test_a_disk_of_that_name_left_undescribed_or_still_finishing_a_clone_is_told_apart(xenv: Env) -> None:
+    """A blank creation cut between XO renaming and describing its disk leaves the name with an empty description:
+    a clone request of that name is ALREADY_EXISTS (it is a blank volume), not completed as a clone. A clone still
+    finishing (the new name, its transfer mark) is a clone for a blank request: ALREADY_EXISTS too."""
+    write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    controller = _controller(xenv)
+    cut = await xenv.sim.simulator.xapi.create_vdi(SR_A1, name_label=CLONE, size=DISK_SIZE)
+    await eventually(lambda: xenv.sim.simulator.mirror.cache.find(cut["id"]) is not None, 5,
+                     description="XO's cache shows the renamed, undescribed disk")
+    with pytest.raises(AlreadyExistsIncompatible, match="already exists as a blank volume, not a clone of volume"):
+        await controller.CreateVolume(_create_request(source="name:vol1"), FakeContext())
+    assert [vdi["name_description"] for vdi in vdis_named(xenv.sim, CLONE)] == [""]
+
+    final = StorageInfo(srs_with_tag=TAG, migrating=True, handle="name", source_volume="name:vol1")
+    finishing = TransferMark("complete", "clone", source["id"], "job-1", final.to_description())
+    await xenv.frontend.xo.set_vdi(cut["id"], name_description=finishing.to_description())
+    with pytest.raises(AlreadyExistsIncompatible, match="already exists as a clone of volume name:vol1, not a blank"):
+        await controller.CreateVolume(_create_request(source=None, size=DISK_SIZE), FakeContext())
+
+
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
+async def test_a_blank_disk_of_that_name_made_while_the_clone_streams_keeps_the_name(xenv: Env) -> None:
+    """A blank CreateVolume of the clone's name while the clone streams (the clone's CreateVolume answered ABORTED
+    and let go of the name): before its target takes the name, the job finds the blank disk, deletes its target and
+    fails as already_exists_incompatible. One disk carries the name, no ~incoming is left."""
+    write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    await _enqueue_clone(xenv, source, StorageInfo(srs_with_tag=TAG, migrating=True, handle="name",
+                                                   source_volume="name:vol1").to_description())
+    await xenv.worker("w1")
+    await streaming(xenv)
+    blank = await _controller(xenv).CreateVolume(_create_request(source=None, size=DISK_SIZE), FakeContext())
+    xenv.sim.simulator.stream_rate_bps = 0
+
+    record = await finished(xenv, name=CLONE)
+    assert record.state == "failed" and record.result is not None and record.result.error is not None
+    assert record.result.error.code == "already_exists_incompatible"
+    assert "was made by another CreateVolume while it was being cloned" in record.result.error.message
+    [disk] = vdis_named(xenv.sim, CLONE)
+    assert blank.volume.volume_id == "name:vol2" and disk["$SR"] != "" and '"sourceVolume"' not in disk[
+        "name_description"]
+    assert vdis_named(xenv.sim, transfer_marks.incoming_name(CLONE)) == []
+
+
 async def test_a_missing_source_is_not_found_and_a_limit_below_its_size_out_of_range(xenv: Env) -> None:
     write_content(xenv)
     with pytest.raises(VolumeNotFound, match="volume_content_source.volume.volume_id"):
@@ -327,6 +373,7 @@ async def test_a_clone_job_decides_from_what_settling_read_not_from_a_lookup_of_
     assert record.state == "succeeded", record
     # reads: settle's (~incoming, the name: the job's first look, not read again), the name once more after
     # server.getAll and the pools shown (absent only once XO sees every pool and holds its objects), the source by
-    # name, its VBDs, the target after the stream and after its csi:info
-    assert dict(stats.calls) == {"xo.getAllObjects": 8, "server.getAll": 1, "rest.vdi.create": 1, "rest.vdi.get": 1,
+    # name, its VBDs, the name before the target takes it (a blank disk made meanwhile keeps it), the target after
+    # the stream and after its csi:info
+    assert dict(stats.calls) == {"xo.getAllObjects": 9, "server.getAll": 1, "rest.vdi.create": 1, "rest.vdi.get": 1,
                                  "rest.vdi.export": 1, "rest.vdi.import": 1, "vdi.set": 3}

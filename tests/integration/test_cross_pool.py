@@ -17,6 +17,7 @@ from services.xo_simulator.faults import Faults
 from services.xo_simulator.topology import derived_id
 from shared import vdi_metadata
 from shared.errors import OperationPending
+from shared.locks import DiskLock
 from shared.progress import StreamProgress
 from shared.units import MiB
 from shared.volume_id import by_name
@@ -257,3 +258,54 @@ async def test_target_pool_lost_mid_stream_leaves_no_orphan_even_when_the_job_gi
     record = await finished(xenv)
     assert record.state == "succeeded", record.result
     assert_one_complete_disk(xenv, checksum, SR_A1)  # unmarked, and no VDI named <disk>~incoming left anywhere
+
+
+@pytest.mark.parametrize("stream_options", [{"frontend": {"stale_mark_after_s": 1.5}}])
+async def test_a_stale_mark_of_a_move_that_gave_up_is_cleared_with_its_leftover_under_the_disk_lock(
+        xenv: Env) -> None:
+    """As above, the move gives up while XO has lost pool B, leaving the source marked and ``~incoming`` in pool B;
+    but no job runs on the disk again: its pod goes back to node-a1, where the disk is. Once the mark is stale, the
+    controller deletes the leftover (XO shows pool B again) and clears the mark, holding the migrators' disk lock:
+    while a migrator holds it the attach answers ABORTED and nothing is touched. No orphan VDI in pool B."""
+    checksum = write_content(xenv)
+    first = await xenv.worker("w1", max_attempts=1)
+    await submit_to_pool_b(xenv)
+    await streaming(xenv)
+    await _add_faults(xenv, {"kind": "pool_disconnect", "pool": POOL_B})
+    record = await finished(xenv)
+    assert record.state == "failed", record.result
+    await first.stop()
+    xenv.sim.simulator.clear_faults()
+    await eventually(lambda: bool(vdis_named(xenv.sim, INCOMING)) and _shows(xenv, INCOMING), 10,
+                     description="XO shows pool B again, the leftover with it")
+    held = DiskLock(xenv.redis, xenv.prefix, DISK, ttl_s=30, wait_s=0)
+    async with held:  # a migrator working on the disk: ABORTED for the bound, then for the lock
+
+        async def refused_for_the_lock() -> bool:
+            try:
+                await xenv.attacher.publish(by_name("vol1"), VM_A1, False, deadline_s=10)
+            except OperationPending as exc:
+                return "is locked by another worker" in exc.message
+            raise AssertionError("published while a migrator held the disk")
+
+        await eventually(refused_for_the_lock, 10, 0.2, description="ABORTED for the disk lock")
+        assert len(vdis_named(xenv.sim, INCOMING)) == 1
+
+    async def published() -> dict[str, str] | None:
+        try:
+            return await xenv.attacher.publish(by_name("vol1"), VM_A1, False, deadline_s=10)
+        except OperationPending:
+            return None
+
+    context = await eventually(published, 10, 0.2, description="published once the lock went back")
+    [vdi] = vdis_named(xenv.sim)
+    assert context["vbd"] in vdi["$VBDs"] and vdis_named(xenv.sim, INCOMING) == []
+    info = vdi_metadata.parse(vdi["name_description"])
+    assert info is not None and info.in_progress_to_sr is None
+    await xenv.attacher.unpublish(by_name("vol1"), VM_A1, 10)
+    assert_one_complete_disk(xenv, checksum, SR_A1)
+    assert await xenv.redis.exists(held.key) == 0  # the controller's hold went back too
+
+
+def _shows(env: Env, name: str) -> bool:
+    return any(vdi["name_label"] == name for vdi in env.sim.cache.of_type("VDI"))

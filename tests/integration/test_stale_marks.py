@@ -11,12 +11,10 @@ import pytest
 
 from dev.wait import eventually
 from services.xo_simulator.topology import derived_id
-from shared import messages, transfer_marks, vdi_metadata
+from shared import messages, vdi_metadata
 from shared.errors import OperationPending
 from shared.jobs import JobRecord
-from shared.locks import DiskLock
 from shared.messages import MigrationRequested
-from shared.transfer_marks import TransferMark
 from shared.volume_id import by_name
 from tests.support.brokers import RedisEndpoint
 from tests.support.migration import DISK, HOST_A2, POOL_A, SR_A1, SR_A2, TAG, VM_A2, Env, open_env, vdis_named
@@ -64,38 +62,6 @@ async def test_a_mark_no_job_backs_is_cleared_after_the_bound_and_the_attach_goe
     assert vdi["name_description"] == ('csi:info: {"migrating":{"enabled":true,"since":"x"},'
                                        '"srsWithTag":"k8s-migrating"}')
     assert vdi_metadata.parse(vdi["name_description"]) == vdi_metadata.StorageInfo(TAG, None, True, None)
-
-
-async def test_clearing_a_stale_mark_deletes_the_incoming_a_move_left_under_the_disk_lock(marked: Env) -> None:
-    """A move across pools that gave up leaves the source marked and its ``<disk>~incoming`` (XO could not show it
-    gone). Once the mark is stale, the controller deletes that leftover before it clears the mark, holding the
-    migrators' disk lock: while a migrator holds it the attach answers ABORTED and nothing is touched; then no
-    orphan VDI is left, although no job runs on the disk again."""
-    [vdi] = vdis_named(marked.sim)
-    incoming_name = transfer_marks.incoming_name(DISK)
-    left = TransferMark("copying", "move", vdi["id"], "job-gave-up", vdi["name_description"])
-    await marked.sim.simulator.xapi.create_vdi(SR_A2, name_label=incoming_name, size=vdi["size"],
-                                               name_description=left.to_description())
-    assert len(vdis_named(marked.sim, incoming_name)) == 1
-    held = DiskLock(marked.redis, marked.prefix, DISK, ttl_s=30, wait_s=0)
-    async with held:  # a migrator working on the disk: ABORTED for the bound, then for the lock
-
-        async def refused_for_the_lock() -> bool:
-            try:
-                await marked.attacher.publish(by_name("vol1"), VM_A1, False, deadline_s=10)
-            except OperationPending as exc:
-                return "is locked by another worker" in exc.message
-            raise AssertionError("published while a migrator held the disk")
-
-        await eventually(refused_for_the_lock, 10, 0.2, description="ABORTED for the disk lock")
-        assert len(vdis_named(marked.sim, incoming_name)) == 1
-
-    context, _ = await _publish_until_ok(marked, 10)
-
-    assert vdis_named(marked.sim, incoming_name) == []
-    [vdi] = vdis_named(marked.sim)
-    assert '"inProgressToSRUUID"' not in vdi["name_description"] and context["vbd"] in vdi["$VBDs"]
-    assert await marked.redis.exists(held.key) == 0  # the controller's hold went back too
 
 
 async def test_a_mark_a_live_job_backs_is_respected(marked: Env) -> None:
