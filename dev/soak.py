@@ -36,7 +36,7 @@ from dev.invariants import check_during, check_final
 from dev.stack import Stack, StackOptions, running_stack
 from shared import backoff
 from shared.csi import csi_pb2
-from shared.errors import DomainError
+from shared.errors import DomainError, OperationPending
 from shared.logging import configure_logging
 from shared.units import parse_duration_s
 
@@ -134,11 +134,13 @@ class Workload:
     async def needs_migration(self, volume: Volume, node: str) -> bool:
         """Whether the disk's SR is unusable from the node's host, read from XO before the publish."""
         async def read() -> bool:
-            vdis = await self.stack.xo.find_vdis(name_label=f"csi-{volume.name}")
-            if len(vdis) != 1:  # while XO has lost the pool the disk is invisible, not gone: retried
-                await self.stack.xo.check_view_complete(f"disk csi-{volume.name}")
+            name = f"csi-{volume.name}"
+            vdis = await self.stack.xo.find_vdis(name_label=name)
             sr = await self.stack.xo.get_sr(vdis[0].sr_id) if len(vdis) == 1 else None
-            return sr is not None and sr.container != self.host_of[node]
+            if sr is None:  # the disk or its SR invisible (XO lost the pool, maybe between the two reads): retried
+                await self.stack.xo.check_view_complete(f"disk {name}")
+                raise OperationPending(f"{len(vdis)} VDIs named {name} or no SR of theirs in XO's view; read again")
+            return sr.container != self.host_of[node]
 
         return await xo_retrying(read)
 
