@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.errors import CapacityExhausted, PlacementImpossible
-from shared.units import format_size
+from shared.units import DISK_STEP, format_size
 from shared.xo.models import Sr
 
 POOL_KEY = "pool"
@@ -153,9 +153,10 @@ def choose_across_pools(srs: Sequence[SrView], size_bytes: int, host_id: str, po
 
 
 def capacity(srs: Iterable[SrView], term: Mapping[str, str]) -> tuple[int, int]:
-    """(total free bytes, largest single free) over the SRs that ``term`` reaches."""
+    """(total free bytes, largest volume that fits) over the SRs that ``term`` reaches: the largest single free
+    space in whole DISK_STEPs, as a CreateVolume of that size is rounded up to them."""
     free = [sr.free_bytes for sr in srs if matches(sr, term)]
-    return sum(free), max(free, default=0)
+    return sum(free), max(free, default=0) // DISK_STEP * DISK_STEP
 
 
 def _no_room(srs: Sequence[SrView], size_bytes: int, which: str) -> CapacityExhausted:

@@ -22,6 +22,7 @@ from shared import storage_class
 from shared import volume_id as vid
 from shared.csi import csi_pb2, csi_pb2_grpc
 from shared.errors import InvalidRequest, OperationPending, VolumeNotFound
+from shared.units import DISK_STEP
 from shared.vdi_metadata import StorageInfo
 from shared.xo.inventory import Inventory
 
@@ -188,8 +189,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         params = storage_class.parse(request.parameters)
         available, largest = await self._provisioner.capacity(params, dict(request.accessible_topology.segments))
-        return csi_pb2.GetCapacityResponse(
-            available_capacity=available, maximum_volume_size=wrappers_pb2.Int64Value(value=largest)
+        return csi_pb2.GetCapacityResponse(  # the smallest volume: one step (XAPI rounds a size up to whole ones)
+            available_capacity=available, maximum_volume_size=wrappers_pb2.Int64Value(value=largest),
+            minimum_volume_size=wrappers_pb2.Int64Value(value=DISK_STEP),
         )
 
     async def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,

@@ -92,6 +92,10 @@ async def test_free_space_of_a_thin_sr_is_what_is_not_allocated_physically(ctl: 
         response = await ctl.servicer.GetCapacity(csi_pb2.GetCapacityRequest(
             parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
         assert response.available_capacity == sr.size - sr.physical_usage == placement.free_bytes(sr) > 0
+        # the largest volume in whole 2 MiB steps (XAPI rounds a size up to them), the smallest one step
+        assert response.available_capacity % (2 * MiB) != 0
+        assert response.maximum_volume_size.value == response.available_capacity // (2 * MiB) * (2 * MiB)
+        assert response.minimum_volume_size.value == 2 * MiB
         return True
 
     await eventually(capacity_is_physical, 5, 0.1, description="GetCapacity counts physical usage on a thin SR")

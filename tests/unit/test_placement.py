@@ -7,7 +7,7 @@ import pytest
 from shared import placement
 from shared.errors import CapacityExhausted, PlacementImpossible
 from shared.placement import SrView
-from shared.units import GiB
+from shared.units import GiB, MiB
 from shared.xo.models import Sr
 
 A1 = SrView("sr-a1", "Local A1", "pool-a", "host-a1", 10 * GiB)
@@ -90,6 +90,9 @@ def test_segments_and_capacity() -> None:
     assert placement.accessible_segments([A1], host_topology=True) == [{"host": "host-a1", "pool": "pool-a"}]
     assert placement.capacity([A1, A2, B1], {"pool": "pool-a"}) == (60 * GiB, 50 * GiB)
     assert placement.capacity([A1, A2, B1], {"pool": "nope"}) == (0, 0)
+    # the largest volume in whole 2 MiB steps: a CreateVolume of an odd size is rounded up to them
+    odd = SrView("sr-odd", "Odd", "pool-c", "host-c1", 10 * GiB + 3 * MiB)
+    assert placement.capacity([odd], {"pool": "pool-c"}) == (10 * GiB + 3 * MiB, 10 * GiB + 2 * MiB)
 
 
 @pytest.mark.parametrize(("host_topology", "segments"), [
