@@ -98,13 +98,19 @@ class DiskLocator:
         return f"with UUID {volume_id.value}" if volume_id.kind == "uuid" else f"named {self.disk_name(volume_id)}"
 
 
+def copy_in_progress(vdis: list[Vdi]) -> bool:
+    """Whether the VDIs of one name are a move under way rather than a stray copy: XO runs an operation on one, or
+    one carries a migration mark (``inProgressToSRUUID``) or a transfer mark (a move across pools, a clone). Between
+    the end of XO's copy and the source's destruction both VDIs are idle, and only the marks tell."""
+    return any(v.current_operations or transfer_marks.is_marked(v.name_description) for v in vdis) or any(
+        (info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr for v in vdis
+    )
+
+
 def duplicate_error(name: str, vdis: list[Vdi]) -> OperationPending | PreconditionFailed:
     """The error for several VDIs carrying one disk name."""
     ids = ", ".join(f"{v.id} on SR {v.sr_id}" for v in vdis)
-    copying = any(v.current_operations or transfer_marks.is_marked(v.name_description) for v in vdis) or any(
-        (info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr for v in vdis
-    )
-    if copying:
+    if copy_in_progress(vdis):
         return OperationPending(f"disk {name} is being migrated (copy in progress: {ids}); retry shortly")
     return PreconditionFailed(
         f"{len(vdis)} VDIs are named {name} ({ids}) and none is migrating; disk names must be unique: "

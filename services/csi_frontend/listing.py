@@ -24,6 +24,8 @@ from shared import volume_id as vid
 from shared.xo.client import XoClient
 from shared.xo.models import Vbd, Vdi
 
+from .disks import copy_in_progress
+
 
 @dataclass(frozen=True)
 class VolumeEntry:
@@ -77,7 +79,7 @@ def _handles(vdi: Vdi, prefix: str, shared_srs: set[str], plugged: list[Vbd]) ->
 def condition(vdis: list[Vdi]) -> tuple[bool, str]:
     """(abnormal, message) of a volume from its VDIs."""
     if len(vdis) > 1:
-        if any(v.current_operations for v in vdis):
+        if copy_in_progress(vdis):
             return False, "a migration copy is in progress"
         return True, f"{len(vdis)} VDIs carry this volume's name; remove the stray copy in XO"
     if vdis[0].missing:

@@ -20,7 +20,7 @@ from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import block_capability, mount_capability
 from tests.support.controller import Context, Controller
 from tests.support.migration import DISK, POOL_A, SR_A1, SR_A2, Env, open_env, vdis_named
-from tests.support.sim import SR_NFS_A, VM_A1
+from tests.support.sim import SR_LOCAL_A2, SR_NFS_A, VM_A1
 
 MOUNT = mount_capability()
 BLOCK = block_capability()
@@ -209,3 +209,29 @@ async def test_a_write_xo_answers_no_such_object_while_it_lost_the_pool_is_retri
         assert record.result is not None and record.result.outcome == "succeeded", record
         [vdi] = vdis_named(env.sim)
         assert vdi["$SR"] == SR_A2 and sim.stats.migrations[DISK] == 1
+
+
+async def test_a_move_between_its_rename_and_the_source_s_deletion_is_a_copy_in_progress_not_a_stray(
+        ctl: Controller) -> None:
+    """Between a move's rename (the copy takes the disk's name, still carrying its transfer mark) and the source's
+    deletion, two idle VDIs carry the name: ControllerGetVolume calls that a copy in progress, not an abnormal
+    volume whose stray copy the user should remove by hand."""
+    created = await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-g", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[MOUNT],
+        parameters={"srsWithTag": "k8s-migrating", "migrating": "true"}), Context())  # type: ignore[arg-type]
+    [source] = await ctl.xo.find_vdis(name_label="csi-pvc-g")
+    copy = await ctl.sim.simulator.xapi.create_vdi(
+        SR_LOCAL_A2, name_label="csi-pvc-g", size=64 * MiB,
+        name_description=f'csi:transfer: {{"state":"complete","kind":"move","from":"{source.id}","job":"j",'
+                         '"info":"csi:info: {}"}')
+
+    async def both_shown() -> bool:
+        return len(await ctl.xo.find_vdis(name_label="csi-pvc-g")) == 2
+    await eventually(both_shown, 5, 0.05, description="XO's cache shows the renamed copy")
+    assert not copy["current_operations"] and not source.current_operations
+
+    got = await ctl.servicer.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+        volume_id=created.volume.volume_id), Context())  # type: ignore[arg-type]
+
+    assert (got.status.volume_condition.abnormal, got.status.volume_condition.message) == (
+        False, "a migration copy is in progress")
