@@ -235,7 +235,8 @@ class Provisioner:
 
     async def delete(self, volume_id: vid.VolumeId, deadline_s: float | None = None) -> None:
         """Idempotent: a missing disk is success (once XO is known to see every pool). Attached ->
-        PreconditionFailed naming the VM."""
+        PreconditionFailed naming the VM. A disk marked as migrating is deleted under the migrators' disk lock,
+        with what a move across pools left in the other pool (``MarkPolicy.delete``); ABORTED while a move runs."""
         async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
             disk = await self._disks.find(volume_id)
             if disk is None:
@@ -245,7 +246,7 @@ class Provisioner:
                 raise PreconditionFailed(
                     f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
                 )
-            await self._xo.delete_vdi(disk.vdi.id)
+            await self._marks.delete(disk)
             self._inventory.usage_changed()
             log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 

@@ -18,6 +18,9 @@ there. A move across pools that gave up leaves its mark on purpose while it cann
 an SR of another pool does that job's part first: a ``~incoming`` XO shows is deleted (never renamed, it never was
 the volume), and none is proven only once XO sees every pool; else nobody would ever delete it once the disk stays
 where it is. A mark within a pool (m4rCsi's, or a ``vdi.migrate`` of ours) has no ``~incoming`` to look for.
+
+DeleteVolume of a marked disk (``MarkPolicy.delete``) goes the same way: under the disk lock (ABORTED while a
+migrator holds it), from a new read, taking a ``~incoming`` along when the mark points to another pool.
 """
 
 from __future__ import annotations
@@ -89,6 +92,30 @@ class MarkPolicy:
         self._first_seen.pop(key, None)  # only once cleared: a failed try keeps the time already waited
         return cleared
 
+    async def delete(self, disk: Disk) -> None:
+        """DeleteVolume's destroy of the disk. A disk marked as migrating goes under the migrators' disk lock
+        (OperationPending while a migrator holds it: the move is running), read again there: a job that ran since
+        the caller's read changed it (OperationPending: the retry reads it anew), and XO running an operation on it
+        is a copy in flight. A mark toward another pool takes its ``<disk>~incoming`` along (``_discard_incoming``),
+        else a job retried later, finding its complete copy and no source, would finish the copy into a volume
+        nobody has any more (and nothing else ever deletes a ``~incoming`` once the disk is gone)."""
+        info = disk.info
+        if info is None or not info.in_progress_to_sr:
+            await self._xo.delete_vdi(disk.vdi.id)
+            return
+        held = self._disk_lock(disk.vdi.name_label) if self._disk_lock is not None else contextlib.nullcontext()
+        async with held:
+            current = await self._xo.get_vdi(disk.vdi.id)
+            if current is None or (current.sr_id, current.name_description) != (disk.vdi.sr_id,
+                                                                                 disk.vdi.name_description):
+                raise OperationPending(f"volume {disk.volume_id} changed while it was being deleted (a migration "
+                                       "moved it); retry")
+            if current.current_operations:
+                raise OperationPending(f"volume {disk.volume_id} is being migrated (XO copies it); retry")
+            if await self._across_pools(disk.vdi.sr_id, info.in_progress_to_sr):
+                await self._discard_incoming(disk, reason="its volume is deleted")
+            await self._xo.delete_vdi(disk.vdi.id)
+
     async def _still_stale(self, disk: Disk) -> None:
         """Under the disk's lock: the disk as it was decided on (a job may have run between that read and the lock),
         with no live migration; OperationPending otherwise."""
@@ -108,13 +135,13 @@ class MarkPolicy:
         here, there = await self._inventory.sr(sr_id, usage=False), await self._inventory.sr(target_id, usage=False)
         return here is None or there is None or here.pool_id != there.pool_id
 
-    async def _discard_incoming(self, disk: Disk) -> None:
+    async def _discard_incoming(self, disk: Disk, *,
+                                reason: str = "left by a move across pools whose mark went stale") -> None:
         """Delete the ``<disk>~incoming`` a move across pools that gave up left (proven absent only once XO sees
         every pool: XoPoolDisconnected otherwise), as the next job's ``settle`` would."""
         name = transfer_marks.incoming_name(disk.vdi.name_label)
         for vdi in await self._xo.lookup_confirmed(f"VDI {name}", lambda: self._xo.find_vdis(name_label=name)):
-            log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name,
-                        reason="left by a move across pools whose mark went stale")
+            log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name, reason=reason)
             await self._xo.delete_vdi(vdi.id)
 
     async def _live(self, disk: Disk) -> str | None:

@@ -13,14 +13,15 @@ import pytest
 from dev.wait import eventually
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk
-from services.xo_simulator.faults import Faults
+from services.xo_simulator.faults import Faults, Latency
 from services.xo_simulator.topology import derived_id
-from shared import vdi_metadata
+from shared import transfer_marks, vdi_metadata
 from shared.errors import OperationPending
 from shared.locks import DiskLock
 from shared.progress import StreamProgress
 from shared.units import MiB
 from shared.volume_id import by_name
+from shared.xo.errors import XoUnavailable
 from tests.support.cross_pool import (
     DISK_SIZE,
     INCOMING,
@@ -268,14 +269,7 @@ async def test_a_stale_mark_of_a_move_that_gave_up_is_cleared_with_its_leftover_
     controller deletes the leftover (XO shows pool B again) and clears the mark, holding the migrators' disk lock:
     while a migrator holds it the attach answers ABORTED and nothing is touched. No orphan VDI in pool B."""
     checksum = write_content(xenv)
-    first = await xenv.worker("w1", max_attempts=1)
-    await submit_to_pool_b(xenv)
-    await streaming(xenv)
-    await _add_faults(xenv, {"kind": "pool_disconnect", "pool": POOL_B})
-    record = await finished(xenv)
-    assert record.state == "failed", record.result
-    await first.stop()
-    xenv.sim.simulator.clear_faults()
+    await _give_up_while_pool_b_is_lost(xenv)
     await eventually(lambda: bool(vdis_named(xenv.sim, INCOMING)) and _shows(xenv, INCOMING), 10,
                      description="XO shows pool B again, the leftover with it")
     held = DiskLock(xenv.redis, xenv.prefix, DISK, ttl_s=30, wait_s=0)
@@ -307,5 +301,71 @@ async def test_a_stale_mark_of_a_move_that_gave_up_is_cleared_with_its_leftover_
     assert await xenv.redis.exists(held.key) == 0  # the controller's hold went back too
 
 
+async def _give_up_while_pool_b_is_lost(env: Env) -> None:
+    """A move to pool B that gives up (one attempt) while XO has lost pool B mid-stream, leaving the source marked
+    and ``~incoming`` in pool B; then pool B is back (connected at once, its objects a cache lag later)."""
+    first = await env.worker("w1", max_attempts=1)
+    await submit_to_pool_b(env)
+    await streaming(env)
+    await _add_faults(env, {"kind": "pool_disconnect", "pool": POOL_B})
+    record = await finished(env)
+    assert record.state == "failed", record.result
+    await first.stop()
+    env.sim.simulator.clear_faults()
+
+
 def _shows(env: Env, name: str) -> bool:
     return any(vdi["name_label"] == name for vdi in env.sim.cache.of_type("VDI"))
+
+
+# --- DeleteVolume during and after a move ------------------------------------------------------------------------
+
+
+async def _deleted(env: Env) -> bool:
+    """One DeleteVolume as external-provisioner sends it: True once it answered OK, False for ABORTED or
+    UNAVAILABLE (XO still loading a pool), which it retries."""
+    try:
+        await env.frontend.provisioner.delete(by_name("vol1"), 30)
+    except (OperationPending, XoUnavailable):
+        return False
+    return True
+
+
+async def test_delete_volume_while_the_move_runs_is_aborted_until_it_ends_then_leaves_nothing(xenv: Env) -> None:
+    """The PV is deleted while its disk moves to pool B (its pod went away during the attach): DeleteVolume answers
+    ABORTED while the migrator holds the disk, then deletes the moved disk. Before, it deleted the marked source
+    under the running job, which then finished its complete copy into a volume nobody had: a disk with no PV,
+    never deleted."""
+    write_content(xenv)
+    xenv.sim.simulator.faults.latency = Latency.parse("vdi.set=1500")  # a loaded XO: the swap takes seconds
+    await xenv.worker("w1")
+    await submit_to_pool_b(xenv)
+    await eventually(lambda: _complete_target_shown(xenv), 60, 0.02,
+                     description="the target complete in pool B, not yet renamed")
+
+    assert await _deleted(xenv) is False  # the migrator holds the disk
+    assert len(vdis_named(xenv.sim)) == 1 and len(vdis_named(xenv.sim, INCOMING)) == 1  # nothing touched
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    await eventually(lambda: _deleted(xenv), 30, 0.2, description="DeleteVolume OK once the move ended")
+
+    assert vdis_named(xenv.sim) == [] and vdis_named(xenv.sim, INCOMING) == []
+
+
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": SLOW}])
+async def test_delete_volume_of_a_disk_whose_move_gave_up_deletes_its_leftover_in_the_other_pool(
+        xenv: Env) -> None:
+    """A move that gave up while XO had lost pool B keeps the source's mark and leaves ``~incoming`` there for the
+    next job; a DeleteVolume is the last call the disk gets, so it deletes both (once XO shows pool B again: a
+    lookup there proves nothing before). Before, the ``~incoming`` stayed in pool B for good."""
+    write_content(xenv)
+    await _give_up_while_pool_b_is_lost(xenv)
+
+    await eventually(lambda: _deleted(xenv), 30, 0.2, description="DeleteVolume OK")
+
+    assert vdis_named(xenv.sim) == [] and vdis_named(xenv.sim, INCOMING) == []
+
+
+def _complete_target_shown(env: Env) -> bool:
+    return any(vdi["name_label"] == INCOMING and (mark := transfer_marks.parse(vdi["name_description"])) is not None
+               and mark.complete for vdi in env.sim.cache.of_type("VDI"))
