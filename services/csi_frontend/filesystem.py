@@ -49,17 +49,29 @@ async def stage(device: Path, staging_path: Path, access: Access) -> str:
     Read-write mounts of ext*: ``fsck -a`` first (exit 1-3 corrected: logged, go on; 4 and above:
     FilesystemCorrupt), then, when the device is larger than the filesystem, ``e2fsck -f -p`` + ``resize2fs``
     *before* mounting (offline growth needs no CAP_SYS_RESOURCE). xfs grows after mounting (``xfs_growfs -d``,
-    it only grows mounted). Read-only mounts are never checked, formatted or grown.
+    it only grows mounted) and is mounted ``nouuid`` (a clone shares its source's UUID). Read-only mounts are never
+    checked, formatted or grown.
     """
     fs_type, formatted = await _ensure_filesystem(device, access)
     writable = not access.is_stage_readonly
     if writable and not formatted and fs_type in EXT_TYPES:
         await check(device)
         await _grow_ext_offline(device)
-    await mounter.mount(device, staging_path, fs_type, access.stage_options())
+    await mounter.mount(device, staging_path, fs_type, _mount_options(fs_type, access))
     if writable and not formatted and fs_type == "xfs":
         await grow_mounted(device, staging_path, fs_type)
     return fs_type
+
+
+def _mount_options(fs_type: str, access: Access) -> tuple[str, ...]:
+    """The staging mount's options: xfs always gets ``nouuid``. A clone (CLONE_VOLUME) is a block copy, so its xfs
+    UUID is its source's, and the kernel refuses a second mount of a UUID already mounted ("Filesystem has
+    duplicate UUID"): source and clone could never be staged on one node. The AWS EBS and GCE PD CSI drivers
+    mount xfs with ``nouuid`` for the same reason (their snapshots and clones are block copies too)."""
+    options = access.stage_options()
+    if fs_type == "xfs" and "nouuid" not in options:
+        options += ("nouuid",)
+    return options
 
 
 async def check(device: Path) -> None:

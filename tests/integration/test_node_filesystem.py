@@ -70,6 +70,28 @@ async def test_stage_grows_a_filesystem_whose_disk_grew_while_detached(
     assert await filesystem.size_of(host.device_dir / "xvdb", fs_type, staging) == (fs_bytes, block_bytes)
 
 
+async def test_an_xfs_volume_and_its_block_copy_are_staged_side_by_side(host: Host) -> None:
+    """A clone is a block copy, so its xfs UUID is its source's; without ``nouuid`` the kernel refuses to mount
+    the second ("Filesystem has duplicate UUID") and a pod using a claim and its clone never starts."""
+    staging, target, _ = await _write_then_detach(host, "xfs", 320 * MiB)
+    clone = await host.copy("xvdb", "xvdc")
+    uuids = [(await mounter.run("blkid", "-p", "-s", "UUID", "-o", "value", str(loop), timeout_s=30)).stdout.strip()
+             for loop in (host.device_dir / "xvdb", clone)]
+    assert uuids[0] != "" and uuids[0] == uuids[1]
+
+    node = servicer(host)
+    clone_staging = host.root / "staging-clone"
+    for _ in range(2):
+        await stage(node, staging, "xvdb", mount_capability("xfs"))
+        await stage(node, clone_staging, "xvdc", mount_capability("xfs"), volume_id="name:pvc-clone")
+    mounted = [await mounter.mount_info(path) for path in (staging, clone_staging)]
+    assert [(info.fstype, info.device_number) for info in mounted if info is not None] == [
+        ("xfs", (host.device_dir / "xvdb").stat().st_rdev), ("xfs", clone.stat().st_rdev)]
+    assert (clone_staging / "data.bin").read_bytes() == DATA
+    (clone_staging / "data.bin").write_bytes(b"the clone's own")
+    assert (staging / "data.bin").read_bytes() == DATA  # two filesystems, not one seen twice
+
+
 async def test_restaging_an_unchanged_disk_does_not_resize_it(host: Host) -> None:
     staging, _, before = await _write_then_detach(host, "ext4", 64 * MiB)
     with capture_logs() as logs:
