@@ -128,6 +128,7 @@ class PublishCommand:
     device_name: str  # "" for mount access, which publishes the staged filesystem instead
     access: Access
     readonly: bool
+    """The request's readonly, a reader-only mode, or "ro" among the mount flags: what the target will be."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,10 @@ def parse_publish(request: csi_pb2.NodePublishVolumeRequest) -> PublishCommand:
         raise PreconditionFailed("staging_target_path is not set; call NodeStageVolume first and pass its path")
     staging = parse_path(request.staging_target_path, "staging_target_path")
     device = parse_device_name(request.publish_context) if access.is_block else ""
-    readonly = request.readonly or access.is_reader_only
+    # PV mountOptions [ro] reach us as a mount flag, not as readonly: the staging mount is read-only and so is the
+    # bind of it, and an identical retry must find the target as it expects it (spec: "compatible ... MUST reply
+    # 0 OK"), not ALREADY_EXISTS "already published read-only".
+    readonly = request.readonly or access.is_stage_readonly
     return PublishCommand(volume_id, staging, target, device, access, readonly)
 
 

@@ -131,6 +131,27 @@ async def test_readonly_publish_refuses_writes_and_conflicting_republish(host: H
         await publish(node, staging, rw_target, _mount_cap(mode=_Mode.SINGLE_NODE_READER_ONLY))
 
 
+async def test_a_publish_with_the_ro_mount_flag_is_read_only_and_its_retry_is_ok(host: Host) -> None:
+    """PV mountOptions [ro] reach the node as a mount flag with readonly=false: the target is read-only (a bind of
+    a read-only staging mount), so kubelet's identical retry must find it compatible, not ALREADY_EXISTS."""
+    await host.attach("xvdb", 64 * MiB)
+    node = servicer(host)
+    staging, target = host.root / "staging", host.root / "pods" / "p1" / "volume"
+    await stage(node, staging, "xvdb", _mount_cap())  # formatted once, read-write
+    await unstage(node, staging)
+    cap = _mount_cap(flags=["ro"])
+    await stage(node, staging, "xvdb", cap)
+
+    for _ in range(2):
+        await publish(node, staging, target, cap, readonly=False)
+    await publish(node, staging, target, cap, readonly=True)  # the same read-only target: compatible too
+    published = await mounter.mount_info(target)
+    assert published is not None and published.is_readonly
+    with pytest.raises(OSError) as refused:
+        (target / "denied").write_text("must not land")
+    assert refused.value.errno == errno.EROFS
+
+
 @pytest.mark.parametrize("cap", [_mount_cap, _block_cap], ids=["mount", "block"])
 async def test_a_single_writer_volume_is_published_at_one_target_a_multi_writer_one_at_several(
         host: Host, cap: Any) -> None:
