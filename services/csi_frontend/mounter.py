@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -90,6 +91,14 @@ class MountInfo:
     @property
     def is_readonly(self) -> bool:
         return "ro" in self.options
+
+    @property
+    def is_forced_readonly(self) -> bool:
+        """The filesystem went read-only under this mount, as ext4 does after an error with errors=remount-ro:
+        ``emergency_ro`` among the super options (Linux 6.x ext4), or a read-only superblock under a mount made
+        read-write (older kernels set SB_RDONLY; a mount cannot ask for rw on a read-only superblock, so the
+        kernel or a remount of another mount of it did this)."""
+        return "emergency_ro" in self.super_options or ("ro" in self.super_options and not self.is_readonly)
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,7 @@ async def fs_stats(path: Path) -> FsStats:
     try:
         st = await asyncio.to_thread(os.statvfs, path)
     except OSError as exc:
-        raise MountError(("statvfs", str(path)), str(exc)) from exc
+        raise MountError(("statvfs", str(path)), _os_error_detail(exc)) from exc
     return FsStats(
         total_bytes=st.f_blocks * st.f_frsize,
         used_bytes=max(st.f_blocks - st.f_bfree, 0) * st.f_frsize,
@@ -262,11 +271,12 @@ async def fs_stats(path: Path) -> FsStats:
 
 
 async def path_info(path: Path) -> PathInfo | None:
-    """Stat path following symlinks; None when it (or its symlink target) does not exist."""
+    """Stat path following symlinks; None when it (or its symlink target) does not exist (ENOENT, ENOTDIR).
+    Any other OSError (EIO from a filesystem that hit I/O errors or was shut down, EACCES ...) is MountError."""
     try:
         return await asyncio.to_thread(_path_info, path)
     except OSError as exc:
-        raise MountError(("stat", str(path)), str(exc)) from exc
+        raise MountError(("stat", str(path)), _os_error_detail(exc)) from exc
 
 
 async def make_dir(path: Path) -> None:
@@ -310,7 +320,13 @@ async def _fs_call(verb: str, path: Path, call: Callable[[], object]) -> None:
     try:
         await asyncio.to_thread(call)
     except OSError as exc:
-        raise MountError((verb, str(path)), str(exc)) from exc
+        raise MountError((verb, str(path)), _os_error_detail(exc)) from exc
+
+
+def _os_error_detail(exc: OSError) -> str:
+    """``EIO (Input/output error)``: the errno's name, which a reader can look up, then the system's words."""
+    name = errno.errorcode.get(exc.errno, f"errno {exc.errno}") if exc.errno is not None else "no errno"
+    return f"{name} ({exc.strerror or exc})"
 
 
 def _path_info(path: Path) -> PathInfo | None:

@@ -174,8 +174,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         """Usage in BYTES and INODES (filesystem) or BYTES total (block) plus a volume condition.
 
-        Read-only, so it takes no volume lock. NOT_FOUND: nothing at volume_path. A path that is no
-        longer mounted, or whose device vanished, is reported as abnormal rather than as an error.
+        Read-only, so it takes no volume lock. NOT_FOUND: nothing at volume_path (ENOENT, ENOTDIR). Abnormal,
+        not an error, with the best usage known (at least BYTES, total 0 when nothing is known): a path that is
+        no longer mounted, whose device vanished, that fails to read (EIO ...), or whose filesystem the kernel
+        made read-only after an error.
         """
         return await _volume_stats(parse_volume_path(request.volume_id, request.volume_path))
 
@@ -332,20 +334,26 @@ def _check_republish(cmd: PublishCommand, existing: mounter.MountInfo, *, is_sam
 
 
 async def _volume_stats(cmd: PathCommand) -> csi_pb2.NodeGetVolumeStatsResponse:
-    info = await mounter.path_info(cmd.path)
+    try:
+        info = await mounter.path_info(cmd.path)
+    except mounter.MountError as exc:  # something is there, but reading it fails (EIO: I/O errors, xfs shut down)
+        mounted = await mounter.mount_info(cmd.path)
+        usage = await _device_usage(mounted) if mounted is not None else _bytes_usage(0)
+        return _stats_response(usage, f"volume_path {cmd.path} cannot be read: {exc.message}")
     if info is None:
         raise VolumeNotFound(f"volume {cmd.volume_id} is not at volume_path {cmd.path}: nothing is there")
     if info.is_block_device:
         return await _block_stats(cmd.path)
     mounted = await mounter.mount_info(cmd.path)
     if mounted is None:
-        return _stats_response([], f"{cmd.path} is no longer a mountpoint; the volume was unmounted")
-    if not await _is_source_present(mounted):
-        return _stats_response([], f"device {mounted.source} behind {cmd.path} is gone; is the disk detached?")
+        return _stats_response(_bytes_usage(0), f"{cmd.path} is no longer a mountpoint; the volume was unmounted")
+    if not await _is_source_present(mounted):  # no statvfs of a filesystem whose disk is gone
+        gone = f"device {mounted.source} behind {cmd.path} is gone; is the disk detached?"
+        return _stats_response(_bytes_usage(0), gone)
     try:
         stats = await mounter.fs_stats(cmd.path)
     except mounter.MountError as exc:
-        return _stats_response([], f"filesystem at {cmd.path} cannot be read: {exc.message}")
+        return _stats_response(await _device_usage(mounted), f"filesystem at {cmd.path} cannot be read: {exc.message}")
     usage = [
         csi_pb2.VolumeUsage(
             unit=csi_pb2.VolumeUsage.BYTES,
@@ -360,18 +368,47 @@ async def _volume_stats(cmd: PathCommand) -> csi_pb2.NodeGetVolumeStatsResponse:
             available=stats.free_inodes,
         ),
     ]
-    return _stats_response(usage, None)
+    return _stats_response(usage, _readonly_problem(cmd.path, mounted))
+
+
+def _readonly_problem(path: Path, mounted: mounter.MountInfo) -> str | None:
+    """Why a filesystem that answers statvfs is abnormal anyway: the kernel made it read-only after an error (read
+    from the mountinfo line already at hand, no I/O on the volume); None when it is not."""
+    if not mounted.is_forced_readonly:
+        return None
+    repair = "xfs_repair" if mounted.fstype == "xfs" else "e2fsck -f"
+    return (
+        f"the {mounted.fstype} filesystem on {mounted.source} at {path} turned read-only although it was mounted "
+        "read-write, as ext4 does after an error with errors=remount-ro (see the node's kernel log): stop the "
+        f"pods using it so that it is unmounted, then run `{repair} {mounted.source}` on the node"
+    )
 
 
 async def _block_stats(path: Path) -> csi_pb2.NodeGetVolumeStatsResponse:
     try:
         size_bytes = await mounter.device_size_bytes(path)
     except mounter.MountError as exc:
-        return _stats_response([], f"block device at {path} cannot be read: {exc.message}")
-    return _stats_response([csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=size_bytes)], None)
+        return _stats_response(_bytes_usage(0), f"block device at {path} cannot be read: {exc.message}")
+    return _stats_response(_bytes_usage(size_bytes), None)
+
+
+async def _device_usage(mounted: mounter.MountInfo) -> list[csi_pb2.VolumeUsage]:
+    """The best figure for a filesystem that statvfs cannot read: its device's size, or 0 when that is gone too."""
+    if not await _is_source_present(mounted):
+        return _bytes_usage(0)
+    try:
+        return _bytes_usage(await mounter.device_size_bytes(Path(mounted.source)))
+    except mounter.MountError:
+        return _bytes_usage(0)
+
+
+def _bytes_usage(total_bytes: int) -> list[csi_pb2.VolumeUsage]:
+    return [csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=total_bytes)]
 
 
 def _stats_response(usage: Sequence[csi_pb2.VolumeUsage], problem: str | None) -> csi_pb2.NodeGetVolumeStatsResponse:
+    """Usage is never empty, abnormal or not: kubelet (pkg/volume/csi/csi_client.go, NodeGetVolumeStats) fails with
+    "usage is nil" before it reads volume_condition, so an abnormal answer without usage never reaches an event."""
     condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or _HEALTHY)
     return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 

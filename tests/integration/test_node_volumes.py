@@ -7,7 +7,9 @@ its loop devices even when the test fails, so nothing leaks into the host.
 from __future__ import annotations
 
 import errno
+import shutil
 import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +71,67 @@ async def test_mount_lifecycle_ext4_is_idempotent_and_keeps_data(host: Host) -> 
     await unstage(node, staging)
     unmounted = await volume_stats(node, staging)
     assert unmounted.volume_condition.abnormal and "no longer a mountpoint" in unmounted.volume_condition.message
+    assert _usage_rows(unmounted) == [(csi_pb2.VolumeUsage.BYTES, 0, 0, 0)]  # never empty: see below
+
+
+def _usage_rows(response: csi_pb2.NodeGetVolumeStatsResponse) -> list[tuple[int, int, int, int]]:
+    """Kubelet (pkg/volume/csi/csi_client.go) drops an answer without usage ("usage is nil") before it reads the
+    volume condition, so an abnormal answer must carry usage too."""
+    return [(row.unit, row.total, row.used, row.available) for row in response.usage]
+
+
+async def test_a_filesystem_that_fails_with_eio_is_abnormal_not_an_error(host: Host) -> None:
+    """An xfs shut down (what xfs does on a metadata I/O error) answers EIO to every stat: NodeGetVolumeStats
+    reports it abnormal, naming the errno, with the device size as usage; it is not INTERNAL."""
+    if shutil.which("xfs_io") is None:
+        pytest.skip("xfs_io (xfsprogs) is not installed")
+    await host.attach("xvdb", 320 * MiB)
+    node = servicer(host)
+    staging, target = host.root / "staging", host.root / "pods" / "p1" / "volume"
+    await stage(node, staging, "xvdb", _mount_cap("xfs"))
+    await publish(node, staging, target, _mount_cap("xfs"))
+    await mounter.run("xfs_io", "-x", "-c", "shutdown", str(staging), timeout_s=30)
+    with pytest.raises(OSError) as refused:
+        (target / "x").write_text("y")
+    assert refused.value.errno == errno.EIO
+
+    for path in (target, staging):
+        stats = await volume_stats(node, path)
+        assert stats.volume_condition.abnormal
+        assert stats.volume_condition.message == (
+            f"volume_path {path} cannot be read: `stat {path}` failed: EIO (Input/output error)")
+        assert _usage_rows(stats) == [(csi_pb2.VolumeUsage.BYTES, 320 * MiB, 0, 0)]
+
+
+async def test_a_filesystem_the_kernel_made_read_only_after_an_error_is_abnormal(host: Host) -> None:
+    """ext4 with errors=remount-ro turns read-only on an error while every mount of it still says rw: the only
+    trace is in its super options (emergency_ro; a read-only superblock on older kernels). Writes fail EROFS, so
+    the volume is not "operating optimally" (spec, VolumeCondition)."""
+    loop = await host.attach("xvdb", 64 * MiB)
+    node = servicer(host)
+    staging, target = host.root / "staging", host.root / "pods" / "p1" / "volume"
+    cap = _mount_cap(flags=["errors=remount-ro"])
+    await stage(node, staging, "xvdb", cap)
+    await publish(node, staging, target, cap)
+    healthy = await volume_stats(node, target)
+    assert healthy.volume_condition.message == "volume is healthy"
+
+    trigger = Path(f"/sys/fs/ext4/{loop.name}/trigger_fs_error")
+    if not trigger.exists():
+        pytest.skip(f"{trigger} is missing: this kernel cannot inject an ext4 error")
+    trigger.write_text("test: simulated error\n")  # what ext4_error() does on a corrupt block
+    with pytest.raises(OSError) as refused:
+        (target / "x").write_text("y")
+    assert refused.value.errno == errno.EROFS
+
+    stats = await volume_stats(node, target)
+    assert stats.volume_condition.abnormal
+    assert stats.volume_condition.message == (
+        f"the ext4 filesystem on {loop} at {target} turned read-only although it was mounted read-write, as ext4 "
+        "does after an error with errors=remount-ro (see the node's kernel log): stop the pods using it so that it "
+        f"is unmounted, then run `e2fsck -f {loop}` on the node")
+    assert [row[0] for row in _usage_rows(stats)] == [csi_pb2.VolumeUsage.BYTES, csi_pb2.VolumeUsage.INODES]
+    assert usage(stats, csi_pb2.VolumeUsage.BYTES).total == usage(healthy, csi_pb2.VolumeUsage.BYTES).total
 
 
 async def test_ext4_grows_online_after_the_device_grows(host: Host) -> None:
@@ -208,7 +271,7 @@ async def test_block_access_publishes_the_device_node(host: Host) -> None:
 
     stats = await volume_stats(node, target)
     assert not stats.volume_condition.abnormal
-    assert usage(stats, csi_pb2.VolumeUsage.BYTES).total == 64 * MiB
+    assert _usage_rows(stats) == [(csi_pb2.VolumeUsage.BYTES, 64 * MiB, 0, 0)]
     assert await expand(node, target) == 64 * MiB
 
     with pytest.raises(AlreadyExistsIncompatible):

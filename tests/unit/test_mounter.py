@@ -30,6 +30,20 @@ def test_mountinfo_read_only_bind_without_optional_fields() -> None:
     assert info is not None and info.is_readonly and info.device_number == os.makedev(7, 0)
 
 
+@pytest.mark.parametrize(("options", "super_options", "forced"), [
+    ("rw,relatime", "rw,errors=remount-ro", False),  # healthy
+    ("ro,relatime", "ro", False),  # mounted read-only on purpose
+    ("ro,relatime", "rw", False),  # a read-only bind of a writable filesystem (readonly publish)
+    ("rw,relatime", "rw,emergency_ro,errors=remount-ro", True),  # ext4 after an error, Linux 6.x
+    ("ro,relatime", "rw,emergency_ro,errors=remount-ro", True),  # the same under a read-only bind
+    ("rw,relatime", "ro,errors=remount-ro", True),  # ext4 after an error, older kernels (SB_RDONLY)
+])
+def test_a_filesystem_the_kernel_made_read_only_is_told_from_one_mounted_read_only(
+        options: str, super_options: str, forced: bool) -> None:
+    info = mounter.parse_mountinfo_line(f"43 27 7:0 / /tmp/b {options} - ext4 /dev/loop0 {super_options}")
+    assert info is not None and info.is_forced_readonly is forced
+
+
 @pytest.mark.parametrize("line", ["", "garbage", "1 2 x:y / /m rw - ext4 /dev/a rw", "1 2 7:0 / /m rw ext4 /dev/a"])
 def test_malformed_mountinfo_lines_are_skipped(line: str) -> None:
     assert mounter.parse_mountinfo_line(line) is None
