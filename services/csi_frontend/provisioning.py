@@ -107,7 +107,7 @@ class Provisioner:
         leaves only a temporary disk that the next attempt (or --temp-cleanup) picks up.
         """
         async def make(plan: VolumePlan) -> Vdi:
-            return await self._create_disk(plan, disk_size(size, "capacity_range"), (requisite, preferred))
+            return await self._create_disk(plan, (disk_size(size, "capacity_range"), size[1]), (requisite, preferred))
 
         return await self.provide(request_name, size, params, requisite, make, deadline_s=deadline_s)
 
@@ -161,17 +161,27 @@ class Provisioner:
             return None
         return vdis[0]
 
-    async def _create_disk(self, plan: VolumePlan, size_bytes: int,
+    async def _create_disk(self, plan: VolumePlan, size: tuple[int, int],
                            topology: tuple[Sequence[Mapping[str, str]], Sequence[Mapping[str, str]]]) -> Vdi:
+        """A new disk of ``size`` (bytes as XO will make them, limit), made under its temporary name, or the temporary
+        disk an earlier attempt left (cut after disk.create), when it is one this request would have made: of a
+        size in the range, on an SR of the class that the request's topology reaches. Any other leftover is deleted
+        and the disk placed anew: reused, it would take the final name and answer ALREADY_EXISTS to this request and
+        every retry (the scheduler moved the pod to another host since, the class changed, the range shrank)."""
+        size_bytes, limit = size
         temp_name = vid.temp_disk_name(self._disks.prefix, plan.name)
         leftovers = await self._xo.find_vdis(name_label=temp_name)
         for extra in leftovers[1:]:
             await self._xo.delete_vdi(extra.id)
-        if leftovers and leftovers[0].size >= size_bytes:
+        if leftovers and size_bytes <= leftovers[0].size <= (limit or leftovers[0].size) \
+                and _reaches(self._reachable(plan, leftovers[0].sr_id), topology[0]):
             vdi_id = leftovers[0].id
+            log.info("disk_creation_resumed", disk_name=temp_name, vdi=vdi_id, sr=leftovers[0].sr_id)
         else:
             if leftovers:
                 await self._xo.delete_vdi(leftovers[0].id)
+                log.info("disk_leftover_deleted", disk_name=temp_name, vdi=leftovers[0].id, sr=leftovers[0].sr_id,
+                         reason="not what this request would make (size, SR or topology)")
             target = await self.place(plan.srs, size_bytes, *topology)
             vdi_id = await self._xo.create_disk(temp_name, size_bytes, target.id)
             self._inventory.usage_changed()
@@ -194,15 +204,20 @@ class Provisioner:
             await self._xo.check_view_complete("the SRs of the StorageClass")
             raise
 
+    @staticmethod
+    def _reachable(plan: VolumePlan, sr_id: str) -> list[placement.SrView]:
+        """The SRs a volume of ``plan`` whose disk is on ``sr_id`` can be used from: every SR of the tag when it
+        migrates (the migrator moves the disk to any of them, across pools by streaming its content), else its own
+        SR; none when ``sr_id`` is not an SR of the class."""
+        home = next((sr for sr in plan.srs if sr.id == sr_id), None)
+        if home is None:
+            return []
+        return plan.srs if plan.params.migrating else [home]
+
     def _created(self, plan: VolumePlan, vdi: Vdi, requisite: Sequence[Mapping[str, str]]) -> CreatedVolume:
         volume_id = vid.by_name(plan.name) if plan.by_name else vid.by_vdi(vdi.id)
-        home = next((sr for sr in plan.srs if sr.id == vdi.sr_id), None)
-        if plan.params.migrating and home is not None:
-            # Every SR of the tag: the migrator moves the disk to any of them, across pools by streaming its content.
-            reachable = plan.srs
-        else:
-            reachable = [home] if home is not None else []
-        if requisite and not any(placement.matches(sr, term) for sr in reachable for term in requisite):
+        reachable = self._reachable(plan, vdi.sr_id)
+        if not _reaches(reachable, requisite):
             raise AlreadyExistsIncompatible(
                 f"volume {vdi.name_label} already exists on SR {vdi.sr_id}, which the requested topology cannot "
                 "reach; use another name or a topology that reaches it"
@@ -317,6 +332,11 @@ def disk_size(size: tuple[int, int], field: str) -> int:
         raise OutOfRange(f"{field}: XCP-ng sizes disks in whole steps of {format_size(DISK_STEP)}, and none lies "
                          f"between {required} and limit_bytes {limit}; raise the limit to {wanted} or more")
     return wanted
+
+
+def _reaches(srs: Sequence[placement.SrView], requisite: Sequence[Mapping[str, str]]) -> bool:
+    """Whether a volume usable from ``srs`` meets the requisite topology (any of its terms; none: anywhere)."""
+    return not requisite or any(placement.matches(sr, term) for sr in srs for term in requisite)
 
 
 def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:

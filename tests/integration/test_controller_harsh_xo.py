@@ -18,9 +18,9 @@ from shared.units import MiB
 from shared.xo.errors import XoPoolDisconnected
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import block_capability, mount_capability
-from tests.support.controller import Context, Controller
+from tests.support.controller import Context, Controller, controller
 from tests.support.migration import DISK, POOL_A, SR_A1, SR_A2, Env, open_env, vdis_named
-from tests.support.sim import SR_LOCAL_A2, SR_NFS_A, VM_A1
+from tests.support.sim import HOST_A2, SR_LOCAL_A1, SR_LOCAL_A2, SR_NFS_A, VM_A1
 
 MOUNT = mount_capability()
 BLOCK = block_capability()
@@ -235,3 +235,33 @@ async def test_a_move_between_its_rename_and_the_source_s_deletion_is_a_copy_in_
 
     assert (got.status.volume_condition.abnormal, got.status.volume_condition.message) == (
         False, "a migration copy is in progress")
+
+
+@pytest.mark.parametrize(("leftover_sr", "leftover_size", "limit", "reused"), [
+    (SR_LOCAL_A2, 64 * MiB, 0, True),  # what this request would make: the retry finishes it
+    (SR_LOCAL_A1, 64 * MiB, 0, False),  # the pod moved to host-a2 since: a disk there would be ALREADY_EXISTS
+    (SR_LOCAL_A2, 128 * MiB, 96 * MiB, False),  # above the limit asked now
+])
+async def test_a_creation_cut_after_disk_create_is_resumed_only_with_a_disk_this_request_would_make(
+        leftover_sr: str, leftover_size: int, limit: int, reused: bool) -> None:
+    """An attempt cut after disk.create leaves ``csi-temp-<name>``; the retry finishes it only when it is a disk this
+    request would make (size in range, SR of the class reached by the topology). Any other is deleted and the disk
+    placed anew. Before, a leftover on another host was renamed to the final name and answered ALREADY_EXISTS to
+    this request and every retry after it."""
+    async with controller(settings={"host_topology": True}) as ctl:
+        leftover = await ctl.xo.create_disk("csi-temp-pvc-x", leftover_size, leftover_sr)
+        request = csi_pb2.CreateVolumeRequest(
+            name="pvc-x", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB, limit_bytes=limit),
+            volume_capabilities=[MOUNT], parameters={"srsWithTag": "k8s-migrating"})
+        term = {"pool": POOL_A, "host": HOST_A2}
+        request.accessibility_requirements.requisite.add(segments=term)
+        request.accessibility_requirements.preferred.add(segments=term)
+
+        created = await ctl.servicer.CreateVolume(request, Context())  # type: ignore[arg-type]
+
+        [disk] = await ctl.xo.find_vdis(name_label="csi-pvc-x")
+        assert (disk.id == leftover, disk.sr_id, disk.size) == (reused, SR_LOCAL_A2, 64 * MiB if not reused else
+                                                                leftover_size)
+        assert created.volume.capacity_bytes == disk.size
+        assert await ctl.xo.find_vdis(name_label="csi-temp-pvc-x") == []
+        assert [dict(t.segments) for t in created.volume.accessible_topology] == [term]
