@@ -78,8 +78,9 @@ class Attacher:
 
     async def publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float) -> dict[str, str]:
         """Attach the volume to the node VM and return the publish context ``{device, vbd}``."""
-        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
-            return await self._publish(volume_id, node_id, read_only, deadline_s)
+        return await self._locks.run_volume(volume_id, self._disks.prefix,
+                                            lambda: self._publish(volume_id, node_id, read_only, deadline_s),
+                                            deadline_s=deadline_s)
 
     async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float
                        ) -> dict[str, str]:
@@ -132,16 +133,19 @@ class Attacher:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
         None). A missing volume, node or VBD is success, once XO is known to see every pool (absent is not
         detached: XoPoolDisconnected while XO lost one)."""
-        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
-            vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
-            found = 0
-            for vdi in vdis:
-                for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
-                    await self._xo.delete_vbd(vbd.id)
-                    found += 1
-                    log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
-            if vdis and not found and node_id is not None and await self._inventory.vm(node_id) is None:
-                await self._xo.check_view_complete(f"node VM {node_id}")
+        await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._unpublish(volume_id, node_id),
+                                     deadline_s=deadline_s)
+
+    async def _unpublish(self, volume_id: VolumeId, node_id: str | None) -> None:
+        vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
+        found = 0
+        for vdi in vdis:
+            for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
+                await self._xo.delete_vbd(vbd.id)
+                found += 1
+                log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
+        if vdis and not found and node_id is not None and await self._inventory.vm(node_id) is None:
+            await self._xo.check_view_complete(f"node VM {node_id}")
 
     async def place_of(self, node_id: str) -> NodePlace:
         """The node VM and where it runs; NodeNotFound when XO has no such VM (once XO is known to see every pool:

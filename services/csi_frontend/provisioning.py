@@ -128,7 +128,8 @@ class Provisioner:
         by_name = vid.named_by_disk(migrating=params.migrating, shared_sr=all(sr.is_shared for sr in srs))
         name = vid.volume_name_for_id(request_name) if by_name else request_name
         plan = VolumePlan(params, srs, by_name, name, vid.disk_name(self._disks.prefix, name), source)
-        async with self._locks.hold(plan.disk_name, deadline_s=deadline_s, volume=request_name):
+
+        async def provided() -> CreatedVolume:
             vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
                 _check_size(vdi, size, plan.disk_name)
@@ -138,6 +139,8 @@ class Provisioner:
             else:
                 vdi = await make(plan)
             return self._created(plan, vdi, requisite)
+
+        return await self._locks.run(plan.disk_name, provided, deadline_s=deadline_s, volume=request_name)
 
     async def _described(self, vdi: Vdi, plan: VolumePlan) -> Vdi:
         """``vdi`` with the class's ``csi:info`` written when its description is empty: XO's vdi.set renames
@@ -252,45 +255,51 @@ class Provisioner:
         """Idempotent: a missing disk is success (once XO is known to see every pool). Attached ->
         PreconditionFailed naming the VM. A disk marked as migrating is deleted under the migrators' disk lock,
         with what a move across pools left in the other pool (``MarkPolicy.delete``); ABORTED while a move runs."""
-        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
-            disk = await self._disks.find(volume_id)
-            if disk is None:
-                return
-            attached = await self._xo.attached_vbds(disk.vdi.id)
-            if attached:
-                raise PreconditionFailed(
-                    f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
-                )
-            await self._marks.delete(disk)
-            self._inventory.usage_changed()
-            log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
+        await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._delete(volume_id),
+                                     deadline_s=deadline_s)
+
+    async def _delete(self, volume_id: vid.VolumeId) -> None:
+        disk = await self._disks.find(volume_id)
+        if disk is None:
+            return
+        attached = await self._xo.attached_vbds(disk.vdi.id)
+        if attached:
+            raise PreconditionFailed(
+                f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
+            )
+        await self._marks.delete(disk)
+        self._inventory.usage_changed()
+        log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 
     async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int], deadline_s: float | None = None) -> int:
         """Grow the detached VDI to at least ``size[0]``; returns the new size. Offline only (no XCP-ng SR driver
         resizes an attached VDI): an attached disk is PreconditionFailed naming its node. Idempotent: a volume
         already that large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
-        async with self._locks.hold_volume(volume_id, self._disks.prefix, deadline_s=deadline_s):
-            disk = await self._marks.settle(await self._disks.get(volume_id))
-            required, limit = size
-            if limit and disk.vdi.size > limit:
-                raise OutOfRange(
-                    f"volume {volume_id} is already {format_size(disk.vdi.size)}, above capacity_range.limit_bytes "
-                    f"{limit}; volumes never shrink"
-                )
-            if disk.vdi.size >= required:
-                return disk.vdi.size
-            wanted = disk_size(size, "capacity_range")
-            attached = await self._xo.attached_vbds(disk.vdi.id)
-            if attached:
-                raise _in_use(volume_id, attached[0].vm_id)
-            try:
-                grown = await self._xo.set_vdi(disk.vdi.id, size_bytes=wanted)
-            except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
-                raise _in_use(volume_id, "another node") from exc
-            self._inventory.usage_changed()
-            new_size = max(wanted, int(grown.get("size") or 0)) if grown is not None else wanted
-            log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=new_size)
-            return new_size
+        return await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._expand(volume_id, size),
+                                            deadline_s=deadline_s)
+
+    async def _expand(self, volume_id: vid.VolumeId, size: tuple[int, int]) -> int:
+        disk = await self._marks.settle(await self._disks.get(volume_id))
+        required, limit = size
+        if limit and disk.vdi.size > limit:
+            raise OutOfRange(
+                f"volume {volume_id} is already {format_size(disk.vdi.size)}, above capacity_range.limit_bytes "
+                f"{limit}; volumes never shrink"
+            )
+        if disk.vdi.size >= required:
+            return disk.vdi.size
+        wanted = disk_size(size, "capacity_range")
+        attached = await self._xo.attached_vbds(disk.vdi.id)
+        if attached:
+            raise _in_use(volume_id, attached[0].vm_id)
+        try:
+            grown = await self._xo.set_vdi(disk.vdi.id, size_bytes=wanted)
+        except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
+            raise _in_use(volume_id, "another node") from exc
+        self._inventory.usage_changed()
+        new_size = max(wanted, int(grown.get("size") or 0)) if grown is not None else wanted
+        log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=new_size)
+        return new_size
 
     # -- list / capacity -------------------------------------------------------------------------
 

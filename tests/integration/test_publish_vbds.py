@@ -3,11 +3,14 @@ whatever earlier attaches left there."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from dev.wait import eventually
 from services.csi_frontend.status import code_for
+from services.xo_simulator.faults import Latency
 from services.xo_simulator.xapi import MAX_POSITION
 from shared.csi import csi_pb2
 from shared.errors import CapacityExhausted
@@ -73,3 +76,28 @@ async def test_a_publish_to_a_vm_without_a_free_disk_slot_is_resource_exhausted_
         "the scheduler stops before")
     assert code_for(raised.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await ctl.xo.find_vbds(vdi_id=full) == []
+
+
+async def test_a_publish_cut_by_its_deadline_holds_the_volume_until_xo_answered_so_unpublish_leaves_no_vbd(
+        ctl: Controller) -> None:
+    """XO is slow to attach (a loaded XO: 2.5 s before it creates the VBD) and the publish is cut at its deadline
+    (the interceptor's timeout) while vm.attachDisk runs. XO attaches anyway. The attacher then unpublishes (the
+    VolumeAttachment is being deleted): Unpublish waits for the cut publish's operation, which holds the volume
+    until XO answered, and removes the VBD XO made. Before, Unpublish found no VBD yet and answered OK, and XO
+    plugged the disk a moment later: attached to a node no VolumeAttachment names, refused to every other node."""
+    created = await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-cut", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[CAP], parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+    vdi_id = created.volume.volume_id
+    ctl.sim.simulator.faults.latency = Latency.parse("vm.attachDisk=2500")
+    publish = ctl.servicer.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vdi_id, node_id=VM_A1, volume_capability=CAP), Context(1.0))  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(publish, 0.75)  # what the interceptor does at the deadline
+    assert ctl.sim.simulator.stats.busy_s["vm.attachDisk"] == 0  # cut while XO was still attaching
+
+    await ctl.servicer.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=vdi_id, node_id=VM_A1), Context())  # type: ignore[arg-type]
+
+    assert ctl.sim.simulator.stats.busy_s["vm.attachDisk"] > 0  # XO has answered the cut publish's attach
+    assert [vbd for vbd in ctl.sim.state.of_type("VBD") if vbd["VDI"] == vdi_id] == []
