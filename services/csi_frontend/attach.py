@@ -7,6 +7,7 @@ with FAILED_PRECONDITION saying why.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,12 +79,12 @@ class Attacher:
 
     async def publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float) -> dict[str, str]:
         """Attach the volume to the node VM and return the publish context ``{device, vbd}``."""
+        until = asyncio.get_running_loop().time() + deadline_s  # the lock's wait comes out of the caller's time
         return await self._locks.run_volume(volume_id, self._disks.prefix,
-                                            lambda: self._publish(volume_id, node_id, read_only, deadline_s),
+                                            lambda: self._publish(volume_id, node_id, read_only, until),
                                             deadline_s=deadline_s)
 
-    async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, deadline_s: float
-                       ) -> dict[str, str]:
+    async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, until: float) -> dict[str, str]:
         try:
             disk = await self._disks.get(volume_id)
         except OperationPending as pending:
@@ -94,7 +95,7 @@ class Attacher:
         context = await self._reuse(disk, node_id, read_only) if disk.vdi.vbd_ids else None
         if context is not None:
             return context
-        usable = await self._ensure_usable(disk, place, deadline_s)
+        usable = await self._ensure_usable(disk, place, until - asyncio.get_running_loop().time())
         if usable.vdi.id != disk.vdi.id and usable.vdi.vbd_ids:  # it moved: reuse or remove what the new VDI has
             context = await self._reuse(usable, node_id, read_only)
             if context is not None:
