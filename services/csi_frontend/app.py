@@ -230,6 +230,7 @@ async def _node_config(frontend: Frontend) -> NodeConfig:
         device_dir=settings.device_dir,
         max_volumes_per_node=settings.max_volumes_per_node,
         device_wait_s=settings.device_wait_s,
+        margin_s=settings.publish_margin_s,
     )
     log.info("node_identified", node_id=config.node_id, topology=dict(config.topology), source=settings.node_metadata)
     return config

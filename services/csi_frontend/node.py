@@ -59,12 +59,15 @@ class NodeConfig:
     device_dir: Path = Path("/dev")
     max_volumes_per_node: int = 239
     device_wait_s: float = 10.0
+    margin_s: float = 2.0
+    """While a device is formatted, checked or grown (filesystem.DeviceJobs), answer ABORTED this long before the
+    caller's deadline; the job goes on and the retry joins it (CSI_PUBLISH_MARGIN_S, as the controller's waits)."""
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ValueError("NodeConfig.node_id must not be empty")
-        if self.max_volumes_per_node < 0 or self.device_wait_s < 0:
-            raise ValueError("NodeConfig.max_volumes_per_node and device_wait_s must not be negative")
+        if self.max_volumes_per_node < 0 or self.device_wait_s < 0 or self.margin_s < 0:
+            raise ValueError("NodeConfig.max_volumes_per_node, device_wait_s and margin_s must not be negative")
 
 
 class RpcContext(Protocol):
@@ -117,7 +120,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
         NOT_FOUND: the device did not appear. ALREADY_EXISTS: the path holds another device, fs type or
         ro-ness. FAILED_PRECONDITION: the device holds another filesystem than requested (never reformatted),
-        or fsck found errors it cannot repair unattended.
+        or fsck found errors it cannot repair unattended. ABORTED: the format, check or growth still runs
+        ``margin_s`` before the deadline; it goes on, and the retry continues with it (CSI §Timeouts).
         """
         cmd = parse_stage(request)
         async with self._locks.hold(cmd.volume_id):
@@ -125,7 +129,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             if cmd.access.is_block:
                 await _check_nothing_staged(cmd.staging_path)
             else:
-                await _stage_filesystem(cmd, device)
+                await _stage_filesystem(cmd, device, self._give_up_at(context))
         return csi_pb2.NodeStageVolumeResponse()
 
     async def NodeUnstageVolume(
@@ -190,11 +194,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         the disk grew while detached, the usual case: XO resizes detached disks only). Block volumes need no work.
         NOT_FOUND: nothing (mounted) at volume_path. INVALID_ARGUMENT: fs_type differs from the mounted one.
         OUT_OF_RANGE: bad capacity_range, or the device exceeds limit_bytes. UNAVAILABLE: the device is
-        still smaller than capacity_range.required_bytes (the XO resize has not reached this VM yet).
+        still smaller than capacity_range.required_bytes (the XO resize has not reached this VM yet). ABORTED:
+        the growth still runs ``margin_s`` before the deadline (it goes on; the retry joins it).
         """
         cmd = parse_expand(request)
         async with self._locks.hold(cmd.volume_id):
-            capacity_bytes = await _expand(cmd)
+            capacity_bytes = await _expand(cmd, self._give_up_at(context))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity_bytes)
 
     async def NodeGetCapabilities(
@@ -214,6 +219,14 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if self._config.topology:
             response.accessible_topology.segments.update(self._config.topology)
         return response
+
+    def _give_up_at(self, context: RpcContext) -> float | None:
+        """When (loop time) to stop waiting for a device's job: ``margin_s`` before the caller's deadline, so that
+        the ABORTED answer goes out before the interceptor cuts the call."""
+        remaining_s = context.time_remaining()
+        if remaining_s is None:
+            return None
+        return asyncio.get_running_loop().time() + remaining_s - self._config.margin_s
 
     async def _wait_for_device(self, name: str) -> mounter.PathInfo:
         """Poll device_dir/name with capped, jittered back-off until it exists or device_wait_s runs out."""
@@ -269,13 +282,13 @@ async def _check_nothing_staged(staging_path: Path) -> None:
         )
 
 
-async def _stage_filesystem(cmd: StageCommand, device: mounter.PathInfo) -> None:
+async def _stage_filesystem(cmd: StageCommand, device: mounter.PathInfo, give_up_at: float | None) -> None:
     existing = await mounter.mount_info(cmd.staging_path)
     if existing is not None:
         _check_restage(cmd, device, existing)
         return
     await mounter.make_dir(cmd.staging_path)
-    fs_type = await filesystem.stage(device.resolved, cmd.staging_path, cmd.access)
+    fs_type = await filesystem.stage(device.resolved, cmd.staging_path, cmd.access, give_up_at=give_up_at)
     log.debug("volume_staged", volume_id=cmd.volume_id, device=str(device.resolved), fs_type=fs_type)
 
 
@@ -421,7 +434,7 @@ async def _is_source_present(mounted: mounter.MountInfo) -> bool:
     return source is not None and source.is_block_device and source.rdev == mounted.device_number
 
 
-async def _expand(cmd: ExpandCommand) -> int:
+async def _expand(cmd: ExpandCommand, give_up_at: float | None) -> int:
     """Grow the filesystem at cmd.path to its device; return the device size (0 when unknown, block)."""
     info = await mounter.path_info(cmd.path)
     if info is None:
@@ -446,7 +459,7 @@ async def _expand(cmd: ExpandCommand) -> int:
             f"{device} is {size_bytes} bytes, less than the required {cmd.required_bytes}; the disk resize "
             "has not reached this node yet, retry later"
         )
-    await filesystem.grow_mounted(device, cmd.path, mounted.fstype)
+    await filesystem.grow_mounted(device, cmd.path, mounted.fstype, give_up_at=give_up_at)
     return size_bytes
 
 

@@ -5,6 +5,7 @@ the device), and grown when the disk grew while detached (offline expansion: ext
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +18,11 @@ from services.csi_frontend import filesystem, mounter
 from services.csi_frontend.filesystem import FilesystemCorrupt
 from services.csi_frontend.status import code_for
 from shared.csi import csi_pb2
+from shared.errors import OperationPending
 from shared.units import MiB
 from tests.support.capabilities import mount_capability
 from tests.support.node_host import Host, expand, publish, servicer, stage, unpublish, unstage, usage, volume_stats
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -90,6 +93,75 @@ async def test_an_xfs_volume_and_its_block_copy_are_staged_side_by_side(host: Ho
     assert (clone_staging / "data.bin").read_bytes() == DATA
     (clone_staging / "data.bin").write_bytes(b"the clone's own")
     assert (staging / "data.bin").read_bytes() == DATA  # two filesystems, not one seen twice
+
+
+def _hold_at_gate(tool: str, tools: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Put a ``tool`` first in PATH that appends a line to ``started`` and waits for a line on ``gate`` (a FIFO, opened
+    read-write so that it never waits for a writer) before it execs the real one. Returns (gate, started)."""
+    real = shutil.which(tool)
+    assert real is not None, tool
+    tools.mkdir()
+    gate, started = tools / "gate", tools / "started"
+    os.mkfifo(gate)
+    wrapper = tools / tool
+    wrapper.write_text(f'#!/bin/sh\nexec 3<>"{gate}"\necho "$$ $*" >> "{started}"\nread -r _ <&3\nexec 3<&-\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    return gate, started
+
+
+def _open_gate(gate: Path) -> None:
+    """Let the held tool go on; ENXIO (no reader) would mean it was killed while held."""
+    fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
+
+
+async def test_an_offline_grow_cut_by_the_deadline_goes_on_and_the_retry_continues_with_it(
+        host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubelet's deadline falling inside the offline resize2fs (the review's T3, where the kill left the filesystem
+    corrupt: "fsck -a exited 4" on every retry), made deterministic by holding resize2fs at a gate. The cut call
+    leaves the grow running; a retry with no time left answers ABORTED; a retry with time joins the same grow (one
+    resize2fs in all) and stages a clean filesystem of the grown size."""
+    staging, target, _ = await _write_then_detach(host, "ext4", 64 * MiB)
+    await host.grow("xvdb", 160 * MiB)
+    gate, started = _hold_at_gate("resize2fs", tmp_path / "bin-held", monkeypatch)
+    device = (host.device_dir / "xvdb").resolve()
+    node = servicer(host)
+
+    first = asyncio.create_task(stage(node, staging, "xvdb", mount_capability("ext4")))
+    await eventually(started.exists, timeout_s=30)
+    first.cancel()  # what the interceptor's asyncio.timeout does to the handler at the caller's deadline
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    with pytest.raises(OperationPending) as pending:  # a retry with less time left than the 2 s margin
+        async with asyncio.timeout(30):  # only a bound: without the job this retry would wait at the gate forever
+            await stage(node, staging, "xvdb", mount_capability("ext4"), remaining_s=1.0)
+    assert pending.value.message == f"still growing {device}; retry"
+    assert code_for(pending.value) == grpc.StatusCode.ABORTED
+    assert await mounter.mount_info(staging) is None
+
+    with capture_logs() as logs:
+        retry = asyncio.create_task(stage(node, staging, "xvdb", mount_capability("ext4")))
+        await eventually(lambda: [entry["doing"] for entry in logs if entry["event"] == "device_job_joined"],
+                         timeout_s=30)
+        _open_gate(gate)
+        await retry
+    assert [entry["doing"] for entry in logs if entry["event"] == "device_job_joined"] == ["growing"]
+    assert len(started.read_text().splitlines()) == 1  # never killed, never started again
+
+    fs_bytes, _ = await filesystem.size_of(device, "ext4", staging)
+    assert fs_bytes == 160 * MiB
+    await publish(node, staging, target, mount_capability("ext4"))
+    assert (target / "data.bin").read_bytes() == DATA
+    await unpublish(node, target)
+    await unstage(node, staging)
+    checked = await mounter.run("e2fsck", "-f", "-n", str(device), timeout_s=60, ok_codes=range(256))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 async def test_restaging_an_unchanged_disk_does_not_resize_it(host: Host) -> None:

@@ -26,8 +26,11 @@ def skip_reason() -> str | None:
 class FakeContext:
     """Stands in for grpc.aio.ServicerContext: only the deadline is read."""
 
+    def __init__(self, remaining_s: float = 60.0) -> None:
+        self.remaining_s = remaining_s
+
     def time_remaining(self) -> float | None:
-        return 60.0
+        return self.remaining_s
 
 
 class Host:
@@ -84,7 +87,8 @@ def servicer(host: Host) -> NodeServicer:
 
 
 async def stage(
-    node: NodeServicer, staging: Path, device: str, cap: csi_pb2.VolumeCapability, volume_id: str = "name:pvc-1"
+    node: NodeServicer, staging: Path, device: str, cap: csi_pb2.VolumeCapability, volume_id: str = "name:pvc-1",
+    *, remaining_s: float = 60.0,
 ) -> None:
     request = csi_pb2.NodeStageVolumeRequest(
         volume_id=volume_id,
@@ -92,7 +96,7 @@ async def stage(
         volume_capability=cap,
         publish_context={"device": device},
     )
-    await node.NodeStageVolume(request, FakeContext())
+    await node.NodeStageVolume(request, FakeContext(remaining_s))
 
 
 async def publish(
