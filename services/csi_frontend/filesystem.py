@@ -60,7 +60,8 @@ async def stage(device: Path, staging_path: Path, access: Access, *, give_up_at:
     Everything before the mount, and the xfs growth, is the device's job in ``JOBS``: still running at
     ``give_up_at`` (loop time), it goes on and this raises OperationPending; a retry joins it.
     """
-    fs_type, formatted = await JOBS.run(device, ("prepare", access), lambda: _prepare(device, access), give_up_at)
+    fs_type, formatted = await JOBS.run(device, ("prepare", access), lambda: _prepare(device, access), give_up_at,
+                                        for_path=staging_path)
     await mounter.mount(device, staging_path, fs_type, _mount_options(fs_type, access))
     if not access.is_stage_readonly and not formatted and fs_type == "xfs":
         await grow_mounted(device, staging_path, fs_type, give_up_at=give_up_at)
@@ -192,6 +193,8 @@ class _Job:
     task: asyncio.Task[Any]
     doing: str
     """What the job does now, for the ABORTED answer: checking, formatting or growing."""
+    for_path: Path | None = None
+    """The staging path a stage's job prepares the device for (None for a grow of a mounted filesystem)."""
 
 
 class DeviceJobs:
@@ -214,7 +217,7 @@ class DeviceJobs:
         self._jobs: dict[Path, _Job] = {}
 
     async def run(self, device: Path, purpose: Hashable, work: Callable[[], Coroutine[Any, Any, T]],
-                  give_up_at: float | None) -> T:
+                  give_up_at: float | None, *, for_path: Path | None = None) -> T:
         """The outcome (result or error) of ``device``'s job for ``purpose``, started with ``work()`` unless
         one runs. OperationPending "still <doing> <device>; retry" when ``give_up_at`` (loop time) comes first."""
         timer = asyncio.timeout_at(give_up_at)
@@ -223,7 +226,7 @@ class DeviceJobs:
                 while (job := self._jobs.get(device)) is not None and job.purpose != purpose:
                     await asyncio.wait((job.task,))  # waits without cancelling it or raising its error
                 if job is None:
-                    job = self._start(device, purpose, work())
+                    job = self._start(device, purpose, work(), for_path)
                 else:
                     log.info("device_job_joined", device=str(device), doing=job.doing)
                 return cast(T, await asyncio.shield(job.task))
@@ -238,8 +241,14 @@ class DeviceJobs:
         if (job := self._jobs.get(device)) is not None:
             job.doing = doing
 
-    def _start(self, device: Path, purpose: Hashable, work: Coroutine[Any, Any, Any]) -> _Job:
-        job = _Job(purpose, asyncio.create_task(work, name=f"device-job {device}"), "checking")
+    def preparing(self, staging_path: Path) -> tuple[Path, str] | None:
+        """(device, what it does) of the job preparing a device for ``staging_path``, or None. NodeUnstageVolume
+        asks: a stage cut before its mount leaves nothing mounted there, yet its job still writes to the disk,
+        which must not be detached under it (a resize2fs cut by the detach corrupts the filesystem as a kill does)."""
+        return next(((device, job.doing) for device, job in self._jobs.items() if job.for_path == staging_path), None)
+
+    def _start(self, device: Path, purpose: Hashable, work: Coroutine[Any, Any, Any], for_path: Path | None) -> _Job:
+        job = _Job(purpose, asyncio.create_task(work, name=f"device-job {device}"), "checking", for_path)
         self._jobs[device] = job
         job.task.add_done_callback(lambda task: self._finished(device, job))
         return job

@@ -135,11 +135,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     async def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: RpcContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
-        """Unmount staging_target_path. Not staged, or the path missing, is success (spec: idempotent)."""
+        """Unmount staging_target_path. Not staged, or the path missing, is success (spec: idempotent). ABORTED
+        while a NodeStageVolume cut by its deadline still prepares the device for this path (its format, check or
+        growth goes on): the disk must not be detached under it."""
         cmd = PathCommand(
             parse_volume_id(request.volume_id), parse_path(request.staging_target_path, "staging_target_path")
         )
         async with self._locks.hold(cmd.volume_id):
+            if (preparing := filesystem.JOBS.preparing(cmd.path)) is not None:
+                device, doing = preparing
+                raise OperationPending(f"still {doing} {device} for {cmd.path} (a NodeStageVolume cut by its deadline "
+                                       "goes on until it has finished); retry")
             await mounter.unmount(cmd.path)
         return csi_pb2.NodeUnstageVolumeResponse()
 

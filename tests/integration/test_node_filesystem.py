@@ -125,7 +125,8 @@ async def test_an_offline_grow_cut_by_the_deadline_goes_on_and_the_retry_continu
     """Kubelet's deadline falling inside the offline resize2fs (the review's T3, where the kill left the filesystem
     corrupt: "fsck -a exited 4" on every retry), made deterministic by holding resize2fs at a gate. The cut call
     leaves the grow running; a retry with no time left answers ABORTED; a retry with time joins the same grow (one
-    resize2fs in all) and stages a clean filesystem of the grown size."""
+    resize2fs in all) and stages a clean filesystem of the grown size. Meanwhile NodeUnstageVolume answers ABORTED:
+    nothing is mounted yet, but the disk must not be detached under the grow."""
     staging, target, _ = await _write_then_detach(host, "ext4", 64 * MiB)
     await host.grow("xvdb", 160 * MiB)
     gate, started = _hold_at_gate("resize2fs", tmp_path / "bin-held", monkeypatch)
@@ -144,6 +145,10 @@ async def test_an_offline_grow_cut_by_the_deadline_goes_on_and_the_retry_continu
     assert pending.value.message == f"still growing {device}; retry"
     assert code_for(pending.value) == grpc.StatusCode.ABORTED
     assert await mounter.mount_info(staging) is None
+    with pytest.raises(OperationPending) as refused:  # the pod went away meanwhile: no detach under resize2fs
+        await unstage(node, staging)
+    assert refused.value.message == (f"still growing {device} for {staging} (a NodeStageVolume cut by its deadline "
+                                     "goes on until it has finished); retry")
 
     with capture_logs() as logs:
         retry = asyncio.create_task(stage(node, staging, "xvdb", mount_capability("ext4")))
