@@ -71,7 +71,9 @@ def check_capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capabil
 
 
 def size_range(capacity: csi_pb2.CapacityRange | None, *, required: bool = False) -> tuple[int, int]:
-    """(required_bytes, limit_bytes) with the default size filled in; limit 0 means none."""
+    """(required_bytes, limit_bytes) with the default size filled in; limit 0 means none. ``required`` (an
+    expansion): the range must be given, and a limit alone asks for no growth (at least 0 bytes), not for the
+    default size a new volume would get."""
     if capacity is None or (capacity.required_bytes == 0 and capacity.limit_bytes == 0):
         if required:
             raise InvalidRequest("capacity_range is required: set required_bytes")
@@ -81,7 +83,7 @@ def size_range(capacity: csi_pb2.CapacityRange | None, *, required: bool = False
         raise OutOfRange("capacity_range: required_bytes and limit_bytes must not be negative")
     if limit and need > limit:
         raise OutOfRange(f"capacity_range: required_bytes {need} is above limit_bytes {limit}")
-    if need == 0:  # the default, or the largest whole disk step within the limit (XAPI rounds sizes up)
+    if need == 0 and not required:  # the default, or the largest whole step within the limit (XAPI rounds up)
         need = min(DEFAULT_SIZE_BYTES, limit // DISK_STEP * DISK_STEP or limit)
     return need, limit
 

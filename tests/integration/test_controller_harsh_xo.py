@@ -14,7 +14,7 @@ from shared import placement, vdi_metadata
 from shared import volume_id as vid
 from shared.csi import csi_pb2
 from shared.errors import OutOfRange, PreconditionFailed
-from shared.units import MiB
+from shared.units import GiB, MiB
 from shared.xo.errors import XoPoolDisconnected
 from tests.support.brokers import RedisEndpoint
 from tests.support.capabilities import block_capability, mount_capability
@@ -51,6 +51,19 @@ async def test_expansion_is_offline_an_attached_disk_is_refused_naming_its_node(
     assert (await _expand(ctl, volume_id, 128 * MiB, BLOCK)).node_expansion_required is False
     vdi = await ctl.xo.get_vdi(volume_id)
     assert vdi is not None and vdi.size == 128 * MiB
+
+
+async def test_an_expansion_with_a_limit_alone_grows_nothing(ctl: Controller) -> None:
+    """required_bytes 0 asks for at least 0 bytes: the volume stays as it is. Before, the limit alone made it grow to
+    the default size of a new volume (1 GiB), which nobody asked for."""
+    created = await ctl.servicer.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-limit", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB), volume_capabilities=[MOUNT],
+        parameters={"srsWithTag": "k8s-shared"}), Context())  # type: ignore[arg-type]
+    answer = await ctl.servicer.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=created.volume.volume_id, capacity_range=csi_pb2.CapacityRange(limit_bytes=10 * GiB),
+        volume_capability=MOUNT), Context())  # type: ignore[arg-type]
+    vdi = await ctl.xo.get_vdi(created.volume.volume_id)
+    assert (answer.capacity_bytes, vdi is not None and vdi.size) == (64 * MiB, 64 * MiB)
 
 
 async def test_sizes_are_answered_as_xapi_rounds_them_and_a_limit_no_step_fits_is_out_of_range(
