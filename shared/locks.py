@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator
 from types import TracebackType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
@@ -115,12 +115,37 @@ class _Leased:
             self._beating = False
 
 
+class _TimedLock(Lock):
+    """redis-py's Lock, noting when the write that last (re)started its TTL was sent (``started_at``, loop time).
+
+    The TTL runs from the moment Redis ran that write, which is after it was sent: the key lives at least until
+    ``started_at + timeout`` by a clock running at Redis's pace, whatever we learn about Redis afterwards."""
+
+    started_at: float | None = None
+
+    async def do_acquire(self, token: str | bytes) -> bool:
+        sent_at = asyncio.get_running_loop().time()
+        if not await super().do_acquire(token):
+            return False
+        self.started_at = sent_at
+        return True
+
+    async def do_reacquire(self) -> Literal[True]:
+        sent_at = asyncio.get_running_loop().time()
+        await super().do_reacquire()
+        self.started_at = sent_at
+        return True
+
+
 class DiskLock(_Leased):
     """``async with DiskLock(...)``: exclusive hold of one disk across replicas.
 
     Acquire waits at most ``wait_s``, then raises OperationPending (another worker holds the disk).
     The key's TTL is ``ttl_s``; a heartbeat resets it every ``ttl_s / 3`` while held. ``ensure_held()``
-    raises LockLost once a heartbeat found the lock gone, so callers check it before destructive calls.
+    raises LockLost once a heartbeat found the lock gone, or once no acquire or heartbeat has succeeded for
+    ``ttl_s`` minus a margin (``_margin_s``): a holder cut off from Redis cannot learn that its key expired and
+    another worker took it, so it stops trusting the lock before the key can have expired. Callers check it
+    before destructive calls.
     One DiskLock object per critical section (redis-py keeps the token on the object).
     Redis errors become BackendUnavailable. ``release_after_exit``: a clean exit does not wait for the release
     (one Redis round trip), which goes on in a task of its own (``released`` waits for it); an exit by an exception
@@ -135,7 +160,13 @@ class DiskLock(_Leased):
         self._ttl_s = ttl_s
         self._wait_s = wait_s
         # thread_local=False: the token must stay with this object, not with a thread shared by every task.
-        self._lock = Lock(redis, self.key, timeout=ttl_s, blocking_timeout=wait_s, sleep=0.05, thread_local=False)
+        self._lock = _TimedLock(redis, self.key, timeout=ttl_s, blocking_timeout=wait_s, sleep=0.05,
+                                thread_local=False)
+        # One heartbeat interval: a healthy lock is at most one interval (plus a round trip) old, so the margin
+        # never fires while heartbeats succeed; it fires once one beat failed and the next has not succeeded. What it
+        # leaves of the TTL covers the XO call an ensure_held() guards reaching XO, a heartbeat reply that arrives
+        # late, and the pod's clock running slower than Redis's (both count the TTL on their own clock).
+        self._margin_s = ttl_s / 3
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
         self._lost = False
@@ -152,7 +183,16 @@ class DiskLock(_Leased):
         return self
 
     def ensure_held(self) -> None:
-        """Raise LockLost when a heartbeat found that the lock is no longer ours."""
+        """Raise LockLost when a heartbeat found that the lock is no longer ours, or when its last acquire or
+        extension is so old (``ttl_s`` minus the margin) that its key may have expired unseen (Redis unreachable).
+        Once raised, it raises again: the lock is never trusted again, even if a later heartbeat gets through."""
+        started_at = self._lock.started_at
+        if not self._lost and started_at is not None:
+            age_s = asyncio.get_running_loop().time() - started_at
+            if age_s >= self._ttl_s - self._margin_s:
+                self._lost = True
+                log.error("lock_lost", lock_key=self.key, reason="not extended", age_s=round(age_s, 3),
+                          ttl_s=self._ttl_s)
         if self._lost:
             raise LockLost(f"lost the lock on disk {self._disk_name} (key {self.key}); another worker may act")
 
@@ -178,7 +218,8 @@ class DiskLock(_Leased):
                 log.error("lock_lost", lock_key=self.key)
                 return
             except (LockError, RedisError) as exc:
-                # Transient: the next beat retries; the TTL (3 beats) covers a short Redis outage.
+                # The next beat retries; until one succeeds, ensure_held() counts the key's TTL down from the
+                # last success (a Redis outage past a third of the TTL loses the lock).
                 log.warning("lock_heartbeat_failed", lock_key=self.key, reason=type(exc).__name__)
 
 

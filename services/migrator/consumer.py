@@ -17,7 +17,9 @@ truth (states and crash points: docs/migrations.md).
    claim token; duplicate / finished / superseded -> ack and drop. Redis down -> backoff, nack(requeue):
    the quorum queue's delivery limit and dead-letter exchange are the safety net for that.
 4. Ack (shielded). Then ``handle()`` runs in a task of ours while a heartbeat refreshes the record every
-   ``job_heartbeat_s``; a heartbeat finding the job gone (reaped, taken over) cancels the handler.
+   ``job_heartbeat_s``; a heartbeat finding the job gone (reaped, taken over) cancels the handler, and so does a
+   silence long enough that a reaper may have taken the job (no heartbeat through for ``stale_after_s`` minus one
+   heartbeat: Redis unreachable from this worker, which cannot learn that the job is someone else's now).
 5. Success -> record + event. Retryable error -> capped jittered backoff, hand back (publish attempt + 1,
    record -> queued). Permanent error or ``max_attempts`` reached -> dead-letter + failed record + event.
 
@@ -69,7 +71,8 @@ FREE_PRIORITY, PREPARE_PRIORITY = 10, 0  # x-priority of the consumer: a copy sl
 
 
 class JobLost(Exception):
-    """The heartbeat found the record owned by another claim (reaped, or taken over by a newer attempt)."""
+    """The heartbeat found the record owned by another claim (reaped, or taken over by a newer attempt), or no
+    heartbeat reached Redis for so long that a reaper may have taken the job over unseen."""
 
 
 class Interrupted(Exception):
@@ -89,6 +92,7 @@ class ConsumerStats:
 @dataclass
 class _Job:
     record: JobRecord
+    beat_at: float  # loop time the claim, or the last heartbeat that got through, was sent (Redis wrote it later)
     work: asyncio.Task[Any] | None = None  # what _owned() runs now: the handler, or a backoff
     stream: progress.ProgressBox = field(default_factory=progress.ProgressBox)  # how far the handler streamed
     slot_freed: bool = False  # its slot went back once XO finished its copy (the steps after need none)
@@ -299,9 +303,10 @@ class Consumer:
         want = self._wanted()
         pausing = asyncio.create_task(self._pause()) if want is None or want != self._priority else None
         try:
+            claimed_at = asyncio.get_running_loop().time()
             claim = await self._claim(request, message)
             if claim is not None:  # the job starts now, the consumer's change goes on meanwhile
-                spawned = self._accept(claim)  # before the ack: a cancelled ack must not strand a claimed job
+                spawned = self._accept(claim, claimed_at)  # before the ack: a cancelled ack must not strand a job
             if pausing is not None:
                 await asyncio.shield(pausing)  # cancelled meanwhile (the channel closed): the change still completes
             if claim is not None:
@@ -329,14 +334,14 @@ class Consumer:
             await _settle(message.nack(requeue=True))
             return None
 
-    def _accept(self, claim: Claim) -> bool:
+    def _accept(self, claim: Claim, claimed_at: float) -> bool:
         if claim.outcome != "claimed":
             self.stats.dropped[claim.outcome] = self.stats.dropped.get(claim.outcome, 0) + 1
             log.info("message_dropped", reason=claim.outcome, state=claim.record.state,
                      holder=claim.record.worker, holder_job_id=claim.record.job_id)
             return False
         self.stats.claimed += 1
-        job = _Job(claim.record)
+        job = _Job(claim.record, beat_at=claimed_at)
         # Our own task, not aio-pika's callback task: closing the channel must not cancel a migration.
         task = asyncio.create_task(self._run(job), name=f"migration:{claim.record.disk_name}")
         self._running[task] = job
@@ -365,8 +370,8 @@ class Consumer:
     async def _run(self, job: _Job) -> None:
         try:
             await self._attempt(job)
-        except JobLost:
-            log.warning("migration_finished", outcome="lost", reason="another worker owns the job now")
+        except JobLost as exc:
+            log.warning("migration_finished", outcome="lost", reason=str(exc))
         except DomainError as exc:
             # An outcome step failed (RabbitMQ or Redis down): the record keeps our claim, goes stale, and the
             # reaper completes the job's way out.
@@ -417,7 +422,7 @@ class Consumer:
 
     async def _owned(self, job: _Job, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` while heartbeating the job record; JobLost (and ``coro`` cancelled) once the record
-        belongs to another claim, Interrupted when stop() cancelled it."""
+        belongs to another claim or may do so unseen (``_beat``), Interrupted when stop() cancelled it."""
         work = asyncio.create_task(coro)
         job.work = work
         try:
@@ -427,21 +432,33 @@ class Consumer:
                     if work.cancelled():
                         raise Interrupted()
                     return work.result()
-                if not await self._beat(job):
-                    raise JobLost()
+                await self._beat(job)
         finally:
             job.work = None
             if not work.done():
                 work.cancel()
                 await asyncio.wait({work})  # waits for the handler's cleanup (lock release) without swallowing ours
 
-    async def _beat(self, job: _Job) -> bool:
+    async def _beat(self, job: _Job) -> None:
+        """Refresh the record; JobLost when another claim owns it, or when no heartbeat has got through for
+        ``stale_after_s`` minus one heartbeat interval. A reaper takes the job over once Redis's copy of the heartbeat
+        is ``stale_after_s`` old, and this worker, cut off from Redis, would never see it; its next look comes one
+        interval later, maybe too late, so it gives the job up now. The handler is cancelled (XO's copy goes on, the
+        next owner waits for it) and the record, still ours, is handed on by a reaper once Redis answers."""
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         try:
-            return await self._jobs.beat(job.record, job.stream.latest)
+            owned = await self._jobs.beat(job.record, job.stream.latest)
         except DomainError as exc:
-            # Transient: the next beat retries; stale_after_s (3 beats and a margin) covers a short outage.
-            log.warning("job_heartbeat_failed", error=exc.message)
-            return True
+            silent_s = loop.time() - job.beat_at
+            if silent_s >= self._settings.stale_after_s - self._settings.job_heartbeat_s:
+                raise JobLost(f"no heartbeat reached Redis for {silent_s:.1f} s: a reaper may have handed the job "
+                              f"to another worker ({exc.message})") from exc
+            log.warning("job_heartbeat_failed", error=exc.message, silent_s=round(silent_s, 3))
+            return
+        if not owned:
+            raise JobLost("another worker owns the job now")
+        job.beat_at = sent_at
 
     def _backoff_s(self, attempt: int) -> float:
         """Before retry ``attempt`` (1 = the first): 0.5 s doubling, capped at ``retry_backoff_max_s``, jittered."""

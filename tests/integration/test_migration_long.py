@@ -9,9 +9,11 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
+from structlog.testing import capture_logs
 
 from services.xo_simulator.topology import derived_id
 from shared import messages, vdi_metadata
@@ -122,6 +124,30 @@ async def test_a_worker_killed_mid_copy_is_reaped_and_the_job_completes_once(env
     stale = await env.jobs.get(DISK)
     assert stale is not None and (stale.state, stale.worker) == ("running", "w1")
 
+    await _completed_once_by_a_second_worker(env)
+
+
+async def test_a_worker_cut_off_from_redis_gives_its_job_up_before_it_can_be_reaped(env: Env) -> None:
+    """Its heartbeats fail (connection refused) while XO still answers it: it cannot see a reaper take the job
+    over, so it cancels its handler before the record is stale; the job then moves on once, to another worker."""
+    first = await env.worker("w1")
+    await env.submit()
+    await eventually(lambda: copying(env.sim), TIMEOUT_S, description="XO copies the disk")
+    with capture_logs() as logs:
+        await brokers.cut_off(first.migrator.redis)
+        lost = await eventually(lambda: _lost_jobs(logs), TIMEOUT_S, interval_s=0.02, description="w1 gives up")
+        held = await env.jobs.get(DISK)
+        now_ms = await env.jobs.now_ms()
+    assert [entry["reason"].startswith("no heartbeat reached Redis for ") for entry in lost] == [True]
+    assert held is not None and (held.state, held.worker, held.attempt) == ("running", "w1", 1)
+    age_s = held.age_s(now_ms)
+    assert age_s is not None and age_s < first.settings.stale_after_s, "given up before a reaper could take it"
+
+    await _completed_once_by_a_second_worker(env)
+
+
+async def _completed_once_by_a_second_worker(env: Env) -> None:
+    """A second worker's reaper hands the job on (attempt 2) and the job completes without a second copy."""
     second = await env.worker("w2")
     done = await eventually(env.finished, TIMEOUT_S, interval_s=0.1, description="job finished")
 
@@ -131,6 +157,10 @@ async def test_a_worker_killed_mid_copy_is_reaped_and_the_job_completes_once(env
     assert vdi["$SR"] == SR_A2
     assert '"inProgressToSRUUID"' not in vdi["name_description"]
     assert second.consumer.stats.claimed == 1
+
+
+def _lost_jobs(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "migration_finished" and entry.get("outcome") == "lost"]
 
 
 @pytest.mark.parametrize("sim_options", [{"migration_rate_bps": 4 * GiB, "faults": [{**BUSY, "count": 2}]}])

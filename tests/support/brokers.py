@@ -210,3 +210,15 @@ async def delete_keys(redis_endpoint: RedisEndpoint, prefix: str) -> int:
     finally:
         await client.aclose()
     return deleted
+
+
+async def cut_off(client: aioredis.Redis) -> None:
+    """Cut ``client`` off from Redis, as a partition would, while other clients still reach it: its pool and the
+    connections it keeps are pointed at a port nobody listens on, then dropped, so every later command fails with a
+    real ConnectionError (connection refused) instead of a mock's."""
+    pool = client.connection_pool
+    nowhere = {"host": "127.0.0.1", "port": pick_free_port()}
+    pool.connection_kwargs.update(nowhere)
+    for connection in [*pool._available_connections, *pool._in_use_connections]:
+        connection.host, connection.port = nowhere["host"], nowhere["port"]
+    await pool.disconnect()
