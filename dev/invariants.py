@@ -111,8 +111,9 @@ async def _redis_clean(stack: Stack) -> None:
     client = aioredis.Redis.from_url(stack.redis_url, socket_timeout=5)
     prefix = stack.options.redis_prefix
     try:
-        async def no_keys() -> bool:
-            return not [key async for key in client.scan_iter(match=keys.all_keys_pattern(prefix))]
+        async def no_keys() -> bool:  # each disk's last finished job stays (days): it is no leftover
+            return not [key async for key in client.scan_iter(match=keys.all_keys_pattern(prefix))
+                        if not keys.is_disk_last_job_key(prefix, key.decode())]
         await eventually(no_keys, SETTLE_S, description=f"Redis keys under {prefix} to expire")
     finally:
         await client.aclose()

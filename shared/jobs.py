@@ -7,7 +7,9 @@ running, every requester joins it instead of publishing again; a finished record
 A ``running`` record belongs to the claim token ``claim`` (new on every claim and takeover): a worker's
 writes compare job id + claim, so a worker that lost its job (reaped, handed back) cannot overwrite the new
 owner's state. ``heartbeat_ms`` is Redis server time (``TIME``), so staleness never depends on pod clocks.
-The state machine is drawn in docs/migrations.md.
+A finished job also leaves the disk's *last job* (a second key, ``tombstone_ttl_s``): the claim drops a late
+request older than it even once the record expired or belongs to another job. The state machine is drawn in
+docs/migrations.md.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from shared.errors import BackendFailure, BackendUnavailable
-from shared.keys import disk_job_key, disk_job_pattern
+from shared.keys import disk_job_key, disk_job_pattern, disk_last_job_key
 from shared.locks import LUA_NOW_MS
 from shared.messages import JobRequest, MigrationFinished, utc_now
 from shared.progress import StreamProgress
 
 DEFAULT_ACTIVE_TTL_S = 900.0  # a queued/running record (workers refresh it while running)
 DEFAULT_RESULT_TTL_S = 120.0  # a finished record, for late waiters
+# A disk's last finished job: as long as a late copy of a request may still wait in the queue (the reaper re-publishes
+# a record queued over 120 s behind a backlog, a hand-back may be published twice). ~450 bytes of Redis per disk that
+# finished a job in that time (docs/migrations.md).
+DEFAULT_TOMBSTONE_TTL_S = 7 * 24 * 3600.0
 JobState = Literal["queued", "running", "succeeded", "failed"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
 ClaimOutcome = Literal["claimed", "duplicate", "finished", "superseded"]
@@ -52,6 +58,16 @@ end
 local function active(record)
   return record.state == 'queued' or record.state == 'running'
 end
+-- KEYS[2], the disk's last finished job: the finished record's identity without its request or result, and the
+-- latest request time (ms) of the jobs finished on the disk so far.
+local function remember_finished(record, requested_ms, ttl_ms)
+  local last = load(KEYS[2])
+  local latest = tonumber(requested_ms)
+  if last and (tonumber(last.requested_ms) or 0) > latest then latest = tonumber(last.requested_ms) end
+  store(KEYS[2], {job_id = record.job_id, disk_name = record.disk_name, target_host = record.target_host,
+                  state = record.state, created_at = record.created_at, attempt = record.attempt,
+                  heartbeat_ms = record.heartbeat_ms, requested_ms = latest}, ttl_ms)
+end
 -- KEYS[1]'s record when it is job ARGV[1] in `state`, its heartbeat still the one seen (seen_ms) and older than
 -- after_ms at `now`; else nil.
 local function stale(state, seen_ms, after_ms, now)
@@ -72,8 +88,8 @@ new.heartbeat_ms = now_ms()
 return {1, store(KEYS[1], new, ARGV[2])}
 """
 
-# ARGV: job id, claim token, worker, message attempt, stale-after ms, ttl ms, record to create when none.
-# Returns {outcome, record}. See JobStore.claim for the rules.
+# ARGV: job id, claim token, worker, message attempt, stale-after ms, ttl ms, record to create when none, the
+# request's time (ms). Returns {outcome, record}. See JobStore.claim for the rules.
 _CLAIM = _PRELUDE + """
 local now = now_ms()
 local record, raw = load(KEYS[1])
@@ -89,6 +105,9 @@ if record then
   if record.state == 'running' and attempt <= held and fresh then return {'duplicate', raw} end
   if held > attempt then attempt = held end
 else
+  local last, last_raw = load(KEYS[2])
+  if last and last.job_id == ARGV[1] then return {'finished', last_raw} end
+  if last and (tonumber(last.requested_ms) or 0) >= tonumber(ARGV[8]) then return {'superseded', last_raw} end
   record = cjson.decode(ARGV[7])
 end
 record.state = 'running'
@@ -113,14 +132,17 @@ return 1
 """
 
 # ARGV: job id, claim token, patch (JSON object of fields to set), ttl ms, the owner's record (written back
-# when Redis lost it). The stored record, or nil when the claim no longer owns the job.
+# when Redis lost it), the request's time (ms), the last job's ttl ms. The stored record, or nil when the claim no
+# longer owns the job. A patch that finishes the job also makes it the disk's last finished job.
 _RELEASE = _PRELUDE + """
 local record = load(KEYS[1])
 if not record then record = cjson.decode(ARGV[5]) end
 if record.job_id ~= ARGV[1] or record.state ~= 'running' or record.claim ~= ARGV[2] then return false end
 for field, value in pairs(cjson.decode(ARGV[3])) do record[field] = value end
 record.heartbeat_ms = now_ms()
-return store(KEYS[1], record, ARGV[4])
+local stored = store(KEYS[1], record, ARGV[4])
+if not active(record) then remember_finished(record, ARGV[6], ARGV[7]) end
+return stored
 """
 
 # ARGV: job id, heartbeat ms seen, new claim token, worker, stale-after ms, ttl ms. The stored record when
@@ -199,7 +221,8 @@ class JobRecord(BaseModel):
 class Claim:
     """What a delivery found: ``claimed`` (``record`` is now running under this claim), ``duplicate``
     (another live claim holds the job), ``finished`` (the job is done), ``superseded`` (another job of the
-    disk is active). Only ``claimed`` means: run it."""
+    disk is active, or one requested no earlier has finished). Only ``claimed`` means: run it. When the
+    disk's last finished job decided, ``record`` is that job without its request or result."""
 
     outcome: ClaimOutcome
     record: JobRecord
@@ -210,11 +233,13 @@ class JobStore:
     timeout); Redis errors become BackendUnavailable, an unreadable record BackendFailure. Writes by a worker
     apply only while its claim still owns the record (the return value says whether it did)."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, *, active_ttl_s: float, result_ttl_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, *, active_ttl_s: float, result_ttl_s: float,
+                 tombstone_ttl_s: float = DEFAULT_TOMBSTONE_TTL_S) -> None:
         self._redis = redis
         self._prefix = prefix
         self._active_ttl_ms = int(active_ttl_s * 1000)
         self._result_ttl_ms = int(result_ttl_s * 1000)
+        self._tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
 
     def key(self, disk_name: str) -> str:
         return disk_job_key(self._prefix, disk_name)
@@ -240,14 +265,19 @@ class JobStore:
 
         Claimed when the record is queued, or running with a heartbeat older than ``stale_after_s`` (its
         worker died), or running at a lower attempt than the message (its holder is handing it back), or
-        absent (expired: it is recreated from the request). Otherwise nothing changes: ``duplicate``,
-        ``finished`` or ``superseded``.
+        absent (expired, or lost by Redis: it is recreated from the request) or another job's finished record,
+        unless the disk's last finished job is this one (``finished``) or was requested no earlier than this
+        request (``superseded``): a late copy of an old request (a reaper's re-publish, a hand-back published
+        twice) would move the disk back to where an older attach wanted it. Otherwise nothing changes:
+        ``duplicate``, ``finished`` or ``superseded``. Request times come from the requesters' clocks: two
+        requests of one disk closer together than the pods' clock skew may be misordered, and the later one is
+        then dropped only when its own record was lost (its attach retries with a new request).
         """
         fallback = JobRecord(job_id=request.job_id, disk_name=request.disk_name, target_host=request.target,
                              state="queued", created_at=utc_now(), attempt=request.attempt, request=request)
         outcome, raw = _pair(await self._call(
             _CLAIM, request.disk_name, request.job_id, uuid.uuid4().hex, worker, request.attempt,
-            int(stale_after_s * 1000), self._active_ttl_ms, fallback.model_dump_json(),
+            int(stale_after_s * 1000), self._active_ttl_ms, fallback.model_dump_json(), _ms(request.requested_at),
         ))
         return Claim(outcome=_claim_outcome(outcome), record=_decode(raw))
 
@@ -266,7 +296,8 @@ class JobStore:
         return await self._release(record, patch, self._active_ttl_ms)
 
     async def finish(self, record: JobRecord, result: MigrationFinished) -> bool:
-        """Store the outcome for ``result_ttl_s``; False when the claim no longer owns the job."""
+        """Store the outcome for ``result_ttl_s``, and the job as the disk's last finished one for
+        ``tombstone_ttl_s`` (see ``claim``); False when the claim no longer owns the job."""
         patch = {"state": result.outcome, "result": result.model_dump(mode="json"), "claim": None}
         return await self._release(record, patch, self._result_ttl_ms) is not None
 
@@ -315,16 +346,23 @@ class JobStore:
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def _release(self, record: JobRecord, patch: Mapping[str, object], ttl_ms: int) -> JobRecord | None:
+        requested_at = record.request.requested_at if record.request is not None else record.created_at
         raw = await self._call(_RELEASE, record.disk_name, record.job_id, record.claim or "", json.dumps(patch),
-                               ttl_ms, record.model_dump_json())
+                               ttl_ms, record.model_dump_json(), _ms(requested_at), self._tombstone_ttl_ms)
         return _decode(_text(raw)) if raw is not None else None
 
     async def _call(self, script: str, disk_name: str, *args: str | int) -> object:
+        """Run ``script`` with KEYS = the disk's job record, its last finished job."""
         try:
-            return await self._redis.eval(script, 1, self.key(disk_name), *args)
+            return await self._redis.eval(script, 2, self.key(disk_name),
+                                          disk_last_job_key(self._prefix, disk_name), *args)
         except RedisError as exc:
             raise BackendUnavailable(f"Redis is unreachable while updating the job of disk {disk_name} "
                                      f"({type(exc).__name__})") from exc
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _text(raw: object) -> bytes | str:

@@ -4,6 +4,7 @@ shared/messages.py.
 
     <prefix>lock:disk:<disk>        the disk's lock (shared/locks.py DiskLock)
     <prefix>job:disk:<disk>         the disk's migration job record (shared/jobs.py)
+    <prefix>job:last:<disk>         the disk's last finished job, which late copies of older requests lose to
     <prefix>slots:sr:<sr>           leases on an SR's migration slots (shared/locks.py SrSlots)
     <prefix>slots:sr:<sr>:freed     the doorbell a release of one of those slots rings
     <prefix>lease:<task>            which controller replica runs a singleton task (shared/locks.py Lease)
@@ -18,6 +19,11 @@ def disk_lock_key(prefix: str, disk_name: str) -> str:
 
 def disk_job_key(prefix: str, disk_name: str) -> str:
     return f"{prefix}job:disk:{disk_name}"
+
+
+def disk_last_job_key(prefix: str, disk_name: str) -> str:
+    """The disk's last finished job (shared/jobs.py ``JobStore.finish``): a late request older than it is dropped."""
+    return f"{prefix}job:last:{disk_name}"
 
 
 def sr_slots_key(prefix: str, sr_id: str) -> str:
@@ -38,6 +44,16 @@ def lease_key(prefix: str, task: str) -> str:
 def disk_job_pattern(prefix: str) -> str:
     """SCAN MATCH pattern of every job record under ``prefix`` (glob characters in the prefix escaped)."""
     return f"{_glob_escape(prefix)}job:disk:*"
+
+
+def disk_last_job_pattern(prefix: str) -> str:
+    """SCAN MATCH pattern of every disk's last finished job under ``prefix`` (glob characters escaped)."""
+    return f"{_glob_escape(prefix)}job:last:*"
+
+
+def is_disk_last_job_key(prefix: str, key: str) -> bool:
+    """Whether ``key`` is a disk's last finished job: kept for days on purpose, never a leftover of a job."""
+    return key.startswith(f"{prefix}job:last:")
 
 
 def all_keys_pattern(prefix: str) -> str:

@@ -14,7 +14,8 @@ truth (states and crash points: docs/migrations.md).
    copy slot is free: RabbitMQ delivers to a worker whose copy slots are all taken (a job prepared ahead, which
    waits for this worker's next free copy slot: slots.py) only while no worker with a free one can take it.
 3. Claim (shared/jobs.py, one Lua script): queued, stale, lower attempt or absent -> running under a new
-   claim token; duplicate / finished / superseded -> ack and drop. Redis down -> backoff, nack(requeue):
+   claim token; duplicate / finished / superseded (also a late copy of a request no newer than the disk's last
+   finished job) -> ack and drop. Redis down -> backoff, nack(requeue):
    the quorum queue's delivery limit and dead-letter exchange are the safety net for that.
 4. Ack (shielded). Then ``handle()`` runs in a task of ours while a heartbeat refreshes the record every
    ``job_heartbeat_s``; a heartbeat finding the job gone (reaped, taken over) cancels the handler, and so does a

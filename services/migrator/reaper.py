@@ -5,7 +5,9 @@ no message will ever carry the job) and publishes their request again.
 
 Each takeover is one Lua script comparing job id + the heartbeat seen, so exactly one reaper acts on a stale
 job. The XO re-read in ``migrate.handle`` and the disk lock keep a reaped job from migrating twice; a queued job
-whose first message was only slow (a backlog) gets a second delivery, which its claim drops as a duplicate.
+whose first message was only slow (a backlog) gets a second delivery, which its claim drops as a duplicate while
+the job runs, as finished once it ended, and as superseded once a newer job of the disk ended (shared/jobs.py: the
+disk's last finished job outlives the records).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from shared.jobs import JobRecord, JobStore
-from shared.keys import disk_job_key
+from shared.jobs import DEFAULT_TOMBSTONE_TTL_S, JobRecord, JobStore
+from shared.keys import disk_job_key, disk_last_job_key
 from shared.messages import MigrationFinished, MigrationRequested
 
 pytestmark = pytest.mark.integration
@@ -20,11 +20,12 @@ FRESH_S = 60.0  # stale_after_s under which nothing in these tests is stale
 STALE_S = 0.0  # ... and under which everything is
 
 
-def _request(job_id: str = "job-1", attempt: int = 1) -> MigrationRequested:
+def _request(job_id: str = "job-1", attempt: int = 1, minute: int = 0) -> MigrationRequested:
+    """``minute``: when it was requested, in minutes after the first request of these tests."""
     return MigrationRequested(
         job_id=job_id, disk_name=DISK, volume_id="name:vol1", vdi_id_seen="vdi-1", tag="k8s", vm_id="vm-2",
-        host_id="host-2", pool_id="pool-a", requested_at=datetime(2026, 1, 2, tzinfo=UTC), correlation_id="c-1",
-        attempt=attempt,
+        host_id="host-2", pool_id="pool-a", requested_at=datetime(2026, 1, 2, 0, minute, tzinfo=UTC),
+        correlation_id="c-1", attempt=attempt,
     )
 
 
@@ -33,11 +34,19 @@ def jobs(redis: aioredis.Redis, redis_prefix: str) -> JobStore:
     return JobStore(redis, redis_prefix, active_ttl_s=60, result_ttl_s=5)
 
 
-async def _running(jobs: JobStore, worker: str = "w1", attempt: int = 1) -> JobRecord:
-    await jobs.create_or_join(_request())
-    claim = await jobs.claim(_request(attempt=attempt), worker, stale_after_s=FRESH_S)
+async def _running(jobs: JobStore, worker: str = "w1", attempt: int = 1, job_id: str = "job-1",
+                   minute: int = 0) -> JobRecord:
+    await jobs.create_or_join(_request(job_id, minute=minute))
+    claim = await jobs.claim(_request(job_id, attempt=attempt, minute=minute), worker, stale_after_s=FRESH_S)
     assert claim.outcome == "claimed"
     return claim.record
+
+
+async def _finished(jobs: JobStore, job_id: str, minute: int) -> JobRecord:
+    """Job ``job_id``, requested at ``minute``, run and succeeded."""
+    record = await _running(jobs, job_id=job_id, minute=minute)
+    assert await jobs.finish(record, MigrationFinished(job_id=job_id, disk_name=DISK, outcome="succeeded"))
+    return record
 
 
 async def test_create_or_join_stores_the_request_and_joins_an_active_job(jobs: JobStore) -> None:
@@ -91,6 +100,67 @@ async def test_claim_of_a_finished_or_superseded_job_changes_nothing(jobs: JobSt
     assert created, "a finished job does not block a new one"
     claim = await jobs.claim(_request("job-1", attempt=2), "w2", stale_after_s=STALE_S)
     assert claim.outcome == "superseded" and claim.record == other
+
+
+async def test_a_late_copy_of_a_job_finished_before_another_finished_is_superseded(jobs: JobStore) -> None:
+    """The first job's late message (a reaper's re-publish behind a backlog) would move the disk back to where the
+    older attach wanted it."""
+    await _finished(jobs, "job-1", minute=0)
+    await _finished(jobs, "job-2", minute=5)
+    claim = await jobs.claim(_request("job-1", attempt=2, minute=0), "w3", stale_after_s=STALE_S)
+    assert (claim.outcome, claim.record.job_id, claim.record.state) == ("superseded", "job-2", "succeeded")
+    record = await jobs.get(DISK)
+    assert record is not None and (record.job_id, record.state) == ("job-2", "succeeded")
+
+
+@pytest.mark.parametrize(
+    ("job_id", "minute", "outcome"),
+    [
+        ("job-1", 5, "finished"),  # a late copy of the last finished job
+        ("job-0", 0, "superseded"),  # an older job's, requested at the same time
+        ("job-0", 4, "superseded"),  # an older job's, requested before it
+        ("job-3", 6, "claimed"),  # a newer job whose record Redis lost: it runs
+    ],
+)
+async def test_without_a_record_the_disks_last_finished_job_decides(jobs: JobStore, redis: aioredis.Redis,
+                                                                   job_id: str, minute: int, outcome: str) -> None:
+    await _finished(jobs, "job-0", minute=0)
+    await _finished(jobs, "job-1", minute=5)
+    await redis.delete(jobs.key(DISK))  # the result expired (result_ttl_s), or Redis lost the record
+    claim = await jobs.claim(_request(job_id, attempt=2, minute=minute), "w3", stale_after_s=STALE_S)
+    assert claim.outcome == outcome
+    if outcome == "claimed":
+        assert (claim.record.job_id, claim.record.state, claim.record.attempt) == (job_id, "running", 2)
+    else:
+        assert (claim.record.job_id, claim.record.state, claim.record.attempt) == ("job-1", "succeeded", 1)
+        assert claim.record.request is None and claim.record.result is None, "only the job's identity is kept"
+        assert await jobs.get(DISK) is None, "nothing recreated"
+
+
+async def test_a_new_request_after_a_finished_job_and_a_retry_of_a_lost_job_still_run(
+    jobs: JobStore, redis: aioredis.Redis
+) -> None:
+    await _finished(jobs, "job-1", minute=0)
+    second = await _running(jobs, job_id="job-2", minute=5)  # a new attach: its own record, queued, claimed
+    await redis.delete(jobs.key(DISK))  # Redis lost the running record; the hand-back's message comes
+    claim = await jobs.claim(_request("job-2", attempt=2, minute=5), "w2", stale_after_s=FRESH_S)
+    assert (claim.outcome, claim.record.job_id, claim.record.attempt) == ("claimed", "job-2", 2)
+    assert claim.record.claim != second.claim
+
+
+async def test_the_last_finished_job_keeps_the_latest_request_time_for_its_ttl(
+    jobs: JobStore, redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    """An operator's requeue of an old failed job (``xocsi jobs requeue``) may finish after a newer job: late copies
+    of both are dropped."""
+    await _finished(jobs, "job-2", minute=5)
+    await _finished(jobs, "job-1", minute=0)
+    await redis.delete(jobs.key(DISK))
+    for job_id, minute, outcome in (("job-1", 0, "finished"), ("job-2", 5, "superseded")):
+        assert (await jobs.claim(_request(job_id, minute=minute), "w3", stale_after_s=STALE_S)).outcome == outcome
+    assert (await jobs.claim(_request("job-3", minute=6), "w3", stale_after_s=STALE_S)).outcome == "claimed"
+    pttl_ms = await redis.pttl(disk_last_job_key(redis_prefix, DISK))
+    assert DEFAULT_TOMBSTONE_TTL_S * 1000 - 5_000 < pttl_ms <= DEFAULT_TOMBSTONE_TTL_S * 1000
 
 
 async def test_only_the_owning_claim_writes(jobs: JobStore) -> None:

@@ -1,5 +1,6 @@
 """The reaper's second duty (issue 10 item 7): a job record left ``queued`` by a frontend that crashed after writing
-it and before publishing it is published again, once per ``queued_stale_after_s``, and runs exactly once; and the
+it and before publishing it is published again, once per ``queued_stale_after_s``, and runs exactly once; a late
+copy of a finished job's request (such a re-publish, stuck behind a backlog) never runs it again; and the
 ``xocsi_migration_jobs_running`` gauge KEDA adds to the queue length counts a claimed job until it ends."""
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
+from services.xo_simulator.topology import derived_id
 from shared import messages
 from shared.messages import MigrationRequested
 from tests.support.migration import (
     DISK,
     HOST_A2,
     POOL_A,
+    SR_A1,
     SR_A2,
     TAG,
     TIMEOUT_S,
@@ -27,6 +30,8 @@ from tests.support.wait import eventually
 pytestmark = pytest.mark.integration
 
 FAST_REAPER = {"reaper_interval_s": 0.2, "queued_stale_after_s": 1.0}
+HOST_A1 = derived_id("host", "Pool A", "host-a1")
+VM_A1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
 
 
 def _request(env: Env) -> MigrationRequested:
@@ -34,6 +39,11 @@ def _request(env: Env) -> MigrationRequested:
     return MigrationRequested(
         job_id=messages.new_job_id(), disk_name=DISK, volume_id="name:x", vdi_id_seen=vdi["id"], tag=TAG,
         vm_id=VM_A2, host_id=HOST_A2, pool_id=POOL_A, requested_at=messages.utc_now(), correlation_id="c-1")
+
+
+async def _finished_job(env: Env, job_id: str) -> bool:
+    record = await env.finished()
+    return record is not None and record.job_id == job_id
 
 
 def _running() -> float:
@@ -58,6 +68,28 @@ async def test_a_queued_record_never_published_is_republished_and_runs_once(env:
     await worker.consumer.drain(TIMEOUT_S)
     assert worker.consumer.stats.dropped == {"finished": 1}
     assert int(env.sim.simulator.stats.migrations[DISK]) == 1
+
+
+async def test_a_late_copy_of_a_job_finished_before_another_never_moves_the_disk_back(env: Env) -> None:
+    """Job 1 moved the disk to host-a2, job 2 (the pod back on node-a1) moved it back; a late copy of job 1's request
+    then comes, after job 2's record expired too: it is dropped, not run again."""
+    worker = await env.worker("w1", job_result_ttl_s=60)  # job 2's record stays until the test deletes it
+    first = await env.submit()
+    await eventually(lambda: _finished_job(env, first.job_id), TIMEOUT_S, description="job 1 finished")
+    second = await env.submit(vm_id=VM_A1, host_id=HOST_A1)
+    await eventually(lambda: _finished_job(env, second.job_id), TIMEOUT_S, description="job 2 finished")
+    assert [vdi["$SR"] for vdi in vdis_named(env.sim)] == [SR_A1]
+
+    await env.publisher.request(first)  # while job 2's record is still there
+    await worker.consumer.drain(TIMEOUT_S)
+    await env.redis.delete(env.jobs.key(DISK))  # job 2's record expired (its result TTL)
+    await env.publisher.request(first.with_attempt(2))
+    await worker.consumer.drain(TIMEOUT_S)
+
+    assert worker.consumer.stats.dropped == {"superseded": 2}
+    assert worker.consumer.stats.claimed == 2
+    assert [vdi["$SR"] for vdi in vdis_named(env.sim)] == [SR_A1]
+    assert int(env.sim.simulator.stats.migrations[DISK]) == 2
 
 
 async def test_a_queued_record_is_republished_once_per_interval_not_every_sweep(env: Env) -> None:
