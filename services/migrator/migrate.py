@@ -21,7 +21,15 @@ from pydantic import ValidationError
 from services.migrator import transfer
 from services.migrator.slots import CopySlots
 from shared import metrics, placement, progress, vdi_metadata
-from shared.errors import BackendFailure, DomainError, OperationPending, PreconditionFailed, VolumeNotFound
+from shared.errors import (
+    BackendFailure,
+    CapacityExhausted,
+    DomainError,
+    OperationPending,
+    PlacementImpossible,
+    PreconditionFailed,
+    VolumeNotFound,
+)
 from shared.locks import DiskLock, SrSlots
 from shared.logging import get_logger
 from shared.messages import MigrationFinished, MigrationRequested
@@ -99,22 +107,37 @@ async def _move(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, lock: 
         return await transfer.clear_mark(xo, vdi, lock), vdi.sr_id
     await _not_plugged(xo, vdi, request.host_id)
     changes.track(vdi.vbd_ids)  # a VBD plugged where it is while the job waits for its slots: see _as_read
+    srs = list(views.values())
     if current is not None and current.pool_id != request.pool_id:  # vdi.migrate stays in a pool: stream it
-        target = placement.choose_across_pools(list(views.values()), vdi.size, request.host_id, request.pool_id)
+        target = await _placed(xo, request, lambda: placement.choose_across_pools(srs, vdi.size, request.host_id,
+                                                                                  request.pool_id))
         if not settled:  # a target an interrupted stream left (its source's mark cleared since) goes first
             await transfer.settle(xo, request.disk_name, lock)
         async with copy_slots(deps, request.disk_name, vdi.sr_id, target.id):
             vdi = await _as_read(xo, vdi, changes, request.host_id)
             return await transfer.move_across_pools(deps, request.disk_name, request.job_id, vdi, target.id, info,
                                                     lock), target.id
-    target = placement.choose_for_host(list(views.values()), vdi.size, request.host_id, request.pool_id,
-                                       from_pool=current.pool_id if current is not None else None)
+    from_pool = current.pool_id if current is not None else None
+    target = await _placed(xo, request, lambda: placement.choose_for_host(srs, vdi.size, request.host_id,
+                                                                          request.pool_id, from_pool=from_pool))
     moved = await _copy(deps, request, vdi, target.id, info, lock, changes)
     if moved is None or moved.sr_id != target.id:
         where = "is gone" if moved is None else f"is on SR {moved.sr_id}"
         raise BackendFailure(f"XO migrated disk {request.disk_name}, but its new VDI {where}, not on target SR "
                              f"{target.id}")
     return moved, target.id
+
+
+async def _placed(xo: XoClient, request: MigrationRequested,
+                  choose: Callable[[], placement.SrView]) -> placement.SrView:
+    """``choose()``'s target SR. Its PlacementImpossible or CapacityExhausted (both final: the job is dead-lettered)
+    only once XO sees every pool: a pool XO has lost (a moment's disconnection, a reconnect still loading) is missing
+    from the SRs it chose from, and absent is not deleted, so that is XoPoolDisconnected, retried."""
+    try:
+        return choose()
+    except (PlacementImpossible, CapacityExhausted):
+        await xo.check_view_complete(f"an SR of tag {request.tag} usable from host {request.host_id}")
+        raise
 
 
 async def _tagged_srs(deps: HandlerDeps, tag: str) -> list[Sr]:

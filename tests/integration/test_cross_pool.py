@@ -35,7 +35,7 @@ from tests.support.cross_pool import (
     submit_to_pool_b,
     write_content,
 )
-from tests.support.migration import DISK, POOL_A, Env, vdis_named
+from tests.support.migration import DISK, POOL_A, Env, dead_letters, vdis_named
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 HOST_A1 = derived_id("host", "Pool A", "host-a1")
@@ -163,6 +163,22 @@ async def test_source_pool_lost_mid_stream_the_move_completes_once_xo_sees_it_ag
     xenv.sim.simulator.stream_rate_bps = 0
     record = await finished(xenv)
     assert record.state == "succeeded", record.result
+    assert_one_complete_disk(xenv, checksum, SR_B1)
+
+
+async def test_target_pool_lost_before_the_move_is_retried_not_failed_as_placement_impossible(xenv: Env) -> None:
+    """XO has lost pool B when the job reads the SRs it may stream to: none of pool B's shows, which proves nothing
+    (absent is not deleted). The job is retried (XoPoolDisconnected), not dead-lettered as placement_impossible,
+    and the move completes once XO sees pool B again."""
+    checksum = write_content(xenv)
+    await _add_faults(xenv, {"kind": "pool_disconnect", "pool": POOL_B, "duration_s": 3})  # lost from now on
+    # Retries 0.5 s apart at most, 1,000 of them: the 3 s outage never exhausts them, however fast each attempt is.
+    await xenv.worker("w1", max_attempts=1000, retry_backoff_max_s=0.5)
+    await submit_to_pool_b(xenv)
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    assert record.attempt > 1, "the first attempt found pool B lost"
+    assert await dead_letters(xenv.amqp_url) == 0
     assert_one_complete_disk(xenv, checksum, SR_B1)
 
 

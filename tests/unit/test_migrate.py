@@ -3,13 +3,14 @@ lost after vdi.migrate, and the health probes' verdicts."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from services.migrator.health import HealthServer
 from services.migrator.migrate import HandlerDeps, _move, settle_duplicates
-from shared.errors import BackendFailure, OperationPending, PreconditionFailed
+from shared.errors import BackendFailure, CapacityExhausted, OperationPending, PlacementImpossible, PreconditionFailed
 from shared.messages import MigrationRequested, utc_now
 from shared.xo.client import XoClient
 from shared.xo.errors import XoPoolDisconnected
@@ -81,6 +82,48 @@ class _HeldLock:
         return None
 
 
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+def _xo(objects: dict[str, dict[str, Any]], servers: list[dict[str, Any]], writes: Handler | None = None) -> Handler:
+    """An XO answering reads from ``objects`` and ``server.getAll`` with ``servers``; other calls go to ``writes``."""
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "xo.getAllObjects":
+            wanted = params["filter"]
+            return {k: v for k, v in objects.items()
+                    if all(v.get(f) == x or (isinstance(x, list) and set(x) <= set(v.get(f) or [])) for f, x in
+                           wanted.items())}
+        if method == "server.getAll":
+            return servers
+        if writes is None:
+            raise AssertionError(method)
+        return await writes(method, params)
+    return handler
+
+
+async def _move_raises(xo: Handler, request: MigrationRequested, error: type[Exception]) -> Exception:
+    """What ``_move`` of the VDI the request saw raises against ``xo`` (an ``error``)."""
+    peer = MemoryPeer(xo)
+    client = XoClient(RpcSession(peer, Credentials(token="good-token"), timeout_s=2, connect_timeout_s=2),
+                      settle_timeout_s=2)
+    deps = HandlerDeps(xo=client, redis=None, key_prefix="t:", lock_ttl_s=1, lock_wait_s=1,  # type: ignore[arg-type]
+                       migrate_timeout_s=5)
+    try:
+        vdi = await client.get_vdi(request.vdi_id_seen)
+        assert vdi is not None
+        with client.noting_changes(request.disk_name) as changes, pytest.raises(error) as info:
+            await _move(deps, request, vdi, _HeldLock(), changes)  # type: ignore[arg-type]
+        return info.value
+    finally:
+        await client.close()
+        await peer.aclose()
+
+
+def _request_for(host_id: str, pool_id: str) -> MigrationRequested:
+    return MigrationRequested(job_id="j", disk_name="csi-a", volume_id="name:a", vdi_id_seen="v1", tag="k8s",
+                              vm_id="vm", host_id=host_id, pool_id=pool_id, requested_at=utc_now(), correlation_id="c")
+
+
 @pytest.mark.parametrize(("status", "error"), [("disconnected", XoPoolDisconnected), ("connected", BackendFailure)])
 async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo_lost_a_pool(
         status: str, error: type[Exception]) -> None:
@@ -93,12 +136,7 @@ async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo
         "sr-b": {"id": "sr-b", "type": "SR", "$pool": "p", "$container": "h-b", "tags": ["k8s"], "size": 10},
     }
 
-    async def handler(method: str, params: dict[str, Any]) -> Any:
-        if method == "xo.getAllObjects":
-            wanted = params["filter"]
-            return {k: v for k, v in objects.items()
-                    if all(v.get(f) == x or (isinstance(x, list) and set(x) <= set(v.get(f) or [])) for f, x in
-                           wanted.items())}
+    async def writes(method: str, params: dict[str, Any]) -> Any:
         if method == "vdi.set":
             if params["id"] not in objects:  # the copy, right after the answer: its pool was lost
                 raise RpcFault(1, f"no such object {params['id']}", {"id": params["id"], "type": "VDI"})
@@ -107,23 +145,39 @@ async def test_a_disk_gone_from_xos_view_after_vdi_migrate_is_retryable_while_xo
         if method == "vdi.migrate":
             del objects[params["id"]]  # the copy "v2" is never seen: its pool was lost right after the answer
             return "v2"
-        if method == "server.getAll":
-            return [{"id": "s", "label": "pool p", "status": status}]
         raise AssertionError(method)
 
-    peer = MemoryPeer(handler)
-    client = XoClient(RpcSession(peer, Credentials(token="good-token"), timeout_s=2, connect_timeout_s=2),
-                      settle_timeout_s=2)
-    deps = HandlerDeps(xo=client, redis=None, key_prefix="t:", lock_ttl_s=1, lock_wait_s=1,  # type: ignore[arg-type]
-                       migrate_timeout_s=5)
-    request = MigrationRequested(job_id="j", disk_name="csi-a", volume_id="name:a", vdi_id_seen="v1", tag="k8s",
-                                 vm_id="vm", host_id="h-b", pool_id="p", requested_at=utc_now(), correlation_id="c")
-    try:
-        vdi = await client.get_vdi("v1")
-        assert vdi is not None
-        with client.noting_changes("csi-a") as changes, pytest.raises(error) as info:
-            await _move(deps, request, vdi, _HeldLock(), changes)  # type: ignore[arg-type]
-        assert info.value.retryable is (status == "disconnected")  # type: ignore[attr-defined]
-    finally:
-        await client.close()
-        await peer.aclose()
+    xo = _xo(objects, [{"id": "s", "label": "pool p", "status": status}], writes)
+    raised = await _move_raises(xo, _request_for("h-b", "p"), error)
+    assert raised.retryable is (status == "disconnected")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("status", "b_srs", "error"),
+    [
+        ("disconnected", [], XoPoolDisconnected),  # pool B lost for a moment: its SRs are missing from the view
+        ("connected", [], PlacementImpossible),  # XO sees every pool: pool B really has no SR of the tag
+        ("disconnected", ["sr-b"], XoPoolDisconnected),  # the room pool B's lost SRs may have is unknown
+        ("connected", ["sr-b"], CapacityExhausted),
+    ],
+)
+async def test_no_target_sr_is_final_only_once_xo_sees_every_pool(
+        status: str, b_srs: list[str], error: type[Exception]) -> None:
+    """A move to a node of pool B: no usable SR, or none with room, among the SRs XO shows, is PlacementImpossible or
+    CapacityExhausted (the job is dead-lettered) only when XO has lost no pool; else it is retried."""
+    objects: dict[str, dict[str, Any]] = {
+        "v1": {"id": "v1", "type": "VDI", "$SR": "sr-a", "name_label": "csi-a", "size": 4 * 2**30,
+               "name_description": 'csi:info: {"migrating":{},"srsWithTag":"k8s"}'},
+        "sr-a": {"id": "sr-a", "type": "SR", "$pool": "pa", "$container": "h-a", "tags": ["k8s"], "size": 2**40},
+        "pa": {"id": "pa", "type": "pool"},
+        "pb": {"id": "pb", "type": "pool"},
+    }
+    for sr_id in b_srs:  # too small for the disk
+        objects[sr_id] = {"id": sr_id, "type": "SR", "$pool": "pb", "$container": "h-b", "tags": ["k8s"],
+                          "size": 2**30}
+    servers = [{"id": "s-a", "label": "pool a", "status": "connected", "poolId": "pa"},
+               {"id": "s-b", "label": "pool b", "status": status, "poolId": "pb"}]
+    raised = await _move_raises(_xo(objects, servers), _request_for("h-b", "pb"), error)
+    assert raised.retryable is (status == "disconnected")  # type: ignore[attr-defined]
+    if status == "disconnected":
+        assert str(raised).startswith("XO is not connected to pool b")
