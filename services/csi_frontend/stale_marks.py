@@ -17,7 +17,9 @@ there. A move across pools that gave up leaves its mark on purpose while it cann
 ``<disk>~incoming`` is gone (services/migrator/transfer.py), for the next job's ``settle``; clearing a mark toward
 an SR of another pool does that job's part first: a ``~incoming`` XO shows is deleted (never renamed, it never was
 the volume), and none is proven only once XO sees every pool; else nobody would ever delete it once the disk stays
-where it is. A mark within a pool (m4rCsi's, or a ``vdi.migrate`` of ours) has no ``~incoming`` to look for.
+where it is. A mark within a pool (m4rCsi's, or a ``vdi.migrate`` of ours) has no ``~incoming`` to look for. A
+mark whose move got past its rename (a VDI of the disk's name carries a transfer mark from this one) is never
+cleared: the copy is the disk's future, and a migration job finishes the move.
 
 DeleteVolume of a marked disk (``MarkPolicy.delete``) goes the same way: under the disk lock (ABORTED while a
 migrator holds it), from a new read, taking a ``~incoming`` along when the mark points to another pool.
@@ -87,7 +89,8 @@ class MarkPolicy:
         async with held:  # OperationPending while a migrator holds the disk
             await self._still_stale(disk)
             if await self._across_pools(disk.vdi.sr_id, target):
-                await self._discard_incoming(disk)
+                await self._discard_incoming(disk)  # none found proves XO sees every pool: then no renamed copy hides
+                await self._not_moved_on(disk)
             cleared = await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
         self._first_seen.pop(key, None)  # only once cleared: a failed try keeps the time already waited
         return cleared
@@ -143,6 +146,20 @@ class MarkPolicy:
         for vdi in await self._xo.lookup_confirmed(f"VDI {name}", lambda: self._xo.find_vdis(name_label=name)):
             log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name, reason=reason)
             await self._xo.delete_vdi(vdi.id)
+
+    async def _not_moved_on(self, disk: Disk) -> None:
+        """OperationPending when a move across pools from this VDI got past its rename: a VDI of the disk's name
+        carries a transfer mark from it (or one too damaged to say where from). That copy is the disk's future,
+        and only a job finishes the move (services/migrator/transfer.py ``settle``); clearing the source's mark
+        would let the source be attached and written, then deleted by that job, the older copy promoted."""
+        for vdi in await self._xo.find_vdis(name_label=disk.vdi.name_label):
+            if not transfer_marks.is_marked(vdi.name_description):
+                continue
+            mark = transfer_marks.parse(vdi.name_description)
+            if mark is None or mark.source == disk.vdi.id:
+                raise OperationPending(
+                    f"volume {disk.volume_id} is being migrated: its copy {vdi.id} took the disk's name and a "
+                    "migration job must finish the move; retry")
 
     async def _live(self, disk: Disk) -> str | None:
         """Why a migration of the disk may be running now, or None."""

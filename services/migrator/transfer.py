@@ -18,8 +18,9 @@ A VDI with a transfer mark is never used as a volume, a marked source is never a
 usable disks claim the volume. A failed step before 6 deletes the target (then unmarks the source of a move); a
 crash anywhere is settled by the next attempt, under the lock, before it does anything else (``settle``): a
 target not marked complete, or complete but not yet renamed, is deleted; a renamed complete one is carried
-through 7 and 8. XO is re-read before every destructive call, and nothing is concluded from an empty lookup
-while XO misses a pool. States and crash points: docs/migrations.md.
+through 7 and 8, unless its source was used meanwhile (its mark gone, or plugged): then the source, newer, stays
+the disk and the copy is deleted. XO is re-read before every destructive call, and nothing is concluded from an
+empty lookup while XO misses a pool. States and crash points: docs/migrations.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ import time
 from typing import TYPE_CHECKING
 
 from shared import metrics, progress, transfer_marks, vdi_metadata
-from shared.errors import AlreadyExistsIncompatible, DomainError, PreconditionFailed, VolumeNotFound
+from shared.errors import (
+    AlreadyExistsIncompatible,
+    DomainError,
+    OperationPending,
+    PreconditionFailed,
+    VolumeNotFound,
+)
 from shared.locks import DiskLock
 from shared.logging import get_logger
 from shared.progress import StreamProgress
@@ -93,15 +100,21 @@ async def fill(deps: HandlerDeps, disk_name: str, source: Vdi, sr_id: str, mark:
 
 async def finish(xo: XoClient, disk_name: str, target_id: str, mark: TransferMark, lock: DiskLock) -> Vdi:
     """Steps 6-8 for a target marked complete: it takes the disk's name, the source of a move is deleted, it gets
-    the volume's ``csi:info``. Each step is skipped when already done, so a retry resumes where a crash stopped."""
+    the volume's ``csi:info``. Each step is skipped when already done, so a retry resumes where a crash stopped.
+
+    A move whose source was used since the copy was made (``_delete_source``) is not finished: the source holds
+    the newer content, so the copy is deleted instead and OperationPending sends the job round again, from the
+    source."""
     target = await _present(xo, target_id)
     if target.name_label != disk_name:
         if mark.kind == "clone":
             await _name_still_free(xo, disk_name, target_id, lock)
         lock.ensure_held()
         await xo.set_vdi(target_id, name_label=disk_name)
-    if mark.kind == "move":
-        await _delete_source(xo, mark.source, lock)
+    if mark.kind == "move" and not await _delete_source(xo, mark.source, target.sr_id, lock):
+        await _discard(xo, target, lock, reason=f"its source {mark.source} was used since the copy was made")
+        raise OperationPending(f"the source VDI {mark.source} of disk {disk_name} was used while its move was "
+                               f"unfinished: its older copy {target_id} is deleted and the job runs again from it")
     lock.ensure_held()
     await xo.set_vdi(target_id, name_description=mark.info)
     log.info("transfer_finished", disk_name=disk_name, vdi=target_id, kind=mark.kind, source=mark.source)
@@ -204,14 +217,26 @@ class _Meter:
 # -- destructive steps, each after a re-read ---------------------------------------------------------------
 
 
-async def _delete_source(xo: XoClient, source_id: str, lock: DiskLock) -> None:
-    """Step 7: delete the source of a move; gone already counts only once XO sees every pool."""
-    if await xo.get_vdi(source_id) is None:
+async def _delete_source(xo: XoClient, source_id: str, target_sr: str, lock: DiskLock) -> bool:
+    """Step 7: delete the source of a move into SR ``target_sr``; True once it is gone (gone already counts only
+    once XO sees every pool). False, the source kept, when it may have been written since the copy was made: its
+    "being migrated" mark toward ``target_sr``, which every attach of ours refuses (step 1 sets it before the
+    copy starts), is gone (cleared by an operator or an older controller's stale-mark rule), or a VM has it
+    plugged. An unplugged VBD proves no use: the move leaves those a disk already had (``_not_plugged``)."""
+    source = await xo.get_vdi(source_id)
+    if source is None:
         await xo.check_view_complete(f"the source VDI {source_id} of a finished move")
-        return
+        return True
+    info = vdi_metadata.parse(source.name_description)
+    plugged = await xo.attached_vbds(source_id) if source.vbd_ids else []
+    if info is None or info.in_progress_to_sr != target_sr or plugged:
+        log.warning("transfer_source_kept", vdi=source_id, disk_name=source.name_label, sr_to=target_sr,
+                    plugged_in=[vbd.vm_id for vbd in plugged], reason="used since the copy was made")
+        return False
     lock.ensure_held()
     await xo.delete_vdi(source_id)
     log.info("transfer_source_deleted", vdi=source_id)
+    return True
 
 
 async def _name_still_free(xo: XoClient, disk_name: str, target_id: str, lock: DiskLock) -> None:
