@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.csi_frontend.disks import Disk, DiskLocator
+from services.csi_frontend.disks import Disk, DiskLocator, InFlight
 from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.volume_locks import VolumeLocks
 from shared import placement
@@ -44,9 +44,12 @@ class NodePlace:
 
 
 class MigrationGate(Protocol):
-    """Moves a disk to an SR usable from ``place`` and returns the disk as found afterwards."""
+    """Moves a disk to an SR usable from ``place`` and returns the disk as found afterwards; ``finish_move`` does it
+    for a disk whose move across pools got past its rename (OperationPending while a job of the disk is active)."""
 
     async def migrate_for(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk: ...
+
+    async def finish_move(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk: ...
 
 
 class Attacher:
@@ -86,16 +89,18 @@ class Attacher:
 
     async def _publish(self, volume_id: VolumeId, node_id: str, read_only: bool, until: float) -> dict[str, str]:
         try:
-            disk = await self._disks.get(volume_id)
+            flight = InFlight(await self._disks.get(volume_id), finishing=False)
         except OperationPending as pending:
-            disk = await self._copy_to_join(volume_id, pending)
+            flight = await self._copy_to_join(volume_id, pending)
+        disk = flight.disk
         place = await self.place_of(node_id)
         # The VDI was just read, with its VBDs ($VBDs, in the same XO cache as the VBDs themselves): one without any
         # has none to reuse or remove, so a fresh attach saves that read. XO refusing the plug still re-reads.
         context = await self._reuse(disk, node_id, read_only) if disk.vdi.vbd_ids else None
         if context is not None:
             return context
-        usable = await self._ensure_usable(disk, place, until - asyncio.get_running_loop().time())
+        usable = await self._ensure_usable(disk, place, until - asyncio.get_running_loop().time(),
+                                           finishing=flight.finishing)
         if usable.vdi.id != disk.vdi.id and usable.vdi.vbd_ids:  # it moved: reuse or remove what the new VDI has
             context = await self._reuse(usable, node_id, read_only)
             if context is not None:
@@ -122,13 +127,14 @@ class Attacher:
         log.info("disk_attached", vdi=disk.vdi.id, node_id=place.vm.id, vbd=vbd.id)
         return _context(vbd)
 
-    async def _copy_to_join(self, volume_id: VolumeId, pending: OperationPending) -> Disk:
+    async def _copy_to_join(self, volume_id: VolumeId, pending: OperationPending) -> InFlight:
         """A retried publish that lands while XO copies the disk joins the disk's migration job (the gate waits
-        for it) instead of failing at once; in any other case ``pending`` is raised."""
-        source = await self._disks.copy_source(volume_id) if self._migrations is not None else None
-        if source is None or not source.is_migrating_volume:
+        for it) instead of failing at once; one that finds a move across pools past its rename has a job finish
+        it (``MigrationGate.finish_move``); in any other case ``pending`` is raised."""
+        flight = await self._disks.in_flight(volume_id) if self._migrations is not None else None
+        if flight is None or not flight.disk.is_migrating_volume:
             raise pending
-        return source
+        return flight
 
     async def unpublish(self, volume_id: VolumeId, node_id: str | None, deadline_s: float | None = None) -> None:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
@@ -188,7 +194,11 @@ class Attacher:
             return _context(plugged)
         return await self._wait_device(node_id, disk.vdi.id)
 
-    async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
+    async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float, *, finishing: bool = False
+                             ) -> Disk:
+        if finishing:  # usable from the node or not, the disk is not used as it is: a job finishes its move first
+            assert self._migrations is not None, "only a gate makes a publish finish a move (_copy_to_join)"
+            return await self._migrations.finish_move(disk, place, deadline_s)
         sr = await self._inventory.sr(disk.vdi.sr_id, usage=False)
         if sr is not None and placement.usable_from(placement.view(sr), place.host_id, place.pool_id):
             return await self._marks.settle(disk)

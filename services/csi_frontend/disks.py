@@ -34,6 +34,16 @@ class Disk:
         return self.info.srs_with_tag if self.info else None
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A name-identified volume in the middle of a migration, as a retried publish finds it: ``disk`` is the VDI a
+    migration job is asked for; ``finishing``, that a move across pools got past its rename (``unfinished_move``)
+    and only a job carries it through."""
+
+    disk: Disk
+    finishing: bool
+
+
 class DiskLocator:
     """Resolves volume ids against XO (never cached: VDIs change UUID when they migrate)."""
 
@@ -70,22 +80,23 @@ class DiskLocator:
 
     async def copy_source(self, volume_id: VolumeId) -> Disk | None:
         """While XO copies a name-identified disk (two VDIs, busy with the copy), the source being copied; None in
-        any other situation.
+        any other situation (``copy_source``)."""
+        if volume_id.kind != "name":
+            return None
+        return copy_source(volume_id, await self.candidates(volume_id))
 
-        XO shows a current operation on BOTH the source and the copy, and the copy carries the source's
-        description, so the source is told by the migration mark: the copy is the VDI on the mark's target SR.
-        """
+    async def in_flight(self, volume_id: VolumeId) -> InFlight | None:
+        """What a publish of a name-identified volume that ``find`` answers OperationPending can go on from, from one
+        lookup: a move across pools past its rename (``unfinished_move``), else the source XO copies
+        (``copy_source``); None in any other situation."""
         if volume_id.kind != "name":
             return None
         vdis = await self.candidates(volume_id)
-        # XO copies the disk (a VDI busy), or a cross-pool copy that took the name is finishing (a transfer mark):
-        # the source is the marked VDI off the SR its mark names.
-        if len(vdis) != 2 or not any(v.current_operations or transfer_marks.is_marked(v.name_description)
-                                     for v in vdis):
-            return None
-        return next((Disk(volume_id, v, info) for v in vdis if (info := vdi_metadata.parse(v.name_description))
-                     and info.in_progress_to_sr and v.sr_id != info.in_progress_to_sr
-                     and all(o.sr_id == info.in_progress_to_sr for o in vdis if o.id != v.id)), None)
+        unfinished = unfinished_move(volume_id, vdis)
+        if unfinished is not None:
+            return InFlight(unfinished, finishing=True)
+        source = copy_source(volume_id, vdis)
+        return InFlight(source, finishing=False) if source is not None else None
 
     async def get(self, volume_id: VolumeId) -> Disk:
         """Like ``find`` but VolumeNotFound when there is no VDI."""
@@ -105,6 +116,38 @@ def copy_in_progress(vdis: list[Vdi]) -> bool:
     return any(v.current_operations or transfer_marks.is_marked(v.name_description) for v in vdis) or any(
         (info := vdi_metadata.parse(v.name_description)) is not None and info.in_progress_to_sr for v in vdis
     )
+
+
+def copy_source(volume_id: VolumeId, vdis: list[Vdi]) -> Disk | None:
+    """Of the VDIs named after a disk, the source XO copies (two VDIs, busy with the copy), or None.
+
+    XO shows a current operation on BOTH the source and the copy, and the copy carries the source's
+    description, so the source is told by the migration mark: the copy is the VDI on the mark's target SR.
+    """
+    # XO copies the disk (a VDI busy), or a cross-pool copy that took the name is finishing (a transfer mark):
+    # the source is the marked VDI off the SR its mark names.
+    if len(vdis) != 2 or not any(v.current_operations or transfer_marks.is_marked(v.name_description) for v in vdis):
+        return None
+    return next((Disk(volume_id, v, info) for v in vdis if (info := vdi_metadata.parse(v.name_description))
+                 and info.in_progress_to_sr and v.sr_id != info.in_progress_to_sr
+                 and all(o.sr_id == info.in_progress_to_sr for o in vdis if o.id != v.id)), None)
+
+
+def unfinished_move(volume_id: VolumeId, vdis: list[Vdi]) -> Disk | None:
+    """Of the VDIs named after a disk, the one to ask a migration job for when a move across pools got past its
+    rename (services/migrator/transfer.py step 6): the target, marked complete, is one of them; the other, if any,
+    is the source its mark names (steps 6-7), and that is the answer; alone (step 7 done), the target is, with the
+    ``csi:info`` it gets at the end. None otherwise."""
+    marked = [(vdi, mark) for vdi in vdis if (mark := transfer_marks.parse(vdi.name_description)) is not None]
+    if len(marked) != 1 or marked[0][1].kind != "move" or not marked[0][1].complete:
+        return None
+    target, mark = marked[0]
+    others = [vdi for vdi in vdis if vdi.id != target.id]
+    if not others:
+        return Disk(volume_id, target, vdi_metadata.parse(mark.info))
+    if len(others) == 1 and others[0].id == mark.source:
+        return Disk(volume_id, others[0], vdi_metadata.parse(others[0].name_description))
+    return None
 
 
 def duplicate_error(name: str, vdis: list[Vdi]) -> OperationPending | PreconditionFailed:

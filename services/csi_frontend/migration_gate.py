@@ -81,6 +81,21 @@ class QueueMigrationGate:
                                         f"disk {name} is migrating to host {place.host_id}")
             return await self._outcome(disk, place, result, seen)
 
+    async def finish_move(self, disk: Disk, place: NodePlace, deadline_s: float) -> Disk:
+        """A move across pools got past its rename (``disks.unfinished_move``; ``disk``: its source while it exists,
+        else its target): only a migration job finishes it (its ``transfer.settle``). OperationPending while a job of
+        the disk is active: that job finishes it (a job that keeps failing there is handed back, never failed). With
+        none (it failed for good, or its record expired while no migrator ran), a job for ``place`` is enqueued
+        and waited for as by ``migrate_for``: it finishes the move, then brings the disk to the node if it must."""
+        name = disk.vdi.name_label
+        record = await self._jobs.get(name)
+        if record is not None and record.is_active:
+            raise OperationPending(f"volume {disk.volume_id} is being migrated: job {record.job_id} ({record.state}) "
+                                   "is finishing its move; retry shortly")
+        log.warning("unfinished_move_resumed", disk_name=name, vdi=disk.vdi.id, node_id=place.vm.id,
+                    last_job_id=record.job_id if record is not None else None)
+        return await self.migrate_for(disk, place, deadline_s)
+
     @contextlib.contextmanager
     def _seeing(self, name: str, vdi_id: str) -> Iterator[dict[str, Obj | None]]:
         if self._sightings is None:

@@ -22,7 +22,9 @@ truth (states and crash points: docs/migrations.md).
    silence long enough that a reaper may have taken the job (no heartbeat through for ``stale_after_s`` minus one
    heartbeat: Redis unreachable from this worker, which cannot learn that the job is someone else's now).
 5. Success -> record + event. Retryable error -> capped jittered backoff, hand back (publish attempt + 1,
-   record -> queued). Permanent error or ``max_attempts`` reached -> dead-letter + failed record + event.
+   record -> queued). Permanent error or ``max_attempts`` reached -> dead-letter + failed record + event; but a
+   move or clone stopped after its target took the disk's name (transfer.TransferUnfinished) is handed back
+   whatever its attempt: failed, it would leave a volume no attach can use.
 
 Job states (the Redis record; who moves them and every crash point: docs/migrations.md)::
 
@@ -51,6 +53,7 @@ from services.migrator.outcome import Outcomes, failure_of
 from services.migrator.reaper import Reaper
 from services.migrator.settings import MigratorSettings
 from services.migrator.slots import NotStarted
+from services.migrator.transfer import TransferUnfinished
 from shared import broker, locks, messages, metrics, progress
 from shared.backoff import Backoff
 from shared.errors import BackendUnavailable, DomainError
@@ -411,7 +414,9 @@ class Consumer:
         if not exc.retryable:
             await self._outcomes.failed(job.record, error, reason="failed")
             return
-        if job.record.attempt >= self._settings.max_attempts:
+        # A transfer whose target took the disk's name is the volume's only way back to a usable disk: not given up.
+        bounded = not isinstance(exc, TransferUnfinished)
+        if bounded and job.record.attempt >= self._settings.max_attempts:
             await self._outcomes.failed(job.record, error, reason="attempts_exhausted")
             return
         delay_s = self._backoff_s(job.record.attempt)
@@ -419,7 +424,7 @@ class Consumer:
                     delay_s=round(delay_s, 3))
         with contextlib.suppress(Interrupted):  # stop() during the backoff: hand it back at once
             await self._owned(job, asyncio.sleep(delay_s))  # capped jittered backoff; still heartbeating
-        await self._outcomes.hand_back(job.record, reason="retry", error=error)
+        await self._outcomes.hand_back(job.record, reason="retry", error=error, bounded=bounded)
 
     async def _owned(self, job: _Job, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` while heartbeating the job record; JobLost (and ``coro`` cancelled) once the record

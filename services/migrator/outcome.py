@@ -51,17 +51,17 @@ class Outcomes:
         log.info("migration_finished", outcome="succeeded", sr_to=result.sr_id, vdi=result.vdi_id,
                  attempt=record.attempt, duration_ms=int(result.duration_s * 1000))
 
-    async def hand_back(self, record: JobRecord, *, reason: str, error: FailureReason) -> None:
+    async def hand_back(self, record: JobRecord, *, reason: str, error: FailureReason, bounded: bool = True) -> None:
         """Publish the job again as attempt + 1, then mark the record queued (unless that message was claimed
-        already). Past ``max_attempts`` the job fails instead with ``error``; a record without its request
-        (written by an older version) fails too, as it cannot be published again."""
+        already). Past ``max_attempts`` the job fails instead with ``error``, unless not ``bounded``; a record
+        without its request (written by an older version) fails too, as it cannot be published again."""
         if record.request is None:
             missing = FailureReason(code=messages.JOB_RECORD_INCOMPLETE, retryable=False,
                                     message="the job record holds no request to publish again; retry the attach")
             await self.failed(record, missing, reason="failed")
             return
         attempt = record.attempt + 1
-        if attempt > self._max_attempts:
+        if bounded and attempt > self._max_attempts:
             await self.failed(record, error, reason="attempts_exhausted")
             return
         await self._publisher.request(record.request.with_attempt(attempt))

@@ -15,12 +15,14 @@ volume's disk once the stream completed:
     8. give it the volume's ``csi:info``: from now on it is the volume's disk        (vdi.set name_description)
 
 A VDI with a transfer mark is never used as a volume, a marked source is never attached, so at no point do two
-usable disks claim the volume. A failed step before 6 deletes the target (then unmarks the source of a move); a
-crash anywhere is settled by the next attempt, under the lock, before it does anything else (``settle``): a
-target not marked complete, or complete but not yet renamed, is deleted; a renamed complete one is carried
-through 7 and 8, unless its source was used meanwhile (its mark gone, or plugged): then the source, newer, stays
-the disk and the copy is deleted. XO is re-read before every destructive call, and nothing is concluded from an
-empty lookup while XO misses a pool. States and crash points: docs/migrations.md.
+usable disks claim the volume. A failed step before 6 deletes the target (then unmarks the source of a move); one
+after 6 is retried until the job finishes (``TransferUnfinished``), and a controller that finds a renamed target
+with no job active enqueues one (services/csi_frontend/migration_gate.py ``finish_move``). A crash anywhere is
+settled by the next attempt, under the lock, before it does anything else (``settle``): a target not marked
+complete, or complete but not yet renamed, is deleted; a renamed complete one is carried through 7 and 8, unless
+its source was used meanwhile (its mark gone, or plugged): then the source, newer, stays the disk and the copy is
+deleted. XO is re-read before every destructive call, and nothing is concluded from an empty lookup while XO
+misses a pool. States and crash points: docs/migrations.md.
 """
 
 from __future__ import annotations
@@ -98,9 +100,17 @@ async def fill(deps: HandlerDeps, disk_name: str, source: Vdi, sr_id: str, mark:
     return target_id
 
 
+class TransferUnfinished(OperationPending, code="transfer_unfinished"):
+    """A step after the rename (7, 8) failed: the target carries the disk's name with only its transfer mark,
+    which no attach uses, and only a job carries it through. Retryable, and the consumer hands the job back
+    whatever its attempt (services/migrator/consumer.py): given up, it would leave the volume unattachable."""
+
+
 async def finish(xo: XoClient, disk_name: str, target_id: str, mark: TransferMark, lock: DiskLock) -> Vdi:
     """Steps 6-8 for a target marked complete: it takes the disk's name, the source of a move is deleted, it gets
     the volume's ``csi:info``. Each step is skipped when already done, so a retry resumes where a crash stopped.
+    Once the target took the name, a failure is TransferUnfinished (a failed rename is not: should XO have done
+    it unanswered, a controller finding the renamed target with no job active enqueues one).
 
     A move whose source was used since the copy was made (``_delete_source``) is not finished: the source holds
     the newer content, so the copy is deleted instead and OperationPending sends the job round again, from the
@@ -111,14 +121,26 @@ async def finish(xo: XoClient, disk_name: str, target_id: str, mark: TransferMar
             await _name_still_free(xo, disk_name, target_id, lock)
         lock.ensure_held()
         await xo.set_vdi(target_id, name_label=disk_name)
-    if mark.kind == "move" and not await _delete_source(xo, mark.source, target.sr_id, lock):
-        await _discard(xo, target, lock, reason=f"its source {mark.source} was used since the copy was made")
+    try:
+        finished = await _swap(xo, disk_name, target, mark, lock)
+    except DomainError as exc:
+        raise TransferUnfinished(f"the {mark.kind} into disk {disk_name} (VDI {target_id}) stopped after its target "
+                                 f"took the disk's name: {exc.message}; the job goes on until it is finished") from exc
+    if finished is None:
         raise OperationPending(f"the source VDI {mark.source} of disk {disk_name} was used while its move was "
                                f"unfinished: its older copy {target_id} is deleted and the job runs again from it")
+    return finished
+
+
+async def _swap(xo: XoClient, disk_name: str, target: Vdi, mark: TransferMark, lock: DiskLock) -> Vdi | None:
+    """Steps 7 and 8 of ``finish``; None when the source of a move was kept and the copy deleted."""
+    if mark.kind == "move" and not await _delete_source(xo, mark.source, target.sr_id, lock):
+        await _discard(xo, target, lock, reason=f"its source {mark.source} was used since the copy was made")
+        return None
     lock.ensure_held()
-    await xo.set_vdi(target_id, name_description=mark.info)
-    log.info("transfer_finished", disk_name=disk_name, vdi=target_id, kind=mark.kind, source=mark.source)
-    return await _present(xo, target_id)
+    await xo.set_vdi(target.id, name_description=mark.info)
+    log.info("transfer_finished", disk_name=disk_name, vdi=target.id, kind=mark.kind, source=mark.source)
+    return await _present(xo, target.id)
 
 
 def unsettled(named: list[Vdi]) -> bool:

@@ -1,7 +1,9 @@
 """Moves across pools that stopped after their target took the disk's name (steps 6-8 of
-services/migrator/transfer.py) and whose job was lost, on real RabbitMQ and Redis, the simulator in real data mode:
-the copy is the disk's future and only a job finishes the move, so the source's mark is never cleared under it;
-and a source used since the copy was made (its mark cleared by an older controller) wins over that copy."""
+services/migrator/transfer.py), on real RabbitMQ and Redis, the simulator in real data mode. The copy is the disk's
+future and only a job finishes the move: the source's mark is never cleared under it; a job failing there is
+retried past max_attempts; a publish finding the move with its job lost enqueues one, on either pool, and gets the
+disk with its content. A source used since the copy was made (its mark cleared by an older controller) wins over
+that copy."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from dev.wait import eventually
 from services.csi_frontend.disks import Disk
 from services.xo_simulator.faults import Faults
+from services.xo_simulator.topology import derived_id
 from shared import messages, transfer_marks, vdi_metadata
 from shared.errors import OperationPending
 from shared.messages import MigrationRequested
@@ -32,28 +35,19 @@ from tests.support.cross_pool import (
     submit_to_pool_b,
     write_content,
 )
-from tests.support.migration import DISK, TAG, Env, Worker, vdis_named
+from tests.support.migration import DISK, TAG, Env, Worker, dead_letters, vdis_named
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+VM_A1 = derived_id("vm", "Pool A", "host-a1", "node-a1")
 CLEAR_AFTER_S = 1.0  # the controller's stale-mark bound in these tests
 UNREACHABLE = {"code": 9, "message": "server unreachable"}  # XoUnavailable: retryable
 
 
 async def _stopped_after_the_rename(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A move to node-b1 whose source's deletion (step 7) fails every time, stopped there and its job lost: the
-    worker killed and its record expired before a migrator came back to reap it. Returns (source, copy) as XAPI
-    shows them: the source marked toward Local B1, the copy named after the disk with its complete transfer mark."""
-    await env.sim.simulator.add_faults(Faults.parse([{"method": "vdi.delete", "error": UNREACHABLE}]))
-    worker = await env.worker("w1")
-    await submit_to_pool_b(env)
-
-    def renamed() -> list[dict[str, Any]] | None:
-        named = vdis_named(env.sim)
-        return named if len(named) == 2 and env.sim.simulator.stats.calls["vdi.delete"] >= 1 else None
-
-    named = await eventually(renamed, 30, 0.02, description="the copy renamed, the source's deletion refused")
-    await _lose_the_job(env, worker)
-    env.sim.simulator.clear_faults()
+    """A move to node-b1 whose source's deletion (step 7) fails every time, stopped there and its job lost
+    (``_lose_the_job``). Returns (source, copy) as XAPI shows them: the source marked toward Local B1, the copy
+    named after the disk with its complete transfer mark."""
+    named = await _stopped(env, {"method": "vdi.delete", "error": UNREACHABLE}, "vdi.delete", 2)
     [source] = [v for v in named if v["$SR"] == SR_A1]
     [copy] = [v for v in named if v["$SR"] == SR_B1]
     mark = transfer_marks.parse(copy["name_description"])
@@ -61,6 +55,34 @@ async def _stopped_after_the_rename(env: Env) -> tuple[dict[str, Any], dict[str,
     info = vdi_metadata.parse(source["name_description"])
     assert info is not None and info.in_progress_to_sr == SR_B1
     return source, copy
+
+
+async def _stopped_after_the_source_s_deletion(env: Env) -> dict[str, Any]:
+    """A move to node-b1 whose last step (8: the copy's csi:info, the fourth vdi.set of a move) fails every time,
+    stopped there and its job lost: the copy, named after the disk with its complete transfer mark, alone."""
+    [copy] = await _stopped(env, {"method": "vdi.set", "after_calls": 3, "error": UNREACHABLE}, "vdi.set", 1,
+                            calls=4)
+    assert copy["$SR"] == SR_B1 and transfer_marks.is_marked(copy["name_description"])
+    return copy
+
+
+async def _stopped(env: Env, fault: dict[str, Any], method: str, vdis: int, *, calls: int = 1
+                   ) -> list[dict[str, Any]]:
+    """Run a move to node-b1 with ``fault`` until ``vdis`` VDIs carry the disk's name (one of them renamed) and
+    ``method`` was called ``calls`` times, then lose its job and clear the fault; the VDIs named after the disk."""
+    await env.sim.simulator.add_faults(Faults.parse([fault]))
+    worker = await env.worker("w1")
+    await submit_to_pool_b(env)
+
+    def stopped() -> list[dict[str, Any]] | None:
+        named = vdis_named(env.sim)
+        renamed = any(transfer_marks.is_marked(v["name_description"]) for v in named)
+        return named if renamed and len(named) == vdis and env.sim.simulator.stats.calls[method] >= calls else None
+
+    named = await eventually(stopped, 30, 0.02, description=f"the move stopped at its failing {method}")
+    await _lose_the_job(env, worker)
+    env.sim.simulator.clear_faults()
+    return named
 
 
 async def _lose_the_job(env: Env, worker: Worker) -> None:
@@ -145,3 +167,85 @@ async def test_a_source_used_since_its_copy_was_made_is_kept_and_the_copy_delete
     assert copy["id"] not in xenv.sim.state and source["id"] not in xenv.sim.state
     assert_one_complete_disk(xenv, written, SR_B1)
     assert vdis_named(xenv.sim, INCOMING) == []
+
+
+@pytest.mark.parametrize("stream_options", [{"frontend": {"stale_mark_after_s": CLEAR_AFTER_S}}])
+async def test_a_publish_on_the_source_s_pool_has_a_job_finish_the_move_then_bring_the_disk_back(xenv: Env) -> None:
+    """The move stopped after its rename and its job was lost; the pod goes back to node-a1, where the source is.
+    Its publish does not attach the source: finding the copy that took the disk's name and no job active, it
+    enqueues one for node-a1 and waits for it (ABORTED while no migrator runs; a retry then finds that job active:
+    ABORTED). The job finishes the move (the source deleted) and brings the disk back: one disk, on node-a1's SR,
+    with its content."""
+    checksum = write_content(xenv)
+    source, copy = await _stopped_after_the_rename(xenv)
+    await _no_migrator_yet(xenv, VM_A1)
+    assert [v["$VBDs"] for v in vdis_named(xenv.sim) if v["id"] == source["id"]] == [[]]
+
+    await xenv.worker("w2")
+    context = await _published(xenv, VM_A1)
+    back = assert_one_complete_disk(xenv, checksum, SR_A1)
+    assert context["vbd"] in back["$VBDs"]
+    assert source["id"] not in xenv.sim.state and copy["id"] not in xenv.sim.state
+    assert xenv.sim.simulator.stats.streams["rest.vdi.import"] == 2  # into pool B, then back into pool A
+
+
+async def test_a_publish_of_a_move_stopped_after_its_source_was_deleted_has_a_job_finish_it(xenv: Env) -> None:
+    """The move stopped after its source was deleted, before the copy got its csi:info, and its job was lost: the
+    copy with its transfer mark is the only VDI of the disk. A publish enqueues a job, which finishes the move."""
+    checksum = write_content(xenv)
+    copy = await _stopped_after_the_source_s_deletion(xenv)
+    await _no_migrator_yet(xenv, VM_B1)
+
+    await xenv.worker("w2")
+    context = await _published(xenv, VM_B1)
+    moved = assert_one_complete_disk(xenv, checksum, SR_B1)
+    assert moved["id"] == copy["id"] and context["vbd"] in moved["$VBDs"]
+
+
+async def test_a_move_failing_after_its_rename_is_retried_past_max_attempts_until_it_is_finished(xenv: Env) -> None:
+    """XO refuses the last step of the move (the copy's csi:info) for longer than the job's attempts last: the job
+    is handed back again and again, never failed (no dead letter), and finishes once XO takes the step."""
+    checksum = write_content(xenv)
+    await xenv.sim.simulator.add_faults(Faults.parse([{"method": "vdi.set", "after_calls": 3, "error": UNREACHABLE}]))
+    await xenv.worker("w1", max_attempts=2)
+    await submit_to_pool_b(xenv)
+
+    async def retried_past_the_limit() -> bool:
+        record = await xenv.jobs.get(DISK)
+        assert record is not None and record.is_active, record
+        return record.attempt >= 4
+
+    await eventually(retried_past_the_limit, 30, 0.05, description="the job at its fourth attempt, still active")
+    assert await dead_letters(xenv.amqp_url) == 0
+    xenv.sim.simulator.clear_faults()
+    record = await finished(xenv)
+    assert record.state == "succeeded", record.result
+    context = await _published(xenv, VM_B1)
+    moved = assert_one_complete_disk(xenv, checksum, SR_B1)
+    assert context["vbd"] in moved["$VBDs"]
+
+
+async def _no_migrator_yet(env: Env, node: str) -> None:
+    """With no migrator running: a publish to ``node`` enqueues the job that finishes the move and waits for it
+    until its deadline (ABORTED "still running"); the next one finds that job active (ABORTED)."""
+    with pytest.raises(OperationPending, match="still running"):
+        await env.attacher.publish(by_name("vol1"), node, False, deadline_s=3)
+    record = await env.jobs.get(DISK)
+    assert record is not None and (record.state, record.target_host) == ("queued", _host_of(env, node))
+    with pytest.raises(OperationPending, match=f"job {record.job_id} \\(queued\\) is finishing its move"):
+        await env.attacher.publish(by_name("vol1"), node, False, deadline_s=3)
+
+
+def _host_of(env: Env, vm_id: str) -> str:
+    return str(env.sim.state.get(vm_id)["$container"])
+
+
+async def _published(env: Env, node: str) -> dict[str, str]:
+    """Publish to ``node`` as the attacher retries ABORTED; its context."""
+    async def attempt() -> dict[str, str] | None:
+        try:
+            return await env.attacher.publish(by_name("vol1"), node, False, deadline_s=20)
+        except OperationPending:
+            return None
+
+    return await eventually(attempt, 60, 0.2, description=f"the volume published to {node}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import services.csi_frontend.filesystem  # noqa: F401  (FilesystemCorrupt)
 import services.csi_frontend.mounter  # noqa: F401  (MountError)
 import services.migrator.slots  # noqa: F401  (NotStarted)
+import services.migrator.transfer  # noqa: F401  (TransferUnfinished)
 import shared.locks  # noqa: F401  (LockLost)
 import shared.xo.errors  # noqa: F401  (the XoError tree)
 from shared.errors import DomainError

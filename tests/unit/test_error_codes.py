@@ -43,6 +43,7 @@ CODES = {
     "XoMethodNotFound": "xo_method_not_found",
     "LockLost": "lock_lost",
     "NotStarted": "not_started",
+    "TransferUnfinished": "transfer_unfinished",
     "MountError": "mount_failed",
     "FilesystemCorrupt": "filesystem_corrupt",
 }

@@ -21,6 +21,7 @@ EXPECTED = {
     "OperationPending": Code.ABORTED,  # "operation pending for volume"
     "LockLost": Code.ABORTED,
     "NotStarted": Code.ABORTED,
+    "TransferUnfinished": Code.ABORTED,
     "CapacityExhausted": Code.RESOURCE_EXHAUSTED,  # "unable to provision in accessible_topology"
     "PlacementImpossible": Code.RESOURCE_EXHAUSTED,
     "PreconditionFailed": Code.FAILED_PRECONDITION,
