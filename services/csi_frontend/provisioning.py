@@ -259,7 +259,15 @@ class Provisioner:
                                      deadline_s=deadline_s)
 
     async def _delete(self, volume_id: vid.VolumeId) -> None:
-        disk = await self._disks.find(volume_id)
+        try:
+            disk = await self._disks.find(volume_id)
+        except OperationPending:
+            flight = await self._disks.in_flight(volume_id)
+            if flight is None or not flight.finishing:
+                raise  # XO copies the disk now: ABORTED until it has finished
+            await self._marks.delete_unfinished(volume_id, self._disks)
+            self._inventory.usage_changed()
+            return
         if disk is None:
             return
         attached = await self._xo.attached_vbds(disk.vdi.id)

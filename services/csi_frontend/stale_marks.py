@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from services.csi_frontend.disks import Disk
+from services.csi_frontend.disks import Disk, DiskLocator, unfinished_move
 from shared import transfer_marks, vdi_metadata
 from shared.errors import OperationPending
 from shared.jobs import JobStore
 from shared.logging import get_logger
+from shared.volume_id import VolumeId
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
 
@@ -119,6 +120,26 @@ class MarkPolicy:
                 await self._discard_incoming(disk, reason="its volume is deleted")
             await self._xo.delete_vdi(disk.vdi.id)
 
+    async def delete_unfinished(self, volume_id: VolumeId, disks: DiskLocator) -> None:
+        """DeleteVolume of a volume whose move across pools stopped past its rename (``unfinished_move``: the copy
+        under the disk's name, with or without its source). A publish would have a job finish the move; a deleted
+        volume needs none, so every VDI of the name and the ``~incoming`` go, under the migrators' disk lock, from a
+        new read, once no job of the disk is active (OperationPending while one is: it finishes first, and the retry
+        deletes the finished disk)."""
+        name = disks.disk_name(volume_id)
+        held = self._disk_lock(name) if self._disk_lock is not None else contextlib.nullcontext()
+        async with held:
+            vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: disks.candidates(volume_id))
+            if unfinished_move(volume_id, vdis) is None or any(v.current_operations for v in vdis):
+                raise OperationPending(f"volume {volume_id} changed while it was being deleted; retry")
+            if self._jobs is not None and (record := await self._jobs.get(name)) is not None and record.is_active:
+                raise OperationPending(f"volume {volume_id} is being migrated (job {record.job_id} is "
+                                       f"{record.state}); retry once it has finished")
+            await self._discard_incoming_of(name, reason="its volume is deleted")
+            for vdi in vdis:
+                log.warning("unfinished_move_deleted", vdi=vdi.id, disk_name=name, sr=vdi.sr_id)
+                await self._xo.delete_vdi(vdi.id)
+
     async def _still_stale(self, disk: Disk) -> None:
         """Under the disk's lock: the disk as it was decided on (a job may have run between that read and the lock),
         with no live migration; OperationPending otherwise."""
@@ -142,7 +163,10 @@ class MarkPolicy:
                                 reason: str = "left by a move across pools whose mark went stale") -> None:
         """Delete the ``<disk>~incoming`` a move across pools that gave up left (proven absent only once XO sees
         every pool: XoPoolDisconnected otherwise), as the next job's ``settle`` would."""
-        name = transfer_marks.incoming_name(disk.vdi.name_label)
+        await self._discard_incoming_of(disk.vdi.name_label, reason=reason)
+
+    async def _discard_incoming_of(self, disk_name: str, *, reason: str) -> None:
+        name = transfer_marks.incoming_name(disk_name)
         for vdi in await self._xo.lookup_confirmed(f"VDI {name}", lambda: self._xo.find_vdis(name_label=name)):
             log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name, reason=reason)
             await self._xo.delete_vdi(vdi.id)

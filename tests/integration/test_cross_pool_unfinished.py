@@ -249,3 +249,27 @@ async def _published(env: Env, node: str) -> dict[str, str]:
             return None
 
     return await eventually(attempt, 60, 0.2, description=f"the volume published to {node}")
+
+
+@pytest.mark.parametrize("source_left", [True, False])
+async def test_delete_volume_of_a_move_stopped_after_its_rename_deletes_every_vdi_of_the_disk(
+        xenv: Env, source_left: bool) -> None:
+    """The PV of a move stopped past its rename (its job lost) is deleted: no job needs to finish the move of a
+    volume nobody has any more, so DeleteVolume deletes the copy and the source if left, under the migrators' disk
+    lock (ABORTED until the killed worker's lock expired), and answers OK. Before, it answered ABORTED for ever (two
+    VDIs of one name while a copy is marked; or the copy alone, "being finished")."""
+    write_content(xenv)
+    if source_left:
+        await _stopped_after_the_rename(xenv)
+    else:
+        await _stopped_after_the_source_s_deletion(xenv)
+
+    async def deleted() -> bool:
+        try:
+            await xenv.frontend.provisioner.delete(by_name("vol1"), 30)
+        except OperationPending:
+            return False
+        return True
+
+    await eventually(deleted, 60, 0.2, description="DeleteVolume OK")
+    assert vdis_named(xenv.sim) == [] and vdis_named(xenv.sim, INCOMING) == []
