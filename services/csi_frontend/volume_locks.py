@@ -61,17 +61,24 @@ class VolumeLocks:
 
     async def run(self, key: str, operation: Callable[[], Awaitable[T]], *, deadline_s: float | None,
                   volume: str | None = None) -> T:
-        """``operation()`` under ``hold(key)``, in a task of its own that a cancelled caller leaves running to its
-        end, lock held (module doc); its result or error is the caller's when the caller is still there."""
+        """``operation()`` under ``hold(key)``, in a task of its own that a caller cancelled once it began leaves
+        running to its end, lock held (module doc); one cancelled while it waits for the lock is cancelled with it.
+        The result or error is the caller's when the caller is still there."""
+        started = False
+
         async def locked() -> T:
+            nonlocal started
             async with self.hold(key, deadline_s=deadline_s, volume=volume):
+                started = True
                 return await operation()
 
         task = asyncio.ensure_future(locked())
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.done():
+            if not started:
+                task.cancel()  # still waiting for the lock: nothing begun, nothing to carry on
+            elif not task.done():
                 log.info("volume_operation_outlives_its_call", key=key)
                 _OUTLIVING.add(task)
                 task.add_done_callback(_ended)

@@ -49,3 +49,40 @@ async def test_a_waiter_gives_up_before_its_deadline_with_aborted_naming_the_vol
             pass
     async with locks.hold("csi-pvc-1", deadline_s=1.0):  # free again: no wait at all, even with no time left
         pass
+
+
+async def test_an_operation_begun_runs_to_its_end_when_its_caller_gives_up_and_one_still_waiting_does_not() -> None:
+    """``run``: the caller cut at its deadline while its operation runs leaves it running, lock held, so the next
+    call on the volume comes after it (XO would carry out the call anyway); a caller cut while it still waited for
+    the lock takes its operation with it: nothing had begun."""
+    locks, done = VolumeLocks(margin_s=0), []
+    began, finish = asyncio.Event(), asyncio.Event()
+
+    async def attach() -> str:
+        began.set()
+        await finish.wait()
+        done.append("attach")
+        return "attached"
+
+    async def never() -> str:
+        done.append("never")
+        return "ran"
+
+    first = asyncio.create_task(locks.run("csi-pvc-1", attach, deadline_s=30))
+    await began.wait()
+    waiting = asyncio.create_task(locks.run("csi-pvc-1", never, deadline_s=30))
+    first.cancel()
+    waiting.cancel()
+    for task in (first, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert locks.busy("csi-pvc-1")  # the attach goes on, holding the volume
+
+    async def detach() -> str:
+        done.append("detach")
+        return "detached"
+
+    after = asyncio.create_task(locks.run("csi-pvc-1", detach, deadline_s=30))
+    finish.set()
+    assert await after == "detached"
+    assert done == ["attach", "detach"] and not locks.busy("csi-pvc-1")
