@@ -2,8 +2,10 @@
 
 The new disk is created and filled by a clone job on the migration queue (services/migrator/clone.py); this waits
 for the job as ControllerPublishVolume waits for a migration (QueueMigrationGate.run_job), answering ABORTED before
-the caller's deadline while it runs. Idempotent by name: a retry joins the running job, or finds the finished disk
-and answers as CreateVolume does for an existing volume. Same pool or not: the content goes through XO's REST
+the caller's deadline while it runs. Idempotent by name: a retry joins the running job first (before it would check
+the source, which the job's export shows plugged into XAPI's control domain, or place a disk next to the job's
+target), or finds the finished disk and answers as CreateVolume does for an existing volume. A stale migration mark
+on the source is settled as an attach settles one (services/csi_frontend/stale_marks.py). Same pool or not: the content goes through XO's REST
 export and import. The source must be detached (XO cannot export a VDI a VM has plugged): FAILED_PRECONDITION
 "detach the source volume (or stop its pod) to clone it" otherwise.
 """
@@ -68,17 +70,24 @@ class Cloner:
                                                deadline_s=deadline_s, final_only=True, source=request.source_id)
 
     async def _run(self, request: CloneRequest, plan: VolumePlan, deadline_s: float) -> Vdi:
-        source = await self._source(request.source_id)
-        size = _size_for(request, source.vdi)
-        target = await self._provisioner.place(plan.srs, size, request.requisite, request.preferred)
-        job = CloneRequested(
-            kind="clone", job_id=messages.new_job_id(), disk_name=plan.disk_name, volume_id=str(vid.by_name(plan.name)),
-            source_volume_id=str(source.volume_id), source_vdi_seen=source.vdi.id,
-            source_disk_name=source.vdi.name_label if source.volume_id.kind == "name" else "", sr_id=target.id,
-            size_bytes=size, description=plan.info.to_description(), requested_at=messages.utc_now(),
-            correlation_id=uuid.uuid4().hex)
-        result = await self._gate.run_job(job, deadline_s, f"volume {request.name} is being cloned from "
-                                          f"{request.source_id}")
+        """The clone's disk: the running job of ``plan.disk_name`` joined first (a retry while it streams must not
+        check the source, which the job's export shows plugged into the control domain, nor place a second disk
+        next to the target the job already made), else a new job, once the source is checked and the target
+        placed."""
+        doing = f"volume {request.name} is being cloned from {request.source_id}"
+        result = await self._gate.join_job(plan.disk_name, deadline_s, doing)
+        if result is None:
+            source = await self._source(request.source_id)
+            size = _size_for(request, source.vdi)
+            target = await self._provisioner.place(plan.srs, size, request.requisite, request.preferred)
+            job = CloneRequested(
+                kind="clone", job_id=messages.new_job_id(), disk_name=plan.disk_name,
+                volume_id=str(vid.by_name(plan.name)), source_volume_id=str(source.volume_id),
+                source_vdi_seen=source.vdi.id,
+                source_disk_name=source.vdi.name_label if source.volume_id.kind == "name" else "", sr_id=target.id,
+                size_bytes=size, description=plan.info.to_description(), requested_at=messages.utc_now(),
+                correlation_id=uuid.uuid4().hex)
+            result = await self._gate.run_job(job, deadline_s, doing)
         if result.outcome == "failed":
             raise failed_job_error(f"clone of volume {request.source_id} into {request.name} (job {result.job_id})",
                                    result.error)
@@ -96,6 +105,7 @@ class Cloner:
             source = await self._disks.get(vid.parse(source_id, field))
         except VolumeNotFound as exc:
             raise VolumeNotFound(f"{field} {source_id!r}: the source volume does not exist ({exc.message})") from exc
+        source = await self._provisioner.settled(source)  # a stale migration mark: cleared, as an attach would
         attached = await self._xo.attached_vbds(source.vdi.id)
         if attached:
             raise PreconditionFailed(f"source volume {source_id} is attached to node {attached[0].vm_id}: "

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from services.csi_frontend.attach import NodePlace
 from services.csi_frontend.disks import Disk, DiskLocator
@@ -108,16 +108,38 @@ class QueueMigrationGate:
         """Create-or-join the job of ``request.disk_name`` (a migration, or a clone: services/csi_frontend/cloning.py)
         and wait for its outcome until ``deadline_s`` minus the margin; OperationPending "<doing> (job ...): still
         running" when the deadline comes first (the caller's retry joins the same job)."""
-        name = request.disk_name
+        result = await self._waited(request.disk_name, lambda: self._enqueue(request), deadline_s, doing,
+                                    kind=request.kind)
+        assert result is not None  # _enqueue always gives a job
+        return result
+
+    async def join_job(self, disk_name: str, deadline_s: float, doing: str) -> MigrationFinished | None:
+        """Wait as ``run_job`` for the disk's job when one is active (queued or running); None at once when none
+        is. A retried CreateVolume of a clone joins its job this way before anything it would check or place to
+        create one (the job's own target, or its export of the source, would change what it finds)."""
+        async def active() -> tuple[JobRecord, bool] | None:
+            record = await self._jobs.get(disk_name)
+            return (record, False) if record is not None and record.is_active else None
+
+        return await self._waited(disk_name, active, deadline_s, doing, kind="join")
+
+    async def _waited(self, name: str, start: Callable[[], Awaitable[tuple[JobRecord, bool] | None]],
+                      deadline_s: float, doing: str, *, kind: str) -> MigrationFinished | None:
+        """Subscribed to the disk's events, ``start()`` the job (create or join; None: no job to wait for), then
+        wait for its outcome until ``deadline_s`` minus the margin (OperationPending naming ``doing`` then)."""
         job_id = "(not created)"
         timer = asyncio.timeout(max(deadline_s - self._margin_s, 0.001))
         started, outcome = time.monotonic(), "error"
         try:
             async with timer, self._events.waiting(name) as events:
-                record, created = await self._enqueue(request)
+                begun = await start()
+                if begun is None:
+                    outcome = "none"
+                    return None
+                record, created = begun
                 job_id = record.job_id
                 (metrics.JOBS_ENQUEUED if created else metrics.JOBS_JOINED).inc()
-                log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created, kind=request.kind)
+                log.info("migration_waiting", disk_name=name, job_id=job_id, joined=not created, kind=kind)
                 result = await self._wait(name, record, events)
                 outcome = result.outcome
         except TimeoutError as exc:
@@ -127,7 +149,8 @@ class QueueMigrationGate:
             raise OperationPending(f"{doing} (job {job_id}): still running; the caller's retry will pick it "
                                    "up") from exc
         finally:
-            metrics.PUBLISH_WAIT.labels(outcome).observe(time.monotonic() - started)
+            if outcome != "none":
+                metrics.PUBLISH_WAIT.labels(outcome).observe(time.monotonic() - started)
         return result
 
     async def _enqueue(self, request: JobRequest) -> tuple[JobRecord, bool]:

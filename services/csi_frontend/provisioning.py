@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from services.csi_frontend.disks import DiskLocator, duplicate_error
+from services.csi_frontend.disks import Disk, DiskLocator, duplicate_error
 from services.csi_frontend.listing import VolumeEntry, condition, list_volumes
 from services.csi_frontend.stale_marks import MarkPolicy
 from services.csi_frontend.volume_locks import VolumeLocks
@@ -248,6 +248,12 @@ class Provisioner:
             )
         _check_homogeneous(tagged, params.srs_with_tag)
         return [placement.view(sr) for sr in tagged if sr.content_type in ("user", "")]
+
+    async def settled(self, disk: Disk) -> Disk:
+        """``disk`` with a finished or stale migration mark cleared (``MarkPolicy.settle``); OperationPending while
+        a migration of it runs. A clone's source goes through it: a mark nobody clears would make every clone job
+        of the source wait for a move that never comes."""
+        return await self._marks.settle(disk)
 
     # -- delete / expand -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dev.wait import eventually
 from services.csi_frontend.cloning import CloneRequest
 from services.csi_frontend.controller import ControllerServicer
 from services.csi_frontend.migration_gate import failed_job_error
-from shared import messages, storage_class, transfer_marks
+from shared import messages, storage_class, transfer_marks, vdi_metadata
 from shared.csi import csi_pb2
 from shared.errors import AlreadyExistsIncompatible, OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
 from shared.messages import CloneRequested
@@ -151,6 +151,62 @@ async def test_create_answers_pending_while_the_clone_runs_and_its_retry_joins_t
     final = await xenv.jobs.get(CLONE)
     assert final is not None and final.job_id == record.job_id
     assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
+
+
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
+async def test_a_retry_while_the_clone_streams_joins_its_job_before_checking_the_source_again(xenv: Env) -> None:
+    """XAPI exports a disk through a VBD of the control domain, which XO shows plugged for as long as the export
+    runs; and the job's target already takes its room on the SR. A retry of the CreateVolume joins the running job
+    first, without checking the source or placing a disk again: ABORTED while it runs, then the clone. Before, the
+    retry found the source plugged (the job's own export) and answered FAILED_PRECONDITION, final for
+    external-provisioner: the claim was dropped, and the finished clone leaked if it was deleted meanwhile."""
+    checksum = write_content(xenv)
+    await xenv.worker("w1")
+    with pytest.raises(OperationPending, match="being cloned"):
+        await _clone(xenv, _request(pool=POOL_B), deadline_s=1.5)
+    await streaming(xenv)
+    [source] = vdis_named(xenv.sim)
+    xapi = xenv.sim.simulator.xapi
+    export_vbd = xapi.add_vbd_record(_vm_id(xenv, VM_A1), source["id"], position="7", bootable=False, read_only=True)
+    xenv.sim.state.update(export_vbd["id"], {"attached": True})  # what the export's plug shows, here on a node VM
+
+    with pytest.raises(OperationPending, match="being cloned"):
+        await _clone(xenv, _request(pool=POOL_B), deadline_s=1.5)
+
+    xapi.remove_vbd_record(export_vbd["id"])
+    xenv.sim.simulator.stream_rate_bps = 0
+    created = await _clone(xenv, _request(pool=POOL_B))
+    assert created.volume_id == by_name("vol2")
+    assert xenv.sim.simulator.stats.streams["rest.vdi.export"] == 1
+    assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
+
+
+@pytest.mark.parametrize("stream_options", [{"frontend": {"stale_mark_after_s": 1.0}}])
+async def test_a_source_with_a_stale_migration_mark_is_cloned_once_the_mark_is_cleared(xenv: Env) -> None:
+    """The source carries a migration mark no job backs (m4rCsi leaves one after a failed vdi.migrate, as does a
+    worker of ours killed between marking and clearing). CreateVolume settles it as an attach would: ABORTED until
+    the mark is stale, then cleared, and the clone is made. Before, the clone job waited for a move that never
+    came, attempt after attempt, and the claim never got its volume."""
+    checksum = write_content(xenv)
+    [source] = vdis_named(xenv.sim)
+    info = vdi_metadata.parse(source["name_description"])
+    assert info is not None
+    xenv.sim.simulator.xapi.set_vdi_fields(source["id"], {
+        "name_description": vdi_metadata.remarked(source["name_description"], SR_B1, info)})
+    await xenv.worker("w1")
+
+    async def cloned() -> Any:
+        try:
+            return await _clone(xenv, _request(pool=POOL_B), deadline_s=10)
+        except OperationPending:
+            return None
+
+    created = await eventually(cloned, 30, 0.2, description="the clone once the stale mark is cleared")
+    assert created.volume_id == by_name("vol2")
+    assert_one_complete_disk(xenv, checksum, SR_B1, name=CLONE)
+    [after] = vdis_named(xenv.sim)
+    cleared = vdi_metadata.parse(after["name_description"])
+    assert cleared is not None and cleared.in_progress_to_sr is None
 
 
 @pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
