@@ -5,10 +5,9 @@ for the job as ControllerPublishVolume waits for a migration (QueueMigrationGate
 the caller's deadline while it runs. Idempotent by name: a retry joins the running job first (before it would check
 the source, which the job's export shows plugged into XAPI's control domain, or place a disk next to the job's
 target), or finds the finished disk and answers as CreateVolume does for an existing volume. A stale migration mark
-on the source is settled as an attach settles one (services/csi_frontend/stale_marks.py). Same pool or not: the content goes through XO's REST
-export and import. The source must be detached (XO cannot export a VDI a VM has plugged): FAILED_PRECONDITION
-"detach the source volume (or stop its pod) to clone it" otherwise.
-"""
+on the source is settled as an attach settles one (services/csi_frontend/stale_marks.py). Same pool or not: the
+content goes through XO's REST export and import. The source must be detached (XO cannot export a VDI a VM has
+plugged): FAILED_PRECONDITION "detach the source volume (or stop its pod) to clone it" otherwise."""
 
 from __future__ import annotations
 
@@ -18,7 +17,14 @@ from dataclasses import dataclass
 
 from services.csi_frontend.disks import Disk, DiskLocator
 from services.csi_frontend.migration_gate import QueueMigrationGate, failed_job_error
-from services.csi_frontend.provisioning import CreatedVolume, Provisioner, VolumePlan, check_source, disk_size
+from services.csi_frontend.provisioning import (
+    CreatedVolume,
+    Provisioner,
+    VolumePlan,
+    check_size,
+    check_source,
+    disk_size,
+)
 from shared import messages, transfer_marks
 from shared import volume_id as vid
 from shared.errors import OperationPending, OutOfRange, PreconditionFailed, VolumeNotFound
@@ -96,6 +102,7 @@ class Cloner:
             raise OperationPending(f"the clone job of volume {request.name} succeeded but XO does not show disk "
                                    f"{plan.disk_name} yet; retry")
         check_source(done, request.source_id, plan.disk_name)  # a blank disk of that name made meanwhile
+        check_size(done, request.size, plan.disk_name)  # a job joined may have been asked for another size
         log.info("volume_cloned", disk_name=plan.disk_name, vdi=done.id, sr=done.sr_id, source=request.source_id)
         return done
 

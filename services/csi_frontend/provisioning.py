@@ -132,7 +132,7 @@ class Provisioner:
         async def provided() -> CreatedVolume:
             vdi = await self.existing(plan.disk_name, final_only=final_only)
             if vdi is not None:
-                _check_size(vdi, size, plan.disk_name)
+                check_size(vdi, size, plan.disk_name)
                 check_source(vdi, source, plan.disk_name)  # before an empty description is completed as asked
                 vdi = await self._described(vdi, plan)
                 _check_class(vdi, params, plan.disk_name)
@@ -362,7 +362,8 @@ def _reaches(srs: Sequence[placement.SrView], requisite: Sequence[Mapping[str, s
     return not requisite or any(placement.matches(sr, term) for sr in srs for term in requisite)
 
 
-def _check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:
+def check_size(vdi: Vdi, size: tuple[int, int], disk_name: str) -> None:
+    """AlreadyExistsIncompatible when the volume's disk is outside the requested range (required, limit)."""
     required, limit = size
     if vdi.size < required or (limit and vdi.size > limit):
         wanted = format_size(required) + (f" (limit {format_size(limit)})" if limit else "")

@@ -210,6 +210,22 @@ async def test_a_source_with_a_stale_migration_mark_is_cloned_once_the_mark_is_c
 
 
 @pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
+async def test_a_request_for_a_larger_clone_that_joins_a_running_job_is_already_exists(xenv: Env) -> None:
+    """A CreateVolume of the clone's name for a larger size joins the job a first request (the source's size)
+    started: the disk it makes is not the one asked for, so ALREADY_EXISTS, as for a volume found finished.
+    Before, it answered OK with the smaller disk."""
+    write_content(xenv)
+    await xenv.worker("w1")
+    with pytest.raises(OperationPending, match="being cloned"):
+        await _clone(xenv, _request(pool=POOL_B), deadline_s=1.5)
+    with pytest.raises(AlreadyExistsIncompatible, match="already exists with"):
+        await _clone(xenv, _request(size=(DISK_SIZE + 64 * MiB, 0), sized=True, pool=POOL_B))
+    record = await xenv.jobs.get(CLONE)
+    assert record is not None and record.state == "succeeded"
+    assert [vdi["size"] for vdi in vdis_named(xenv.sim, CLONE)] == [DISK_SIZE]
+
+
+@pytest.mark.parametrize("stream_options", [{"stream_rate_bps": 8 * MiB}])
 async def test_worker_killed_mid_clone_the_other_one_finishes_it(xenv: Env) -> None:
     checksum = write_content(xenv)
     first = await xenv.worker("w1")
