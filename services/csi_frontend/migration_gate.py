@@ -176,6 +176,9 @@ class QueueMigrationGate:
                         error=exc.message, note="the queued record expires after its TTL")
 
     async def _wait(self, name: str, record: JobRecord, events: asyncio.Queue[MigrationFinished]) -> MigrationFinished:
+        """The outcome of the disk's job. A newer job that replaced ours (another attach asked for the disk once ours
+        had ended) is followed: its success is read as ours (``_outcome`` checks where the disk is), but its failure
+        is not ours to answer (its target may be another host): OperationPending, and the retry reads anew."""
         job_id = record.job_id
         polls = Backoff(start_s=0.05, cap_s=self._poll_max_s, jitter=False).delays()
         interval_s = next(polls)
@@ -187,13 +190,13 @@ class QueueMigrationGate:
                 log.info("migration_job_replaced", disk_name=name, job_id=job_id, new_job_id=current.job_id)
                 job_id = current.job_id  # a newer job for this disk: follow it
             if not current.is_active and current.result is not None:
-                return current.result
+                return _own(current.result, record.job_id)
             try:
                 # Events are the wake-up; the Redis record is the truth, re-read on a capped backoff too.
                 async with asyncio.timeout(interval_s):
                     event = await events.get()
                 if event.job_id == job_id:
-                    return event
+                    return _own(event, record.job_id)
             except TimeoutError:
                 interval_s = next(polls)
 
@@ -211,6 +214,14 @@ class QueueMigrationGate:
             raise OperationPending(f"{where} finished, but the disk is on SR {moved.vdi.sr_id}, not usable from "
                                    "that host (another node asked for it meanwhile); retry")
         return moved
+
+
+def _own(result: MigrationFinished, job_id: str) -> MigrationFinished:
+    """``result`` as the outcome of job ``job_id`` (see ``_wait``): another job's failure raises OperationPending."""
+    if result.job_id != job_id and result.outcome == "failed":
+        raise OperationPending(f"job {job_id} of disk {result.disk_name} was replaced by job {result.job_id} (another "
+                               "attach asked for the disk), which failed; retry")
+    return result
 
 
 def failed_job_error(where: str, error: FailureReason | None) -> DomainError:

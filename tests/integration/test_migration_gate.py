@@ -11,7 +11,9 @@ from urllib.parse import quote
 import pytest
 
 from services.csi_frontend.disks import Disk
-from shared import metrics
+from shared import messages, metrics
+from shared.errors import OperationPending
+from shared.messages import FailureReason, MigrationFinished
 from shared.units import GiB
 from shared.volume_id import by_name
 from tests.support.brokers import RabbitEndpoint, RedisEndpoint, management_client
@@ -71,3 +73,32 @@ async def test_concurrent_first_publishes_share_one_events_channel_one_queue_one
         assert vdi["$SR"] == SR_A2
         assert [q["name"] for q in _exclusive_queues(rabbitmq, amqp_vhost)] == [events["name"]]  # kept, for the next
         assert _open_channels(env) == 2
+
+
+async def test_a_publish_whose_job_was_replaced_by_one_that_failed_is_aborted_not_told_that_failure(
+    amqp_vhost: str, redis_server: RedisEndpoint, redis_prefix: str
+) -> None:
+    """The publish's job ended and another attach's job of the disk replaced its record before the publish read its
+    outcome; that job failed (for its own target). The publish answers ABORTED, naming both jobs, so the attacher
+    retries and reads anew. Before, it answered the other job's failure as its own (FAILED_PRECONDITION here)."""
+    async with open_env(amqp_vhost, redis_server, redis_prefix, topology=two_hosts()) as env:  # no migrator
+        gate, disk = env.frontend.gate, await _disk(env)
+        assert gate is not None
+        place = await env.frontend.attacher.place_of(VM_A2)
+        waiting = asyncio.create_task(gate.migrate_for(disk, place, deadline_s=TIMEOUT_S))
+        ours = await eventually(lambda: env.jobs.get(DISK), TIMEOUT_S, description="the publish's job queued")
+        assert ours.request is not None
+
+        await env.redis.delete(env.jobs.key(DISK))  # ours ended, its record gone; another attach's job follows
+        other = ours.request.model_copy(update={"job_id": messages.new_job_id()})
+        await env.jobs.create_or_join(other)
+        claim = await env.jobs.claim(other, "w-test", stale_after_s=30)
+        assert claim.outcome == "claimed"
+        await env.jobs.finish(claim.record, MigrationFinished(
+            job_id=other.job_id, disk_name=DISK, outcome="failed",
+            error=FailureReason(code="precondition_failed", message="its own target's reason", retryable=False)))
+
+        with pytest.raises(OperationPending) as answered:
+            await waiting
+        assert answered.value.message == (f"job {ours.job_id} of disk {DISK} was replaced by job {other.job_id} "
+                                          "(another attach asked for the disk), which failed; retry")
