@@ -191,8 +191,10 @@ async def test_a_source_with_a_stale_migration_mark_is_cloned_once_the_mark_is_c
     [source] = vdis_named(xenv.sim)
     info = vdi_metadata.parse(source["name_description"])
     assert info is not None
-    xenv.sim.simulator.xapi.set_vdi_fields(source["id"], {
-        "name_description": vdi_metadata.remarked(source["name_description"], SR_B1, info)})
+    marked = vdi_metadata.remarked(source["name_description"], SR_B1, info)
+    xenv.sim.simulator.xapi.set_vdi_fields(source["id"], {"name_description": marked})
+    await eventually(lambda: any(vdi["id"] == source["id"] and vdi["name_description"] == marked
+                                 for vdi in xenv.sim.cache.of_type("VDI")), 10, description="XO's cache shows the mark")
     await xenv.worker("w1")
 
     async def cloned() -> Any:
