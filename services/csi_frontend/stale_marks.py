@@ -40,6 +40,7 @@ from shared.logging import get_logger
 from shared.volume_id import VolumeId
 from shared.xo.client import XoClient
 from shared.xo.inventory import Inventory
+from shared.xo.models import Vdi
 
 log = get_logger(__name__)
 DEFAULT_CLEAR_AFTER_S = 70.0  # 2 x the migrator's default stale_after_s (3 x 10 s heartbeat + 5 s)
@@ -86,11 +87,12 @@ class MarkPolicy:
                 f"and XO copies nothing; the mark is cleared if it stays so for {self._clear_after_s:g} s "
                 f"({self._clear_after_s - waited_s:.0f} s left); retry"
             )
-        held = self._disk_lock(disk.vdi.name_label) if self._disk_lock is not None else contextlib.nullcontext()
-        async with held:  # OperationPending while a migrator holds the disk
+        async with self._locked(disk.vdi.name_label):  # OperationPending while a migrator holds the disk
             await self._still_stale(disk)
             if await self._across_pools(disk.vdi.sr_id, target):
-                await self._discard_incoming(disk)  # none found proves XO sees every pool: then no renamed copy hides
+                # none found proves XO sees every pool: then no renamed copy hides
+                await self._discard_incoming(disk.vdi.name_label, reason="left by a move across pools whose mark "
+                                             "went stale")
                 await self._not_moved_on(disk)
             cleared = await self._clear(disk, reason=f"no live migration for {waited_s:.0f} s")
         self._first_seen.pop(key, None)  # only once cleared: a failed try keeps the time already waited
@@ -107,17 +109,12 @@ class MarkPolicy:
         if info is None or not info.in_progress_to_sr:
             await self._xo.delete_vdi(disk.vdi.id)
             return
-        held = self._disk_lock(disk.vdi.name_label) if self._disk_lock is not None else contextlib.nullcontext()
-        async with held:
-            current = await self._xo.get_vdi(disk.vdi.id)
-            if current is None or (current.sr_id, current.name_description) != (disk.vdi.sr_id,
-                                                                                 disk.vdi.name_description):
-                raise OperationPending(f"volume {disk.volume_id} changed while it was being deleted (a migration "
-                                       "moved it); retry")
+        async with self._locked(disk.vdi.name_label):
+            current = await self._reread(disk, "it was being deleted (a migration moved it)")
             if current.current_operations:
                 raise OperationPending(f"volume {disk.volume_id} is being migrated (XO copies it); retry")
             if await self._across_pools(disk.vdi.sr_id, info.in_progress_to_sr):
-                await self._discard_incoming(disk, reason="its volume is deleted")
+                await self._discard_incoming(disk.vdi.name_label, reason="its volume is deleted")
             await self._xo.delete_vdi(disk.vdi.id)
 
     async def delete_unfinished(self, volume_id: VolumeId, disks: DiskLocator) -> None:
@@ -127,26 +124,33 @@ class MarkPolicy:
         new read, once no job of the disk is active (OperationPending while one is: it finishes first, and the retry
         deletes the finished disk)."""
         name = disks.disk_name(volume_id)
-        held = self._disk_lock(name) if self._disk_lock is not None else contextlib.nullcontext()
-        async with held:
+        async with self._locked(name):
             vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: disks.candidates(volume_id))
             if unfinished_move(volume_id, vdis) is None or any(v.current_operations for v in vdis):
                 raise OperationPending(f"volume {volume_id} changed while it was being deleted; retry")
-            if self._jobs is not None and (record := await self._jobs.get(name)) is not None and record.is_active:
-                raise OperationPending(f"volume {volume_id} is being migrated (job {record.job_id} is "
-                                       f"{record.state}); retry once it has finished")
-            await self._discard_incoming_of(name, reason="its volume is deleted")
+            if (live := await self._live_job(name)) is not None:
+                raise OperationPending(f"volume {volume_id} is being migrated ({live}); retry once it has finished")
+            await self._discard_incoming(name, reason="its volume is deleted")
             for vdi in vdis:
                 log.warning("unfinished_move_deleted", vdi=vdi.id, disk_name=name, sr=vdi.sr_id)
                 await self._xo.delete_vdi(vdi.id)
 
-    async def _still_stale(self, disk: Disk) -> None:
-        """Under the disk's lock: the disk as it was decided on (a job may have run between that read and the lock),
-        with no live migration; OperationPending otherwise."""
+    def _locked(self, disk_name: str) -> AbstractAsyncContextManager[object]:
+        """The migrators' lock of the disk (OperationPending while a migrator holds it); nothing without migrations."""
+        return self._disk_lock(disk_name) if self._disk_lock is not None else contextlib.nullcontext()
+
+    async def _reread(self, disk: Disk, while_doing: str) -> Vdi:
+        """Under the disk's lock: the disk as XO shows it now, still as it was decided on (a job may have run
+        between that read and the lock: its SR or description changed); OperationPending naming ``while_doing``
+        otherwise."""
         current = await self._xo.get_vdi(disk.vdi.id)
         if current is None or (current.sr_id, current.name_description) != (disk.vdi.sr_id, disk.vdi.name_description):
-            raise OperationPending(f"volume {disk.volume_id} changed while its stale migration mark was being cleared; "
-                                   "retry")
+            raise OperationPending(f"volume {disk.volume_id} changed while {while_doing}; retry")
+        return current
+
+    async def _still_stale(self, disk: Disk) -> None:
+        """Under the disk's lock: the disk as it was decided on, with no live migration; OperationPending otherwise."""
+        current = await self._reread(disk, "its stale migration mark was being cleared")
         live = await self._live(Disk(disk.volume_id, current, disk.info))
         if live is not None:
             raise OperationPending(f"volume {disk.volume_id} is being migrated ({live}); retry")
@@ -159,13 +163,9 @@ class MarkPolicy:
         here, there = await self._inventory.sr(sr_id, usage=False), await self._inventory.sr(target_id, usage=False)
         return here is None or there is None or here.pool_id != there.pool_id
 
-    async def _discard_incoming(self, disk: Disk, *,
-                                reason: str = "left by a move across pools whose mark went stale") -> None:
+    async def _discard_incoming(self, disk_name: str, *, reason: str) -> None:
         """Delete the ``<disk>~incoming`` a move across pools that gave up left (proven absent only once XO sees
         every pool: XoPoolDisconnected otherwise), as the next job's ``settle`` would."""
-        await self._discard_incoming_of(disk.vdi.name_label, reason=reason)
-
-    async def _discard_incoming_of(self, disk_name: str, *, reason: str) -> None:
         name = transfer_marks.incoming_name(disk_name)
         for vdi in await self._xo.lookup_confirmed(f"VDI {name}", lambda: self._xo.find_vdis(name_label=name)):
             log.warning("transfer_target_removed", vdi=vdi.id, disk_name=name, reason=reason)
@@ -189,8 +189,12 @@ class MarkPolicy:
         """Why a migration of the disk may be running now, or None."""
         if disk.vdi.current_operations:
             return f"XO runs {', '.join(sorted(map(str, disk.vdi.current_operations.values())))} on it"
+        return await self._live_job(disk.vdi.name_label)
+
+    async def _live_job(self, disk_name: str) -> str | None:
+        """Which job of the disk is active ("job J is queued|running"), or None (also without migrations)."""
         if self._jobs is not None:
-            record = await self._jobs.get(disk.vdi.name_label)
+            record = await self._jobs.get(disk_name)
             if record is not None and record.is_active:
                 return f"job {record.job_id} is {record.state}"
         return None
