@@ -139,8 +139,9 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         kinds = Counter(obj["type"] for obj in handle.state.all().values())
+        shown = ("pool", "host", "VM-controller", "SR", "VM", "VDI", "VBD")
         print(f"xo-sim started in {time.perf_counter() - started_s:.2f} s: {len(handle.state)} objects ("
-              + ", ".join(f"{kinds[kind]} {kind}" for kind in ("pool", "host", "SR", "VM", "VDI", "VBD")) + ")")
+              + ", ".join(f"{kinds[kind]} {kind}" for kind in shown) + ")")
         print(f"xo-sim listening on {handle.url}", flush=True)
         await stop.wait()
         log.info("simulator_stopping")

@@ -1,4 +1,5 @@
-"""Builds the XO objects of a topology into the truth store (pools, hosts, PBDs, SRs, VMs, their disks, seed VDIs).
+"""Builds the XO objects of a topology into the truth store (pools, hosts and their control domains, PBDs, SRs, VMs,
+their disks, seed VDIs).
 
 Linear in the topology's size (a generated one holds tens of thousands of objects): VDIs are added as records
 and each SR's accounting is computed once at the end.
@@ -70,7 +71,9 @@ def _add_pool(xapi: Xapi, spec: PoolSpec) -> None:
     store.add(shapes.pool(spec.id, spec.name_label, spec.name_description, master, default_sr))
     for index, host_spec in enumerate(spec.hosts, start=1):
         address = host_spec.address or f"10.0.{len(store) % 250}.{index}"
-        store.add(shapes.host(host_spec.id, spec.id, host_spec.name_label, address))
+        dom0_id = derived_id("vm-controller", spec.name_label, host_spec.name_label)
+        store.add(shapes.host(host_spec.id, spec.id, host_spec.name_label, address) | {"controlDomain": dom0_id})
+        store.add(shapes.control_domain(dom0_id, spec.id, host_id=host_spec.id, host_name=host_spec.name_label))
     host_ids = [host.id for host in spec.hosts]
     for sr_spec in spec.shared_srs:
         _add_sr(xapi, spec.id, sr_spec, host_ids, container=spec.id)

@@ -5,8 +5,10 @@ still plugged); XO retries it on TOO_MANY_STORAGE_MIGRATES (retry.py), so a call
 after the cap stayed full through every try. Detached VDI: ``VDI.copy`` to the target SR (no cap), then,
 after a barrier, the source's VBDs are recreated on the copy and the source destroyed; those last steps
 are not awaited by a barrier, so the cache may still show the source when the call returns. During
-either, source and target both show a current operation. Migrations run in server-owned tasks, so a
-caller that goes away does not stop them; close() cancels them and rolls back what was not committed.
+either, source and target both show a current operation; a copy also has both plugged into a control domain
+(control_domain.py), and a VDI XAPI streams (an export) is not migrated (OTHER_OPERATION_IN_PROGRESS). Migrations
+run in server-owned tasks, so a caller that goes away does not stop them; close() cancels them and rolls back what
+was not committed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from shared.logging import get_logger
 
+from . import control_domain
 from .errors import XapiError, handle_invalid, other_operation_in_progress
 from .retry import RetryPolicy, has_xapi_code
 from .shapes import XoObject, opaque_ref
@@ -92,12 +95,13 @@ class Migrator:
         vdi = self.xapi.record(vdi_handle, "VDI")
         sr = self.xapi.record(sr_handle, "SR")
         self.xapi.ensure_idle(vdi)
-        if self.xapi.has_vbd_in_flight(vdi):
-            raise other_operation_in_progress("VDI", vdi["_xapiRef"])
+        plugged = [vbd for vbd in self.xapi.vbds_of(vdi) if vbd["attached"]]
+        if self.xapi.has_vbd_in_flight(vdi) or any(control_domain.is_control_domain_vbd(self.xapi, vbd)
+                                                   for vbd in plugged):
+            raise other_operation_in_progress("VDI", vdi["_xapiRef"])  # also while XAPI streams it (an export)
         if sr["$pool"] != vdi["$pool"]:
             raise handle_invalid("SR", sr["_xapiRef"])
-        live_vms = [vm for vbd in self.xapi.vbds_of(vdi) if vbd["attached"]
-                    if (vm := self.xapi.record(vbd["VM"], "VM"))["power_state"] == "Running"]
+        live_vms = [vm for vbd in plugged if (vm := self.xapi.record(vbd["VM"], "VM"))["power_state"] == "Running"]
         for vm in live_vms:
             if not self.xapi.can_see(self.xapi.host_of(vm), sr):
                 raise XapiError("VM_REQUIRES_SR", [vm["_xapiRef"], sr["_xapiRef"]], method="VDI.pool_migrate")
@@ -159,14 +163,20 @@ class Migrator:
     async def _copy(self, job: _Job) -> None:
         source = job.source
         data = self.xapi.data
-        if data is not None:
-            await data.copy((source["$SR"], source["id"]), (job.target_sr, job.target_id), self.rate_bps)
-        else:
-            await asyncio.sleep(self._duration_s(source["size"]))  # simulated copy time
-        with self.store.batch():  # VDI.copy returns: both VDIs idle, the copy is a VDI like any other
-            self.store.update(job.target_id, {"current_operations": {}})
-            if source["id"] in self.store:
-                self.store.update(source["id"], {"current_operations": {}})
+        # VDI.copy plugs both VDIs into a control domain (the source read-only) for the copy's duration
+        with (control_domain.plugged(self.xapi, source["id"], read_only=True) as source_vbd,
+              control_domain.plugged(self.xapi, job.target_id, read_only=False) as target_vbd):
+            if data is not None:
+                await data.copy((source["$SR"], source["id"]), (job.target_sr, job.target_id), self.rate_bps)
+            else:
+                await asyncio.sleep(self._duration_s(source["size"]))  # simulated copy time
+            with self.store.batch():  # VDI.copy returns: both VDIs idle and unplugged, the copy a VDI like any other
+                for vbd_id in (source_vbd, target_vbd):
+                    if vbd_id in self.store:
+                        self.xapi.remove_vbd_record(vbd_id)
+                self.store.update(job.target_id, {"current_operations": {}})
+                if source["id"] in self.store:
+                    self.store.update(source["id"], {"current_operations": {}})
         job.committed = True
         self.stats.copy_migrations += 1
         self.xapi.unlock(job.target_id)

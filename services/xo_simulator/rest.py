@@ -21,7 +21,7 @@ from aiohttp import web
 from shared.logging import get_logger
 from shared.vhd import VhdError
 
-from . import content, streams
+from . import content, control_domain, streams
 from .errors import PlainError, SimError, XapiError, XoApiError, invalid_credentials, invalid_parameters, unauthorized
 from .faults import FaultRule
 from .model import ObjectStore
@@ -147,7 +147,7 @@ class RestApi:
             return _json(200, vdi)
         kind = _format(fmt)
         rule = self._inject(request, streams.EXPORT)
-        return await self._export(request, self._writable(vdi, "export"), kind, rule)
+        return await self._export(request, self._readable(vdi), kind, rule)
 
     async def delete_vdi(self, request: web.Request, user: dict[str, Any]) -> web.StreamResponse:
         """``DELETE /vdis/{id}``: VDI.destroy (VDI_IN_USE as a XAPI error while attached); 204."""
@@ -179,7 +179,8 @@ class RestApi:
         path = self._backing(vdi)
         self.sim.xapi.lock(vdi["id"])
         try:
-            with streams.StreamWatch(self.sim, streams.IMPORT, vdi["id"], vdi["$pool"], rule) as watch:
+            with (control_domain.plugged(self.sim.xapi, vdi["id"], read_only=False) as dom0_vbd,
+                  streams.StreamWatch(self.sim, streams.IMPORT, vdi["id"], vdi["$pool"], rule, dom0_vbd) as watch):
                 chunks = watch.counted(request.content.iter_any())
                 if kind == "vhd":
                     blocks = await content.import_vhd(path, vdi["size"], chunks)
@@ -232,17 +233,31 @@ class RestApi:
             raise XapiError("VDI_IN_USE", [current["_xapiRef"], operation])
         return current
 
+    def _readable(self, vdi: XoObject) -> XoObject:
+        """``_writable`` for an export, which attaches the VDI read-only: other exports may run (their read-only
+        VBDs of a control domain share it), anything else plugged refuses it."""
+        current = self._xapi_vdi(vdi)
+        self.sim.xapi.ensure_idle(current)
+        if not control_domain.read_only_by_control_domains(self.sim.xapi, current):
+            raise XapiError("VDI_IN_USE", [current["_xapiRef"], "export"])
+        return current
+
     def _backing(self, vdi: XoObject) -> Path | None:
         data = self.sim.data
         return data.path(vdi["$SR"], vdi["id"]) if data is not None else None
 
     async def _export(self, request: web.Request, vdi: XoObject, fmt: str,
                       rule: FaultRule | None) -> web.StreamResponse:
+        """Stream the VDI out, plugged read-only into a control domain for the duration (control_domain.py)."""
+        with control_domain.plugged(self.sim.xapi, vdi["id"], read_only=True) as dom0_vbd:
+            watch = streams.StreamWatch(self.sim, streams.EXPORT, vdi["id"], vdi["$pool"], rule, dom0_vbd)
+            return await self._send(request, vdi, fmt, watch)
+
+    async def _send(self, request: web.Request, vdi: XoObject, fmt: str,
+                    watch: streams.StreamWatch) -> web.StreamResponse:
         path = self._backing(vdi)
         source = (content.export_vhd(path, vdi["size"], _uuid_bytes(vdi["id"])) if fmt == "vhd"
                   else content.export_raw(path, vdi["size"]))
-        self.sim.xapi.lock(vdi["id"])
-        watch = streams.StreamWatch(self.sim, streams.EXPORT, vdi["id"], vdi["$pool"], rule)
         try:
             with watch:
                 async with aclosing(source) as chunks:
@@ -269,8 +284,6 @@ class RestApi:
         except streams.StreamCut as cut:  # the body stops short: the client sees a truncated transfer
             log.info("vdi_export_cut", vdi=vdi["id"], format=fmt, bytes=watch.bytes, reason=str(cut))
             _drop(request)
-        finally:
-            self.sim.xapi.unlock(vdi["id"])
         log.debug("vdi_content_exported", vdi=vdi["id"], format=fmt, bytes=watch.bytes)
         return response
 

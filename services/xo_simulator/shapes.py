@@ -1,4 +1,5 @@
-"""Constructors of XO-shaped objects (XO-API.md §4): pool, host, PBD, SR, VM, VDI, VBD, task, message.
+"""Constructors of XO-shaped objects (XO-API.md §4): pool, host, PBD, SR, VM (and control domain), VDI, VBD, task,
+message.
 
 Only shapes live here; which objects exist and how they change is the store's and xapi.py's business.
 """
@@ -162,6 +163,14 @@ def vm(obj_id: str, pool_id: str, *, name_label: str, name_description: str, pow
         "bios_strings": {},
         "creation": {},
     }
+
+
+def control_domain(obj_id: str, pool_id: str, *, host_id: str, host_name: str) -> XoObject:
+    """A host's control domain (dom0) as XO shows it: ``type: "VM-controller"``, Running on its host. XAPI plugs a
+    VDI into it while it streams or copies the VDI (Sm_fs_ops.with_block_attached_device)."""
+    return vm(obj_id, pool_id, name_label=f"Control domain on host: {host_name}", name_description="The domain "
+              "which manages physical devices and manages other domains", power_state="Running",
+              container=host_id, cpus=16, memory_bytes=8 * 1024**3, tags=()) | {"type": "VM-controller"}
 
 
 def vdi(obj_id: str, pool_id: str, *, sr_id: str, name_label: str, name_description: str,

@@ -1,9 +1,10 @@
 """What happens to a REST content stream on its way: its pace, its faults, a pool XO loses under it.
 
-``StreamWatch`` wraps one export or import (rest.py): it counts the bytes that pass, paces exports at the
-simulator's ``stream_rate_bps`` (0 = as fast as the disk and the socket go), fires a fault rule's ``after_bytes``
-once that many bytes passed, and cuts the stream when XO loses the pool of the VDI (the harsher reading: the
-pipe between xo-server and XAPI breaks, so the client sees its connection cut rather than a clean error).
+``StreamWatch`` wraps one export or import (rest.py), during which XAPI has the VDI plugged into a control domain
+(control_domain.py): it counts the bytes that pass, paces exports at the simulator's ``stream_rate_bps`` (0 = as
+fast as the disk and the socket go), fires a fault rule's ``after_bytes`` once that many bytes passed, and cuts the
+stream when XO loses the pool of the VDI (the harsher reading: the pipe between xo-server and XAPI breaks, so the
+client sees its connection cut rather than a clean error) or when a client destroyed the control domain's VBD.
 Faults on REST calls are rules whose ``method`` names the call exactly (``rest.vdi.create``, ``rest.vdi.get``,
 ``rest.vdi.delete``, ``rest.vdi.export``, ``rest.vdi.import``); ``*`` rules are for JSON-RPC methods only.
 """
@@ -15,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from . import control_domain
 from .faults import STREAM_METHODS, FaultRule
 
 if TYPE_CHECKING:
@@ -42,8 +44,10 @@ class StreamCut(Exception):
 class StreamWatch:
     """One export or import of VDI ``vdi_id`` in pool ``pool_id``; ``passed(n)`` after every ``n`` bytes."""
 
-    def __init__(self, sim: Simulator, method: str, vdi_id: str, pool_id: str, rule: FaultRule | None) -> None:
+    def __init__(self, sim: Simulator, method: str, vdi_id: str, pool_id: str, rule: FaultRule | None,
+                 dom0_vbd: str | None = None) -> None:
         self._sim = sim
+        self._dom0_vbd = dom0_vbd
         self._method = method
         self._vdi_id = vdi_id
         self._pool_id = pool_id
@@ -68,6 +72,9 @@ class StreamWatch:
             raise StreamCut(rule, f"fault rule after {rule.after_bytes} bytes of {self._method} {self._vdi_id}")
         if not self._sim.mirror.is_connected(self._pool_id):
             raise StreamCut(None, f"XO lost pool {self._pool_id} during {self._method} {self._vdi_id}")
+        if self._dom0_vbd is not None and not control_domain.still_plugged(self._sim.xapi, self._dom0_vbd):
+            raise StreamCut(None, f"VBD {self._dom0_vbd} of the control domain was unplugged during {self._method} "
+                                  f"{self._vdi_id}")
         if self._rate_bps > 0:
             ahead_s = self.bytes / self._rate_bps - (time.monotonic() - self._started)
             if ahead_s > 0:

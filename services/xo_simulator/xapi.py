@@ -87,6 +87,10 @@ class Xapi:
         """Whether a VBD of the VDI is plugged or reserved (being plugged/unplugged)."""
         return any(vbd["attached"] or vbd["id"] in self._busy for vbd in self.vbds_of(vdi))
 
+    def is_busy(self, obj_id: str) -> bool:
+        """Whether an object is locked (``lock``): a VBD being plugged or unplugged, a VDI being written."""
+        return obj_id in self._busy
+
     def has_vbd_in_flight(self, vdi: XoObject) -> bool:
         """Whether a VBD of the VDI is being plugged or unplugged right now."""
         return any(vbd_id in self._busy for vbd_id in vdi["$VBDs"])
@@ -135,8 +139,8 @@ class Xapi:
 
     def add_vbd_record(self, vm_id: str, vdi_id: str, *, position: str, bootable: bool, read_only: bool,
                        vbd_id: str | None = None) -> XoObject:
-        """Add a detached VBD and link it from its VM and VDI."""
-        vm = self.store.get(vm_id, "VM")
+        """Add a detached VBD and link it from its VM (or control domain, control_domain.py) and VDI."""
+        vm = self.store.get(vm_id, "VM", "VM-controller")
         vdi = self.store.get(vdi_id, "VDI")
         vbd = shapes.vbd(vbd_id or shapes.new_uuid(), vm["$pool"], vm_id=vm_id, vdi_id=vdi_id, position=position,
                          bootable=bootable, read_only=read_only)
@@ -248,10 +252,11 @@ class Xapi:
         chosen = self._position(vm, position)
         return self.add_vbd_record(vm["id"], vdi["id"], position=chosen, bootable=bootable, read_only=read_only)
 
-    def free_position(self, vm_handle: str) -> str:
+    def free_position(self, vm_handle: str, *, control_domain: bool = False) -> str:
         """The device XO picks for a new VBD from ``VM.get_allowed_VBD_devices``: the first free one from 0,
-        avoiding 3 (the CD position) while another is free."""
-        return self._position(self.record(vm_handle, "VM"), None)
+        avoiding 3 (the CD position) while another is free; of a control domain (``VM-controller``) or a VM."""
+        vm = self.store.get(vm_handle, "VM-controller") if control_domain else self.record(vm_handle, "VM")
+        return self._position(vm, None)
 
     def _position(self, vm: XoObject, requested: str | None) -> str:
         used = {vbd["position"] for vbd_id in vm["$VBDs"] if (vbd := self.store.find(vbd_id))}

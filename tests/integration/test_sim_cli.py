@@ -39,7 +39,7 @@ async def test_cli_prints_its_url_quickly_and_serves_json_rpc() -> None:
                         "--fault", '{"method": "vdi.delete", "xapi": "VDI_IN_USE"}')
     try:
         started, url = await _started_and_url(proc)
-        assert started.endswith(" s: 12 objects (1 pool, 2 host, 1 SR, 2 VM, 2 VDI, 2 VBD)")
+        assert started.endswith(" s: 14 objects (1 pool, 2 host, 2 VM-controller, 1 SR, 2 VM, 2 VDI, 2 VBD)")
         rpc = await RpcClient.open(url)
         assert (await rpc.call("session.signIn", {"email": "admin@example.org", "password": "admin"}))["email"]
         srs = await rpc.objects(type="SR", tags=["k8s-shared"])
@@ -93,7 +93,8 @@ async def test_cli_generates_an_xo_of_the_size_asked_for() -> None:
     proc = await _spawn("--topology", "generated:pools=2,hosts=4,vms=40,vdis=200,seed=3", "--listen", "127.0.0.1:0")
     try:
         started, url = await _started_and_url(proc)
-        assert started.endswith(" s: 432 objects (2 pool, 4 host, 6 SR, 40 VM, 200 VDI, 172 VBD)")  # same seed, same XO
+        # same seed, same XO
+        assert started.endswith(" s: 436 objects (2 pool, 4 host, 4 VM-controller, 6 SR, 40 VM, 200 VDI, 172 VBD)")
         rpc = await RpcClient.open(url)
         await rpc.sign_in()
         nodes = await rpc.objects(type="VM", power_state="Running", name_label="node-1-01")

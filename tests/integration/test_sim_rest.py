@@ -196,18 +196,20 @@ async def test_plain_mode_exports_an_empty_vhd_and_zeros_without_length() -> Non
     assert "content-length" not in raw.headers and raw.content == bytes(6 * MiB)
 
 
-async def test_a_vdi_is_busy_while_exported_and_free_once_the_client_lets_go() -> None:
+async def test_a_vdi_is_in_use_while_exported_and_free_once_the_client_lets_go() -> None:
+    """An export plugs the VDI into a control domain (read-only): a second export shares it, a delete is VDI_IN_USE
+    (XAPI's answer to destroying a plugged VDI) until the client lets go."""
     async with running() as sim, _http(sim, cookies={"authenticationToken": TOKEN}) as http:
         vdi_id = await _create(sim, size=256 * MiB)
-        ref = sim.state.get(vdi_id)["_xapiRef"]
         async with http.stream("GET", f"/vdis/{vdi_id}.raw") as export:
             body = export.aiter_bytes()  # keep a reference: a collected iterator closes the response
             await anext(body)
-            second = await http.get(f"/vdis/{vdi_id}.vhd")
+            async with http.stream("GET", f"/vdis/{vdi_id}.vhd") as second:
+                status = second.status_code
             delete = await http.delete(f"/vdis/{vdi_id}")
-        busy = {"error": f"OTHER_OPERATION_IN_PROGRESS(VDI, {ref})", "info": XAPI_INFO}
-        assert (second.status_code, second.json()) == (500, busy)
-        assert (delete.status_code, delete.json()) == (500, busy)
+        assert status == 200
+        assert (delete.status_code, delete.json()) == (500, {"error": f"VDI_IN_USE({vdi_id}, destroy)",
+                                                               "info": XAPI_INFO})
 
         async def deleted() -> bool:
             return (await http.delete(f"/vdis/{vdi_id}")).status_code == 204
@@ -236,14 +238,24 @@ async def test_the_client_against_the_simulator() -> None:
                 await rest.get_vdi(vdi_id)
 
 
-async def test_two_exports_of_one_vdi_one_is_busy() -> None:
+async def test_an_export_of_a_vdi_being_imported_is_busy() -> None:
     async with running() as sim, XoRest.from_settings(XoSettings(url=sim.url, token=TOKEN)) as rest:
-        vdi_id = await _create(sim, size=256 * MiB)
-        async with rest.export(vdi_id, "raw") as chunks:
-            await anext(aiter(chunks))
-            with pytest.raises(XoBusy, match="OTHER_OPERATION_IN_PROGRESS"):
-                async with rest.export(vdi_id, "raw"):
-                    pass
+        vdi_id = await _create(sim, size=8 * MiB)
+        release = asyncio.Event()
+        importing = asyncio.create_task(rest.import_(vdi_id, "raw", 8 * MiB, _held(release, 8 * MiB)))
+        await eventually(lambda: sim.simulator.stats.active_streams == 1, 10)
+        with pytest.raises(XoBusy, match="OTHER_OPERATION_IN_PROGRESS"):
+            async with rest.export(vdi_id, "raw"):
+                pass
+        release.set()
+        await importing
+
+
+async def _held(release: asyncio.Event, size: int) -> AsyncIterator[bytes]:
+    """A body of ``size`` zeros whose second half waits for ``release``."""
+    yield bytes(size // 2)
+    await release.wait()
+    yield bytes(size - size // 2)
 
 
 async def test_progress_reports_start_steps_and_end() -> None:
