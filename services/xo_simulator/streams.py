@@ -52,7 +52,6 @@ class StreamWatch:
         self._vdi_id = vdi_id
         self._pool_id = pool_id
         self._rule = rule
-        self._rate_bps = sim.stream_rate_bps if method == EXPORT else 0
         self._started = time.monotonic()
         self.bytes = 0
 
@@ -75,8 +74,9 @@ class StreamWatch:
         if self._dom0_vbd is not None and not control_domain.still_plugged(self._sim.xapi, self._dom0_vbd):
             raise StreamCut(None, f"VBD {self._dom0_vbd} of the control domain was unplugged during {self._method} "
                                   f"{self._vdi_id}")
-        if self._rate_bps > 0:
-            ahead_s = self.bytes / self._rate_bps - (time.monotonic() - self._started)
+        rate_bps = self._sim.stream_rate_bps if self._method == EXPORT else 0  # read live: a test may release it
+        if rate_bps > 0:
+            ahead_s = self.bytes / rate_bps - (time.monotonic() - self._started)
             if ahead_s > 0:
                 await asyncio.sleep(ahead_s)  # the simulated transfer rate, not synchronisation
 
