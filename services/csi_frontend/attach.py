@@ -58,7 +58,8 @@ class Attacher:
     One call at a time per volume in this controller (``VolumeLocks``); across replicas XO's state decides: the
     VBDs are re-read before attaching, an attached VBD of the volume on the node is reused, other VBDs of the
     volume on the node are removed, and a plug XO refuses because the disk got plugged meanwhile is settled by
-    reading again (this node: success; another node: FAILED_PRECONDITION naming it).
+    reading again (this node: success; another node: FAILED_PRECONDITION naming it). A VBD of XAPI's control
+    domain (XO exporting or copying the disk) is no node's: ABORTED until it is gone, and never removed.
     """
 
     def __init__(
@@ -138,8 +139,9 @@ class Attacher:
 
     async def unpublish(self, volume_id: VolumeId, node_id: str | None, deadline_s: float | None = None) -> None:
         """Detach and remove every VBD linking the volume's VDI(s) to the node (to any VM when ``node_id`` is
-        None). A missing volume, node or VBD is success, once XO is known to see every pool (absent is not
-        detached: XoPoolDisconnected while XO lost one)."""
+        None; never a VBD of XAPI's control domain, through which XO exports or copies the disk). A missing volume,
+        node or VBD is success, once XO is known to see every pool (absent is not detached: XoPoolDisconnected
+        while XO lost one)."""
         await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._unpublish(volume_id, node_id),
                                      deadline_s=deadline_s)
 
@@ -147,12 +149,23 @@ class Attacher:
         vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
         found = 0
         for vdi in vdis:
-            for vbd in await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id):
+            for vbd in await self._nodes_vbds(await self._xo.find_vbds(vm_id=node_id, vdi_id=vdi.id), node_id):
                 await self._xo.delete_vbd(vbd.id)
                 found += 1
                 log.info("disk_detached", vdi=vdi.id, vbd=vbd.id, node_id=vbd.vm_id)
         if vdis and not found and node_id is not None and await self._inventory.vm(node_id) is None:
             await self._xo.check_view_complete(f"node VM {node_id}")
+
+    async def _nodes_vbds(self, vbds: list[Vbd], node_id: str | None) -> list[Vbd]:
+        """``vbds`` but those of XAPI's control domains (XO exporting or copying the disk: never a node's, never
+        ours to remove). No call for a node the inventory knows as a VM."""
+        if not vbds or (node_id is not None and await self._inventory.vm(node_id) is not None):
+            return vbds
+        xo = await self._xo.control_domains.hosts_of({vbd.vm_id for vbd in vbds})
+        for vbd in vbds:
+            if vbd.vm_id in xo:
+                log.info("control_domain_vbd_kept", vdi=vbd.vdi_id, vbd=vbd.id, host=xo[vbd.vm_id])
+        return [vbd for vbd in vbds if vbd.vm_id not in xo]
 
     async def place_of(self, node_id: str) -> NodePlace:
         """The node VM and where it runs; NodeNotFound when XO has no such VM (once XO is known to see every pool:
@@ -171,12 +184,7 @@ class Attacher:
         leftovers of failed or overlapping attaches: never kept just because they are the last); None when it
         has none. AttachedElsewhere when another node has it plugged."""
         vbds = await self._xo.find_vbds(vdi_id=disk.vdi.id)
-        elsewhere = next((vbd for vbd in vbds if vbd.vm_id != node_id and vbd.attached), None)
-        if elsewhere is not None:
-            raise AttachedElsewhere(
-                f"volume {disk.volume_id} is attached to node {elsewhere.vm_id}; it can only be attached to one node "
-                "at a time: unpublish it there first"
-            )
+        await self._check_elsewhere(disk, [vbd for vbd in vbds if vbd.vm_id != node_id])
         mine = [vbd for vbd in vbds if vbd.vm_id == node_id]
         plugged = next((vbd for vbd in mine if vbd.attached), None)
         for extra in mine:
@@ -193,6 +201,19 @@ class Attacher:
         if plugged.device:
             return _context(plugged)
         return await self._wait_device(node_id, disk.vdi.id)
+
+    async def _check_elsewhere(self, disk: Disk, others: list[Vbd]) -> None:
+        """AttachedElsewhere when another node has the disk plugged; OperationPending (ABORTED) when XAPI's control
+        domain has it (XO exporting or copying it: XAPI refuses a VM's plug meanwhile). Others' VBDs are looked at
+        only when one is plugged: the common path costs no call."""
+        plugged = await self._xo.control_domains.split(others)
+        if plugged.by_vms:
+            raise AttachedElsewhere(
+                f"volume {disk.volume_id} is attached to node {plugged.by_vms[0].vm_id}; it can only be attached to "
+                "one node at a time: unpublish it there first"
+            )
+        if plugged.by_xo:
+            raise OperationPending(plugged.xo_at_work(f"volume {disk.volume_id}"))
 
     async def _ensure_usable(self, disk: Disk, place: NodePlace, deadline_s: float, *, finishing: bool = False
                              ) -> Disk:

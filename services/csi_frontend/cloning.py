@@ -7,7 +7,9 @@ the source, which the job's export shows plugged into XAPI's control domain, or 
 target), or finds the finished disk and answers as CreateVolume does for an existing volume. A stale migration mark
 on the source is settled as an attach settles one (services/csi_frontend/stale_marks.py). Same pool or not: the
 content goes through XO's REST export and import. The source must be detached (XO cannot export a VDI a VM has
-plugged): FAILED_PRECONDITION "detach the source volume (or stop its pod) to clone it" otherwise."""
+plugged): FAILED_PRECONDITION "detach the source volume (or stop its pod) to clone it" otherwise. XAPI's control
+domain having it plugged is not a VM using it (shared/xo/control_domains.py): another clone's export (read-only)
+shares it, and XO writing it (an import, a copy onto it) answers ABORTED naming the cause."""
 
 from __future__ import annotations
 
@@ -113,10 +115,12 @@ class Cloner:
         except VolumeNotFound as exc:
             raise VolumeNotFound(f"{field} {source_id!r}: the source volume does not exist ({exc.message})") from exc
         source = await self._provisioner.settled(source)  # a stale migration mark: cleared, as an attach would
-        attached = await self._xo.attached_vbds(source.vdi.id)
-        if attached:
-            raise PreconditionFailed(f"source volume {source_id} is attached to node {attached[0].vm_id}: "
+        plugged = await self._xo.plugged(source.vdi.id)
+        if plugged.by_vms:
+            raise PreconditionFailed(f"source volume {source_id} is attached to node {plugged.by_vms[0].vm_id}: "
                                      f"{transfer_marks.DETACH_TO_CLONE}")
+        if plugged.xo_writes:  # another clone's export (read-only) shares it: only a write holds it
+            raise OperationPending(plugged.xo_at_work(f"source volume {source_id}"))
         return source
 
 

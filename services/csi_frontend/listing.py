@@ -11,6 +11,9 @@ this list; a volume listed under another handle than its PV's is re-processed ev
   some VM uses now and not a VM's system disk. Detached foreign disks are not listed: nothing tells them from the
   thousands of disks of a pool that no PV names, and a detached static volume has no attachment to reconcile.
 
+A VBD of XAPI's control domain (XO exporting or copying the disk, shared/xo/control_domains.py) is neither a
+published node nor a use of a foreign disk.
+
 A listing claims completeness, so it is refused (XoPoolDisconnected: UNAVAILABLE) while XO has lost a pool.
 """
 
@@ -45,10 +48,10 @@ async def list_volumes(xo: XoClient, prefix: str) -> list[VolumeEntry]:
     await xo.check_view_complete("the volume list")
     vdis, vbds, srs = await asyncio.gather(xo.find_vdis(), xo.find_vbds(), xo.find_srs())
     await xo.check_view_complete("the volume list")
+    split = await xo.control_domains.split(vbd for vbd in vbds if vbd.vdi_id)
     plugged: dict[str, list[Vbd]] = {}
-    for vbd in vbds:
-        if vbd.attached and vbd.vdi_id:
-            plugged.setdefault(vbd.vdi_id, []).append(vbd)
+    for vbd in split.by_vms:  # a control domain's VBD is XO exporting or copying the disk: not a node
+        plugged.setdefault(str(vbd.vdi_id), []).append(vbd)
     shared = {sr.id for sr in srs if placement.view(sr).is_shared}
     found: dict[str, list[Vdi]] = {}
     for vdi in vdis:

@@ -259,7 +259,8 @@ class Provisioner:
 
     async def delete(self, volume_id: vid.VolumeId, deadline_s: float | None = None) -> None:
         """Idempotent: a missing disk is success (once XO is known to see every pool). Attached ->
-        PreconditionFailed naming the VM. A disk marked as migrating is deleted under the migrators' disk lock,
+        PreconditionFailed naming the VM; plugged into XAPI's control domain (XO exporting or copying it) ->
+        OperationPending (ABORTED) naming it. A disk marked as migrating is deleted under the migrators' disk lock,
         with what a move across pools left in the other pool (``MarkPolicy.delete``); ABORTED while a move runs."""
         await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._delete(volume_id),
                                      deadline_s=deadline_s)
@@ -276,18 +277,21 @@ class Provisioner:
             return
         if disk is None:
             return
-        attached = await self._xo.attached_vbds(disk.vdi.id)
-        if attached:
+        plugged = await self._xo.plugged(disk.vdi.id)
+        if plugged.by_vms:
             raise PreconditionFailed(
-                f"volume {volume_id} is attached to node {attached[0].vm_id}; unpublish it before deleting"
+                f"volume {volume_id} is attached to node {plugged.by_vms[0].vm_id}; unpublish it before deleting"
             )
+        if plugged.by_xo:  # XAPI would refuse to destroy it (VDI_IN_USE, after XO's retries)
+            raise OperationPending(plugged.xo_at_work(f"volume {volume_id}"))
         await self._marks.delete(disk)
         self._inventory.usage_changed()
         log.info("disk_deleted", vdi=disk.vdi.id, disk_name=disk.vdi.name_label)
 
     async def expand(self, volume_id: vid.VolumeId, size: tuple[int, int], deadline_s: float | None = None) -> int:
         """Grow the detached VDI to at least ``size[0]``; returns the new size. Offline only (no XCP-ng SR driver
-        resizes an attached VDI): an attached disk is PreconditionFailed naming its node. Idempotent: a volume
+        resizes an attached VDI): an attached disk is PreconditionFailed naming its node, one XO exports or copies
+        (plugged into XAPI's control domain) OperationPending (ABORTED). Idempotent: a volume
         already that large is OK as is. Never shrinks: a volume above ``size[1]`` (limit) is OutOfRange."""
         return await self._locks.run_volume(volume_id, self._disks.prefix, lambda: self._expand(volume_id, size),
                                             deadline_s=deadline_s)
@@ -303,17 +307,23 @@ class Provisioner:
         if disk.vdi.size >= required:
             return disk.vdi.size
         wanted = disk_size(size, "capacity_range")
-        attached = await self._xo.attached_vbds(disk.vdi.id)
-        if attached:
-            raise _in_use(volume_id, attached[0].vm_id)
+        await self._check_detached(volume_id, disk)
         try:
             grown = await self._xo.set_vdi(disk.vdi.id, size_bytes=wanted)
-        except XoVdiInUse as exc:  # attached meanwhile (another replica): XO refuses the resize
+        except XoVdiInUse as exc:  # attached meanwhile (another replica, an export): XO refuses the resize
+            await self._check_detached(volume_id, disk)
             raise _in_use(volume_id, "another node") from exc
         self._inventory.usage_changed()
         new_size = max(wanted, int(grown.get("size") or 0)) if grown is not None else wanted
         log.info("disk_expanded", vdi=disk.vdi.id, size_bytes=new_size)
         return new_size
+
+    async def _check_detached(self, volume_id: vid.VolumeId, disk: Disk) -> None:
+        plugged = await self._xo.plugged(disk.vdi.id)
+        if plugged.by_vms:
+            raise _in_use(volume_id, plugged.by_vms[0].vm_id)
+        if plugged.by_xo:
+            raise OperationPending(plugged.xo_at_work(f"volume {volume_id}"))
 
     # -- list / capacity -------------------------------------------------------------------------
 
@@ -326,8 +336,8 @@ class Provisioner:
         vdis = await self._xo.lookup_confirmed(f"volume {volume_id}", lambda: self._disks.candidates(volume_id))
         if not vdis:
             raise VolumeNotFound(f"volume {volume_id} does not exist")
-        vbds = await asyncio.gather(*(self._xo.attached_vbds(v.id) for v in vdis))
-        nodes = sorted({vbd.vm_id for found in vbds for vbd in found})
+        plugged = await asyncio.gather(*(self._xo.plugged(v.id) for v in vdis))
+        nodes = sorted({vbd.vm_id for found in plugged for vbd in found.by_vms})  # XO's own VBDs are no node
         abnormal, message = condition(vdis)
         return VolumeState(max(v.size for v in vdis), nodes, abnormal, message)
 

@@ -4,7 +4,8 @@ export and import (transfer.py), under the new disk's Redis lock; the source's p
 Idempotent: an attempt first settles what an interrupted one left (``transfer.settle``), and a disk that already
 carries the new volume's name is the finished clone. The source must be detached: XO refuses to export a VDI a
 VM has plugged (the harsher reading of what XAPI allows, see docs/migrations.md), so an attached source fails the
-job with PreconditionFailed "detach the source volume (or stop its pod) to clone it". Raises the domain errors of
+job with PreconditionFailed "detach the source volume (or stop its pod) to clone it"; plugged into XAPI's control
+domain is not attached (another clone exporting it at the same time). Raises the domain errors of
 migrate.handle, plus VolumeNotFound when the source volume is gone.
 """
 
@@ -67,7 +68,7 @@ async def _finished(xo: XoClient, request: CloneRequested, named: list[Vdi]) -> 
 
 async def _source(xo: XoClient, request: CloneRequested) -> Vdi:
     """The source volume's one VDI, detached and not being migrated; VolumeNotFound once XO (seeing every pool)
-    has none, OperationPending while it moves, PreconditionFailed while it is attached."""
+    has none, OperationPending while it moves or XO writes it, PreconditionFailed while a VM has it plugged."""
     where = request.source_volume_id
     if request.source_disk_name:
         vdis = await xo.lookup_confirmed(f"the source volume {where}",
@@ -80,10 +81,12 @@ async def _source(xo: XoClient, request: CloneRequested) -> Vdi:
     if len(vdis) > 1 or any(_moving(v) for v in vdis):
         raise OperationPending(f"the source volume {where} is being migrated; the clone starts once it is in place")
     source = vdis[0]
-    attached = await xo.attached_vbds(source.id)
-    if attached:
-        raise PreconditionFailed(f"the source volume {where} is attached to node {attached[0].vm_id}: "
+    plugged = await xo.plugged(source.id)
+    if plugged.by_vms:
+        raise PreconditionFailed(f"the source volume {where} is attached to node {plugged.by_vms[0].vm_id}: "
                                  f"{transfer_marks.DETACH_TO_CLONE}")
+    if plugged.xo_writes:  # another clone's export (read-only, a control domain's VBD) shares it
+        raise OperationPending(plugged.xo_at_work(f"the source volume {where}"))
     return source
 
 

@@ -194,14 +194,17 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
 async def _not_plugged(xo: XoClient, vdi: Vdi, host_id: str) -> None:
     """PreconditionFailed when a VM has the disk plugged: a node uses it where it is (the CO published the volume
     there after this job was queued), and XO would move it under that VM (a live storage migration) or refuse.
+    OperationPending (the job is retried) when XAPI's control domain has it: XO exports or copies it now.
     Read only when the disk has VBDs at all (``$VBDs``): a detached disk, the usual case, costs no call."""
     if not vdi.vbd_ids:
         return
-    plugged = await xo.attached_vbds(vdi.id)
-    if plugged:
-        raise PreconditionFailed(f"disk {vdi.name_label} is plugged into VM {plugged[0].vm_id}, which uses it where "
-                                 f"it is; it does not move to host {host_id} under it: unpublish it from that node "
-                                 "first")
+    plugged = await xo.plugged(vdi.id)
+    if plugged.by_vms:
+        raise PreconditionFailed(f"disk {vdi.name_label} is plugged into VM {plugged.by_vms[0].vm_id}, which uses it "
+                                 f"where it is; it does not move to host {host_id} under it: unpublish it from that "
+                                 "node first")
+    if plugged.by_xo:  # XO refuses to move a disk it streams (OTHER_OPERATION_IN_PROGRESS): not a VM using it
+        raise OperationPending(plugged.xo_at_work(f"disk {vdi.name_label}"))
 
 
 async def _as_read(xo: XoClient, vdi: Vdi, changes: DiskChanges, host_id: str) -> Vdi:

@@ -45,6 +45,7 @@ from shared.progress import StreamProgress
 from shared.transfer_marks import TransferMark
 from shared.vdi_metadata import StorageInfo
 from shared.xo.client import XoClient
+from shared.xo.control_domains import Plugged
 from shared.xo.errors import XoNotFound, XoUnavailable, XoVdiInUse
 from shared.xo.models import Vdi
 from shared.xo.rest import XoRest
@@ -244,16 +245,19 @@ async def _delete_source(xo: XoClient, source_id: str, target_sr: str, lock: Dis
     once XO sees every pool). False, the source kept, when it may have been written since the copy was made: its
     "being migrated" mark toward ``target_sr``, which every attach of ours refuses (step 1 sets it before the
     copy starts), is gone (cleared by an operator or an older controller's stale-mark rule), or a VM has it
-    plugged. An unplugged VBD proves no use: the move leaves those a disk already had (``_not_plugged``)."""
+    plugged. An unplugged VBD proves no use: the move leaves those a disk already had (``_not_plugged``); nor does
+    a read-only VBD of XAPI's control domain: XO exporting it, the move's own export included while XO's cache
+    still shows it (XO retries the destroy while XAPI unplugs it)."""
     source = await xo.get_vdi(source_id)
     if source is None:
         await xo.check_view_complete(f"the source VDI {source_id} of a finished move")
         return True
     info = vdi_metadata.parse(source.name_description)
-    plugged = await xo.attached_vbds(source_id) if source.vbd_ids else []
-    if info is None or info.in_progress_to_sr != target_sr or plugged:
+    plugged = await xo.plugged(source_id) if source.vbd_ids else Plugged([], [])
+    if info is None or info.in_progress_to_sr != target_sr or plugged.by_vms or plugged.xo_writes:
         log.warning("transfer_source_kept", vdi=source_id, disk_name=source.name_label, sr_to=target_sr,
-                    plugged_in=[vbd.vm_id for vbd in plugged], reason="used since the copy was made")
+                    plugged_in=[vbd.vm_id for vbd in plugged.by_vms] + [vbd.vm_id for vbd, _ in plugged.by_xo],
+                    reason="used since the copy was made")
         return False
     lock.ensure_held()
     await xo.delete_vdi(source_id)

@@ -30,6 +30,7 @@ from shared.xo.cache import (
     Watch,
     changed_objects,
 )
+from shared.xo.control_domains import ControlDomains, Plugged
 from shared.xo.errors import XoAuthError, XoError, XoMethodNotFound, XoNotFound, XoPoolDisconnected, XoUnavailable
 from shared.xo.models import Sr, Vbd, Vdi, Vm, XoObject
 from shared.xo.transport import Credentials, RpcSession, WebSocketConnector, api_url, tls_context
@@ -56,6 +57,7 @@ class XoClient:
         self._read_timeout_s = read_timeout_s
         self._settle_timeout_s = settle_timeout_s
         self._serialised = KeyedLocks()  # _write calls with the same one_at_a_time key (attach_disk: the VM)
+        self.control_domains = ControlDomains(self.get_objects)  # whose VBDs are XO at work (control_domains.py)
 
     @classmethod
     def from_settings(cls, settings: XoSettings) -> XoClient:
@@ -123,8 +125,14 @@ class XoClient:
         return await self._typed(Vbd, _query("VBD", {"VM": vm_id, "VDI": vdi_id}))
 
     async def attached_vbds(self, vdi_id: str) -> list[Vbd]:
-        """The VBDs through which a VM has the VDI plugged now (``attached``); one read, as ``find_vbds``."""
+        """The VBDs through which a VM (or a control domain: ``plugged``) has the VDI plugged now (``attached``);
+        one read, as ``find_vbds``."""
         return [vbd for vbd in await self.find_vbds(vdi_id=vdi_id) if vbd.attached]
+
+    async def plugged(self, vdi_id: str) -> Plugged:
+        """The VDI's plugged VBDs, those of VMs apart from those of control domains (XO exporting or copying it):
+        one read, and a second only when a VBD's VM was never seen before (ControlDomains.hosts_of)."""
+        return await self.control_domains.split(await self.find_vbds(vdi_id=vdi_id))
 
     # -- account and completeness -------------------------------------------------------------
 
