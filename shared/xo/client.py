@@ -57,7 +57,8 @@ class XoClient:
         self._read_timeout_s = read_timeout_s
         self._settle_timeout_s = settle_timeout_s
         self._serialised = KeyedLocks()  # _write calls with the same one_at_a_time key (attach_disk: the VM)
-        self.control_domains = ControlDomains(self.get_objects)  # whose VBDs are XO at work (control_domains.py)
+        # whose VBDs are XO at work (control_domains.py)
+        self.control_domains = ControlDomains(self.get_objects, self.check_view_complete)
 
     @classmethod
     def from_settings(cls, settings: XoSettings) -> XoClient:

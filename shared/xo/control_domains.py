@@ -5,7 +5,9 @@ another SR (VDI.copy, which vdi.migrate of a detached disk runs), then unplugs i
 so a control domain's VBD means "XO is exporting or copying this disk now": never a node, never published, never
 ours to delete. Telling one apart costs no call on the common path: a VBD's VM is looked up only when it is not the
 caller's own, and every control domain (one per host) is read at once and remembered, as are the VM ids found not to
-be one (a VM never turns into a control domain); only a VM id never seen before costs a read.
+be one (a VM never turns into a control domain); only a VM id never seen before costs a read. Not found among them
+counts only once XO is known to see every pool (``complete``): while XO has lost a pool, its control domains are
+missing from that read, and one taken for a VM would be a node whose VBD an unpublish removes mid-export.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from shared.xo.models import Vbd
 CONTROL_DOMAIN = "VM-controller"
 MAX_REMEMBERED = 100_000  # VM ids known not to be control domains; forgotten (re-read once) beyond
 Reader = Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]]
+Completeness = Callable[[str], Awaitable[None]]
+"""XoClient.check_view_complete: XoPoolDisconnected while XO has lost a pool."""
 
 
 @dataclass(frozen=True)
@@ -46,26 +50,32 @@ class Plugged:
 
 
 class ControlDomains:
-    """The control domains XO shows, by VM id, with their host; read through ``read`` (xo.getAllObjects)."""
+    """The control domains XO shows, by VM id, with their host; read through ``read`` (xo.getAllObjects), a VM id
+    not among them confirmed through ``complete``."""
 
-    def __init__(self, read: Reader) -> None:
+    def __init__(self, read: Reader, complete: Completeness) -> None:
         self._read = read
+        self._complete = complete
         self._hosts: dict[str, str] = {}  # control domain id -> its host id ($container)
         self._others: set[str] = set()
         self._lock = asyncio.Lock()
 
     async def hosts_of(self, vm_ids: Iterable[str]) -> dict[str, str]:
         """``{vm id: host id}`` for those of ``vm_ids`` that are control domains; one read when one of them was
-        never seen before, none otherwise. Raises the XoError tree."""
+        never seen before (and XO's pool status when one of them is no control domain), none otherwise. Raises the
+        XoError tree: XoPoolDisconnected while XO has lost a pool and a VM id is not among the control domains it
+        shows (nothing is remembered then)."""
         ids = set(vm_ids)
         if self._unknown(ids):
             async with self._lock:
                 if unknown := self._unknown(ids):  # else read meanwhile
                     found = await self._read({"type": CONTROL_DOMAIN})
                     self._hosts.update({str(o["id"]): str(o.get("$container") or "") for o in found if "id" in o})
-                    if len(self._others) > MAX_REMEMBERED:
-                        self._others.clear()
-                    self._others |= unknown - self._hosts.keys()
+                    if others := unknown - self._hosts.keys():
+                        await self._complete(f"the control domain VM {sorted(others)[0]} (a VBD's VM)")
+                        if len(self._others) > MAX_REMEMBERED:
+                            self._others.clear()
+                        self._others |= others
         return {vm_id: self._hosts[vm_id] for vm_id in ids if vm_id in self._hosts}
 
     async def split(self, vbds: Iterable[Vbd]) -> Plugged:
