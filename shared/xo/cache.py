@@ -95,6 +95,28 @@ class MatchState:
         return False, None
 
 
+class CopyOver:
+    """A notification subscriber: ``over`` is set once XO's cache showed VDI ``vdi_id`` under XAPI's ``copy``
+    operation (VDI.copy, which vdi.migrate of a detached disk runs) and then without it, or gone. XO answers
+    vdi.migrate only after more XAPI calls (the VBDs moved to the copy, the source destroyed): the copy's I/O is over
+    from that notification on. A copy shorter than XO's cache lag may never show; ``over`` then stays unset."""
+
+    def __init__(self, vdi_id: str) -> None:
+        self.vdi_id = vdi_id
+        self.over = asyncio.Event()
+        self._copying = False
+
+    def __call__(self, method: str, params: Any) -> None:
+        for obj_id, obj in changed_objects(method, params):
+            if obj_id != self.vdi_id:
+                continue
+            operations = obj.get("current_operations") if obj is not None else None
+            if isinstance(operations, dict) and "copy" in operations.values():
+                self._copying = True
+            elif self._copying:
+                self.over.set()
+
+
 class Watch:
     """Collects the notification items an expectation cares about, from the moment it is subscribed.
 

@@ -22,6 +22,7 @@ from shared.keyed_locks import KeyedLocks
 from shared.logging import get_logger
 from shared.xo.cache import (
     FIRST_RECHECK_S,
+    CopyOver,
     DiskChanges,
     Expectation,
     MatchState,
@@ -258,22 +259,47 @@ class XoClient:
         carries the source's description, e.g. a migration mark to clear). Returns that VDI as XO's cache shows it
         once it has the description and the source has left the cache: the object the settle saw, no read after.
         The two waits for XO's cache overlap (one cache lag, not two). XoNotFound when the VDI XO returned is gone.
-        ``answered`` is awaited once XO answered ``vdi.migrate`` (the copy is over), before those waits.
+        ``answered`` is awaited once, as soon as the copy is over: XO's cache showed the source's ``copy``
+        operation end (``CopyOver``; XO still moves the VBDs and destroys the source before it answers), or XO
+        answered ``vdi.migrate``, whichever comes first; before those waits, and before this raises.
         """
-        async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
-            new_id = await self._call_migrate(vdi, sr_id, timeout_s)
-            described = asyncio.ensure_future(self._write(
-                "vdi.set", {"id": new_id, "name_description": description},
-                ObjectState(new_id, lambda obj: obj is not None and obj.get("name_description") == description),
-                idempotent=True))
-            waits: list[Awaitable[Obj | None]] = [described]
-            if new_id != vdi.id:
-                waits.append(self._source_left(vdi, new_id, source_gone))
-            try:
-                if answered is not None:
-                    await answered()
-            finally:
-                results = await asyncio.gather(*waits, return_exceptions=True)
+        once: asyncio.Future[None] | None = None
+
+        def release() -> asyncio.Future[None]:
+            nonlocal once
+            if once is None:
+                assert answered is not None
+                once = asyncio.ensure_future(answered())
+            return once
+
+        async def when_copied(copy: CopyOver) -> None:
+            await copy.over.wait()
+            await asyncio.shield(release())
+
+        copy = CopyOver(vdi.id)
+        unsubscribe = self._session.subscribe(copy) if answered is not None else lambda: None
+        early = asyncio.ensure_future(when_copied(copy)) if answered is not None else None
+        try:
+            async with self._watching(ObjectState(vdi.id, lambda obj: obj is None)) as source_gone:
+                new_id = await self._call_migrate(vdi, sr_id, timeout_s)
+                described = asyncio.ensure_future(self._write(
+                    "vdi.set", {"id": new_id, "name_description": description},
+                    ObjectState(new_id, lambda obj: obj is not None and obj.get("name_description") == description),
+                    idempotent=True))
+                waits: list[Awaitable[Obj | None]] = [described]
+                if new_id != vdi.id:
+                    waits.append(self._source_left(vdi, new_id, source_gone))
+                try:
+                    if answered is not None:
+                        await release()
+                finally:
+                    results = await asyncio.gather(*waits, return_exceptions=True)
+        finally:
+            unsubscribe()
+            if early is not None:
+                early.cancel()
+            if once is not None and not once.done():  # begun by the copy's end, XO's call failed since: let it end
+                await asyncio.wait({once})
         obj = results[0]
         if error := next((r for r in results if isinstance(r, BaseException)), None):
             raise error

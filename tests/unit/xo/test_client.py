@@ -213,6 +213,40 @@ async def test_migrate_returns_new_uuid_or_finds_the_copy_on_old_xo() -> None:
     await peer.aclose()
 
 
+async def test_the_copy_slot_goes_back_when_xo_shows_the_copy_over_before_it_answers() -> None:
+    """XO answers vdi.migrate of a detached disk only after moving the VBDs and destroying the source (more XAPI
+    calls); the copy's I/O ended with VDI.copy. ``answered`` (the worker gives back its copy slots) runs once XO's
+    cache shows the source's ``copy`` operation over, before XO answers, and once only. Before, only the answer
+    ran it: here XO answers only after it ran, so the call would have waited for ever."""
+    slots_back = asyncio.Event()
+    calls: list[str] = []
+
+    async def handler(method: str, params: dict[str, Any]) -> Any:
+        if method == "vdi.migrate":
+            peer.notify({"v1": {**VDI, "current_operations": {"t1": "copy"}}})
+            peer.notify({"v1": {**VDI, "current_operations": {}}})  # VDI.copy returned
+            await asyncio.wait_for(slots_back.wait(), 5)  # XO's VBD swap and VDI.destroy
+            peer.notify_exit("v1")
+            return "v2"
+        if method == "vdi.set":
+            return True
+        if params["filter"].get("id") == "v1":
+            return {}
+        return {"v2": {**VDI, "id": "v2", "uuid": "v2", "$SR": "sr2", "name_description": "done"}}
+
+    async def answered() -> None:
+        calls.append("slots back")
+        slots_back.set()
+
+    peer = MemoryPeer(handler)
+    client = make_client(peer)
+    moved = await client.migrate_vdi_described(Vdi.model_validate(VDI), "sr2", "done", timeout_s=10,
+                                               answered=answered)
+    assert (moved.id, moved.name_description, calls) == ("v2", "done", ["slots back"])
+    await client.close()
+    await peer.aclose()
+
+
 async def test_delete_of_a_missing_vdi_is_success() -> None:
     async def handler(method: str, params: dict[str, Any]) -> Any:
         if method == "server.getAll":
