@@ -157,7 +157,8 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
     limit) marked, so a slot passes from one copy to the next with no XO write in between. The mark counts as the
     job's own write: the disk is read again after the wait only when something else changed it (``_as_read``). A
     job that does not start its copy (a wait given up, the worker stopping, a change) takes its mark back
-    (``_unmark_unmoved``). The slots go back as soon as XO answered."""
+    (``_unmark_unmoved``). The slots go back as soon as the copy is over: XO's cache shows the source's VDI.copy
+    operation ended, or XO answered (XoClient.migrate_vdi_described)."""
     xo = deps.xo
     marked = vdi_metadata.remarked(vdi.name_description, target_id, info)
     as_marked = vdi.model_copy(update={"name_description": marked})
@@ -177,7 +178,7 @@ async def _copy(deps: HandlerDeps, request: MigrationRequested, vdi: Vdi, target
                 progress.copied()  # the worker's slot takes its next job
                 await held.aclose()
 
-            try:  # the slots go back once XO answered (the copy is over), not after the waits for its cache
+            try:  # the slots go back once the copy is over (before XO's answer), not after the waits for its cache
                 moved: Vdi | None = await xo.migrate_vdi_described(vdi, target_id, cleared, answered=answered,
                                                                   timeout_s=deps.migrate_timeout_s)
             except XoNotFound:  # the copy XO returned left the cache: gone, or its pool was lost
