@@ -21,7 +21,16 @@ from shared import storage_class
 from shared.errors import OperationPending
 from shared.units import MiB
 from shared.volume_id import by_name
-from tests.support.cross_pool import DISK_SIZE, POOL_B, SR_B1, assert_one_complete_disk, write_content
+from tests.support.cross_pool import (
+    DISK_SIZE,
+    POOL_B,
+    SR_B1,
+    VM_B1,
+    assert_one_complete_disk,
+    finished,
+    submit_to_pool_b,
+    write_content,
+)
 from tests.support.migration import TAG, Env, vdis_named
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -155,3 +164,25 @@ async def test_delete_and_expand_during_an_export_answer_aborted_then_succeed(xe
     assert await provisioner.expand(by_name("vol1"), (2 * DISK_SIZE, 0), 30) == 2 * DISK_SIZE
     await provisioner.delete(by_name("vol1"), 30)
     assert vdis_named(xenv.sim) == [] and len(vdis_named(xenv.sim, "csi-vol2")) == 1
+
+
+async def test_a_move_job_finding_the_disk_exported_fails_retryable_and_a_later_publish_moves_it(xenv: Env) -> None:
+    """A migration job whose disk XO is exporting (another volume's clone) is retried, not failed for good: the
+    export is XO at work, not a node using the disk where it is. Held past its attempts, it ends retryable, so a later
+    publish runs a new job, which moves the disk once the export is over. Before, the job failed for good at its first
+    attempt with FAILED_PRECONDITION "plugged into VM <dom0>"."""
+    checksum, source, clone, vbd_id = await _cloning(xenv)
+    await xenv.worker("w2")
+    await submit_to_pool_b(xenv)
+
+    ended = await finished(xenv, name="csi-vol1")  # the export is held: every attempt finds it
+    assert ended.result is not None and ended.result.error is not None
+    assert (ended.attempt, ended.result.outcome, ended.result.error.retryable) == (8, "failed", True)
+    assert ended.result.error.message.startswith(f"XO is exporting or copying disk csi-vol1 (VBD {vbd_id} ")
+    assert _dom0_vbds(xenv, source["id"], cache=False) == [vbd_id]  # the export went on
+    _release(xenv)
+    assert (await clone).volume_id == by_name("vol2")
+    context = await xenv.attacher.publish(by_name("vol1"), VM_B1, False, 60)
+    assert context["device"] == "xvda"
+    assert_one_complete_disk(xenv, checksum, SR_B1)  # moved to pool B, whole
+    assert_one_complete_disk(xenv, checksum, SR_B1, name="csi-vol2")
