@@ -126,11 +126,6 @@ class XoClient:
         """VBDs of a VM and/or a VDI."""
         return await self._typed(Vbd, _query("VBD", {"VM": vm_id, "VDI": vdi_id}))
 
-    async def attached_vbds(self, vdi_id: str) -> list[Vbd]:
-        """The VBDs through which a VM (or a control domain: ``plugged``) has the VDI plugged now (``attached``);
-        one read, as ``find_vbds``."""
-        return [vbd for vbd in await self.find_vbds(vdi_id=vdi_id) if vbd.attached]
-
     async def plugged(self, vdi_id: str) -> Plugged:
         """The VDI's plugged VBDs, those of VMs apart from those of control domains (XO exporting or copying it):
         one read, and a second only when a VBD's VM was never seen before (ControlDomains.hosts_of)."""
